@@ -1,0 +1,30 @@
+//! # attend-kernels — fused CPU kernels on plain slices
+//!
+//! No tensors here: each kernel takes row-major slices and a row length, so it can be tested and benchmarked on its
+//! own and wrapped by any tensor library (the `attend` crate wraps them as candle custom ops with backward passes).
+//!
+//! Every forward kernel has a backward twin written as its mirror; the `attend` crate's tests compare both against
+//! composed candle ops, PyTorch fixtures and finite differences.
+//!
+//! | kernel | forward | backward |
+//! |--------|---------|----------|
+//! | [`softmax`] | row softmax with an optional additive or boolean mask, log-sum-exp per row | `dx = y ⊙ (dy − ⟨dy, y⟩)` |
+//! | [`softmax::log_softmax_forward`] | `x − lse(x)` | `dx = dy − softmax(x)·Σdy` |
+//! | [`cross_entropy`] | per-row loss with ignore index and label smoothing | `dx = g·(p − (1−ε)·onehot − ε/V)` |
+//! | [`norm`] | layer norm and RMS norm with optional scale | recomputes statistics, `dw` reduced over row blocks |
+//! | [`gelu`] | GELU, tanh and erf forms | analytic derivative |
+//! | [`dropout`] | counter-based keep mask from `(seed, index)` | the same mask, regenerated |
+
+pub mod cross_entropy;
+pub mod dropout;
+pub mod gelu;
+pub mod norm;
+mod real;
+pub mod softmax;
+
+pub use real::Real;
+
+/// Rows per rayon task so that each task touches at least ~16K elements: small rows are not worth a task each.
+pub(crate) fn rows_per_task(n: usize) -> usize {
+    (16_384 / n.max(1)).max(1)
+}

@@ -1,0 +1,274 @@
+//! The attention core: `softmax(mask(scale · Q Kᵀ)) V`, the one function every layer and model calls.
+//!
+//! # Shapes
+//! - `q`: `(B, H, T, D)`
+//! - `k`: `(B, Hkv, S, D)`, `v`: `(B, Hkv, S, Dv)`, with `H % Hkv == 0`; query head `h` reads K/V head
+//!   `h / (H / Hkv)` (grouped-query attention; `Hkv = 1` is multi-query attention)
+//! - output `(B, H, T, Dv)`; weights `(B, H, T, S)`; log-sum-exp `(B, H, T)`
+//!
+//! Grouped heads are handled by viewing the `G = H / Hkv` query heads of a group as extra query rows,
+//! `(B, Hkv, G·T, D)`, so K and V are never repeated in memory.
+
+use candle_core::{DType, Tensor};
+
+use super::mask::{Mask, ResolvedMask};
+use crate::ops::{self, MaskTensor};
+use crate::{ensure, Result};
+
+/// How the core computes attention. Both materialise the `(B, H, T, S)` scores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// Fused masked softmax (and dropout) with hand-written backward passes between candle matmuls.
+    #[default]
+    Materialized,
+    /// Everything composed from plain differentiable candle ops: the oracle for the other paths.
+    Reference,
+}
+
+/// Dropout on the attention probabilities, reproducible from its seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionDropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AttentionOptions {
+    /// Multiplies `q·k`; `None` means `1/√D`.
+    pub scale: Option<f64>,
+    pub dropout: Option<AttentionDropout>,
+    /// Return the `(B, H, T, S)` probabilities (before dropout).
+    pub need_weights: bool,
+    /// Return the `(B, H, T)` natural-log sum-exp of the scaled, capped, biased, masked scores.
+    pub need_lse: bool,
+    pub implementation: AttentionImpl,
+}
+
+#[derive(Clone, Debug)]
+pub struct AttentionOutput {
+    /// `(B, H, T, Dv)`
+    pub out: Tensor,
+    /// `(B, H, T, S)` when requested.
+    pub weights: Option<Tensor>,
+    /// `(B, H, T)` when requested; −∞ for a query that sees no key.
+    pub lse: Option<Tensor>,
+}
+
+/// `softmax(mask(scale · Q Kᵀ)) V` with the default options; see [`attention_with`].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask,
+    scale: Option<f64>,
+) -> Result<Tensor> {
+    let opts = AttentionOptions {
+        scale,
+        ..Default::default()
+    };
+    Ok(attention_with(q, k, v, mask, &opts)?.out)
+}
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    h: usize,
+    hkv: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+    dv: usize,
+}
+
+fn check(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
+    const OP: &str = "attention";
+    ensure!(
+        q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
+        OP,
+        "q, k, v must be (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv); got {:?}, {:?}, {:?}",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    let (b, h, t, d) = q.dims4()?;
+    let (bk, hkv, s, dk) = k.dims4()?;
+    let (bv, hv, sv, dv) = v.dims4()?;
+    ensure!(
+        b == bk && b == bv,
+        OP,
+        "batch sizes differ: q {:?}, k {:?}, v {:?}",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    ensure!(
+        hkv == hv && s == sv,
+        OP,
+        "k {:?} and v {:?} must agree in (B, Hkv, S)",
+        k.dims(),
+        v.dims()
+    );
+    ensure!(
+        d == dk,
+        OP,
+        "head dims differ: q {:?} has D = {d}, k {:?} has D = {dk}",
+        q.dims(),
+        k.dims()
+    );
+    ensure!(
+        hkv > 0 && h % hkv == 0,
+        OP,
+        "query heads H = {h} (q {:?}) are not a multiple of key/value heads Hkv = {hkv} (k {:?})",
+        q.dims(),
+        k.dims()
+    );
+    ensure!(
+        q.dtype() == k.dtype() && q.dtype() == v.dtype() && q.dtype().is_float(),
+        OP,
+        "q, k, v must share one float dtype, got {:?}, {:?}, {:?}",
+        q.dtype(),
+        k.dtype(),
+        v.dtype()
+    );
+    ensure!(
+        q.device().same_device(k.device()) && q.device().same_device(v.device()),
+        OP,
+        "q, k, v are on different devices"
+    );
+    ensure!(
+        b * h * t * s * d * dv > 0,
+        OP,
+        "empty input: q {:?}, k {:?}, v {:?}",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    Ok(Dims {
+        b,
+        h,
+        hkv,
+        t,
+        s,
+        d,
+        dv,
+    })
+}
+
+/// Attention with every option; see the module docs for shapes and [`Mask`] for the mask semantics.
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask,
+    opts: &AttentionOptions,
+) -> Result<AttentionOutput> {
+    let dims = check(q, k, v)?;
+    let Dims {
+        b,
+        h,
+        hkv,
+        t,
+        s,
+        d,
+        dv,
+    } = dims;
+    let resolved = mask.resolve(b, h, t, s)?;
+    let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    ensure!(
+        scale.is_finite(),
+        "attention",
+        "scale must be finite, got {scale}"
+    );
+    if let Some(dp) = opts.dropout {
+        ensure!(
+            (0.0..1.0).contains(&dp.p),
+            "attention",
+            "dropout probability must be in [0, 1), got {}",
+            dp.p
+        );
+    }
+    let g = h / hkv;
+    let reference = opts.implementation == AttentionImpl::Reference;
+
+    // 1. Scores. The G query heads of a K/V group become rows: no copy of K.
+    let qg = q.contiguous()?.reshape((b, hkv, g * t, d))?; // (B, Hkv, G·T, D)
+    let scores = qg.matmul(&k.t()?)?; // (B, Hkv, G·T, S)
+    let mut scores = (scores.reshape((b, h, t, s))? * scale)?; // (B, H, T, S)
+
+    // 2. Soft-cap before any bias, so a −∞ never goes through tanh.
+    if let Some(c) = mask.softcap() {
+        scores = ((scores / c)?.tanh()? * c)?;
+    }
+
+    // 3. Structural masks and ALiBi as one additive bias (B|1, H|1, T, S).
+    if let Some(bias) = resolved.bias(b, h, q.device())? {
+        scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
+    }
+
+    // 4. Softmax, with the explicit tensor applied inside it (its gradient, if additive, comes from there).
+    let explicit = mask.tensor();
+    let probs = if reference {
+        ops::softmax_reference(&scores, explicit)?
+    } else {
+        ops::softmax(&scores, explicit)?
+    }; // (B, H, T, S)
+
+    let lse = if opts.need_lse {
+        Some(masked_lse(&scores, explicit)?)
+    } else {
+        None
+    };
+
+    // 5. Dropout on probabilities; the returned weights are the pre-dropout ones.
+    let dropped = match opts.dropout {
+        Some(dp) if dp.p > 0.0 => {
+            if reference {
+                ops::dropout_reference(&probs, dp.p, dp.seed, 0)?
+            } else {
+                ops::dropout(&probs, dp.p, dp.seed, 0)?
+            }
+        }
+        _ => probs.clone(),
+    };
+
+    // 6. Weighted sum of values, again with grouped heads as rows.
+    let pg = dropped.reshape((b, hkv, g * t, s))?; // (B, Hkv, G·T, S)
+    let out = pg.matmul(&v.contiguous()?)?.reshape((b, h, t, dv))?; // (B, H, T, Dv)
+
+    Ok(AttentionOutput {
+        out,
+        weights: opts.need_weights.then_some(probs),
+        lse,
+    })
+}
+
+/// Log-sum-exp of the final masked scores, reported, not differentiated.
+fn masked_lse(scores: &Tensor, explicit: Option<&MaskTensor>) -> Result<Tensor> {
+    let scores = scores.detach();
+    let masked = match explicit
+        .map(|m| m.broadcast_to(scores.shape(), scores.dtype(), "attention"))
+        .transpose()?
+    {
+        None => scores,
+        Some(MaskTensor::Additive(m)) => (scores + m.detach())?,
+        Some(MaskTensor::Keep(m)) => {
+            let ninf = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?
+                .to_dtype(scores.dtype())?;
+            m.where_cond(&scores, &ninf)?
+        }
+    };
+    let lse = ops::logsumexp_rows(&masked)?;
+    Ok(if lse.dtype() == DType::F64 {
+        lse
+    } else {
+        lse.to_dtype(DType::F32)?
+    })
+}
+
+/// Resolved structural mask, for implementations that evaluate it per element instead of as a tensor.
+pub fn resolve_mask(mask: &Mask, q: &Tensor, k: &Tensor) -> Result<ResolvedMask> {
+    let (b, h, t, _) = q.dims4()?;
+    let s = k.dim(2)?;
+    mask.resolve(b, h, t, s)
+}

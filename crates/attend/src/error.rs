@@ -1,0 +1,50 @@
+//! One error type for the library. Messages name the op, tensor, file or shape involved, on one line.
+
+use std::path::PathBuf;
+
+/// Everything `attend` can report instead of panicking.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A shape, dtype or argument that does not fit what an op expects; the message names both.
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+    /// A tensor that a file or map should hold but does not.
+    #[error("missing tensor `{name}` in {location}")]
+    MissingTensor { name: String, location: String },
+    /// A file that could not be read or written.
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    /// Anything candle reports (its messages already carry shapes).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Invalid {
+            op,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// `bail!(op, "fmt", args..)` returns an [`Error::Invalid`] from the current function.
+#[macro_export]
+macro_rules! bail {
+    ($op:expr, $($arg:tt)*) => {
+        return Err($crate::Error::invalid($op, format!($($arg)*)))
+    };
+}
+
+/// `ensure!(cond, op, "fmt", args..)`: [`bail!`] unless `cond` holds.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $op:expr, $($arg:tt)*) => {
+        if !$cond {
+            $crate::bail!($op, $($arg)*);
+        }
+    };
+}

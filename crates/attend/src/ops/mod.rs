@@ -1,0 +1,27 @@
+//! Differentiable fused ops, each with a hand-written backward and a composed `_reference` twin built from plain
+//! candle ops. The fused forms run the `attend-kernels` row kernels through candle custom ops; the reference forms
+//! are what the tests (and anyone reading the maths) compare them against.
+//!
+//! candle-nn's `softmax_last_dim`, `layer_norm`, `rms_norm` and `sdpa` detach gradients; nothing on a training path
+//! of this crate uses them.
+//!
+//! Dtypes: the kernels run in f32 and f64; bf16/f16 inputs are converted to f32 and back (statistics and sums
+//! accumulate in f32 either way).
+
+mod cross_entropy;
+mod custom;
+mod dropout;
+mod gelu;
+mod norm;
+mod softmax;
+
+pub use attend_kernels::cross_entropy::CrossEntropyConfig;
+pub use attend_kernels::gelu::GeluKind;
+pub use attend_kernels::norm::NormKind;
+pub use cross_entropy::{cross_entropy, cross_entropy_reference, Reduction};
+pub use dropout::{dropout, dropout_mask, dropout_reference};
+pub use gelu::{gelu, gelu_reference};
+pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
+pub use softmax::{
+    log_softmax, log_softmax_reference, logsumexp_rows, softmax, softmax_reference, MaskTensor,
+};

@@ -1,0 +1,53 @@
+"""Shared helpers for the PyTorch oracle: every generator writes small safetensors fixtures under fixtures/.
+
+Run everything with `bash scripts/gen_fixtures.sh` (it makes a venv and installs torch from PyPI).
+Conventions (read by crates/attend/tests/common/mod.rs):
+  * one file per case: fixtures/<area>/<case>.safetensors
+  * inputs are named as the Rust API names them; outputs `out`, `lse`, ...; gradients `d<name>`
+  * the upstream gradient of an output `out` is stored as `dout` (the loss is sum(out * dout))
+  * scalar / integer settings go in the safetensors metadata (string -> string), e.g. {"scale": "0.125"}
+  * f32 unless the case is about another dtype; integer index tensors are int64
+"""
+import os
+import json
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+FIXTURES = os.path.join(ROOT, "fixtures")
+
+torch.set_num_threads(2)
+
+
+def gen(seed: int) -> torch.Generator:
+    g = torch.Generator().manual_seed(seed)
+    return g
+
+
+def randn(g, *shape, dtype=torch.float32, requires_grad=False):
+    t = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def save(area: str, case: str, tensors: dict, meta: dict | None = None):
+    """Write fixtures/<area>/<case>.safetensors; tensors are detached and made contiguous."""
+    d = os.path.join(FIXTURES, area)
+    os.makedirs(d, exist_ok=True)
+    out = {}
+    for k, v in tensors.items():
+        if v is None:
+            continue
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().contiguous().clone()
+        else:
+            raise TypeError(f"{case}: {k} is not a tensor")
+    md = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()}
+    md["torch"] = torch.__version__
+    save_file(out, os.path.join(d, case + ".safetensors"), metadata=md)
+
+
+def grads(names_and_tensors: dict) -> dict:
+    """{name: leaf} -> {"d"+name: leaf.grad} for leaves that received a gradient."""
+    return {"d" + k: v.grad for k, v in names_and_tensors.items() if v.grad is not None}
