@@ -18,24 +18,13 @@ pub struct CrossEntropyConfig {
 
 impl Default for CrossEntropyConfig {
     fn default() -> Self {
-        Self {
-            ignore_index: -100,
-            label_smoothing: 0.0,
-        }
+        Self { ignore_index: -100, label_smoothing: 0.0 }
     }
 }
 
 /// The first target that is neither the ignore index nor in `0..v`, as `(row, target)`.
-pub fn find_bad_target(
-    targets: &[i64],
-    v: usize,
-    cfg: &CrossEntropyConfig,
-) -> Option<(usize, i64)> {
-    targets
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t != cfg.ignore_index && (t < 0 || t as usize >= v))
-        .map(|(i, &t)| (i, t))
+pub fn find_bad_target(targets: &[i64], v: usize, cfg: &CrossEntropyConfig) -> Option<(usize, i64)> {
+    targets.iter().enumerate().find(|(_, &t)| t != cfg.ignore_index && (t < 0 || t as usize >= v)).map(|(i, &t)| (i, t))
 }
 
 fn row_lse<T: Real>(xr: &[T]) -> T {
@@ -57,23 +46,20 @@ pub fn cross_entropy_forward<T: Real>(
     );
     let eps = T::from_f64(cfg.label_smoothing);
     let inv_v = T::from_f64(1.0 / v as f64);
-    loss.par_iter_mut()
-        .enumerate()
-        .with_min_len(rows_per_task(v))
-        .for_each(|(r, l)| {
-            let t = targets[r];
-            if t == cfg.ignore_index {
-                *l = T::ZERO;
-                return;
-            }
-            let xr = &logits[r * v..(r + 1) * v];
-            let lse = row_lse(xr);
-            let mut out = lse - (T::ONE - eps) * xr[t as usize];
-            if cfg.label_smoothing != 0.0 {
-                out -= eps * inv_v * xr.iter().fold(T::ZERO, |s, &x| s + x);
-            }
-            *l = out;
-        });
+    loss.par_iter_mut().enumerate().with_min_len(rows_per_task(v)).for_each(|(r, l)| {
+        let t = targets[r];
+        if t == cfg.ignore_index {
+            *l = T::ZERO;
+            return;
+        }
+        let xr = &logits[r * v..(r + 1) * v];
+        let lse = row_lse(xr);
+        let mut out = lse - (T::ONE - eps) * xr[t as usize];
+        if cfg.label_smoothing != 0.0 {
+            out -= eps * inv_v * xr.iter().fold(T::ZERO, |s, &x| s + x);
+        }
+        *l = out;
+    });
 }
 
 /// Gradient of `Σ_r dloss[r]·loss[r]` with respect to the logits.
@@ -86,30 +72,23 @@ pub fn cross_entropy_backward<T: Real>(
     dlogits: &mut [T],
 ) {
     assert!(
-        v > 0
-            && logits.len() == targets.len() * v
-            && dloss.len() == targets.len()
-            && dlogits.len() == logits.len(),
+        v > 0 && logits.len() == targets.len() * v && dloss.len() == targets.len() && dlogits.len() == logits.len(),
         "cross_entropy_backward: bad lengths"
     );
     let eps = T::from_f64(cfg.label_smoothing);
     let smooth = eps * T::from_f64(1.0 / v as f64);
-    dlogits
-        .par_chunks_mut(v)
-        .enumerate()
-        .with_min_len(rows_per_task(v))
-        .for_each(|(r, dr)| {
-            let t = targets[r];
-            if t == cfg.ignore_index {
-                dr.iter_mut().for_each(|d| *d = T::ZERO);
-                return;
-            }
-            let xr = &logits[r * v..(r + 1) * v];
-            let lse = row_lse(xr);
-            let g = dloss[r];
-            for (d, &x) in dr.iter_mut().zip(xr) {
-                *d = g * ((x - lse).exp() - smooth);
-            }
-            dr[t as usize] -= g * (T::ONE - eps);
-        });
+    dlogits.par_chunks_mut(v).enumerate().with_min_len(rows_per_task(v)).for_each(|(r, dr)| {
+        let t = targets[r];
+        if t == cfg.ignore_index {
+            dr.iter_mut().for_each(|d| *d = T::ZERO);
+            return;
+        }
+        let xr = &logits[r * v..(r + 1) * v];
+        let lse = row_lse(xr);
+        let g = dloss[r];
+        for (d, &x) in dr.iter_mut().zip(xr) {
+            *d = g * ((x - lse).exp() - smooth);
+        }
+        dr[t as usize] -= g * (T::ONE - eps);
+    });
 }

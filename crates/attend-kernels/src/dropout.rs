@@ -36,16 +36,9 @@ pub fn keep(seed: u64, index: u64, threshold: u32) -> bool {
 pub fn dropout_scale_mask<T: Real>(seed: u64, offset: u64, p: f64, mask: &mut [T]) {
     let th = drop_threshold(p);
     let scale = T::from_f64(1.0 / (1.0 - p));
-    mask.par_iter_mut()
-        .enumerate()
-        .with_min_len(4096)
-        .for_each(|(i, m)| {
-            *m = if keep(seed, offset + i as u64, th) {
-                scale
-            } else {
-                T::ZERO
-            };
-        });
+    mask.par_iter_mut().enumerate().with_min_len(4096).for_each(|(i, m)| {
+        *m = if keep(seed, offset + i as u64, th) { scale } else { T::ZERO };
+    });
 }
 
 /// `y = x ⊙ mask/(1−p)`; the backward is the same call on `dy`.
@@ -53,15 +46,7 @@ pub fn dropout_forward<T: Real>(x: &[T], y: &mut [T], seed: u64, offset: u64, p:
     assert_eq!(x.len(), y.len(), "dropout_forward: lengths");
     let th = drop_threshold(p);
     let scale = T::from_f64(1.0 / (1.0 - p));
-    y.par_iter_mut()
-        .zip(x.par_iter())
-        .enumerate()
-        .with_min_len(4096)
-        .for_each(|(i, (o, &v))| {
-            *o = if keep(seed, offset + i as u64, th) {
-                v * scale
-            } else {
-                T::ZERO
-            };
-        });
+    y.par_iter_mut().zip(x.par_iter()).enumerate().with_min_len(4096).for_each(|(i, (o, &v))| {
+        *o = if keep(seed, offset + i as u64, th) { v * scale } else { T::ZERO };
+    });
 }

@@ -30,28 +30,19 @@ fn value_and_slope<T: Real>(x: T, kind: GeluKind) -> (T, T) {
             let k = T::from_f64(COEF);
             let t = (c * (x + k * x * x * x)).tanh();
             let du = c * (T::ONE + T::from_f64(3.0 * COEF) * x * x);
-            (
-                half * x * (T::ONE + t),
-                half * (T::ONE + t) + half * x * (T::ONE - t * t) * du,
-            )
+            (half * x * (T::ONE + t), half * (T::ONE + t) + half * x * (T::ONE - t * t) * du)
         }
     }
 }
 
 pub fn gelu_forward<T: Real>(x: &[T], y: &mut [T], kind: GeluKind) {
     assert_eq!(x.len(), y.len(), "gelu_forward: lengths");
-    y.par_iter_mut()
-        .zip(x.par_iter())
-        .with_min_len(4096)
-        .for_each(|(o, &v)| *o = value_and_slope(v, kind).0);
+    y.par_iter_mut().zip(x.par_iter()).with_min_len(4096).for_each(|(o, &v)| *o = value_and_slope(v, kind).0);
 }
 
 /// `dx = dy ⊙ gelu'(x)`.
 pub fn gelu_backward<T: Real>(x: &[T], dy: &[T], dx: &mut [T], kind: GeluKind) {
-    assert!(
-        x.len() == dy.len() && x.len() == dx.len(),
-        "gelu_backward: lengths"
-    );
+    assert!(x.len() == dy.len() && x.len() == dx.len(), "gelu_backward: lengths");
     dx.par_iter_mut()
         .zip(x.par_iter().zip(dy.par_iter()))
         .with_min_len(4096)

@@ -32,41 +32,18 @@ fn stats<T: Real>(xr: &[T], kind: NormKind, eps: T) -> (T, T) {
 }
 
 /// `y = norm(x) ⊙ w` row by row (`w = 1` when `None`).
-pub fn norm_forward<T: Real>(
-    x: &[T],
-    w: Option<&[T]>,
-    y: &mut [T],
-    n: usize,
-    eps: f64,
-    kind: NormKind,
-) {
-    assert!(
-        n > 0 && x.len() == y.len() && x.len() % n == 0,
-        "norm_forward: bad lengths"
-    );
-    assert!(
-        w.is_none_or(|w| w.len() == n),
-        "norm_forward: weight length"
-    );
+pub fn norm_forward<T: Real>(x: &[T], w: Option<&[T]>, y: &mut [T], n: usize, eps: f64, kind: NormKind) {
+    assert!(n > 0 && x.len() == y.len() && x.len() % n == 0, "norm_forward: bad lengths");
+    assert!(w.is_none_or(|w| w.len() == n), "norm_forward: weight length");
     let eps = T::from_f64(eps);
-    y.par_chunks_mut(n)
-        .enumerate()
-        .with_min_len(rows_per_task(n))
-        .for_each(|(r, yr)| {
-            let xr = &x[r * n..(r + 1) * n];
-            let (mean, rstd) = stats(xr, kind, eps);
-            match w {
-                Some(w) => yr
-                    .iter_mut()
-                    .zip(xr)
-                    .zip(w)
-                    .for_each(|((o, &v), &wj)| *o = (v - mean) * rstd * wj),
-                None => yr
-                    .iter_mut()
-                    .zip(xr)
-                    .for_each(|(o, &v)| *o = (v - mean) * rstd),
-            }
-        });
+    y.par_chunks_mut(n).enumerate().with_min_len(rows_per_task(n)).for_each(|(r, yr)| {
+        let xr = &x[r * n..(r + 1) * n];
+        let (mean, rstd) = stats(xr, kind, eps);
+        match w {
+            Some(w) => yr.iter_mut().zip(xr).zip(w).for_each(|((o, &v), &wj)| *o = (v - mean) * rstd * wj),
+            None => yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = (v - mean) * rstd),
+        }
+    });
 }
 
 /// Backward of [`norm_forward`]: writes `dx`, and `dw` when the forward had a weight.
@@ -80,10 +57,7 @@ pub fn norm_backward<T: Real>(
     eps: f64,
     kind: NormKind,
 ) {
-    assert!(
-        n > 0 && x.len() == dy.len() && x.len() == dx.len() && x.len() % n == 0,
-        "norm_backward: bad lengths"
-    );
+    assert!(n > 0 && x.len() == dy.len() && x.len() == dx.len() && x.len() % n == 0, "norm_backward: bad lengths");
     let eps = T::from_f64(eps);
     let inv_n = T::from_f64(1.0 / n as f64);
     let rows_per = rows_per_task(n);
@@ -93,11 +67,7 @@ pub fn norm_backward<T: Real>(
         .par_chunks_mut(n * rows_per)
         .enumerate()
         .map(|(blk, dx_blk)| {
-            let mut dw_part = if dw.is_some() {
-                vec![T::ZERO; n]
-            } else {
-                Vec::new()
-            };
+            let mut dw_part = if dw.is_some() { vec![T::ZERO; n] } else { Vec::new() };
             let mut g = vec![T::ZERO; n];
             for (i, dxr) in dx_blk.chunks_mut(n).enumerate() {
                 let r = blk * rows_per + i;

@@ -32,9 +32,7 @@ impl<T: Real> RowMask<'_, T> {
     pub fn rows(&self) -> Option<usize> {
         match self {
             RowMask::None => None,
-            RowMask::Additive { row_offsets, .. } | RowMask::Keep { row_offsets, .. } => {
-                Some(row_offsets.len())
-            }
+            RowMask::Additive { row_offsets, .. } | RowMask::Keep { row_offsets, .. } => Some(row_offsets.len()),
         }
     }
 
@@ -49,11 +47,7 @@ impl<T: Real> RowMask<'_, T> {
                     m = m.max(xj);
                 }
             }
-            RowMask::Additive {
-                data,
-                row_offsets,
-                col_stride,
-            } => {
+            RowMask::Additive { data, row_offsets, col_stride } => {
                 let o = row_offsets[r];
                 for (j, (sj, &xj)) in s.iter_mut().zip(x).enumerate() {
                     let v = xj + data[o + j * col_stride];
@@ -61,18 +55,10 @@ impl<T: Real> RowMask<'_, T> {
                     m = m.max(v);
                 }
             }
-            RowMask::Keep {
-                data,
-                row_offsets,
-                col_stride,
-            } => {
+            RowMask::Keep { data, row_offsets, col_stride } => {
                 let o = row_offsets[r];
                 for (j, (sj, &xj)) in s.iter_mut().zip(x).enumerate() {
-                    let v = if data[o + j * col_stride] != 0 {
-                        xj
-                    } else {
-                        T::NEG_INFINITY
-                    };
+                    let v = if data[o + j * col_stride] != 0 { xj } else { T::NEG_INFINITY };
                     *sj = v;
                     m = m.max(v);
                 }
@@ -86,17 +72,8 @@ impl<T: Real> RowMask<'_, T> {
 /// given (−∞ for a fully-masked row).
 ///
 /// Panics if slice lengths disagree (the `attend` wrappers check shapes first and return errors).
-pub fn softmax_forward<T: Real>(
-    x: &[T],
-    mask: RowMask<'_, T>,
-    y: &mut [T],
-    lse: Option<&mut [T]>,
-    n: usize,
-) {
-    assert!(
-        n > 0 && x.len() == y.len() && x.len() % n == 0,
-        "softmax_forward: bad lengths"
-    );
+pub fn softmax_forward<T: Real>(x: &[T], mask: RowMask<'_, T>, y: &mut [T], lse: Option<&mut [T]>, n: usize) {
+    assert!(n > 0 && x.len() == y.len() && x.len() % n == 0, "softmax_forward: bad lengths");
     let rows = x.len() / n;
     if let Some(mr) = mask.rows() {
         assert_eq!(mr, rows, "softmax_forward: mask rows");
@@ -120,67 +97,47 @@ pub fn softmax_forward<T: Real>(
     match lse {
         Some(lse) => {
             assert_eq!(lse.len(), rows, "softmax_forward: lse length");
-            y.par_chunks_mut(n)
-                .zip(lse.par_iter_mut())
-                .enumerate()
-                .with_min_len(min_len)
-                .for_each(|(r, (yr, l))| {
-                    *l = row(r, yr);
-                })
+            y.par_chunks_mut(n).zip(lse.par_iter_mut()).enumerate().with_min_len(min_len).for_each(|(r, (yr, l))| {
+                *l = row(r, yr);
+            })
         }
-        None => y
-            .par_chunks_mut(n)
-            .enumerate()
-            .with_min_len(min_len)
-            .for_each(|(r, yr)| {
-                row(r, yr);
-            }),
+        None => y.par_chunks_mut(n).enumerate().with_min_len(min_len).for_each(|(r, yr)| {
+            row(r, yr);
+        }),
     }
 }
 
 /// Backward of [`softmax_forward`]: `dx = y ⊙ (dy − ⟨dy, y⟩)` per row. The gradient of an additive mask is `dx` too.
 pub fn softmax_backward<T: Real>(y: &[T], dy: &[T], dx: &mut [T], n: usize) {
-    assert!(
-        n > 0 && y.len() == dy.len() && y.len() == dx.len() && y.len() % n == 0,
-        "softmax_backward: bad lengths"
-    );
-    dx.par_chunks_mut(n)
-        .enumerate()
-        .with_min_len(rows_per_task(n))
-        .for_each(|(r, dxr)| {
-            let (yr, dyr) = (&y[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
-            let mut dot = T::ZERO;
-            for (&a, &b) in yr.iter().zip(dyr) {
-                dot += a * b;
-            }
-            for ((d, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
-                *d = a * (b - dot);
-            }
-        });
+    assert!(n > 0 && y.len() == dy.len() && y.len() == dx.len() && y.len() % n == 0, "softmax_backward: bad lengths");
+    dx.par_chunks_mut(n).enumerate().with_min_len(rows_per_task(n)).for_each(|(r, dxr)| {
+        let (yr, dyr) = (&y[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+        let mut dot = T::ZERO;
+        for (&a, &b) in yr.iter().zip(dyr) {
+            dot += a * b;
+        }
+        for ((d, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
+            *d = a * (b - dot);
+        }
+    });
 }
 
 /// `y = x − lse(x)` row by row.
 pub fn log_softmax_forward<T: Real>(x: &[T], y: &mut [T], n: usize) {
-    assert!(
-        n > 0 && x.len() == y.len() && x.len() % n == 0,
-        "log_softmax_forward: bad lengths"
-    );
-    y.par_chunks_mut(n)
-        .enumerate()
-        .with_min_len(rows_per_task(n))
-        .for_each(|(r, yr)| {
-            let xr = &x[r * n..(r + 1) * n];
-            let m = xr.iter().fold(T::NEG_INFINITY, |m, &v| m.max(v));
-            if m.is_neg_infinity() {
-                yr.iter_mut().for_each(|v| *v = T::NEG_INFINITY);
-                return;
-            }
-            let sum = xr.iter().fold(T::ZERO, |s, &v| s + (v - m).exp());
-            let lse = m + sum.ln();
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = v - lse;
-            }
-        });
+    assert!(n > 0 && x.len() == y.len() && x.len() % n == 0, "log_softmax_forward: bad lengths");
+    y.par_chunks_mut(n).enumerate().with_min_len(rows_per_task(n)).for_each(|(r, yr)| {
+        let xr = &x[r * n..(r + 1) * n];
+        let m = xr.iter().fold(T::NEG_INFINITY, |m, &v| m.max(v));
+        if m.is_neg_infinity() {
+            yr.iter_mut().for_each(|v| *v = T::NEG_INFINITY);
+            return;
+        }
+        let sum = xr.iter().fold(T::ZERO, |s, &v| s + (v - m).exp());
+        let lse = m + sum.ln();
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = v - lse;
+        }
+    });
 }
 
 /// Backward of [`log_softmax_forward`]: `dx = dy − exp(y)·Σdy` per row.
@@ -189,14 +146,11 @@ pub fn log_softmax_backward<T: Real>(y: &[T], dy: &[T], dx: &mut [T], n: usize) 
         n > 0 && y.len() == dy.len() && y.len() == dx.len() && y.len() % n == 0,
         "log_softmax_backward: bad lengths"
     );
-    dx.par_chunks_mut(n)
-        .enumerate()
-        .with_min_len(rows_per_task(n))
-        .for_each(|(r, dxr)| {
-            let (yr, dyr) = (&y[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
-            let sum = dyr.iter().fold(T::ZERO, |s, &v| s + v);
-            for ((d, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
-                *d = b - a.exp() * sum;
-            }
-        });
+    dx.par_chunks_mut(n).enumerate().with_min_len(rows_per_task(n)).for_each(|(r, dxr)| {
+        let (yr, dyr) = (&y[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+        let sum = dyr.iter().fold(T::ZERO, |s, &v| s + v);
+        for ((d, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
+            *d = b - a.exp() * sum;
+        }
+    });
 }

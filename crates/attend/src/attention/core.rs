@@ -55,17 +55,8 @@ pub struct AttentionOutput {
 }
 
 /// `softmax(mask(scale · Q Kᵀ)) V` with the default options; see [`attention_with`].
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Mask,
-    scale: Option<f64>,
-) -> Result<Tensor> {
-    let opts = AttentionOptions {
-        scale,
-        ..Default::default()
-    };
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: Option<f64>) -> Result<Tensor> {
+    let opts = AttentionOptions { scale, ..Default::default() };
     Ok(attention_with(q, k, v, mask, &opts)?.out)
 }
 
@@ -94,28 +85,9 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     let (b, h, t, d) = q.dims4()?;
     let (bk, hkv, s, dk) = k.dims4()?;
     let (bv, hv, sv, dv) = v.dims4()?;
-    ensure!(
-        b == bk && b == bv,
-        OP,
-        "batch sizes differ: q {:?}, k {:?}, v {:?}",
-        q.dims(),
-        k.dims(),
-        v.dims()
-    );
-    ensure!(
-        hkv == hv && s == sv,
-        OP,
-        "k {:?} and v {:?} must agree in (B, Hkv, S)",
-        k.dims(),
-        v.dims()
-    );
-    ensure!(
-        d == dk,
-        OP,
-        "head dims differ: q {:?} has D = {d}, k {:?} has D = {dk}",
-        q.dims(),
-        k.dims()
-    );
+    ensure!(b == bk && b == bv, OP, "batch sizes differ: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+    ensure!(hkv == hv && s == sv, OP, "k {:?} and v {:?} must agree in (B, Hkv, S)", k.dims(), v.dims());
+    ensure!(d == dk, OP, "head dims differ: q {:?} has D = {d}, k {:?} has D = {dk}", q.dims(), k.dims());
     ensure!(
         hkv > 0 && h % hkv == 0,
         OP,
@@ -136,23 +108,8 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
         OP,
         "q, k, v are on different devices"
     );
-    ensure!(
-        b * h * t * s * d * dv > 0,
-        OP,
-        "empty input: q {:?}, k {:?}, v {:?}",
-        q.dims(),
-        k.dims(),
-        v.dims()
-    );
-    Ok(Dims {
-        b,
-        h,
-        hkv,
-        t,
-        s,
-        d,
-        dv,
-    })
+    ensure!(b * h * t * s * d * dv > 0, OP, "empty input: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+    Ok(Dims { b, h, hkv, t, s, d, dv })
 }
 
 /// Attention with every option; see the module docs for shapes and [`Mask`] for the mask semantics.
@@ -164,29 +121,12 @@ pub fn attention_with(
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
     let dims = check(q, k, v)?;
-    let Dims {
-        b,
-        h,
-        hkv,
-        t,
-        s,
-        d,
-        dv,
-    } = dims;
+    let Dims { b, h, hkv, t, s, d, dv } = dims;
     let resolved = mask.resolve(b, h, t, s)?;
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    ensure!(
-        scale.is_finite(),
-        "attention",
-        "scale must be finite, got {scale}"
-    );
+    ensure!(scale.is_finite(), "attention", "scale must be finite, got {scale}");
     if let Some(dp) = opts.dropout {
-        ensure!(
-            (0.0..1.0).contains(&dp.p),
-            "attention",
-            "dropout probability must be in [0, 1), got {}",
-            dp.p
-        );
+        ensure!((0.0..1.0).contains(&dp.p), "attention", "dropout probability must be in [0, 1), got {}", dp.p);
     }
     let g = h / hkv;
     let reference = opts.implementation == AttentionImpl::Reference;
@@ -208,17 +148,9 @@ pub fn attention_with(
 
     // 4. Softmax, with the explicit tensor applied inside it (its gradient, if additive, comes from there).
     let explicit = mask.tensor();
-    let probs = if reference {
-        ops::softmax_reference(&scores, explicit)?
-    } else {
-        ops::softmax(&scores, explicit)?
-    }; // (B, H, T, S)
+    let probs = if reference { ops::softmax_reference(&scores, explicit)? } else { ops::softmax(&scores, explicit)? }; // (B, H, T, S)
 
-    let lse = if opts.need_lse {
-        Some(masked_lse(&scores, explicit)?)
-    } else {
-        None
-    };
+    let lse = if opts.need_lse { Some(masked_lse(&scores, explicit)?) } else { None };
 
     // 5. Dropout on probabilities; the returned weights are the pre-dropout ones.
     let dropped = match opts.dropout {
@@ -236,34 +168,22 @@ pub fn attention_with(
     let pg = dropped.reshape((b, hkv, g * t, s))?; // (B, Hkv, G·T, S)
     let out = pg.matmul(&v.contiguous()?)?.reshape((b, h, t, dv))?; // (B, H, T, Dv)
 
-    Ok(AttentionOutput {
-        out,
-        weights: opts.need_weights.then_some(probs),
-        lse,
-    })
+    Ok(AttentionOutput { out, weights: opts.need_weights.then_some(probs), lse })
 }
 
 /// Log-sum-exp of the final masked scores, reported, not differentiated.
 fn masked_lse(scores: &Tensor, explicit: Option<&MaskTensor>) -> Result<Tensor> {
     let scores = scores.detach();
-    let masked = match explicit
-        .map(|m| m.broadcast_to(scores.shape(), scores.dtype(), "attention"))
-        .transpose()?
-    {
+    let masked = match explicit.map(|m| m.broadcast_to(scores.shape(), scores.dtype(), "attention")).transpose()? {
         None => scores,
         Some(MaskTensor::Additive(m)) => (scores + m.detach())?,
         Some(MaskTensor::Keep(m)) => {
-            let ninf = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?
-                .to_dtype(scores.dtype())?;
+            let ninf = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?.to_dtype(scores.dtype())?;
             m.where_cond(&scores, &ninf)?
         }
     };
     let lse = ops::logsumexp_rows(&masked)?;
-    Ok(if lse.dtype() == DType::F64 {
-        lse
-    } else {
-        lse.to_dtype(DType::F32)?
-    })
+    Ok(if lse.dtype() == DType::F64 { lse } else { lse.to_dtype(DType::F32)? })
 }
 
 /// Resolved structural mask, for implementations that evaluate it per element instead of as a tensor.

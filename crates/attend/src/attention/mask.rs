@@ -208,23 +208,11 @@ impl Mask {
                 OP,
                 "causal with window ({l}, {r}) is contradictory: causal allows no key right of the diagonal; use ({l}, 0)"
             );
-            ensure!(
-                self.prefix_lengths.is_none(),
-                OP,
-                "prefix-LM with a window ({l}, {r}) is ambiguous; choose one"
-            );
+            ensure!(self.prefix_lengths.is_none(), OP, "prefix-LM with a window ({l}, {r}) is ambiguous; choose one");
         }
-        for (name, v) in [
-            ("key_lengths", &self.key_lengths),
-            ("prefix_lengths", &self.prefix_lengths),
-        ] {
+        for (name, v) in [("key_lengths", &self.key_lengths), ("prefix_lengths", &self.prefix_lengths)] {
             if let Some(v) = v {
-                ensure!(
-                    v.len() == b,
-                    OP,
-                    "{name} has {} entries for batch size {b}",
-                    v.len()
-                );
+                ensure!(v.len() == b, OP, "{name} has {} entries for batch size {b}", v.len());
                 if let Some((i, &x)) = v.iter().enumerate().find(|(_, &x)| x > s) {
                     bail!(OP, "{name}[{i}] = {x} exceeds the key length S = {s}");
                 }
@@ -247,9 +235,7 @@ impl Mask {
                     qd.dtype(),
                     kd.dtype()
                 );
-                let read = |x: &Tensor| -> Result<Vec<i64>> {
-                    Ok(x.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?)
-                };
+                let read = |x: &Tensor| -> Result<Vec<i64>> { Ok(x.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?) };
                 Some((read(qd)?, read(kd)?))
             }
         };
@@ -257,21 +243,12 @@ impl Mask {
             None => None,
             Some(Alibi::Paper) => Some(alibi_slopes(h)),
             Some(Alibi::Slopes(v)) => {
-                ensure!(
-                    v.len() == h,
-                    OP,
-                    "{} ALiBi slopes for {h} query heads",
-                    v.len()
-                );
+                ensure!(v.len() == h, OP, "{} ALiBi slopes for {h} query heads", v.len());
                 Some(v.clone())
             }
         };
         if let Some(c) = self.softcap {
-            ensure!(
-                c.is_finite() && c > 0.0,
-                OP,
-                "soft-cap must be positive and finite, got {c}"
-            );
+            ensure!(c.is_finite() && c > 0.0, OP, "soft-cap must be positive and finite, got {c}");
         }
         if let Some(m) = &self.tensor {
             let t_ = m.tensor();

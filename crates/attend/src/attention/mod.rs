@@ -5,8 +5,7 @@ pub mod mask;
 pub mod score;
 
 pub use self::core::{
-    attention, attention_with, resolve_mask, AttentionDropout, AttentionImpl, AttentionOptions,
-    AttentionOutput,
+    attention, attention_with, resolve_mask, AttentionDropout, AttentionImpl, AttentionOptions, AttentionOutput,
 };
 pub use crate::ops::MaskTensor;
 pub use mask::{Alibi, Mask, ResolvedMask};

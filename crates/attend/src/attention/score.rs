@@ -71,41 +71,17 @@ fn shape_str(t: &Tensor) -> String {
 /// Checks that `q` (B, T, Dq) and `k` (B, S, Dk) are rank 3 with the same batch and dtype; returns (Dq, Dk).
 fn check_qk(op: &'static str, q: &Tensor, k: &Tensor) -> Result<(usize, usize)> {
     let (qs, ks) = (shape_str(q), shape_str(k));
-    ensure!(
-        q.rank() == 3 && k.rank() == 3,
-        op,
-        "expected q (B, T, Dq) and k (B, S, Dk), got q {qs} and k {ks}"
-    );
-    ensure!(
-        q.dim(0)? == k.dim(0)?,
-        op,
-        "batch sizes differ: q {qs} vs k {ks}"
-    );
-    ensure!(
-        q.dtype() == k.dtype(),
-        op,
-        "dtypes differ: q {qs} {:?} vs k {ks} {:?}",
-        q.dtype(),
-        k.dtype()
-    );
+    ensure!(q.rank() == 3 && k.rank() == 3, op, "expected q (B, T, Dq) and k (B, S, Dk), got q {qs} and k {ks}");
+    ensure!(q.dim(0)? == k.dim(0)?, op, "batch sizes differ: q {qs} vs k {ks}");
+    ensure!(q.dtype() == k.dtype(), op, "dtypes differ: q {qs} {:?} vs k {ks} {:?}", q.dtype(), k.dtype());
     Ok((q.dim(2)?, k.dim(2)?))
 }
 
 /// Checks a rank-3 input's last dimension against the width a layer was built for.
 fn check_width(op: &'static str, name: &str, x: &Tensor, layout: &str, want: usize) -> Result<()> {
-    ensure!(
-        x.rank() == 3,
-        op,
-        "expected {name} {layout}, got {name} {}",
-        shape_str(x)
-    );
+    ensure!(x.rank() == 3, op, "expected {name} {layout}, got {name} {}", shape_str(x));
     let got = x.dim(2)?;
-    ensure!(
-        got == want,
-        op,
-        "{name} {} has width {got}, but the layer was built for {want} ({layout})",
-        shape_str(x)
-    );
+    ensure!(got == want, op, "{name} {} has width {got}, but the layer was built for {want} ({layout})", shape_str(x));
     Ok(())
 }
 
@@ -214,11 +190,7 @@ impl ScaledDotScore {
     /// `scale: None` uses `1/√Dk` of the keys it is given; `Some(s)` must be finite.
     pub fn new(scale: Option<f64>) -> Result<Self> {
         if let Some(s) = scale {
-            ensure!(
-                s.is_finite(),
-                "scaled dot score",
-                "scale must be finite, got {s}"
-            );
+            ensure!(s.is_finite(), "scaled dot score", "scale must be finite, got {s}");
         }
         Ok(Self { scale })
     }
@@ -275,10 +247,7 @@ impl GeneralScore {
             "query_dim and key_dim must be positive, got {config:?}"
         );
         let linear_in = linear_no_bias(config.query_dim, config.key_dim, vb.pp("linear_in"))?;
-        Ok(Self {
-            linear_in,
-            config: *config,
-        })
+        Ok(Self { linear_in, config: *config })
     }
 
     pub fn config(&self) -> &GeneralScoreConfig {
@@ -355,11 +324,7 @@ impl AdditiveScore {
 
     /// Loads or creates `linear_query.{weight,bias}`, `linear_context.weight` and `v.weight` under `vb`.
     pub fn new(config: &AdditiveScoreConfig, vb: VarBuilder) -> Result<Self> {
-        let AdditiveScoreConfig {
-            query_dim,
-            key_dim,
-            attn_dim,
-        } = *config;
+        let AdditiveScoreConfig { query_dim, key_dim, attn_dim } = *config;
         ensure!(
             query_dim > 0 && key_dim > 0 && attn_dim > 0,
             Self::OP,
@@ -410,13 +375,7 @@ impl AdditiveScore {
     /// - `q`: (B, T, Dq), `uk`: (B, S, A) → (B, T, S)
     pub fn score_projected(&self, q: &Tensor, uk: &Tensor) -> Result<Tensor> {
         check_width(Self::OP, "q", q, "(B, T, Dq)", self.config.query_dim)?;
-        check_width(
-            Self::OP,
-            "projected keys",
-            uk,
-            "(B, S, A)",
-            self.config.attn_dim,
-        )?;
+        check_width(Self::OP, "projected keys", uk, "(B, S, A)", self.config.attn_dim)?;
         let (b, t, s) = (q.dim(0)?, q.dim(1)?, uk.dim(1)?);
         ensure!(
             uk.dim(0)? == b,
@@ -495,26 +454,12 @@ impl HanContextScore {
     /// A fresh `context` is drawn from N(0, 1/A), not zero: with `u_w = 0` every score is 0 and `proj` would get no
     /// gradient at the first step.
     pub fn new(config: &HanContextScoreConfig, vb: VarBuilder) -> Result<Self> {
-        let HanContextScoreConfig {
-            input_dim,
-            attn_dim,
-        } = *config;
-        ensure!(
-            input_dim > 0 && attn_dim > 0,
-            Self::OP,
-            "input_dim and attn_dim must be positive, got {config:?}"
-        );
+        let HanContextScoreConfig { input_dim, attn_dim } = *config;
+        ensure!(input_dim > 0 && attn_dim > 0, Self::OP, "input_dim and attn_dim must be positive, got {config:?}");
         let proj = linear(input_dim, attn_dim, vb.pp("proj"))?;
-        let init = Init::Randn {
-            mean: 0.0,
-            stdev: 1.0 / (attn_dim as f64).sqrt(),
-        };
+        let init = Init::Randn { mean: 0.0, stdev: 1.0 / (attn_dim as f64).sqrt() };
         let context = vb.get_with_hints(attn_dim, "context", init)?; // (A,)
-        Ok(Self {
-            proj,
-            context,
-            config: *config,
-        })
+        Ok(Self { proj, context, config: *config })
     }
 
     pub fn config(&self) -> &HanContextScoreConfig {

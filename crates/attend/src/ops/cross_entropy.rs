@@ -31,10 +31,7 @@ struct CrossEntropyBackward(CrossEntropyConfig);
 fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [i64]> {
     match s {
         CpuStorage::I64(t) => contiguous(t, l, "cross_entropy targets"),
-        other => candle_core::bail!(
-            "cross_entropy: targets must be i64 here, got {:?}",
-            other.dtype()
-        ),
+        other => candle_core::bail!("cross_entropy: targets must be i64 here, got {:?}", other.dtype()),
     }
 }
 
@@ -141,12 +138,7 @@ fn prepare(
     Ok((logits.reshape(((), v))?, t, counted))
 }
 
-fn reduce(
-    losses: Tensor,
-    targets: &Tensor,
-    counted: usize,
-    reduction: Reduction,
-) -> Result<Tensor> {
+fn reduce(losses: Tensor, targets: &Tensor, counted: usize, reduction: Reduction) -> Result<Tensor> {
     Ok(match reduction {
         Reduction::Sum => losses.sum_all()?,
         Reduction::Mean => (losses.sum_all()? / counted.max(1) as f64)?,
@@ -162,9 +154,7 @@ pub fn cross_entropy(
     reduction: Reduction,
 ) -> Result<Tensor> {
     let (l2, t, counted) = prepare("cross_entropy", logits, targets, cfg)?;
-    let losses = in_kernel_dtype(&l2, "cross_entropy", |l| {
-        Ok(l.contiguous()?.apply_op2(&t, CrossEntropy(*cfg))?)
-    })?;
+    let losses = in_kernel_dtype(&l2, "cross_entropy", |l| Ok(l.contiguous()?.apply_op2(&t, CrossEntropy(*cfg))?))?;
     reduce(losses, targets, counted, reduction)
 }
 

@@ -34,17 +34,12 @@ kernel_float!(f32, F32);
 kernel_float!(f64, F64);
 
 /// The contiguous elements a layout describes.
-pub(crate) fn contiguous<'a, T>(
-    v: &'a [T],
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => Err(candle_core::Error::Msg(format!(
-            "fused op: {what} must be contiguous, got strides {:?}",
-            l.stride()
-        ))),
+        None => {
+            Err(candle_core::Error::Msg(format!("fused op: {what} must be contiguous, got strides {:?}", l.stride())))
+        }
     }
 }
 
@@ -81,16 +76,8 @@ pub(crate) fn in_kernel_dtype(
 ) -> Result<Tensor> {
     match x.dtype() {
         DType::F32 | DType::F64 => f(x),
-        DType::BF16 | DType::F16 => f(&x.to_dtype(DType::F32)?)?
-            .to_dtype(x.dtype())
-            .map_err(Error::from),
-        dt => Err(Error::invalid(
-            op,
-            format!(
-                "unsupported dtype {dt:?} for tensor of shape {:?}",
-                x.dims()
-            ),
-        )),
+        DType::BF16 | DType::F16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()).map_err(Error::from),
+        dt => Err(Error::invalid(op, format!("unsupported dtype {dt:?} for tensor of shape {:?}", x.dims()))),
     }
 }
 
@@ -106,10 +93,7 @@ macro_rules! dispatch_float {
                 type $t = f64;
                 $body
             }
-            dt => Err(candle_core::Error::Msg(format!(
-                "{}: unsupported dtype {:?}",
-                $op, dt
-            ))),
+            dt => Err(candle_core::Error::Msg(format!("{}: unsupported dtype {:?}", $op, dt))),
         }
     };
 }

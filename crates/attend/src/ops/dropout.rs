@@ -37,11 +37,7 @@ impl CustomOp1 for Dropout {
 }
 
 fn check_p(op: &'static str, p: f64) -> Result<()> {
-    ensure!(
-        (0.0..1.0).contains(&p),
-        op,
-        "drop probability must be in [0, 1), got {p}"
-    );
+    ensure!((0.0..1.0).contains(&p), op, "drop probability must be in [0, 1), got {p}");
     Ok(())
 }
 
@@ -51,20 +47,11 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64, offset: u64) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
     }
-    in_kernel_dtype(x, "dropout", |x| {
-        Ok(x.contiguous()?.apply_op1(Dropout { p, seed, offset })?)
-    })
+    in_kernel_dtype(x, "dropout", |x| Ok(x.contiguous()?.apply_op1(Dropout { p, seed, offset })?))
 }
 
 /// The scaled keep mask (`1/(1−p)` kept, 0 dropped) that [`dropout`] multiplies by.
-pub fn dropout_mask(
-    shape: &Shape,
-    p: f64,
-    seed: u64,
-    offset: u64,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn dropout_mask(shape: &Shape, p: f64, seed: u64, offset: u64, dtype: DType, device: &Device) -> Result<Tensor> {
     check_p("dropout_mask", p)?;
     let mut m = vec![0f32; shape.elem_count()];
     dropout_scale_mask(seed, offset, p, &mut m);

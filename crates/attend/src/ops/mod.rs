@@ -22,6 +22,4 @@ pub use cross_entropy::{cross_entropy, cross_entropy_reference, Reduction};
 pub use dropout::{dropout, dropout_mask, dropout_reference};
 pub use gelu::{gelu, gelu_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
-pub use softmax::{
-    log_softmax, log_softmax_reference, logsumexp_rows, softmax, softmax_reference, MaskTensor,
-};
+pub use softmax::{log_softmax, log_softmax_reference, logsumexp_rows, softmax, softmax_reference, MaskTensor};

@@ -123,21 +123,12 @@ impl CustomOp3 for NormBackward {
             let x = contiguous(T::slice(s1)?, l1, "norm input")?;
             let w = contiguous(T::slice(s2)?, l2, "norm weight")?;
             let dy = contiguous(T::slice(s3)?, l3, "norm output gradient")?;
-            Ok((
-                self.run(x, Some(w), dy, width(l1)),
-                Shape::from(x.len() + w.len()),
-            ))
+            Ok((self.run(x, Some(w), dy, width(l1)), Shape::from(x.len() + w.len())))
         })
     }
 }
 
-fn check(
-    op: &'static str,
-    x: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    eps: f64,
-) -> Result<()> {
+fn check(op: &'static str, x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<()> {
     ensure!(
         x.rank() >= 1 && x.elem_count() > 0,
         op,
@@ -163,11 +154,7 @@ fn check(
             );
         }
     }
-    ensure!(
-        eps >= 0.0 && eps.is_finite(),
-        op,
-        "eps must be finite and non-negative, got {eps}"
-    );
+    ensure!(eps >= 0.0 && eps.is_finite(), op, "eps must be finite and non-negative, got {eps}");
     Ok(())
 }
 
@@ -195,12 +182,7 @@ fn fused(
 }
 
 /// Fused layer norm: `(x − μ)/√(σ² + eps) ⊙ weight + bias`.
-pub fn layer_norm(
-    x: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    eps: f64,
-) -> Result<Tensor> {
+pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     fused(NormKind::Layer, "layer_norm", x, weight, bias, eps)
 }
 
@@ -235,20 +217,8 @@ fn reference(
 }
 
 /// [`layer_norm`] composed from plain candle ops.
-pub fn layer_norm_reference(
-    x: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    eps: f64,
-) -> Result<Tensor> {
-    reference(
-        NormKind::Layer,
-        "layer_norm_reference",
-        x,
-        weight,
-        bias,
-        eps,
-    )
+pub fn layer_norm_reference(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    reference(NormKind::Layer, "layer_norm_reference", x, weight, bias, eps)
 }
 
 /// [`rms_norm`] composed from plain candle ops.

@@ -30,12 +30,7 @@ impl MaskTensor {
     }
 
     /// Checks dtype and that the mask broadcasts to `shape`; returns it broadcast (a view, no copy).
-    pub(crate) fn broadcast_to(
-        &self,
-        shape: &Shape,
-        dtype: DType,
-        op: &'static str,
-    ) -> Result<MaskTensor> {
+    pub(crate) fn broadcast_to(&self, shape: &Shape, dtype: DType, op: &'static str) -> Result<MaskTensor> {
         let t = self.tensor();
         let ok = match self {
             MaskTensor::Keep(_) => t.dtype() == DType::U8,
@@ -49,14 +44,7 @@ impl MaskTensor {
             t.dims()
         );
         let b = t.broadcast_as(shape.clone()).map_err(|_| {
-            crate::Error::invalid(
-                op,
-                format!(
-                    "mask of shape {:?} does not broadcast to {:?}",
-                    t.dims(),
-                    shape.dims()
-                ),
-            )
+            crate::Error::invalid(op, format!("mask of shape {:?} does not broadcast to {:?}", t.dims(), shape.dims()))
         })?;
         Ok(match self {
             MaskTensor::Keep(_) => MaskTensor::Keep(b),
@@ -109,16 +97,8 @@ impl CustomOp2 for MaskedSoftmax {
         dispatch_float!(s1.dtype(), "softmax", |T| {
             let x = contiguous(T::slice(s1)?, l1, "softmax input")?;
             let mask = match (self.additive, s2) {
-                (false, CpuStorage::U8(m)) => RowMask::Keep {
-                    data: m,
-                    row_offsets: &offsets,
-                    col_stride,
-                },
-                (true, m) => RowMask::Additive {
-                    data: T::slice(m)?,
-                    row_offsets: &offsets,
-                    col_stride,
-                },
+                (false, CpuStorage::U8(m)) => RowMask::Keep { data: m, row_offsets: &offsets, col_stride },
+                (true, m) => RowMask::Additive { data: T::slice(m)?, row_offsets: &offsets, col_stride },
                 (false, m) => {
                     candle_core::bail!("softmax: boolean mask must be u8, got {:?}", m.dtype())
                 }
@@ -230,10 +210,7 @@ pub fn softmax(x: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor> {
 pub fn softmax_reference(x: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor> {
     check_rank(x, "softmax_reference")?;
     let last = x.rank() - 1;
-    let s = match mask
-        .map(|m| m.broadcast_to(x.shape(), x.dtype(), "softmax_reference"))
-        .transpose()?
-    {
+    let s = match mask.map(|m| m.broadcast_to(x.shape(), x.dtype(), "softmax_reference")).transpose()? {
         None => x.clone(),
         Some(MaskTensor::Additive(m)) => (x + m)?,
         Some(MaskTensor::Keep(m)) => m.where_cond(x, &neg_inf_like(x)?)?,
@@ -255,9 +232,7 @@ fn neg_inf_like(x: &Tensor) -> Result<Tensor> {
 /// Fused log-softmax over the last axis.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     check_rank(x, "log_softmax")?;
-    in_kernel_dtype(x, "log_softmax", |x| {
-        Ok(x.contiguous()?.apply_op1(LogSoftmax)?)
-    })
+    in_kernel_dtype(x, "log_softmax", |x| Ok(x.contiguous()?.apply_op1(LogSoftmax)?))
 }
 
 /// [`log_softmax`] composed from plain candle ops.

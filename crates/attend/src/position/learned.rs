@@ -21,10 +21,7 @@ use crate::{bail, ensure, Result};
 
 /// GPT-2's initialisation of `wpe`: normal with standard deviation 0.02 (used only when the VarBuilder creates the
 /// tensor rather than loading it).
-const INIT: Init = Init::Randn {
-    mean: 0.0,
-    stdev: 0.02,
-};
+const INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
 /// A learned `(max_len, C)` table of absolute position embeddings.
 #[derive(Clone, Debug)]
@@ -55,17 +52,9 @@ impl LearnedPositions {
     /// - `weight`: `(max_len, C)`.
     pub fn from_weight(weight: Tensor) -> Result<Self> {
         let Ok((max_len, d_model)) = weight.dims2() else {
-            bail!(
-                "LearnedPositions::from_weight",
-                "weight must be (max_len, C), got shape {:?}",
-                weight.dims()
-            );
+            bail!("LearnedPositions::from_weight", "weight must be (max_len, C), got shape {:?}", weight.dims());
         };
-        Ok(Self {
-            weight,
-            max_len,
-            d_model,
-        })
+        Ok(Self { weight, max_len, d_model })
     }
 
     /// The table, `(max_len, C)`.

@@ -67,11 +67,8 @@ pub fn relative_position_bucket(
     // 3. Logarithmic buckets, in f32 to match the reference bit for bit; `as usize` truncates toward zero like
     //    torch's `.to(torch.long)` and saturates (NaN → 0) on degenerate arguments.
     let log_ratio = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
-    let scaled =
-        ((n as f32) / (max_exact as f32)).ln() / log_ratio * ((num_buckets - max_exact) as f32);
-    let large = max_exact
-        .saturating_add(scaled as usize)
-        .min(num_buckets.saturating_sub(1));
+    let scaled = ((n as f32) / (max_exact as f32)).ln() / log_ratio * ((num_buckets - max_exact) as f32);
+    let large = max_exact.saturating_add(scaled as usize).min(num_buckets.saturating_sub(1));
     bucket + large
 }
 
@@ -91,23 +88,14 @@ pub struct RelativePositionBiasConfig {
 impl RelativePositionBiasConfig {
     /// T5's defaults (32 buckets, max distance 128) for `n_heads` heads.
     pub fn t5(n_heads: usize, bidirectional: bool) -> Self {
-        Self {
-            n_heads,
-            num_buckets: 32,
-            max_distance: 128,
-            bidirectional,
-        }
+        Self { n_heads, num_buckets: 32, max_distance: 128, bidirectional }
     }
 
     /// Checks the settings; [`RelativePositionBias::new`] calls it.
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "RelativePositionBiasConfig";
         ensure!(self.n_heads > 0, OP, "n_heads must be positive, got 0");
-        let per_direction = if self.bidirectional {
-            self.num_buckets / 2
-        } else {
-            self.num_buckets
-        };
+        let per_direction = if self.bidirectional { self.num_buckets / 2 } else { self.num_buckets };
         let max_exact = per_direction / 2;
         ensure!(
             max_exact >= 1,
@@ -144,15 +132,8 @@ impl RelativePositionBias {
     /// - `relative_attention_bias.weight`: `(num_buckets, H)`.
     pub fn new(config: &RelativePositionBiasConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let embedding = candle_nn::embedding(
-            config.num_buckets,
-            config.n_heads,
-            vb.pp("relative_attention_bias"),
-        )?;
-        Ok(Self {
-            embedding,
-            config: config.clone(),
-        })
+        let embedding = candle_nn::embedding(config.num_buckets, config.n_heads, vb.pp("relative_attention_bias"))?;
+        Ok(Self { embedding, config: config.clone() })
     }
 
     /// Wraps an existing table (for example a `Var`'s tensor, so gradients reach it).
@@ -169,10 +150,7 @@ impl RelativePositionBias {
             config.n_heads,
             weight.dims()
         );
-        Ok(Self {
-            embedding: Embedding::new(weight, config.n_heads),
-            config: config.clone(),
-        })
+        Ok(Self { embedding: Embedding::new(weight, config.n_heads), config: config.clone() })
     }
 
     /// The settings.
@@ -203,12 +181,7 @@ impl RelativePositionBias {
             let query = (offset + i) as i64;
             for j in 0..s {
                 // memory_position − context_position, as HF compute_bias.
-                let b = relative_position_bucket(
-                    j as i64 - query,
-                    c.bidirectional,
-                    c.num_buckets,
-                    c.max_distance,
-                );
+                let b = relative_position_bucket(j as i64 - query, c.bidirectional, c.num_buckets, c.max_distance);
                 ids.push(b as u32);
             }
         }

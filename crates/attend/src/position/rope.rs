@@ -62,12 +62,7 @@ pub struct RopeConfig {
 impl RopeConfig {
     /// Full-width Llama-style defaults: base 10000, [`RopeLayout::Halves`].
     pub fn new(rotary_dim: usize, max_positions: usize) -> Self {
-        Self {
-            rotary_dim,
-            max_positions,
-            theta: 10000.0,
-            layout: RopeLayout::Halves,
-        }
+        Self { rotary_dim, max_positions, theta: 10000.0, layout: RopeLayout::Halves }
     }
 
     /// Checks the settings; [`Rope::new`] calls it.
@@ -79,11 +74,7 @@ impl RopeConfig {
             "rotary_dim must be even and positive (features rotate in pairs), got {}",
             self.rotary_dim
         );
-        ensure!(
-            self.max_positions > 0,
-            OP,
-            "max_positions must be positive, got 0"
-        );
+        ensure!(self.max_positions > 0, OP, "max_positions must be positive, got 0");
         ensure!(
             self.theta.is_finite() && self.theta > 0.0,
             OP,
@@ -111,13 +102,8 @@ impl Rope {
         config.validate()?;
         let half = config.rotary_dim / 2;
         // θ_i = base^(−2i/r), i = 0..r/2 (RoFormer eq. 15).
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| {
-                config
-                    .theta
-                    .powf(-((2 * i) as f64) / config.rotary_dim as f64)
-            })
-            .collect();
+        let inv_freq: Vec<f64> =
+            (0..half).map(|i| config.theta.powf(-((2 * i) as f64) / config.rotary_dim as f64)).collect();
         let n = config.max_positions * half;
         let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for m in 0..config.max_positions {
@@ -130,11 +116,7 @@ impl Rope {
         let shape = (config.max_positions, half);
         let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?; // (max_positions, r/2)
         let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?; // (max_positions, r/2)
-        Ok(Self {
-            cos,
-            sin,
-            config: config.clone(),
-        })
+        Ok(Self { cos, sin, config: config.clone() })
     }
 
     /// The settings the tables were built from.
@@ -166,16 +148,9 @@ impl Rope {
             bail!(OP, "x must be (B, H, T, D), got shape {:?}", x.dims());
         };
         let r = self.config.rotary_dim;
+        ensure!(d >= r, OP, "head dimension D = {d} is smaller than rotary_dim = {r} (x shape {:?})", x.dims());
         ensure!(
-            d >= r,
-            OP,
-            "head dimension D = {d} is smaller than rotary_dim = {r} (x shape {:?})",
-            x.dims()
-        );
-        ensure!(
-            offset
-                .checked_add(t)
-                .is_some_and(|end| end <= self.config.max_positions),
+            offset.checked_add(t).is_some_and(|end| end <= self.config.max_positions),
             OP,
             "positions offset {offset} + T {t} exceed max_positions = {}",
             self.config.max_positions

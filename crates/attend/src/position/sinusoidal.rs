@@ -35,13 +35,7 @@ pub const DEFAULT_BASE: f64 = 10000.0;
 ///
 /// # Errors
 /// `c == 0`, or `offset + t` overflowing `usize`.
-pub fn sinusoidal_table(
-    t: usize,
-    c: usize,
-    offset: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn sinusoidal_table(t: usize, c: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     sinusoidal_table_with_base(t, c, offset, DEFAULT_BASE, dtype, device)
 }
 
@@ -59,21 +53,11 @@ pub fn sinusoidal_table_with_base(
 ) -> Result<Tensor> {
     const OP: &str = "sinusoidal_table";
     ensure!(c > 0, OP, "model dimension C must be positive, got C = 0");
-    ensure!(
-        base.is_finite() && base > 0.0,
-        OP,
-        "base must be finite and positive, got {base}"
-    );
-    ensure!(
-        offset.checked_add(t).is_some(),
-        OP,
-        "offset {offset} + T {t} overflows"
-    );
+    ensure!(base.is_finite() && base > 0.0, OP, "base must be finite and positive, got {base}");
+    ensure!(offset.checked_add(t).is_some(), OP, "offset {offset} + T {t} overflows");
     // Inverse wavelength of pair i: 1 / base^(2i / C), written as exp(-2i·ln(base)/C) as in The Annotated
     // Transformer.
-    let inv_freq: Vec<f64> = (0..c.div_ceil(2))
-        .map(|i| (-((2 * i) as f64) * base.ln() / c as f64).exp())
-        .collect();
+    let inv_freq: Vec<f64> = (0..c.div_ceil(2)).map(|i| (-((2 * i) as f64) * base.ln() / c as f64).exp()).collect();
     let mut data = Vec::with_capacity(t * c);
     for p in 0..t {
         let pos = (offset + p) as f64;
@@ -104,11 +88,7 @@ impl SinusoidalEncoding {
     pub fn with_base(d_model: usize, base: f64) -> Result<Self> {
         const OP: &str = "SinusoidalEncoding::new";
         ensure!(d_model > 0, OP, "d_model must be positive, got 0");
-        ensure!(
-            base.is_finite() && base > 0.0,
-            OP,
-            "base must be finite and positive, got {base}"
-        );
+        ensure!(base.is_finite() && base > 0.0, OP, "base must be finite and positive, got {base}");
         Ok(Self { d_model, base })
     }
 
@@ -137,12 +117,7 @@ impl SinusoidalEncoding {
         let Ok((_b, t, c)) = x.dims3() else {
             bail!(OP, "x must be (B, T, C), got shape {:?}", x.dims());
         };
-        ensure!(
-            c == self.d_model,
-            OP,
-            "x has C = {c} but the encoding was built for C = {}",
-            self.d_model
-        );
+        ensure!(c == self.d_model, OP, "x has C = {c} but the encoding was built for C = {}", self.d_model);
         let pe = self.table(t, offset, x.dtype(), x.device())?; // (T, C)
         Ok(x.broadcast_add(&pe)?) // (B, T, C)
     }

@@ -14,25 +14,13 @@ pub struct Tol {
 }
 
 /// f32 forward values against a PyTorch f32 fixture.
-pub const F32: Tol = Tol {
-    atol: 1e-5,
-    rtol: 1e-5,
-};
+pub const F32: Tol = Tol { atol: 1e-5, rtol: 1e-5 };
 /// f32 gradients: a few more roundings than the forward.
-pub const F32_GRAD: Tol = Tol {
-    atol: 2e-5,
-    rtol: 1e-4,
-};
+pub const F32_GRAD: Tol = Tol { atol: 2e-5, rtol: 1e-4 };
 /// f64 against f64.
-pub const F64: Tol = Tol {
-    atol: 1e-10,
-    rtol: 1e-9,
-};
+pub const F64: Tol = Tol { atol: 1e-10, rtol: 1e-9 };
 /// Central finite differences in f64 with step 1e-6.
-pub const FINITE_DIFF: Tol = Tol {
-    atol: 1e-6,
-    rtol: 1e-5,
-};
+pub const FINITE_DIFF: Tol = Tol { atol: 1e-6, rtol: 1e-5 };
 
 /// A fixture file written by scripts/oracle: tensors plus string metadata.
 pub struct Fixture {
@@ -42,23 +30,17 @@ pub struct Fixture {
 }
 
 pub fn fixture_path(area: &str, case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(area)
-        .join(format!("{case}.safetensors"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(area).join(format!("{case}.safetensors"))
 }
 
 /// Every case name (file stem) of an area, sorted.
 pub fn fixture_cases(area: &str) -> Vec<String> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(area);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(area);
     let mut v: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| {
             let p = e.ok()?.path();
-            (p.extension()? == "safetensors")
-                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+            (p.extension()? == "safetensors").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
         })
         .collect();
     v.sort();
@@ -72,19 +54,12 @@ pub fn load(area: &str, case: &str) -> Fixture {
     let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = st_meta.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
-    Fixture {
-        path,
-        tensors,
-        meta,
-    }
+    Fixture { path, tensors, meta }
 }
 
 impl Fixture {
     pub fn t(&self, name: &str) -> Tensor {
-        self.tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("{}: no tensor `{name}`", self.path.display()))
-            .clone()
+        self.tensors.get(name).unwrap_or_else(|| panic!("{}: no tensor `{name}`", self.path.display())).clone()
     }
     pub fn opt(&self, name: &str) -> Option<Tensor> {
         self.tensors.get(name).cloned()
@@ -99,42 +74,19 @@ impl Fixture {
         self.meta.get(key).map(|s| s.as_str())
     }
     pub fn meta_f64(&self, key: &str) -> Option<f64> {
-        self.meta.get(key).map(|s| {
-            s.parse()
-                .unwrap_or_else(|_| panic!("meta {key}={s} is not a number"))
-        })
+        self.meta.get(key).map(|s| s.parse().unwrap_or_else(|_| panic!("meta {key}={s} is not a number")))
     }
     pub fn meta_json(&self, key: &str) -> Option<serde_json::Value> {
-        self.meta
-            .get(key)
-            .map(|s| serde_json::from_str(s).unwrap_or(serde_json::Value::String(s.clone())))
+        self.meta.get(key).map(|s| serde_json::from_str(s).unwrap_or(serde_json::Value::String(s.clone())))
     }
 }
 
 /// Assert two tensors have the same shape and agree within `tol`; the failure names the label, the worst element
 /// and its index.
 pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: Tol) {
-    assert_eq!(
-        got.dims(),
-        want.dims(),
-        "{label}: shape {:?} vs expected {:?}",
-        got.dims(),
-        want.dims()
-    );
-    let g: Vec<f64> = got
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let w: Vec<f64> = want
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    assert_eq!(got.dims(), want.dims(), "{label}: shape {:?} vs expected {:?}", got.dims(), want.dims());
+    let g: Vec<f64> = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f64> = want.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let mut worst = (0usize, 0.0f64, 0.0f64);
     let mut bad = 0usize;
     for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
@@ -142,11 +94,8 @@ pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: Tol) {
         let ok = same_inf || (a - b).abs() <= tol.atol + tol.rtol * b.abs();
         if !ok {
             bad += 1;
-            let excess = if a.is_finite() && b.is_finite() {
-                (a - b).abs() - tol.rtol * b.abs()
-            } else {
-                f64::INFINITY
-            };
+            let excess =
+                if a.is_finite() && b.is_finite() { (a - b).abs() - tol.rtol * b.abs() } else { f64::INFINITY };
             if bad == 1 || excess > worst.1 {
                 worst = (i, excess, a - b);
             }
@@ -166,28 +115,10 @@ pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: Tol) {
 
 /// Central finite-difference check of `f` (a scalar function of `x`) against an analytic gradient, in f64.
 /// Checks up to `max_points` evenly spread coordinates.
-pub fn check_finite_diff(
-    label: &str,
-    x: &Tensor,
-    analytic: &Tensor,
-    f: impl Fn(&Tensor) -> f64,
-    max_points: usize,
-) {
+pub fn check_finite_diff(label: &str, x: &Tensor, analytic: &Tensor, f: impl Fn(&Tensor) -> f64, max_points: usize) {
     let h = 1e-6;
-    let xs: Vec<f64> = x
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let an: Vec<f64> = analytic
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let xs: Vec<f64> = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let an: Vec<f64> = analytic.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let n = xs.len();
     let step = (n / max_points.max(1)).max(1);
     for i in (0..n).step_by(step) {
@@ -207,31 +138,13 @@ pub fn check_finite_diff(
 }
 
 /// Every variable in `vars` must receive a finite gradient that is not all zero.
-pub fn assert_all_grads_finite_nonzero(
-    label: &str,
-    vars: &[(String, Var)],
-    grads: &candle_core::backprop::GradStore,
-) {
+pub fn assert_all_grads_finite_nonzero(label: &str, vars: &[(String, Var)], grads: &candle_core::backprop::GradStore) {
     assert!(!vars.is_empty(), "{label}: no parameters");
     for (name, v) in vars {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{label}: parameter `{name}` received no gradient"));
-        let vals: Vec<f64> = g
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!(
-            vals.iter().all(|x| x.is_finite()),
-            "{label}: gradient of `{name}` is not finite"
-        );
-        assert!(
-            vals.iter().any(|&x| x != 0.0),
-            "{label}: gradient of `{name}` is all zero"
-        );
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{label}: parameter `{name}` received no gradient"));
+        let vals: Vec<f64> = g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(vals.iter().all(|x| x.is_finite()), "{label}: gradient of `{name}` is not finite");
+        assert!(vals.iter().any(|&x| x != 0.0), "{label}: gradient of `{name}` is all zero");
     }
 }
 
