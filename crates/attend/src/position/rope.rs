@@ -69,7 +69,7 @@ impl RopeConfig {
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "RopeConfig";
         ensure!(
-            self.rotary_dim > 0 && self.rotary_dim % 2 == 0,
+            self.rotary_dim > 0 && self.rotary_dim.is_multiple_of(2),
             OP,
             "rotary_dim must be even and positive (features rotate in pairs), got {}",
             self.rotary_dim

@@ -1,0 +1,341 @@
+//! The attention core against PyTorch (SDPA where it applies, a float64 manual oracle elsewhere), finite
+//! differences, and invariances: key padding, causality, KV-cache decoding, GQA ≡ repeated K/V.
+
+mod common;
+
+use attend::attention::{
+    attention_with, AttentionDropout, AttentionImpl, AttentionOptions, AttentionOutput, Mask, MaskTensor,
+};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use common::*;
+
+const IMPLS: [AttentionImpl; 2] = [AttentionImpl::Materialized, AttentionImpl::Reference];
+
+/// The fixture's mask description as a [`Mask`]; an additive tensor comes back as a Var to read its gradient.
+fn mask_of(f: &Fixture) -> (Mask, Option<Var>) {
+    let m = f.meta_json("mask").expect("mask metadata");
+    let mut mask = Mask::none();
+    if m["causal"].as_bool().unwrap() {
+        mask = mask.with_causal();
+    }
+    if let Some(w) = m["window"].as_array() {
+        mask = mask.with_window(w[0].as_u64().unwrap() as usize, w[1].as_u64().unwrap() as usize);
+    }
+    let lens = |k: &str| m[k].as_array().map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>());
+    if let Some(l) = lens("key_lengths") {
+        mask = mask.with_key_lengths(l);
+    }
+    if let Some(l) = lens("prefix_lengths") {
+        mask = mask.with_prefix_lengths(l);
+    }
+    if m["documents"].as_bool().unwrap() {
+        mask = mask.with_documents(f.t("q_doc"), f.t("k_doc"));
+    }
+    if m["alibi"].as_bool().unwrap() {
+        mask = mask.with_alibi();
+    }
+    if let Some(c) = m["softcap"].as_f64() {
+        mask = mask.with_softcap(c);
+    }
+    let mut var = None;
+    match m["tensor"].as_str() {
+        Some("bool") => mask = mask.with_tensor(MaskTensor::Keep(f.t("mask"))),
+        Some("additive") => {
+            let v = f.var("mask");
+            mask = mask.with_tensor(MaskTensor::Additive(v.as_tensor().clone()));
+            var = Some(v);
+        }
+        _ => {}
+    }
+    (mask, var)
+}
+
+fn scale_of(f: &Fixture) -> Option<f64> {
+    match f.meta_str("scale") {
+        None | Some("default") => None,
+        Some(s) => Some(s.parse().unwrap()),
+    }
+}
+
+fn full_opts(imp: AttentionImpl, scale: Option<f64>) -> AttentionOptions {
+    AttentionOptions { scale, need_weights: true, need_lse: true, implementation: imp, ..Default::default() }
+}
+
+#[test]
+fn attention_matches_pytorch_for_every_mask_kind() {
+    let cases = fixture_cases("attention");
+    assert!(cases.len() >= 30, "expected the full sweep of attention fixtures, found {}", cases.len());
+    for case in cases {
+        let f = load("attention", &case);
+        for imp in IMPLS {
+            let (q, k, v) = (f.var("q"), f.var("k"), f.var("v"));
+            let (mask, mvar) = mask_of(&f);
+            let o = attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, &full_opts(imp, scale_of(&f)))
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            let label = format!("{case} {imp:?}");
+            assert_close(&format!("{label} out"), &o.out, &f.t("out"), F32);
+            assert_close(&format!("{label} lse"), o.lse.as_ref().unwrap(), &f.t("lse"), F32);
+            assert_close(&format!("{label} weights"), o.weights.as_ref().unwrap(), &f.t("weights"), F32);
+            let g = weighted_sum(&o.out, &f.t("dout")).backward().unwrap();
+            for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+                assert_close(&format!("{label} {name}"), g.get(x.as_tensor()).unwrap(), &f.t(name), F32_GRAD);
+            }
+            if let Some(m) = mvar {
+                assert_close(&format!("{label} dmask"), g.get(m.as_tensor()).unwrap(), &f.t("dmask"), F32_GRAD);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|i| {
+            let u1 = (attend_kernels::dropout::random_bits(seed, 2 * i as u64) as f64 + 1.0) / 4_294_967_297.0;
+            let u2 = attend_kernels::dropout::random_bits(seed, 2 * i as u64 + 1) as f64 / 4_294_967_296.0;
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn run(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, imp: AttentionImpl) -> AttentionOutput {
+    attention_with(q, k, v, mask, &full_opts(imp, None)).unwrap()
+}
+
+#[test]
+fn hand_written_backward_matches_finite_differences() {
+    // Every component at once, in f64: softcap, ALiBi, causal window, key lengths, an additive tensor, GQA, T < S.
+    let (b, h, hkv, t, s, d) = (2, 4, 2, 5, 7, 3);
+    let add = randn(&[1, h, t, s], 5, DType::F64);
+    let mask = Mask::causal()
+        .with_window(4, 0)
+        .with_key_lengths(vec![7, 5])
+        .with_alibi()
+        .with_softcap(2.0)
+        .with_tensor(MaskTensor::Additive(add.clone()));
+    let q = (randn(&[b, h, t, d], 1, DType::F64) * 1.5).unwrap();
+    let k = (randn(&[b, hkv, s, d], 2, DType::F64) * 1.5).unwrap();
+    let v = randn(&[b, hkv, s, d], 3, DType::F64);
+    let dout = randn(&[b, h, t, d], 4, DType::F64);
+    let loss = |q: &Tensor, k: &Tensor, v: &Tensor, m: &Mask| {
+        weighted_sum(&run(q, k, v, m, AttentionImpl::Materialized).out, &dout)
+    };
+    let (qv, kv, vv, av) = (
+        Var::from_tensor(&q).unwrap(),
+        Var::from_tensor(&k).unwrap(),
+        Var::from_tensor(&v).unwrap(),
+        Var::from_tensor(&add).unwrap(),
+    );
+    let m_var = mask.clone().with_tensor(MaskTensor::Additive(av.as_tensor().clone()));
+    let g = loss(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &m_var).backward().unwrap();
+    let f64s = |t: Tensor| t.to_scalar::<f64>().unwrap();
+    check_finite_diff("dq", &q, g.get(qv.as_tensor()).unwrap(), |x| f64s(loss(x, &k, &v, &mask)), 40);
+    check_finite_diff("dk", &k, g.get(kv.as_tensor()).unwrap(), |x| f64s(loss(&q, x, &v, &mask)), 40);
+    check_finite_diff("dv", &v, g.get(vv.as_tensor()).unwrap(), |x| f64s(loss(&q, &k, x, &mask)), 40);
+    check_finite_diff(
+        "dmask",
+        &add,
+        g.get(av.as_tensor()).unwrap(),
+        |x| f64s(loss(&q, &k, &v, &mask.clone().with_tensor(MaskTensor::Additive(x.clone())))),
+        40,
+    );
+}
+
+#[test]
+fn materialized_equals_reference_in_f64_with_dropout() {
+    let (b, h, hkv, t, s, d) = (2, 6, 3, 9, 9, 8);
+    let q = Var::from_tensor(&randn(&[b, h, t, d], 11, DType::F64)).unwrap();
+    let k = Var::from_tensor(&randn(&[b, hkv, s, d], 12, DType::F64)).unwrap();
+    let v = Var::from_tensor(&randn(&[b, hkv, s, d], 13, DType::F64)).unwrap();
+    let dout = randn(&[b, h, t, d], 14, DType::F64);
+    let mask = Mask::causal().with_alibi();
+    let mut res = vec![];
+    for imp in IMPLS {
+        let opts = AttentionOptions {
+            dropout: Some(AttentionDropout { p: 0.2, seed: 77 }),
+            implementation: imp,
+            ..Default::default()
+        };
+        let o = attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, &opts).unwrap();
+        let g = weighted_sum(&o.out, &dout).backward().unwrap();
+        res.push([
+            o.out,
+            g.get(q.as_tensor()).unwrap().clone(),
+            g.get(k.as_tensor()).unwrap().clone(),
+            g.get(v.as_tensor()).unwrap().clone(),
+        ]);
+    }
+    for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+        assert_close(&format!("dropout {name}"), &res[0][i], &res[1][i], F64);
+    }
+    // The same seed reproduces, another seed differs, p = 0 is no dropout.
+    let with = |seed| {
+        let opts = AttentionOptions { dropout: Some(AttentionDropout { p: 0.2, seed }), ..Default::default() };
+        attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, &opts).unwrap().out
+    };
+    assert_close("same seed", &with(77), &res[0][0], F64);
+    let diff = (with(78) - &res[0][0]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(diff > 1e-3, "another seed must drop other probabilities");
+}
+
+#[test]
+fn key_padding_changes_nothing() {
+    // Keys beyond each batch element's length are garbage; outputs and gradients of the valid keys must not move.
+    let (b, h, t, s, pad, d) = (2, 4, 6, 7, 5, 8);
+    let lens = vec![7, 4];
+    let q = randn(&[b, h, t, d], 21, DType::F32);
+    let k = randn(&[b, h, s, d], 22, DType::F32);
+    let v = randn(&[b, h, s, d], 23, DType::F32);
+    let junk_k = (randn(&[b, h, pad, d], 24, DType::F32) * 100.0).unwrap();
+    let junk_v = (randn(&[b, h, pad, d], 25, DType::F32) * 100.0).unwrap();
+    let kp = Tensor::cat(&[&k, &junk_k], 2).unwrap();
+    let vp = Tensor::cat(&[&v, &junk_v], 2).unwrap();
+    for imp in IMPLS {
+        let base = run(&q, &k, &v, &Mask::none().with_key_lengths(lens.clone()), imp);
+        let padded = run(&q, &kp, &vp, &Mask::none().with_key_lengths(lens.clone()), imp);
+        assert_close(&format!("{imp:?} padded out"), &padded.out, &base.out, F32);
+        assert_close(&format!("{imp:?} padded lse"), padded.lse.as_ref().unwrap(), base.lse.as_ref().unwrap(), F32);
+        let pw = padded.weights.unwrap();
+        assert_close(&format!("{imp:?} padded weights"), &pw.narrow(3, 0, s).unwrap(), &base.weights.unwrap(), F32);
+        let tail: f32 = pw.narrow(3, s, pad).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert_eq!(tail, 0.0, "{imp:?}: padded keys must get zero weight");
+        // Batch element 0 alone, unpadded, equals its row of the padded batch (lengths only restrict b = 1).
+        let b0 = run(&q.i(0..1).unwrap(), &k.i(0..1).unwrap(), &v.i(0..1).unwrap(), &Mask::none(), imp);
+        assert_close(&format!("{imp:?} b0"), &b0.out, &padded.out.i(0..1).unwrap(), F32);
+    }
+}
+
+#[test]
+fn causal_output_ignores_future_keys() {
+    let (b, h, t, d) = (1, 2, 8, 4);
+    let q = randn(&[b, h, t, d], 31, DType::F32);
+    let k = randn(&[b, h, t, d], 32, DType::F32);
+    let v = randn(&[b, h, t, d], 33, DType::F32);
+    // Perturb keys and values at positions ≥ 5: query rows 0..5 must not change.
+    let noise = Tensor::cat(
+        &[Tensor::zeros((b, h, 5, d), DType::F32, &Device::Cpu).unwrap(), randn(&[b, h, 3, d], 34, DType::F32)],
+        2,
+    )
+    .unwrap();
+    let a = run(&q, &k, &v, &Mask::causal(), AttentionImpl::Materialized).out;
+    let c = run(&q, &(&k + &noise).unwrap(), &(&v + &noise).unwrap(), &Mask::causal(), AttentionImpl::Materialized).out;
+    assert_close(
+        "causal rows 0..5",
+        &c.narrow(2, 0, 5).unwrap(),
+        &a.narrow(2, 0, 5).unwrap(),
+        Tol { atol: 0.0, rtol: 0.0 },
+    );
+    let diff = (c.narrow(2, 5, 3).unwrap() - a.narrow(2, 5, 3).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() > 1e-3, "rows ≥ 5 see the perturbed keys");
+}
+
+#[test]
+fn decoding_against_a_cache_equals_the_full_causal_forward() {
+    // End alignment: the last T queries against all S keys with `causal` are the last T rows of the full forward.
+    let (b, h, hkv, s, d) = (2, 4, 2, 10, 8);
+    let q = randn(&[b, h, s, d], 41, DType::F32);
+    let k = randn(&[b, hkv, s, d], 42, DType::F32);
+    let v = randn(&[b, hkv, s, d], 43, DType::F32);
+    for mask in [Mask::causal(), Mask::causal().with_window(3, 0), Mask::causal().with_alibi()] {
+        let full = run(&q, &k, &v, &mask, AttentionImpl::Materialized);
+        for t in [1, 3] {
+            for start in [t, 5, s - t] {
+                // Keys 0..start+t are the cache after the new tokens were appended.
+                let part = run(
+                    &q.narrow(2, start, t).unwrap(),
+                    &k.narrow(2, 0, start + t).unwrap(),
+                    &v.narrow(2, 0, start + t).unwrap(),
+                    &mask,
+                    AttentionImpl::Materialized,
+                );
+                let label = format!("{mask:?} t={t} start={start}");
+                assert_close(&label, &part.out, &full.out.narrow(2, start, t).unwrap(), F32);
+                assert_close(
+                    &label,
+                    part.lse.as_ref().unwrap(),
+                    &full.lse.as_ref().unwrap().narrow(2, start, t).unwrap(),
+                    F32,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_query_attention_equals_repeated_kv() {
+    let (b, h, hkv, t, s, d) = (2, 6, 2, 5, 7, 4);
+    let g = h / hkv;
+    let q = Var::from_tensor(&randn(&[b, h, t, d], 51, DType::F32)).unwrap();
+    let k = Var::from_tensor(&randn(&[b, hkv, s, d], 52, DType::F32)).unwrap();
+    let v = Var::from_tensor(&randn(&[b, hkv, s, d], 53, DType::F32)).unwrap();
+    // Repeat each K/V head G times (head h reads K/V head h / G).
+    let rep = |x: &Tensor| x.unsqueeze(2).unwrap().repeat((1, 1, g, 1, 1)).unwrap().reshape((b, h, s, d)).unwrap();
+    let mask = Mask::causal().with_alibi();
+    let a = run(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, AttentionImpl::Materialized).out;
+    let r = run(q.as_tensor(), &rep(k.as_tensor()), &rep(v.as_tensor()), &mask, AttentionImpl::Materialized).out;
+    assert_close("gqa out", &a, &r, F32);
+    let dout = randn(&[b, h, t, d], 54, DType::F32);
+    let ga = weighted_sum(&a, &dout).backward().unwrap();
+    let gr = weighted_sum(&r, &dout).backward().unwrap();
+    for x in [&q, &k, &v] {
+        assert_close("gqa grad", ga.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), F32_GRAD);
+    }
+}
+
+#[test]
+fn contradictory_or_mismatched_masks_are_errors() {
+    let (b, h, t, s, d) = (2, 4, 3, 5, 8);
+    let q = Tensor::zeros((b, h, t, d), DType::F32, &Device::Cpu).unwrap();
+    let k = Tensor::zeros((b, h, s, d), DType::F32, &Device::Cpu).unwrap();
+    let err = |m: Mask| attention_with(&q, &k, &k, &m, &Default::default()).unwrap_err().to_string();
+    let cases: Vec<(Mask, &[&str])> = vec![
+        (Mask::causal().with_prefix_lengths(vec![1, 2]), &["causal", "prefix"]),
+        (Mask::causal().with_window(2, 1), &["(2, 1)", "(2, 0)"]),
+        (Mask::none().with_prefix_lengths(vec![1, 1]).with_window(1, 1), &["prefix", "window"]),
+        (Mask::none().with_key_lengths(vec![5]), &["1 entries", "batch size 2"]),
+        (Mask::none().with_key_lengths(vec![5, 6]), &["key_lengths[1] = 6", "S = 5"]),
+        (Mask::none().with_alibi_slopes(vec![0.5; 3]), &["3 ALiBi slopes", "4 query heads"]),
+        (Mask::none().with_softcap(0.0), &["soft-cap"]),
+        (
+            Mask::none().with_tensor(MaskTensor::Keep(Tensor::zeros((4, 5), DType::U8, &Device::Cpu).unwrap())),
+            &["[4, 5]", "(2, 4, 3, 5)"],
+        ),
+        (
+            Mask::none().with_documents(
+                Tensor::zeros((2, 4), DType::I64, &Device::Cpu).unwrap(),
+                Tensor::zeros((2, 5), DType::I64, &Device::Cpu).unwrap(),
+            ),
+            &["[2, 4]", "(2, 3)"],
+        ),
+    ];
+    for (m, needles) in cases {
+        let e = err(m);
+        for n in needles {
+            assert!(e.contains(n), "error `{e}` should mention `{n}`");
+        }
+    }
+}
+
+#[test]
+fn mismatched_tensors_are_errors_naming_shapes() {
+    let z = |s: &[usize], dt: DType| Tensor::zeros(s, dt, &Device::Cpu).unwrap();
+    let f = DType::F32;
+    let err = |q: Tensor, k: Tensor, v: Tensor| {
+        attention_with(&q, &k, &v, &Mask::none(), &Default::default()).unwrap_err().to_string()
+    };
+    let e = err(z(&[1, 6, 3, 8], f), z(&[1, 4, 5, 8], f), z(&[1, 4, 5, 8], f));
+    assert!(e.contains("H = 6") && e.contains("Hkv = 4"), "{e}");
+    let e = err(z(&[1, 4, 3, 8], f), z(&[1, 4, 5, 6], f), z(&[1, 4, 5, 8], f));
+    assert!(e.contains("[1, 4, 3, 8]") && e.contains("[1, 4, 5, 6]"), "{e}");
+    let e = err(z(&[1, 4, 3, 8], f), z(&[1, 4, 5, 8], f), z(&[1, 4, 6, 8], f));
+    assert!(e.contains("[1, 4, 5, 8]") && e.contains("[1, 4, 6, 8]"), "{e}");
+    let e = err(z(&[4, 3, 8], f), z(&[1, 4, 5, 8], f), z(&[1, 4, 5, 8], f));
+    assert!(e.contains("[4, 3, 8]"), "{e}");
+    let e = err(z(&[1, 4, 3, 8], f), z(&[1, 4, 5, 8], DType::F64), z(&[1, 4, 5, 8], f));
+    assert!(e.contains("F64"), "{e}");
+    let e = err(z(&[2, 4, 3, 8], f), z(&[1, 4, 5, 8], f), z(&[1, 4, 5, 8], f));
+    assert!(e.contains("batch"), "{e}");
+}
