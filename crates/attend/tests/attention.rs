@@ -339,3 +339,26 @@ fn mismatched_tensors_are_errors_naming_shapes() {
     let e = err(z(&[2, 4, 3, 8], f), z(&[1, 4, 5, 8], f), z(&[1, 4, 5, 8], f));
     assert!(e.contains("batch"), "{e}");
 }
+
+#[test]
+fn learned_relative_bias_trains_through_the_core() {
+    // T5's relative position bias enters the core as an additive mask tensor; its embedding must get gradients
+    // together with q, k, v, and the result must equal adding the bias to the scores by hand.
+    use attend::position::relative::{RelativePositionBias, RelativePositionBiasConfig};
+    let (b, h, t, d) = (2, 4, 6, 8);
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let rel = RelativePositionBias::new(&RelativePositionBiasConfig::t5(h, false), vb.pp("rel")).unwrap();
+    let bias = rel.forward(t, t, 0).unwrap(); // (1, H, T, T)
+    let q = randn(&[b, h, t, d], 61, DType::F32);
+    let k = randn(&[b, h, t, d], 62, DType::F32);
+    let v = randn(&[b, h, t, d], 63, DType::F32);
+    let mask = Mask::causal().with_tensor(MaskTensor::Additive(bias.clone()));
+    let out = run(&q, &k, &v, &mask, AttentionImpl::Materialized).out;
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap().broadcast_add(&bias).unwrap();
+    let causal = Tensor::tril2(t, DType::U8, &Device::Cpu).unwrap();
+    let p = attend::ops::softmax_reference(&scores, Some(&MaskTensor::Keep(causal))).unwrap();
+    assert_close("bias through the core", &out, &p.matmul(&v).unwrap(), F32);
+    let g = weighted_sum(&out, &randn(&[b, h, t, d], 64, DType::F32)).backward().unwrap();
+    assert_all_grads_finite_nonzero("relative bias", &varmap_vars(&vm), &g);
+}
