@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 
 /// Attention mechanisms and attention models on candle.
 #[derive(Debug, Parser)]
-#[command(name = "attend", version, about, propagate_version = true)]
+#[command(name = "attend", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -87,7 +87,7 @@ pub struct AttentionArgs {
     #[arg(long)]
     causal: bool,
     /// Local window: query i sees keys d−LEFT ..= d+RIGHT around its diagonal d = i + S − T.
-    #[arg(long, value_name = "LEFT,RIGHT", value_parser = parse_window)]
+    #[arg(long, value_name = "LEFT,RIGHT", value_parser = parse_window, allow_hyphen_values = true)]
     window: Option<Window>,
     /// Multiplies q·k [default: 1/√D].
     #[arg(long, value_name = "S", allow_negative_numbers = true)]
@@ -220,20 +220,14 @@ pub fn run(args: AttentionArgs) -> Result<()> {
         write_atomic(path, &named, metadata)?;
     }
 
-    let shapes = |extra: &[(&str, &Tensor)]| -> Vec<(String, Vec<usize>)> {
-        let mut v =
-            vec![("q".into(), q.dims().to_vec()), ("k".into(), k.dims().to_vec()), ("v".into(), v.dims().to_vec())];
-        v.extend(extra.iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())));
-        v
-    };
-    let mut extra: Vec<(&str, &Tensor)> = Vec::new();
+    let mut inputs: Vec<(&str, &Tensor)> = vec![("q", &q), ("k", &k), ("v", &v)];
     if let Some(t) = &mask_tensor {
-        extra.push(("mask", t.tensor()));
+        inputs.push(("mask", t.tensor()));
     }
     if let Some(t) = &dout {
-        extra.push(("do", t));
+        inputs.push(("do", t));
     }
-    let inputs = shapes(&extra);
+    let inputs: Vec<(String, Vec<usize>)> = inputs.iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())).collect();
     let stats: Vec<(&str, Vec<usize>, Stats)> = outputs
         .iter()
         .map(|(n, t)| Ok((*n, t.dims().to_vec(), Stats::of(t).map_err(candle_fail)?)))
@@ -332,8 +326,8 @@ fn describe_mask(args: &AttentionArgs, tensor: Option<&MaskTensor>) -> String {
         parts.push(format!("softcap {c}"));
     }
     match tensor {
-        Some(MaskTensor::Keep(t)) => parts.push(format!("bool tensor {:?}", t.dims())),
-        Some(MaskTensor::Additive(t)) => parts.push(format!("additive tensor {:?}", t.dims())),
+        Some(MaskTensor::Keep(t)) => parts.push(format!("bool tensor {}", shape_text(t.dims()))),
+        Some(MaskTensor::Additive(t)) => parts.push(format!("additive tensor {}", shape_text(t.dims()))),
         None => {}
     }
     if parts.is_empty() {

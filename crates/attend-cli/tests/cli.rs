@@ -1,0 +1,542 @@
+//! `attend op attention` end to end: the built binary against the PyTorch fixtures in `fixtures/attention`, its
+//! one-line errors on bad input, and the built-in example.
+//!
+//! Oracle: `scripts/oracle/attention.py` (PyTorch). Every fixture runs, with both `--impl materialized` and
+//! `--impl reference`: masks the CLI has flags for (causal, window, ALiBi, soft-cap, scale) are passed as flags; the
+//! explicit tensor mask is passed as `mask`; key lengths, prefix-LM and documents, which have no flag, are turned into
+//! a u8 `mask` built here from the fixture's metadata (combined with the fixture's own tensor mask, if any).
+//!
+//! Tolerance rule: `|got − want| ≤ atol + rtol·|want|`, and an infinite `want` (−∞ log-sum-exp of a query that sees
+//! no key) must be matched exactly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+/// Forward outputs `o` and `lse`.
+const VALUE_TOL: Tol = Tol { atol: 1e-5, rtol: 1e-5 };
+/// Gradients `dq`, `dk`, `dv`, `dmask`.
+const GRAD_TOL: Tol = Tol { atol: 2e-5, rtol: 1e-4 };
+
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    atol: f64,
+    rtol: f64,
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_attend")
+}
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/attention")
+}
+
+fn attend(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).env_remove("RUST_BACKTRACE").output().expect("cannot start the attend binary")
+}
+
+fn save(path: &Path, tensors: &[(&str, &Tensor)]) {
+    let map: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.to_string(), (*t).clone())).collect();
+    candle_core::safetensors::save(&map, path).unwrap();
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn metadata(path: &Path) -> HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+/// `Ok` or a line naming the label, the worst element (index, got, want) and how many elements fail.
+fn compare(label: &str, got: &Tensor, want: &Tensor, tol: Tol) -> Result<(), String> {
+    if got.dims() != want.dims() {
+        return Err(format!("{label}: shape {:?}, expected {:?}", got.dims(), want.dims()));
+    }
+    let g: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mut worst: Option<(usize, f64)> = None; // (index, excess over the allowed difference)
+    let mut failing = 0;
+    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
+        let (a, b) = (a as f64, b as f64);
+        let excess = if b.is_infinite() || a.is_infinite() || a.is_nan() || b.is_nan() {
+            if a == b {
+                continue;
+            }
+            f64::INFINITY
+        } else {
+            (a - b).abs() - (tol.atol + tol.rtol * b.abs())
+        };
+        if excess > 0.0 {
+            failing += 1;
+            if worst.is_none_or(|(_, e)| excess > e) {
+                worst = Some((i, excess));
+            }
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((i, _)) => Err(format!(
+            "{label}: {failing}/{} elements outside atol {} + rtol {}; worst at flat index {i}: got {}, want {} (|diff| {:.3e})",
+            g.len(),
+            tol.atol,
+            tol.rtol,
+            g[i],
+            w[i],
+            (g[i] as f64 - w[i] as f64).abs()
+        )),
+    }
+}
+
+/// The keys each query may see under the fixture's key lengths, prefix-LM and documents, as u8 `(B, 1, T, S)`;
+/// `None` when the fixture uses none of them.
+fn structural_keep(mask: &Value, fx: &HashMap<String, Tensor>) -> Option<Tensor> {
+    let key_lengths: Option<Vec<usize>> = serde_json::from_value(mask["key_lengths"].clone()).unwrap();
+    let prefix: Option<Vec<usize>> = serde_json::from_value(mask["prefix_lengths"].clone()).unwrap();
+    let documents = mask["documents"].as_bool().unwrap_or(false);
+    if key_lengths.is_none() && prefix.is_none() && !documents {
+        return None;
+    }
+    let (b, _, t, _) = fx["q"].dims4().unwrap();
+    let s = fx["k"].dim(2).unwrap();
+    let docs =
+        |name: &str| -> Vec<i64> { fx[name].to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let (q_doc, k_doc) = if documents { (docs("q_doc"), docs("k_doc")) } else { (vec![], vec![]) };
+    let mut keep = vec![0u8; b * t * s];
+    for bi in 0..b {
+        for i in 0..t {
+            let d = (i + s) as i64 - t as i64; // end-aligned diagonal
+            for j in 0..s {
+                let mut visible = true;
+                if let Some(len) = &key_lengths {
+                    visible &= j < len[bi];
+                }
+                if let Some(p) = &prefix {
+                    visible &= j as i64 <= d || j < p[bi];
+                }
+                if documents {
+                    visible &= q_doc[bi * t + i] == k_doc[bi * s + j];
+                }
+                keep[(bi * t + i) * s + j] = visible as u8;
+            }
+        }
+    }
+    Some(Tensor::from_vec(keep, (b, 1, t, s), &Device::Cpu).unwrap())
+}
+
+/// The fixture's explicit mask combined with the structural `keep` mask, broadcast to `(B, Hm, T, S)`.
+fn combine(explicit: Option<&Tensor>, keep: Tensor) -> Tensor {
+    let Some(m) = explicit else { return keep };
+    let (b, _, t, s) = keep.dims4().unwrap();
+    let shape = (b, m.dim(1).unwrap(), t, s);
+    let keep = keep.broadcast_as(shape).unwrap();
+    let m = m.broadcast_as(shape).unwrap();
+    if m.dtype() == DType::U8 {
+        let both = (m.to_dtype(DType::F32).unwrap() * keep.to_dtype(DType::F32).unwrap()).unwrap();
+        both.to_dtype(DType::U8).unwrap()
+    } else {
+        let ninf = Tensor::full(f32::NEG_INFINITY, shape, &Device::Cpu).unwrap();
+        keep.where_cond(&m, &ninf).unwrap()
+    }
+}
+
+/// One fixture through the binary with `--impl imp`; every mismatch as a line.
+fn check_fixture(path: &Path, imp: &str, dir: &Path) -> Vec<String> {
+    let name = path.file_stem().unwrap().to_string_lossy().to_string();
+    let fx = load(path);
+    let meta = metadata(path);
+    let mask: Value = serde_json::from_str(&meta["mask"]).unwrap();
+
+    let mut flags: Vec<String> = vec!["--impl".into(), imp.into()];
+    if mask["causal"].as_bool().unwrap_or(false) {
+        flags.push("--causal".into());
+    }
+    if let Some(w) = mask["window"].as_array() {
+        flags.push("--window".into());
+        flags.push(format!("{},{}", w[0], w[1]));
+    }
+    if mask["alibi"].as_bool().unwrap_or(false) {
+        flags.push("--alibi".into());
+    }
+    if let Some(c) = mask["softcap"].as_f64() {
+        flags.push("--softcap".into());
+        flags.push(c.to_string());
+    }
+    match meta.get("scale").map(String::as_str) {
+        None | Some("default") => {}
+        Some(s) => {
+            flags.push("--scale".into());
+            flags.push(s.to_string());
+        }
+    }
+
+    let explicit = fx.get("mask");
+    let keep = structural_keep(&mask, &fx);
+    let compare_dmask = keep.is_none() && fx.contains_key("dmask");
+    let in_mask = match keep {
+        Some(keep) => Some(combine(explicit, keep)),
+        None => explicit.cloned(),
+    };
+    let mut inputs: Vec<(&str, &Tensor)> = vec![("q", &fx["q"]), ("k", &fx["k"]), ("v", &fx["v"]), ("do", &fx["dout"])];
+    if let Some(m) = &in_mask {
+        inputs.push(("mask", m));
+    }
+    let input = dir.join(format!("{name}.in.safetensors"));
+    let output = dir.join(format!("{name}.{imp}.out.safetensors"));
+    save(&input, &inputs);
+
+    let mut args: Vec<&str> =
+        vec!["op", "attention", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()];
+    args.extend(flags.iter().map(String::as_str));
+    let run = attend(&args);
+    if !run.status.success() {
+        return vec![format!("{name} [{imp}]: exit {:?}: {}", run.status.code(), String::from_utf8_lossy(&run.stderr))];
+    }
+    let out = load(&output);
+    let mut pairs = vec![("o", "out", VALUE_TOL), ("lse", "lse", VALUE_TOL)];
+    pairs.extend([("dq", "dq", GRAD_TOL), ("dk", "dk", GRAD_TOL), ("dv", "dv", GRAD_TOL)]);
+    if compare_dmask {
+        pairs.push(("dmask", "dmask", GRAD_TOL));
+    }
+    let mut errors = Vec::new();
+    for (ours, theirs, tol) in pairs {
+        let label = format!("{name} [{imp}] {ours}");
+        match out.get(ours) {
+            None => errors.push(format!("{label}: missing from the output file")),
+            Some(got) => {
+                if let Err(e) = compare(&label, got, &fx[theirs], tol) {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    errors
+}
+
+fn check_all_fixtures(imp: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    paths.sort();
+    assert!(
+        paths.len() >= 40,
+        "expected the attention fixtures in {}, found {}",
+        fixtures_dir().display(),
+        paths.len()
+    );
+    let errors: Vec<String> = paths.iter().flat_map(|p| check_fixture(p, imp, dir.path())).collect();
+    assert!(errors.is_empty(), "{} mismatches against PyTorch:\n{}", errors.len(), errors.join("\n"));
+}
+
+#[test]
+fn fixtures_match_pytorch_materialized() {
+    check_all_fixtures("materialized");
+}
+
+#[test]
+fn fixtures_match_pytorch_reference() {
+    check_all_fixtures("reference");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Bad input: one line on stderr naming the file / tensor / shapes, a non-zero exit, no panic, no output written.
+
+fn randn(shape: (usize, usize, usize, usize)) -> Tensor {
+    Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
+}
+
+/// Runs `op attention` on `input` with `extra` flags, expects a one-line failure and returns that line.
+fn expect_error(dir: &Path, input: &Path, extra: &[&str]) -> String {
+    let output = dir.join("out.safetensors");
+    let mut args = vec!["op", "attention", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()];
+    args.extend(extra);
+    let run = attend(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+    assert!(!run.status.success(), "expected failure for {args:?}; stdout {}", String::from_utf8_lossy(&run.stdout));
+    assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr should be one line, got:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+    assert!(!output.exists(), "no output should be written on error");
+    stderr.trim_end().to_string()
+}
+
+fn assert_mentions(line: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(line.contains(p), "error line should mention `{p}`: {line}");
+    }
+}
+
+#[test]
+fn error_missing_input_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("does_not_exist.safetensors");
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["does_not_exist.safetensors", "cannot read"]);
+}
+
+#[test]
+fn error_not_a_safetensors_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("garbage.safetensors");
+    std::fs::write(&input, b"definitely not a safetensors header").unwrap();
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["garbage.safetensors", "not a safetensors file"]);
+}
+
+#[test]
+fn error_missing_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("no_k.safetensors");
+    save(&input, &[("q", &randn((1, 2, 4, 8))), ("v", &randn((1, 2, 5, 8)))]);
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["no_k.safetensors", "missing tensor `k`", "(B, Hkv, S, D)", "q, v"]);
+}
+
+#[test]
+fn error_heads_not_multiple_of_kv_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("heads.safetensors");
+    save(&input, &[("q", &randn((1, 3, 4, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8)))]);
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["heads.safetensors", "H = 3", "Hkv = 2", "[1, 3, 4, 8]", "[1, 2, 5, 8]"]);
+}
+
+#[test]
+fn error_shape_mismatch_between_k_and_v() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("kv.safetensors");
+    save(&input, &[("q", &randn((1, 2, 4, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 6, 8)))]);
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["kv.safetensors", "[1, 2, 5, 8]", "[1, 2, 6, 8]"]);
+}
+
+#[test]
+fn error_mask_does_not_broadcast() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("mask.safetensors");
+    let mask = Tensor::ones((1, 1, 3, 7), DType::U8, &Device::Cpu).unwrap();
+    save(
+        &input,
+        &[("q", &randn((1, 2, 4, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8))), ("mask", &mask)],
+    );
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["mask.safetensors", "mask", "[1, 1, 3, 7]", "(1, 2, 4, 5)"]);
+}
+
+#[test]
+fn error_mask_of_unsupported_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("mask_i64.safetensors");
+    let mask = Tensor::ones((1, 1, 4, 5), DType::I64, &Device::Cpu).unwrap();
+    save(
+        &input,
+        &[("q", &randn((1, 2, 4, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8))), ("mask", &mask)],
+    );
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["mask_i64.safetensors", "`mask`", "i64", "u8"]);
+}
+
+#[test]
+fn error_wrong_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("rank.safetensors");
+    let q = Tensor::randn(0f32, 1f32, (2, 4, 8), &Device::Cpu).unwrap();
+    save(&input, &[("q", &q), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8)))]);
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["rank.safetensors", "`q`", "[2, 4, 8]", "(B, H, T, D)"]);
+}
+
+#[test]
+fn error_dtype_not_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("f64.safetensors");
+    let q = randn((1, 2, 4, 8)).to_dtype(DType::F64).unwrap();
+    save(&input, &[("q", &q), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8)))]);
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["f64.safetensors", "`q`", "f64", "f32"]);
+}
+
+#[test]
+fn error_do_of_wrong_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("do.safetensors");
+    let tensors = [
+        ("q", &randn((1, 2, 4, 8))),
+        ("k", &randn((1, 2, 5, 8))),
+        ("v", &randn((1, 2, 5, 6))),
+        ("do", &randn((1, 2, 4, 8))),
+    ];
+    save(&input, &tensors);
+    let line = expect_error(dir.path(), &input, &[]);
+    assert_mentions(&line, &["do.safetensors", "`do`", "[1, 2, 4, 8]", "[1, 2, 4, 6]"]);
+}
+
+#[test]
+fn error_bad_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("ok.safetensors");
+    save(&input, &[("q", &randn((1, 2, 4, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8)))]);
+    for bad in ["3", "a,b", "1,2,3", "-1,0"] {
+        let line = expect_error(dir.path(), &input, &["--window", bad]);
+        assert_mentions(&line, &["--window", bad, "LEFT,RIGHT"]);
+    }
+    // Well-formed, but contradictory with --causal: the library's mask check.
+    let line = expect_error(dir.path(), &input, &["--causal", "--window", "2,1"]);
+    assert_mentions(&line, &["ok.safetensors", "causal", "(2, 1)"]);
+}
+
+#[test]
+fn error_input_without_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("ok.safetensors");
+    save(&input, &[("q", &randn((1, 2, 4, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8)))]);
+    let run = attend(&["op", "attention", "--input", input.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_mentions(&stderr, &["--output"]);
+}
+
+#[test]
+fn error_unwritable_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("ok.safetensors");
+    save(&input, &[("q", &randn((1, 2, 4, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 8)))]);
+    let output = dir.path().join("no_such_dir/out.safetensors");
+    let run = attend(&["op", "attention", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_mentions(&stderr, &["no_such_dir/out.safetensors", "cannot write"]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Files without `do`, masks stored as PyTorch bools, and the built-in example.
+
+#[test]
+fn input_without_do_writes_only_forward_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("fwd.safetensors");
+    let output = dir.path().join("fwd.out.safetensors");
+    save(&input, &[("q", &randn((1, 4, 3, 8))), ("k", &randn((1, 2, 5, 8))), ("v", &randn((1, 2, 5, 6)))]);
+    let run = attend(&["op", "attention", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let out = load(&output);
+    let mut names: Vec<&str> = out.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, ["lse", "o"]);
+    assert_eq!(out["o"].dims(), [1, 4, 3, 6]);
+    assert_eq!(out["lse"].dims(), [1, 4, 3]);
+}
+
+/// A tensor as safetensors bytes, to write dtypes candle cannot hold (BOOL).
+struct Raw {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for Raw {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+#[test]
+fn bool_mask_from_pytorch_is_read_as_keep_mask() {
+    // safetensors' BOOL dtype (what `safetensors.torch.save_file` writes for a bool tensor) gives the same result as u8.
+    let dir = tempfile::tempdir().unwrap();
+    let fx_path = fixtures_dir().join("attn_bool_11ts.safetensors");
+    let fx = load(&fx_path);
+    let mask_u8: Vec<u8> = fx["mask"].flatten_all().unwrap().to_vec1().unwrap();
+    let mask_shape = fx["mask"].dims().to_vec();
+    let mut raw: Vec<(String, Raw)> = ["q", "k", "v"]
+        .iter()
+        .map(|n| {
+            let x: Vec<f32> = fx[*n].flatten_all().unwrap().to_vec1().unwrap();
+            let data = x.iter().flat_map(|f| f.to_le_bytes()).collect();
+            (n.to_string(), Raw { dtype: safetensors::Dtype::F32, shape: fx[*n].dims().to_vec(), data })
+        })
+        .collect();
+    raw.push(("mask".into(), Raw { dtype: safetensors::Dtype::BOOL, shape: mask_shape, data: mask_u8 }));
+    let input = dir.path().join("bool.safetensors");
+    safetensors::serialize_to_file(raw, None, &input).unwrap();
+    let output = dir.path().join("bool.out.safetensors");
+    let run = attend(&["op", "attention", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let out = load(&output);
+    compare("bool mask o", &out["o"], &fx["out"], VALUE_TOL).unwrap();
+    compare("bool mask lse", &out["lse"], &fx["lse"], VALUE_TOL).unwrap();
+}
+
+#[test]
+fn example_mode_writes_readable_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("example.safetensors");
+    let run = attend(&["op", "attention", "--causal", "--output", output.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_mentions(&stdout, &["built-in example", "causal", "materialized", "(2, 8, 256, 64)", "example.safetensors"]);
+    let out = load(&output);
+    for (name, dims) in [
+        ("o", &[2, 8, 256, 64][..]),
+        ("lse", &[2, 8, 256]),
+        ("dq", &[2, 8, 256, 64]),
+        ("dk", &[2, 2, 256, 64]),
+        ("dv", &[2, 2, 256, 64]),
+    ] {
+        let t = &out[name];
+        assert_eq!(t.dims(), dims, "{name}");
+        let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(x.iter().all(|v| v.is_finite()), "{name} has non-finite values");
+    }
+    // The write is atomic: nothing but the output is left in the directory.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from("example.safetensors")]);
+}
+
+#[test]
+fn example_mode_json_is_one_line_and_deterministic() {
+    let run = |imp: &str| -> Value {
+        let out = attend(&["op", "attention", "--json", "--alibi", "--impl", imp]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.trim_end().lines().count(), 1, "{stdout}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let a = run("materialized");
+    assert_eq!(a["impl"], "materialized");
+    assert_eq!(a["mask"], "alibi");
+    assert_eq!(a["input"], Value::Null);
+    assert_eq!(a["output"], Value::Null);
+    assert_eq!(a["outputs"]["o"]["shape"], serde_json::json!([2, 8, 256, 64]));
+    assert_eq!(a["inputs"]["do"], serde_json::json!([2, 8, 256, 64]));
+    assert!((a["scale"].as_f64().unwrap() - 0.125).abs() < 1e-12);
+    // Same seeded inputs on every run; the two implementations agree on the summary statistics.
+    let b = run("reference");
+    for name in ["o", "lse", "dq", "dk", "dv"] {
+        let (x, y) =
+            (a["outputs"][name]["mean_abs"].as_f64().unwrap(), b["outputs"][name]["mean_abs"].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: mean|x| {x} vs {y}");
+    }
+    let again = run("materialized");
+    assert_eq!(a["outputs"], again["outputs"], "the built-in example is not deterministic");
+}
