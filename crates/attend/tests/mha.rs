@@ -9,8 +9,7 @@ mod common;
 use std::collections::HashMap;
 
 use attend::attention::{
-    import_torch_mha, AttentionImpl, KvCache, Mask, MhaOptions, MhaOutput, MultiHeadAttention,
-    MultiHeadAttentionConfig,
+    import_torch_mha, AttentionImpl, KvCache, Mask, MhaOptions, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig,
 };
 use attend::position::rope::{Rope, RopeConfig, RopeLayout};
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
@@ -60,8 +59,7 @@ fn rope(rotary_dim: usize, max_positions: usize, theta: f64) -> Rope {
 }
 
 fn meta_usize(fx: &Fixture, key: &str) -> usize {
-    fx.meta_json(key).and_then(|v| v.as_u64()).unwrap_or_else(|| panic!("{}: meta `{key}`", fx.path.display()))
-        as usize
+    fx.meta_json(key).and_then(|v| v.as_u64()).unwrap_or_else(|| panic!("{}: meta `{key}`", fx.path.display())) as usize
 }
 
 fn fixture_config(fx: &Fixture) -> MultiHeadAttentionConfig {
@@ -140,14 +138,14 @@ fn max_abs(t: &Tensor) -> f64 {
 }
 
 /// `T` queries of `x` (B, T, C) decoded `chunk` at a time against a cache: the outputs concatenated along T and the
-/// weights of each chunk, `(B, H, chunk, S_so_far)`.
+/// weights of each chunk, `(B, H, chunk, S_so_far)`, when asked for, with the chunk's first position.
 fn decode_in_chunks(
     mha: &MultiHeadAttention,
     x: &Tensor,
     chunk: usize,
     cache: &mut KvCache,
     opts: &MhaOptions,
-) -> (Tensor, Vec<(usize, Tensor)>) {
+) -> (Tensor, Vec<(usize, Option<Tensor>)>) {
     let t = x.dim(1).unwrap();
     let (mut outs, mut weights) = (vec![], vec![]);
     let base = cache.len();
@@ -158,7 +156,7 @@ fn decode_in_chunks(
         let MhaOutput { out, weights: w } = mha.forward(&xc, None, &Mask::causal(), Some(cache), opts).unwrap();
         assert_eq!(cache.len(), base + start + n);
         outs.push(out);
-        weights.push((base + start, w.unwrap()));
+        weights.push((base + start, w));
         start += n;
     }
     (Tensor::cat(&outs, 1).unwrap(), weights)
@@ -248,10 +246,12 @@ fn torch_state_dict_import_matches_split_parameters() {
             assert_eq!(keys, want, "{case}: imported names");
             for n in param_names(config.bias) {
                 let k = if prefix.is_empty() { n.to_string() } else { format!("{prefix}.{n}") };
-                common::assert_close(&format!("{case}: imported {n}"), &map[&k], &fx.t(n), common::Tol {
-                    atol: 0.0,
-                    rtol: 0.0,
-                });
+                common::assert_close(
+                    &format!("{case}: imported {n}"),
+                    &map[&k],
+                    &fx.t(n),
+                    common::Tol { atol: 0.0, rtol: 0.0 },
+                );
             }
             let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
             let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
@@ -299,10 +299,8 @@ fn torch_import_rejects_unsupported_and_malformed_state() {
 fn finite_differences_f64_gqa_rope() {
     let config = MultiHeadAttentionConfig { head_dim: Some(4), ..cfg(8, 4, 2) };
     let (vm, _) = seeded_layer(&config, 11);
-    let params: HashMap<String, Tensor> = common::varmap_vars(&vm)
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().to_dtype(DType::F64).unwrap()))
-        .collect();
+    let params: HashMap<String, Tensor> =
+        common::varmap_vars(&vm).into_iter().map(|(n, v)| (n, v.as_tensor().to_dtype(DType::F64).unwrap())).collect();
     let mha = MultiHeadAttention::new(&config, VarBuilder::from_tensors(params, DType::F64, &Device::Cpu)).unwrap();
     let rc = RopeConfig { rotary_dim: 4, max_positions: 16, theta: 100.0, layout: RopeLayout::Halves };
     let rope = Rope::new(&rc, DType::F64, &Device::Cpu).unwrap();
@@ -310,9 +308,8 @@ fn finite_differences_f64_gqa_rope() {
     let x = det(&[2, 5, 8], 12, 1.0).to_dtype(DType::F64).unwrap();
     let dout = det(&[2, 5, 8], 13, 1.0).to_dtype(DType::F64).unwrap();
     let opts = MhaOptions { rope: Some(&rope), ..Default::default() };
-    let loss = |x: &Tensor| -> Tensor {
-        common::weighted_sum(&mha.forward(x, None, &mask, None, &opts).unwrap().out, &dout)
-    };
+    let loss =
+        |x: &Tensor| -> Tensor { common::weighted_sum(&mha.forward(x, None, &mask, None, &opts).unwrap().out, &dout) };
     let xv = Var::from_tensor(&x).unwrap();
     let grads = loss(xv.as_tensor()).backward().unwrap();
     let dx = grads.get(xv.as_tensor()).unwrap();
@@ -377,6 +374,7 @@ fn kv_cache_decoding_equals_full_causal_forward() {
             let l = format!("{label}, chunks of {chunk}, max_len {max_len:?}");
             common::assert_close(&format!("{l}: out"), &out, &full.out, F32);
             for (start, w) in weights {
+                let w = w.expect("weights were asked for");
                 let (n, s) = (w.dim(2).unwrap(), w.dim(3).unwrap());
                 assert_eq!(s, start + n, "{l}: keys seen by the chunk at {start}");
                 let want = full_w.narrow(2, start, n).unwrap().narrow(3, 0, s).unwrap();
@@ -413,10 +411,12 @@ fn kv_cache_rollback_then_redecode_equals_full_forward() {
         let seq = Tensor::cat(&[&accepted, &replacement], 1).unwrap();
         let full = mha.forward(&seq, None, &Mask::causal(), None, &opts).unwrap().out;
         common::assert_close("redecoded", &out, &full.narrow(1, 4, 3).unwrap(), F32);
-        common::assert_close("view handed out before the rollback", &k_view, &k_before, common::Tol {
-            atol: 0.0,
-            rtol: 0.0,
-        });
+        common::assert_close(
+            "view handed out before the rollback",
+            &k_view,
+            &k_before,
+            common::Tol { atol: 0.0, rtol: 0.0 },
+        );
     }
 }
 
@@ -459,7 +459,11 @@ fn kv_cache_grows_truncates_resets_and_reports_sizes() {
     assert_eq!(cache.len(), 5, "a failed append leaves the cache unchanged");
     cache.reset();
     assert!(cache.is_empty() && cache.capacity() == 0);
-    cache.append(&Tensor::zeros((1, 1, 2, 8), DType::F64, &dev).unwrap(), &Tensor::zeros((1, 1, 2, 8), DType::F64, &dev).unwrap())
+    cache
+        .append(
+            &Tensor::zeros((1, 1, 2, 8), DType::F64, &dev).unwrap(),
+            &Tensor::zeros((1, 1, 2, 8), DType::F64, &dev).unwrap(),
+        )
         .unwrap();
     assert_eq!(cache.len(), 2);
 
@@ -507,15 +511,17 @@ fn garbage_keys_beyond_key_lengths_change_nothing() {
         let base = mha.forward(&x, None, &mask(Mask::none().with_key_lengths(lengths.clone())), None, &opts).unwrap();
         let garbage = det(&[2, 4, c], 52, 50.0);
         let ext = Var::from_tensor(&Tensor::cat(&[&x, &garbage], 1).unwrap()).unwrap();
-        let got = mha.forward(ext.as_tensor(), None, &mask(Mask::none().with_key_lengths(lengths)), None, &opts).unwrap();
+        let got =
+            mha.forward(ext.as_tensor(), None, &mask(Mask::none().with_key_lengths(lengths)), None, &opts).unwrap();
         let label = format!("self-attention, causal {causal}");
         common::assert_close(&format!("{label}: out"), &got.out.narrow(1, 0, 5).unwrap(), &base.out, F32);
         let w = got.weights.unwrap().narrow(2, 0, 5).unwrap(); // (B, H, 5, 9)
         common::assert_close(&format!("{label}: weights"), &w.narrow(3, 0, 5).unwrap(), &base.weights.unwrap(), F32);
         assert_eq!(max_abs(&w.narrow(3, 5, 4).unwrap()), 0.0, "{label}: weight on a garbage key");
         // Only the real queries carry a loss: the garbage then gets exactly zero gradient.
-        let dout = Tensor::cat(&[&det(&[2, 5, c], 53, 1.0), &Tensor::zeros((2, 4, c), DType::F32, &Device::Cpu).unwrap()], 1)
-            .unwrap();
+        let dout =
+            Tensor::cat(&[&det(&[2, 5, c], 53, 1.0), &Tensor::zeros((2, 4, c), DType::F32, &Device::Cpu).unwrap()], 1)
+                .unwrap();
         let grads = common::weighted_sum(&got.out, &dout).backward().unwrap();
         let g = grads.get(ext.as_tensor()).unwrap();
         assert_eq!(max_abs(&g.narrow(1, 5, 4).unwrap()), 0.0, "{label}: gradient into garbage tokens");
@@ -558,7 +564,8 @@ fn gqa_with_duplicated_kv_heads_equals_mha() {
             params.insert(name, t);
         }
         let mha_cfg = MultiHeadAttentionConfig { bias, ..cfg(c, h, h) };
-        let mha = MultiHeadAttention::new(&mha_cfg, VarBuilder::from_tensors(params, DType::F32, &Device::Cpu)).unwrap();
+        let mha =
+            MultiHeadAttention::new(&mha_cfg, VarBuilder::from_tensors(params, DType::F32, &Device::Cpu)).unwrap();
         let x = det(&[2, 6, c], 75, 1.0);
         for mask in [Mask::none(), Mask::causal().with_key_lengths(vec![6, 2])] {
             let opts = MhaOptions { need_weights: true, ..Default::default() };
@@ -607,7 +614,8 @@ fn dropout_is_reproducible_from_its_seed_and_off_in_evaluation() {
         let opts = MhaOptions { train, seed, need_weights: true, ..Default::default() };
         mha.forward(&x, None, &mask, None, &opts).unwrap()
     };
-    let reference = plain.forward(&x, None, &mask, None, &MhaOptions { need_weights: true, ..Default::default() }).unwrap();
+    let reference =
+        plain.forward(&x, None, &mask, None, &MhaOptions { need_weights: true, ..Default::default() }).unwrap();
     let exact = common::Tol { atol: 0.0, rtol: 0.0 };
 
     let eval = run(false, 1);
@@ -650,7 +658,12 @@ fn config_errors_name_the_values() {
 
     // A checkpoint tensor of the wrong shape is an error, not a panic.
     let mut t = HashMap::new();
-    for (n, s) in [("q_proj.weight", (12, 10)), ("k_proj.weight", (12, 12)), ("v_proj.weight", (12, 12)), ("out_proj.weight", (12, 12))] {
+    for (n, s) in [
+        ("q_proj.weight", (12, 10)),
+        ("k_proj.weight", (12, 12)),
+        ("v_proj.weight", (12, 12)),
+        ("out_proj.weight", (12, 12)),
+    ] {
         t.insert(n.to_string(), Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap());
     }
     let config = MultiHeadAttentionConfig { bias: false, ..cfg(12, 4, 4) };
@@ -681,35 +694,68 @@ fn forward_shape_errors_name_the_shapes() {
     let x = det(&[2, 5, 12], 3, 1.0);
     let mem = det(&[2, 7, 6], 4, 1.0);
 
-    assert_mentions(&err_msg(selfl.forward(&det(&[5, 12], 1, 1.0), None, &none, None, &opts)), &["x", "(5, 12)", "(B, T, C)"]);
-    assert_mentions(&err_msg(selfl.forward(&det(&[2, 5, 10], 1, 1.0), None, &none, None, &opts)), &["(2, 5, 10)", "12"]);
-    assert_mentions(&err_msg(cross.forward(&x, Some(&det(&[3, 7, 6], 1, 1.0)), &none, None, &opts)), &["(3, 7, 6)", "2"]);
-    assert_mentions(&err_msg(cross.forward(&x, Some(&det(&[2, 7, 12], 1, 1.0)), &none, None, &opts)), &["(2, 7, 12)", "6"]);
+    assert_mentions(
+        &err_msg(selfl.forward(&det(&[5, 12], 1, 1.0), None, &none, None, &opts)),
+        &["x", "(5, 12)", "(B, T, C)"],
+    );
+    assert_mentions(
+        &err_msg(selfl.forward(&det(&[2, 5, 10], 1, 1.0), None, &none, None, &opts)),
+        &["(2, 5, 10)", "12"],
+    );
+    assert_mentions(
+        &err_msg(cross.forward(&x, Some(&det(&[3, 7, 6], 1, 1.0)), &none, None, &opts)),
+        &["(3, 7, 6)", "2"],
+    );
+    assert_mentions(
+        &err_msg(cross.forward(&x, Some(&det(&[2, 7, 12], 1, 1.0)), &none, None, &opts)),
+        &["(2, 7, 12)", "6"],
+    );
     assert_mentions(&err_msg(cross.forward(&x, None, &none, None, &opts)), &["kv_dim = 6", "d_model = 12"]);
     let e = err_msg(cross.forward_qkv(&x, &mem, &det(&[2, 6, 6], 1, 1.0), &none, &opts));
     assert_mentions(&e, &["(2, 7, 6)", "(2, 6, 6)"]);
     let x64 = x.to_dtype(DType::F64).unwrap();
     assert_mentions(&err_msg(selfl.forward(&x64, None, &none, None, &opts)), &["F64", "F32"]);
     // A mask that does not fit (B, H, T, S).
-    assert_mentions(&err_msg(selfl.forward(&x, None, &Mask::none().with_key_lengths(vec![5]), None, &opts)), &["key_lengths", "batch size 2"]);
-    assert_mentions(&err_msg(cross.forward(&x, Some(&mem), &Mask::none().with_key_lengths(vec![7, 8]), None, &opts)), &["8", "S = 7"]);
+    assert_mentions(
+        &err_msg(selfl.forward(&x, None, &Mask::none().with_key_lengths(vec![5]), None, &opts)),
+        &["key_lengths", "batch size 2"],
+    );
+    assert_mentions(
+        &err_msg(cross.forward(&x, Some(&mem), &Mask::none().with_key_lengths(vec![7, 8]), None, &opts)),
+        &["8", "S = 7"],
+    );
     // A cache or RoPE with cross-attention.
     let mut cache = KvCache::new(None);
-    assert_mentions(&err_msg(cross.forward(&x, Some(&mem), &none, Some(&mut cache), &opts)), &["project_kv", "forward_projected"]);
+    assert_mentions(
+        &err_msg(cross.forward(&x, Some(&mem), &none, Some(&mut cache), &opts)),
+        &["project_kv", "forward_projected"],
+    );
     let rp = rope(2, 16, 10000.0);
     let ropt = MhaOptions { rope: Some(&rp), ..Default::default() };
     assert_mentions(&err_msg(cross.forward(&x, Some(&mem), &none, None, &ropt)), &["rotary", "self-attention"]);
     // RoPE beyond its table.
     let mut cache = KvCache::new(None);
     selfl.forward(&det(&[2, 12, 12], 5, 1.0), None, &Mask::causal(), Some(&mut cache), &ropt).unwrap();
-    assert_mentions(&err_msg(selfl.forward(&det(&[2, 5, 12], 6, 1.0), None, &Mask::causal(), Some(&mut cache), &ropt)), &["offset 12", "max_positions = 16"]);
+    assert_mentions(
+        &err_msg(selfl.forward(&det(&[2, 5, 12], 6, 1.0), None, &Mask::causal(), Some(&mut cache), &ropt)),
+        &["offset 12", "max_positions = 16"],
+    );
     // A full cache, and a cache of another layer's shape.
     let mut cache = KvCache::new(Some(6));
     selfl.forward(&x, None, &Mask::causal(), Some(&mut cache), &opts).unwrap();
-    assert_mentions(&err_msg(selfl.forward(&det(&[2, 2, 12], 7, 1.0), None, &Mask::causal(), Some(&mut cache), &opts)), &["max_len = 6", "7"]);
+    assert_mentions(
+        &err_msg(selfl.forward(&det(&[2, 2, 12], 7, 1.0), None, &Mask::causal(), Some(&mut cache), &opts)),
+        &["max_len = 6", "7"],
+    );
     let (_, other) = seeded_layer(&cfg(12, 4, 4), 8);
-    assert_mentions(&err_msg(other.forward(&det(&[2, 1, 12], 9, 1.0), None, &Mask::causal(), Some(&mut cache), &opts)), &["(2, 4, 1, 3)", "(2, 2, 5, 3)"]);
+    assert_mentions(
+        &err_msg(other.forward(&det(&[2, 1, 12], 9, 1.0), None, &Mask::causal(), Some(&mut cache), &opts)),
+        &["(2, 4, 1, 3)", "(2, 2, 5, 3)"],
+    );
     // Projected heads of the wrong shape.
     let (k, v) = cross.project_kv(&mem, &mem).unwrap();
-    assert_mentions(&err_msg(cross.forward_projected(&x, &k.narrow(1, 0, 1).unwrap(), &v, &none, &opts)), &["k", "(2, 1, 7, 3)", "(2, 2, S, 3)"]);
+    assert_mentions(
+        &err_msg(cross.forward_projected(&x, &k.narrow(1, 0, 1).unwrap(), &v, &none, &opts)),
+        &["k", "(2, 1, 7, 3)", "(2, 2, S, 3)"],
+    );
 }

@@ -133,7 +133,7 @@ pub fn attention_with(
 
     // 1. Scores. The G query heads of a K/V group become rows: no copy of K.
     let qg = q.contiguous()?.reshape((b, hkv, g * t, d))?; // (B, Hkv, G·T, D)
-    let scores = qg.matmul(&k.t()?)?; // (B, Hkv, G·T, S)
+    let scores = qg.matmul(&matmul_ready(k)?.t()?)?; // (B, Hkv, G·T, S)
     let mut scores = (scores.reshape((b, h, t, s))? * scale)?; // (B, H, T, S)
 
     // 2. Soft-cap before any bias, so a −∞ never goes through tanh.
@@ -166,9 +166,17 @@ pub fn attention_with(
 
     // 6. Weighted sum of values, again with grouped heads as rows.
     let pg = dropped.reshape((b, hkv, g * t, s))?; // (B, Hkv, G·T, S)
-    let out = pg.matmul(&v.contiguous()?)?.reshape((b, h, t, dv))?; // (B, H, T, Dv)
+    let out = pg.matmul(&matmul_ready(v)?)?.reshape((b, h, t, dv))?; // (B, H, T, Dv)
 
     Ok(AttentionOutput { out, weights: opts.need_weights.then_some(probs), lse })
+}
+
+/// `x` (B, Hkv, S, ·) as candle's batched matmul accepts it: rows contiguous and one stride per batch level.
+/// A KV cache's view narrowed along S already is (no copy); a transposed projection is copied.
+fn matmul_ready(x: &Tensor) -> Result<Tensor> {
+    let (dims, st) = (x.dims(), x.stride());
+    let ok = st[3] == 1 && st[2] == dims[3] && st[0] == dims[1] * st[1];
+    Ok(if ok { x.clone() } else { x.contiguous()? })
 }
 
 /// Log-sum-exp of the final masked scores, reported, not differentiated.

@@ -140,11 +140,7 @@ impl KvCache {
         );
         let (b, hkv, t, d) = k_new.dims4()?;
         let (bv, hv, tv, dv) = v_new.dims4()?;
-        ensure!(
-            (b, hkv, t) == (bv, hv, tv),
-            Self::OP,
-            "k_new {ks} and v_new {vs} must agree in (B, Hkv, T)"
-        );
+        ensure!((b, hkv, t) == (bv, hv, tv), Self::OP, "k_new {ks} and v_new {vs} must agree in (B, Hkv, T)");
         ensure!(t > 0 && b * hkv * d * dv > 0, Self::OP, "empty append: k_new {ks}, v_new {vs}");
         ensure!(
             k_new.dtype() == v_new.dtype(),

@@ -355,6 +355,9 @@ impl MultiHeadAttention {
     ///
     /// # Shapes
     /// `x (B, T, C)`, `k (B, Hkv, S, D)`, `v (B, Hkv, S, D)` → `out (B, T, C)`, `weights (B, H, T, S)`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and `k`/`v` not of shape `(B, Hkv, S, D)` for this layer's `Hkv` and `D`.
     pub fn forward_projected(
         &self,
         x: &Tensor,
@@ -412,7 +415,9 @@ impl MultiHeadAttention {
                      {ckv}, value_dim = {}",
                     self.dims.cv
                 );
-                (self.split_heads(&self.k_proj, x, b, t)?, self.split_heads(&self.v_proj, x, b, t)?) // (B, Hkv, T, D)
+                let k = self.split_heads(&self.k_proj, x, b, t)?; // (B, Hkv, T, D)
+                let v = self.split_heads(&self.v_proj, x, b, t)?; // (B, Hkv, T, D)
+                (k, v)
             }
         };
 
@@ -435,7 +440,8 @@ impl MultiHeadAttention {
     /// place, which needs the head-major layout rather than the strided view the transpose leaves.
     fn split_heads(&self, proj: &Linear, x: &Tensor, b: usize, l: usize) -> Result<Tensor> {
         let MhaDims { hkv, d, .. } = self.dims;
-        Ok(proj.forward(x)?.reshape((b, l, hkv, d))?.transpose(1, 2)?.contiguous()?) // (B, Hkv, L, D)
+        let heads = proj.forward(x)?.reshape((b, l, hkv, d))?; // (B, L, Hkv, D)
+        Ok(heads.transpose(1, 2)?.contiguous()?) // (B, Hkv, L, D)
     }
 
     /// `q (B, H, T, D)` from `x (B, T, C)`.
@@ -446,7 +452,14 @@ impl MultiHeadAttention {
     }
 
     /// The attention core on projected heads, then `Concat(heads) W^O`.
-    fn attend_and_merge(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, opts: &MhaOptions) -> Result<MhaOutput> {
+    fn attend_and_merge(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Mask,
+        opts: &MhaOptions,
+    ) -> Result<MhaOutput> {
         let MhaDims { h, d, .. } = self.dims;
         let (b, _, t, _) = q.dims4()?;
         ensure!(
@@ -514,7 +527,8 @@ pub fn import_torch_mha(state: &HashMap<String, Tensor>, prefix: &str) -> Result
     const OP: &str = "import_torch_mha";
     let key = |n: &str| if prefix.is_empty() { n.to_string() } else { format!("{prefix}.{n}") };
     let get = |n: &str| state.get(&key(n));
-    let missing = |n: &str| Error::MissingTensor { name: key(n), location: "the nn.MultiheadAttention state dict".into() };
+    let missing =
+        |n: &str| Error::MissingTensor { name: key(n), location: "the nn.MultiheadAttention state dict".into() };
     for n in ["bias_k", "bias_v"] {
         ensure!(get(n).is_none(), OP, "`{}` (add_bias_kv=True) is not supported", key(n));
     }
