@@ -89,18 +89,6 @@ fn attention_matches_pytorch_for_every_mask_kind() {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|i| {
-            let u1 = (attend_kernels::dropout::random_bits(seed, 2 * i as u64) as f64 + 1.0) / 4_294_967_297.0;
-            let u2 = attend_kernels::dropout::random_bits(seed, 2 * i as u64 + 1) as f64 / 4_294_967_296.0;
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-}
-
 fn run(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, imp: AttentionImpl) -> AttentionOutput {
     attention_with(q, k, v, mask, &full_opts(imp, None)).unwrap()
 }

@@ -168,16 +168,7 @@ fn gelu_matches_pytorch() {
 // Finite differences: every hand-written backward, in f64.
 
 fn randn64(shape: &[usize], seed: u64) -> Tensor {
-    // A deterministic pseudo-normal from the dropout generator's bits (Box–Muller), so these tests need no RNG state.
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|i| {
-            let u1 = (attend_kernels::dropout::random_bits(seed, 2 * i as u64) as f64 + 1.0) / 4_294_967_297.0;
-            let u2 = attend_kernels::dropout::random_bits(seed, 2 * i as u64 + 1) as f64 / 4_294_967_296.0;
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    randn(shape, seed, DType::F64)
 }
 
 /// Checks the fused op's gradient w.r.t. `x` against finite differences of `sum(f(x) ⊙ w)`.

@@ -98,3 +98,55 @@ macro_rules! dispatch_float {
     };
 }
 pub(crate) use dispatch_float;
+
+/// A kernel `f(a, b, out, row_len)` over two same-shaped contiguous float tensors, as a candle op without backward
+/// of its own: the shape every backward pass here has (`dx` from a saved tensor and `dy`).
+pub(crate) struct Binary {
+    pub name: &'static str,
+    pub f32: fn(&[f32], &[f32], &mut [f32], usize),
+    pub f64: fn(&[f64], &[f64], &mut [f64], usize),
+}
+
+impl Binary {
+    fn run<T: KernelFloat>(
+        &self,
+        f: fn(&[T], &[T], &mut [T], usize),
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let a = contiguous(T::slice(s1)?, l1, self.name)?;
+        let b = contiguous(T::slice(s2)?, l2, self.name)?;
+        if a.len() != b.len() {
+            candle_core::bail!("{}: operands of shapes {:?} and {:?}", self.name, l1.dims(), l2.dims());
+        }
+        let mut out = vec![T::default(); a.len()];
+        f(a, b, &mut out, l1.dims().last().copied().unwrap_or(1));
+        Ok((T::storage(out), l1.shape().clone()))
+    }
+
+    /// `a.apply_op2(b, self)` with `b` made contiguous.
+    pub fn apply(self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        a.apply_op2(&b.contiguous()?, self)
+    }
+}
+
+impl candle_core::CustomOp2 for Binary {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        match s1.dtype() {
+            DType::F32 => self.run(self.f32, s1, l1, s2, l2),
+            DType::F64 => self.run(self.f64, s1, l1, s2, l2),
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name),
+        }
+    }
+}

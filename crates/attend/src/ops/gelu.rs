@@ -5,13 +5,12 @@
 
 use attend_kernels::gelu::{gelu_backward, gelu_forward, GeluKind};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::custom::{contiguous, dispatch_float, in_kernel_dtype, KernelFloat};
+use super::custom::{contiguous, dispatch_float, in_kernel_dtype, Binary, KernelFloat};
 use crate::Result;
 
 struct Gelu(GeluKind);
-struct GeluBackward(GeluKind);
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
@@ -26,28 +25,19 @@ impl CustomOp1 for Gelu {
         })
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2(&dy.contiguous()?, GeluBackward(self.0))?))
-    }
-}
-
-impl CustomOp2 for GeluBackward {
-    fn name(&self) -> &'static str {
-        "attend-gelu-backward"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch_float!(s1.dtype(), "gelu backward", |T| {
-            let x = contiguous(T::slice(s1)?, l1, "gelu input")?;
-            let dy = contiguous(T::slice(s2)?, l2, "gelu output gradient")?;
-            let mut dx = vec![0 as T; x.len()];
-            gelu_backward(x, dy, &mut dx, self.0);
-            Ok((T::storage(dx), l1.shape().clone()))
-        })
+        let op = match self.0 {
+            GeluKind::Erf => Binary {
+                name: "attend-gelu-erf-backward",
+                f32: |x, dy, dx, _| gelu_backward(x, dy, dx, GeluKind::Erf),
+                f64: |x, dy, dx, _| gelu_backward(x, dy, dx, GeluKind::Erf),
+            },
+            GeluKind::Tanh => Binary {
+                name: "attend-gelu-tanh-backward",
+                f32: |x, dy, dx, _| gelu_backward(x, dy, dx, GeluKind::Tanh),
+                f64: |x, dy, dx, _| gelu_backward(x, dy, dx, GeluKind::Tanh),
+            },
+        };
+        Ok(Some(op.apply(x, dy)?))
     }
 }
 

@@ -10,7 +10,7 @@ use attend_kernels::softmax::{self as k, RowMask};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::custom::{contiguous, dispatch_float, in_kernel_dtype, row_offsets, KernelFloat};
+use super::custom::{contiguous, dispatch_float, in_kernel_dtype, row_offsets, Binary, KernelFloat};
 use crate::{ensure, Result};
 
 /// A mask given as a tensor, broadcastable to the tensor it masks.
@@ -57,9 +57,11 @@ struct Softmax;
 struct MaskedSoftmax {
     additive: bool,
 }
-struct SoftmaxBackward;
 struct LogSoftmax;
-struct LogSoftmaxBackward;
+
+fn softmax_backward(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    Binary { name: "attend-softmax-backward", f32: k::softmax_backward, f64: k::softmax_backward }.apply(y, dy)
+}
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
@@ -78,7 +80,7 @@ impl CustomOp1 for Softmax {
         })
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2(&dy.contiguous()?, SoftmaxBackward)?))
+        Ok(Some(softmax_backward(y, dy)?))
     }
 }
 
@@ -115,31 +117,10 @@ impl CustomOp2 for MaskedSoftmax {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = y.apply_op2(&dy.contiguous()?, SoftmaxBackward)?;
+        let dx = softmax_backward(y, dy)?;
         // d(x + m) = dx: an additive mask gets the same gradient, and only if something upstream wants it.
         let dmask = (self.additive && mask.track_op()).then(|| dx.clone());
         Ok((Some(dx), dmask))
-    }
-}
-
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "attend-softmax-backward"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch_float!(s1.dtype(), "softmax backward", |T| {
-            let y = contiguous(T::slice(s1)?, l1, "softmax output")?;
-            let dy = contiguous(T::slice(s2)?, l2, "softmax output gradient")?;
-            let mut dx = vec![0 as T; y.len()];
-            k::softmax_backward(y, dy, &mut dx, last_dim(l1));
-            Ok((T::storage(dx), l1.shape().clone()))
-        })
     }
 }
 
@@ -156,28 +137,10 @@ impl CustomOp1 for LogSoftmax {
         })
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2(&dy.contiguous()?, LogSoftmaxBackward)?))
-    }
-}
-
-impl CustomOp2 for LogSoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "attend-log-softmax-backward"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch_float!(s1.dtype(), "log_softmax backward", |T| {
-            let y = contiguous(T::slice(s1)?, l1, "log_softmax output")?;
-            let dy = contiguous(T::slice(s2)?, l2, "log_softmax output gradient")?;
-            let mut dx = vec![0 as T; y.len()];
-            k::log_softmax_backward(y, dy, &mut dx, last_dim(l1));
-            Ok((T::storage(dx), l1.shape().clone()))
-        })
+        Ok(Some(
+            Binary { name: "attend-log-softmax-backward", f32: k::log_softmax_backward, f64: k::log_softmax_backward }
+                .apply(y, dy)?,
+        ))
     }
 }
 
