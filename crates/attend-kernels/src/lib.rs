@@ -17,6 +17,7 @@
 
 pub mod cross_entropy;
 pub mod dropout;
+pub mod flash;
 pub mod gelu;
 pub mod norm;
 mod real;

@@ -9,7 +9,7 @@ use attend::attention::{
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use common::*;
 
-const IMPLS: [AttentionImpl; 2] = [AttentionImpl::Materialized, AttentionImpl::Reference];
+const IMPLS: [AttentionImpl; 3] = [AttentionImpl::Fused, AttentionImpl::Materialized, AttentionImpl::Reference];
 
 /// The fixture's mask description as a [`Mask`]; an additive tensor comes back as a Var to read its gradient.
 fn mask_of(f: &Fixture) -> (Mask, Option<Var>) {

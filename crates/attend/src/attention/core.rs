@@ -15,13 +15,19 @@ use super::mask::{Mask, ResolvedMask};
 use crate::ops::{self, MaskTensor};
 use crate::{ensure, Result};
 
-/// How the core computes attention. Both materialise the `(B, H, T, S)` scores.
+/// How the core computes attention.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionImpl {
-    /// Fused masked softmax (and dropout) with hand-written backward passes between candle matmuls.
+    /// The flash kernel (`attend_kernels::flash`): tiled online softmax, forward and backward, memory linear in the
+    /// sequence length. Calls it cannot serve (f64, a non-CPU device, a learned additive bias that needs its
+    /// gradient) run [`Materialized`](Self::Materialized) instead.
     #[default]
+    Fused,
+    /// Materialises the `(B, H, T, S)` scores; fused masked softmax (and dropout) with hand-written backward
+    /// passes between candle matmuls.
     Materialized,
-    /// Everything composed from plain differentiable candle ops: the oracle for the other paths.
+    /// Materialises the scores too, everything composed from plain differentiable candle ops: the oracle for the
+    /// other paths.
     Reference,
 }
 
@@ -127,6 +133,10 @@ pub fn attention_with(
     ensure!(scale.is_finite(), "attention", "scale must be finite, got {scale}");
     if let Some(dp) = opts.dropout {
         ensure!((0.0..1.0).contains(&dp.p), "attention", "dropout probability must be in [0, 1), got {}", dp.p);
+    }
+    if opts.implementation == AttentionImpl::Fused && super::fused::supported(q, mask) {
+        let (out, weights, lse) = super::fused::attention(q, k, v, mask, resolved, scale, opts)?;
+        return Ok(AttentionOutput { out, weights, lse });
     }
     let g = h / hkv;
     let reference = opts.implementation == AttentionImpl::Reference;

@@ -1,6 +1,7 @@
 //! Attention: the one core every layer calls ([`attention()`]), its typed mask ([`Mask`]), score functions and layers.
 
 mod core;
+mod fused;
 pub mod kv_cache;
 pub mod mask;
 pub mod mha;

@@ -1,0 +1,213 @@
+//! Backward pass (FlashAttention-2, Algorithm 2): for each key tile, recompute `P = exp(S − lse)` for every query
+//! tile and accumulate
+//!
+//! ```text
+//! dV_j += Pᵀ dO_i                       (dropout: the dropped P)
+//! dP    = dO_i V_jᵀ                      (dropout: times the same mask / (1 − p))
+//! dS    = P ⊙ (dP − Δ_i),  Δ_i = rowsum(dO_i ⊙ O_i)
+//! dS   ← dS ⊙ f'(s)                     (score mod chain rule, e.g. soft-cap)
+//! dQ_i += scale · dS K_j,  dK_j += scale · dSᵀ Q_i
+//! ```
+//!
+//! Work is split over `(b, Hkv, key chunk)`: a task owns its key rows of dK/dV (no atomics) and, when there is one
+//! chunk per head, the dQ rows of the query heads that share the K/V head. Small problems split keys into several
+//! chunks; each chunk then writes its own partial dQ, summed afterwards (memory bounded by [`PARTIAL_DQ_BUDGET`]).
+
+use rayon::prelude::*;
+
+use super::forward::{dropout_tile, pack_transposed, score_tile};
+use super::masks::{MaskMod, ScoreMod, TileKind};
+use super::tile::{exp_minus_lse, gemm, softmax_grad, QUANTUM};
+use super::{round_up, FlashConfig, FlashDims, SyncPtr};
+
+/// Most bytes spent on partial dQ buffers when keys are split across tasks.
+pub const PARTIAL_DQ_BUDGET: usize = 32 << 20;
+
+/// `dst[x·ld + r] = src[r·width + x]` for `r < rows`, `x < valid`.
+fn transpose(src: &[f32], width: usize, rows: usize, valid: usize, dst: &mut [f32], ld: usize) {
+    for r in 0..rows {
+        for (x, &v) in src[r * width..r * width + valid].iter().enumerate() {
+            dst[x * ld + r] = v;
+        }
+    }
+}
+
+/// Backward pass: given the forward's inputs, `o`, `lse` and `dout`, writes `dq`, `dk`, `dv` (overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward<M: MaskMod, F: ScoreMod>(
+    dims: &FlashDims,
+    cfg: &FlashConfig,
+    mask: &M,
+    score: &F,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dvv: &mut [f32],
+) {
+    dims.check(q.len(), k.len(), v.len()).unwrap();
+    assert!(
+        o.len() == dout.len() && o.len() == dims.b * dims.h * dims.t * dims.dv && lse.len() == dims.b * dims.h * dims.t
+    );
+    assert!(dq.len() == q.len() && dk.len() == k.len() && dvv.len() == v.len());
+    assert!(cfg.isa.supported() && cfg.block_k % QUANTUM == 0 && cfg.block_q > 0);
+    let FlashDims { b: nb, h: nh, hkv, t, s, d, dv } = *dims;
+    let (br, bc) = (cfg.block_q, cfg.block_k);
+    let group = nh / hkv;
+
+    // Δ_i = Σ_d dO·O per query row.
+    let mut delta = vec![0f32; nb * nh * t];
+    delta.par_iter_mut().enumerate().with_min_len(256).for_each(|(r, x)| {
+        *x = o[r * dv..(r + 1) * dv].iter().zip(&dout[r * dv..(r + 1) * dv]).map(|(a, b)| a * b).sum();
+    });
+
+    // Enough tasks for every thread, but no more partial-dQ memory than the budget.
+    let key_blocks = s.div_ceil(bc);
+    let threads = rayon::current_num_threads();
+    let mut splits = (2 * threads).div_ceil(nb * hkv).clamp(1, key_blocks);
+    while splits > 1 && (splits - 1) * dq.len() * 4 > PARTIAL_DQ_BUDGET {
+        splits -= 1;
+    }
+    let per_split = key_blocks.div_ceil(splits);
+    let mut partial = vec![0f32; (splits - 1) * dq.len()];
+    dq.fill(0.0);
+    let (dq_ptr, partial_ptr) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(partial.as_mut_ptr()));
+    let (dk_ptr, dv_ptr) = (SyncPtr(dk.as_mut_ptr()), SyncPtr(dvv.as_mut_ptr()));
+    let dq_len = dq.len();
+
+    (0..nb * hkv * splits).into_par_iter().for_each(|task| {
+        let (kvh, split) = (task / splits, task % splits);
+        let b = kvh / hkv;
+        let g = kvh % hkv;
+        // This task's dQ: the output itself for split 0, its own partial buffer otherwise.
+        let dq_base = if split == 0 { dq_ptr.get() } else { unsafe { partial_ptr.get().add((split - 1) * dq_len) } };
+        let mut kt = vec![0f32; d * bc];
+        let mut vt = vec![0f32; dv * bc];
+        let mut st = vec![0f32; br * bc];
+        let mut raw = vec![0f32; if F::ACTIVE { br * bc } else { 0 }];
+        let mut pd = vec![0f32; if cfg.dropout.is_some() { br * bc } else { 0 }];
+        let mut dp = vec![0f32; br * bc];
+        let mut tr = vec![0f32; bc * br];
+        let mut dk_acc = vec![0f32; bc * d];
+        let mut dv_acc = vec![0f32; bc * dv];
+        for kb in split * per_split..((split + 1) * per_split).min(key_blocks) {
+            let j0 = kb * bc;
+            let valid = bc.min(s - j0);
+            let width = round_up(valid, QUANTUM);
+            let krow = kvh * s + j0;
+            pack_transposed(k, krow, valid, d, width, &mut kt);
+            pack_transposed(v, krow, valid, dv, width, &mut vt);
+            dk_acc[..valid * d].fill(0.0);
+            dv_acc[..valid * dv].fill(0.0);
+            for h in g * group..(g + 1) * group {
+                let bh = b * nh + h;
+                for i0 in (0..t).step_by(br) {
+                    let rows = br.min(t - i0);
+                    let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
+                    if kind == TileKind::Empty {
+                        continue;
+                    }
+                    let tile = (b, h, i0, rows);
+                    let keys = (j0, valid, width);
+                    let raw_opt = if F::ACTIVE { Some(&mut raw[..]) } else { None };
+                    score_tile(dims, cfg, mask, score, kind, tile, keys, q, &kt, &mut st, raw_opt);
+                    let row0 = bh * t + i0;
+                    let (q_rows, do_rows) = (&q[row0 * d..], &dout[row0 * dv..]);
+                    // SAFETY (all tile calls): buffers hold rows × width / valid × d / valid × dv as used; widths
+                    // are multiples of QUANTUM; the dQ rows of head bh belong to this task (see module docs).
+                    unsafe {
+                        exp_minus_lse(cfg.isa, st.as_mut_ptr(), width, rows, width, &lse[row0..row0 + rows]);
+                        let p_used = match cfg.dropout {
+                            Some(drop) => {
+                                pd[..rows * width].copy_from_slice(&st[..rows * width]);
+                                dropout_tile(dims, drop, tile, keys, &mut pd);
+                                &pd
+                            }
+                            None => &st,
+                        };
+                        transpose(p_used, width, rows, valid, &mut tr, br);
+                        gemm(
+                            cfg.isa,
+                            valid,
+                            dv,
+                            rows,
+                            tr.as_ptr(),
+                            br,
+                            do_rows.as_ptr(),
+                            dv,
+                            dv_acc.as_mut_ptr(),
+                            dv,
+                            true,
+                        );
+                        gemm(
+                            cfg.isa,
+                            rows,
+                            width,
+                            dv,
+                            do_rows.as_ptr(),
+                            dv,
+                            vt.as_ptr(),
+                            width,
+                            dp.as_mut_ptr(),
+                            width,
+                            false,
+                        );
+                        if let Some(drop) = cfg.dropout {
+                            dropout_tile(dims, drop, tile, keys, &mut dp);
+                        }
+                        softmax_grad(
+                            cfg.isa,
+                            st.as_ptr(),
+                            dp.as_mut_ptr(),
+                            width,
+                            rows,
+                            width,
+                            &delta[row0..row0 + rows],
+                        );
+                        if F::ACTIVE {
+                            for r in 0..rows {
+                                let at = r * width;
+                                score.chain(b, h, i0 + r, j0, &raw[at..at + valid], &mut dp[at..at + valid]);
+                            }
+                        }
+                        let dq_rows = dq_base.add(row0 * d);
+                        gemm(cfg.isa, rows, d, valid, dp.as_ptr(), width, k[krow * d..].as_ptr(), d, dq_rows, d, true);
+                        transpose(&dp, width, rows, valid, &mut tr, br);
+                        gemm(
+                            cfg.isa,
+                            valid,
+                            d,
+                            rows,
+                            tr.as_ptr(),
+                            br,
+                            q_rows.as_ptr(),
+                            d,
+                            dk_acc.as_mut_ptr(),
+                            d,
+                            true,
+                        );
+                    }
+                }
+            }
+            // SAFETY: key rows krow..krow+valid of dK/dV belong to this task alone.
+            let dk_out = unsafe { std::slice::from_raw_parts_mut(dk_ptr.get().add(krow * d), valid * d) };
+            dk_out.iter_mut().zip(&dk_acc).for_each(|(o, a)| *o = a * cfg.scale);
+            let dv_out = unsafe { std::slice::from_raw_parts_mut(dv_ptr.get().add(krow * dv), valid * dv) };
+            dv_out.copy_from_slice(&dv_acc[..valid * dv]);
+        }
+    });
+
+    let scale = cfg.scale;
+    let parts = &partial;
+    dq.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+        for p in 0..splits - 1 {
+            let src = &parts[p * dq_len + c * 4096..][..chunk.len()];
+            chunk.iter_mut().zip(src).for_each(|(o, x)| *o += x);
+        }
+        chunk.iter_mut().for_each(|x| *x *= scale);
+    });
+}

@@ -1,0 +1,108 @@
+//! Fused attention on the CPU, FlashAttention-2 style: tiles of queries meet tiles of keys, the softmax is computed
+//! online (running max and sum per query), and no `T × S` buffer exists anywhere. The forward writes `O` and the
+//! log-sum-exp; the backward recomputes probabilities from the log-sum-exp and writes `dQ`, `dK`, `dV`.
+//!
+//! # Layout
+//! Row-major f32, heads contiguous: `q (B, H, T, D)`, `k (B, Hkv, S, D)`, `v (B, Hkv, S, Dv)`, `o (B, H, T, Dv)`,
+//! `lse (B, H, T)`. `D` and `Dv` must be multiples of [`QUANTUM`] (callers zero-pad; zero features change no dot
+//! product). Query head `h` reads K/V head `h / (H / Hkv)`; K and V are never repeated.
+//!
+//! # Variants
+//! The kernels are generic over a [`MaskMod`] and a [`ScoreMod`], so each mask/score combination is its own
+//! compiled kernel; tiles are skipped or left unchecked as the mask classifies them. The matrix products and the
+//! softmax row steps run on AVX-512, AVX2+FMA or portable code, chosen at run time ([`Isa`]).
+//!
+//! # What it does not do
+//! Gradients of additive bias tensors (a learned bias needs the `T × S` gradient; the attend crate routes such calls
+//! to its materialised path). bf16 storage is converted to f32 by the caller.
+
+mod backward;
+mod forward;
+pub mod masks;
+pub mod simd;
+mod tile;
+
+pub use backward::flash_backward;
+pub use forward::{flash_forward, flash_probabilities};
+pub use masks::{MaskMod, ScoreMod, TileKind};
+pub use simd::Isa;
+pub use tile::QUANTUM;
+
+/// Sizes of one attention call (the vocabulary of the attend crate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashDims {
+    pub b: usize,
+    pub h: usize,
+    pub hkv: usize,
+    pub t: usize,
+    pub s: usize,
+    /// Head dim of queries and keys, a multiple of [`QUANTUM`].
+    pub d: usize,
+    /// Head dim of values, a multiple of [`QUANTUM`].
+    pub dv: usize,
+}
+
+impl FlashDims {
+    /// Checks the invariants the kernels rely on and the lengths of the buffers.
+    pub fn check(&self, q: usize, k: usize, v: usize) -> Result<(), String> {
+        let FlashDims { b, h, hkv, t, s, d, dv } = *self;
+        if b * h * hkv * t * s * d * dv == 0 {
+            return Err(format!("flash attention: empty dimension in {self:?}"));
+        }
+        if h % hkv != 0 {
+            return Err(format!("flash attention: H = {h} is not a multiple of Hkv = {hkv}"));
+        }
+        if d % QUANTUM != 0 || dv % QUANTUM != 0 {
+            return Err(format!("flash attention: head dims D = {d}, Dv = {dv} must be multiples of {QUANTUM}"));
+        }
+        if q != b * h * t * d || k != b * hkv * s * d || v != b * hkv * s * dv {
+            return Err(format!("flash attention: buffer lengths q {q}, k {k}, v {v} do not match {self:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// Settings of one call.
+#[derive(Clone, Copy, Debug)]
+pub struct FlashConfig {
+    /// Multiplies `q·k`.
+    pub scale: f32,
+    /// `(p, seed)`: drop probabilities with probability `p`; element `((b·H + h)·T + i)·S + j` of the stream `seed`
+    /// decides, the same stream the attend crate's materialised path uses, so both drop the same entries.
+    pub dropout: Option<(f32, u64)>,
+    pub isa: Isa,
+    /// Query rows per tile.
+    pub block_q: usize,
+    /// Keys per tile (a multiple of [`QUANTUM`]).
+    pub block_k: usize,
+}
+
+impl FlashConfig {
+    pub fn new(scale: f32) -> Self {
+        FlashConfig { scale, dropout: None, isa: Isa::detect(), block_q: 64, block_k: 64 }
+    }
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a region no other task touches.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// Through a method, so closures capture the whole `SyncPtr` (edition 2021 would capture the bare field).
+    #[inline(always)]
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+pub(crate) fn round_up(x: usize, q: usize) -> usize {
+    x.div_ceil(q) * q
+}
+
+/// Dropout decision for the probability of query `i`, key `j` of `(b, h)`.
+#[inline(always)]
+pub(crate) fn dropout_index(dims: &FlashDims, b: usize, h: usize, i: usize, j: usize) -> u64 {
+    (((b * dims.h + h) * dims.t + i) * dims.s + j) as u64
+}

@@ -1,0 +1,330 @@
+//! The instruction sets the flash kernel runs on, chosen once at run time, and the vector operations its tile
+//! routines are written over. Each tile routine is generic over [`Simd`] and instantiated inside a
+//! `#[target_feature]` function per instruction set; `#[inline(always)]` makes the generic body compile with the
+//! caller's features.
+
+/// An instruction set the kernels have a path for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// AVX-512F: 16 f32 lanes, 32 registers.
+    Avx512,
+    /// AVX2 + FMA: 8 f32 lanes, 16 registers.
+    Avx2,
+    /// Plain Rust on arrays; what the compiler makes of it (SSE2 on x86-64). Always available.
+    Portable,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports (`ATTEND_ISA=avx512|avx2|portable` overrides, for testing and
+    /// benchmarking; an unsupported request falls back to the best available).
+    pub fn detect() -> Isa {
+        let best = Self::best();
+        match std::env::var("ATTEND_ISA").ok().as_deref() {
+            Some("portable") => Isa::Portable,
+            Some("avx2") if Isa::Avx2.supported() => Isa::Avx2,
+            Some("avx512") if Isa::Avx512.supported() => Isa::Avx512,
+            _ => best,
+        }
+    }
+
+    fn best() -> Isa {
+        [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Portable)
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            Isa::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every path this CPU can run, best first.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.supported()).collect()
+    }
+}
+
+/// Vector operations on f32 lanes. All functions are `unsafe` because they are only sound inside a function
+/// compiled with the instruction set (`supported()` checked by the caller), and because loads/stores are unchecked.
+pub(crate) trait Simd: Copy {
+    const LANES: usize;
+    type V: Copy;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a * b + c`
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn reduce_add(v: Self::V) -> f32;
+    unsafe fn reduce_max(v: Self::V) -> f32;
+    /// `exp(x)`, with exactly 0 for `x < −87.3` (including −∞) so masked scores contribute nothing.
+    unsafe fn exp(x: Self::V) -> Self::V;
+}
+
+// exp(x) = 2^n · e^r, n = round(x·log2 e), r = x − n·ln 2 ∈ [−ln2/2, ln2/2], e^r by a degree-6 polynomial
+// (Cephes' expf coefficients; relative error ≈ 1e-7 over the range).
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+const EXP_LO: f32 = -87.3;
+const EXP_HI: f32 = 88.7;
+
+#[inline(always)]
+fn exp_scalar(x: f32) -> f32 {
+    if x < EXP_LO {
+        return 0.0;
+    }
+    let x = x.min(EXP_HI);
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p * r + c;
+    }
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Portable path: 8 lanes as an array; loops the compiler may vectorise.
+#[derive(Clone, Copy)]
+pub(crate) struct Portable;
+
+impl Simd for Portable {
+    const LANES: usize = 8;
+    type V = [f32; 8];
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        [x; 8]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::ptr::read_unaligned(p as *const [f32; 8])
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::ptr::write_unaligned(p as *mut [f32; 8], v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] - b[i])
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i].max(b[i]))
+    }
+    #[inline(always)]
+    unsafe fn reduce_add(v: Self::V) -> f32 {
+        v.iter().sum()
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: Self::V) -> f32 {
+        v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        std::array::from_fn(|i| exp_scalar(x[i]))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512;
+
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn reduce_add(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn reduce_max(v: __m512) -> f32 {
+            _mm512_reduce_max_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn exp(x: __m512) -> __m512 {
+            let live = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_LO));
+            let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_HI));
+            let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_LO));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+                x,
+                _mm512_set1_ps(LOG2E),
+            ));
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+            let mut p = _mm512_set1_ps(EXP_P[0]);
+            for c in &EXP_P[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+            }
+            let r2 = _mm512_mul_ps(r, r);
+            let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+            _mm512_maskz_mov_ps(live, _mm512_scalef_ps(e, n))
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2;
+
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn reduce_add(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+        #[inline(always)]
+        unsafe fn reduce_max(v: __m256) -> f32 {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
+        }
+        #[inline(always)]
+        unsafe fn exp(x: __m256) -> __m256 {
+            let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_LO));
+            let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
+            let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                x,
+                _mm256_set1_ps(LOG2E),
+            ));
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+            let mut p = _mm256_set1_ps(EXP_P[0]);
+            for c in &EXP_P[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+            }
+            let r2 = _mm256_mul_ps(r, r);
+            let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+            // 2^n by building the exponent bits: n ∈ [−126, 128] after the clamps above.
+            let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            )));
+            _mm256_and_ps(live, _mm256_mul_ps(e, pow2))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalar_exp_is_accurate_and_exactly_zero_below_range() {
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (exp_scalar(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 3e-7 * want + 1e-37, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(exp_scalar(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_scalar(-100.0), 0.0);
+    }
+}

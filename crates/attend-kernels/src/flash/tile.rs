@@ -1,0 +1,384 @@
+//! Tile routines of the flash kernel: a register-blocked matrix product and the row-wise softmax steps, each
+//! written once over [`Simd`] and compiled per instruction set.
+//!
+//! All tiles are row-major f32 with explicit leading dimensions; widths handed to these routines are multiples of
+//! 16 (the caller pads), so no routine needs masked loads.
+
+#[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2, Avx512};
+use super::simd::{Isa, Portable, Simd};
+
+/// Width quantum every tile is padded to (one AVX-512 vector; two AVX2 / portable vectors).
+pub const QUANTUM: usize = 16;
+
+/// `C[r][0..NV·L] (+)= Σ_p A[r][p] · B[p][0..NV·L]` for `MR` rows: the accumulators stay in registers.
+#[inline(always)]
+unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[S::zero(); NV]; MR];
+    if accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = S::load(c.add(r * ldc + v * S::LANES));
+            }
+        }
+    }
+    for p in 0..k {
+        let bp = b.add(p * ldb);
+        let mut bv = [S::zero(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = S::load(bp.add(v * S::LANES));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = S::splat(*a.add(r * lda + p));
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = S::fma(av, bv[v], *x);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            S::store(c.add(r * ldc + v * S::LANES), *x);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_rows<S: Simd, const NV: usize>(
+    mr: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    match mr {
+        4 => micro::<S, 4, NV>(k, a, lda, b, ldb, c, ldc, acc),
+        3 => micro::<S, 3, NV>(k, a, lda, b, ldb, c, ldc, acc),
+        2 => micro::<S, 2, NV>(k, a, lda, b, ldb, c, ldc, acc),
+        _ => micro::<S, 1, NV>(k, a, lda, b, ldb, c, ldc, acc),
+    }
+}
+
+/// Column blocks of `NV` vectors, then single vectors for the rest; rows in fours.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_generic<S: Simd, const NV: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    let block = NV * S::LANES;
+    let mut col = 0;
+    while col < n {
+        let wide = n - col >= block;
+        let mut r = 0;
+        while r < m {
+            let mr = (m - r).min(4);
+            let (ar, cr) = (a.add(r * lda), c.add(r * ldc + col));
+            if wide {
+                micro_rows::<S, NV>(mr, k, ar, lda, b.add(col), ldb, cr, ldc, acc);
+            } else {
+                micro_rows::<S, 1>(mr, k, ar, lda, b.add(col), ldb, cr, ldc, acc);
+            }
+            r += mr;
+        }
+        col += if wide { block } else { S::LANES };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_avx512(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    gemm_generic::<Avx512, 4>(m, n, k, a, lda, b, ldb, c, ldc, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_avx2(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    gemm_generic::<Avx2, 2>(m, n, k, a, lda, b, ldb, c, ldc, acc)
+}
+
+/// `C (m × n) (+)= A (m × k) · B (k × n)`, all row-major with leading dimensions `lda`, `ldb`, `ldc`.
+///
+/// # Safety
+/// `n` is a multiple of [`QUANTUM`]; the pointers address at least the rows and columns described; `isa` is
+/// supported by this CPU; `c` does not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    debug_assert!(n % QUANTUM == 0);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => gemm_avx512(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => gemm_avx2(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
+        _ => gemm_generic::<Portable, 2>(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Row steps of the online softmax (forward) and of the probability recomputation (backward).
+
+/// One online-softmax step over a score tile `s` (`rows × n`, leading dimension `ld`), masked entries −∞:
+/// `m' = max(m, max_j s)`, `alpha = exp(m − m')`, `s ← exp(s − m')`, `l ← l·alpha + Σ_j s`. A row still fully
+/// masked keeps `m = −∞`, gets `s = 0` and `alpha = 1`.
+#[inline(always)]
+unsafe fn online_softmax_generic<S: Simd>(
+    s: *mut f32,
+    ld: usize,
+    rows: usize,
+    n: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+) {
+    for r in 0..rows {
+        let row = s.add(r * ld);
+        let mut vmax = S::splat(f32::NEG_INFINITY);
+        let mut j = 0;
+        while j < n {
+            vmax = S::max(vmax, S::load(row.add(j)));
+            j += S::LANES;
+        }
+        let m_new = m[r].max(S::reduce_max(vmax));
+        if m_new == f32::NEG_INFINITY {
+            let z = S::zero();
+            let mut j = 0;
+            while j < n {
+                S::store(row.add(j), z);
+                j += S::LANES;
+            }
+            alpha[r] = 1.0;
+            continue;
+        }
+        let shift = S::splat(m_new);
+        let mut vsum = S::zero();
+        let mut j = 0;
+        while j < n {
+            let e = S::exp(S::sub(S::load(row.add(j)), shift));
+            S::store(row.add(j), e);
+            vsum = S::add(vsum, e);
+            j += S::LANES;
+        }
+        let a = if m[r] == f32::NEG_INFINITY { 0.0 } else { (m[r] - m_new).exp() };
+        alpha[r] = a;
+        l[r] = l[r] * a + S::reduce_add(vsum);
+        m[r] = m_new;
+    }
+}
+
+/// `s ← exp(s − lse_row)`, 0 for rows with `lse = −∞` (queries that see no key).
+#[inline(always)]
+unsafe fn exp_minus_lse_generic<S: Simd>(s: *mut f32, ld: usize, rows: usize, n: usize, lse: &[f32]) {
+    for (r, &lr) in lse.iter().enumerate().take(rows) {
+        let row = s.add(r * ld);
+        if lr == f32::NEG_INFINITY {
+            let mut j = 0;
+            while j < n {
+                S::store(row.add(j), S::zero());
+                j += S::LANES;
+            }
+            continue;
+        }
+        let shift = S::splat(lr);
+        let mut j = 0;
+        while j < n {
+            S::store(row.add(j), S::exp(S::sub(S::load(row.add(j)), shift)));
+            j += S::LANES;
+        }
+    }
+}
+
+/// `dp ← p ⊙ (dp − delta_row)`: the softmax backward with `delta = Σ_j p·dp = Σ_d dO·O` precomputed.
+#[inline(always)]
+unsafe fn softmax_grad_generic<S: Simd>(p: *const f32, dp: *mut f32, ld: usize, rows: usize, n: usize, delta: &[f32]) {
+    for (r, &dr) in delta.iter().enumerate().take(rows) {
+        let (pr, dpr) = (p.add(r * ld), dp.add(r * ld));
+        let d = S::splat(dr);
+        let mut j = 0;
+        while j < n {
+            S::store(dpr.add(j), S::mul(S::load(pr.add(j)), S::sub(S::load(dpr.add(j)), d)));
+            j += S::LANES;
+        }
+    }
+}
+
+/// `o_row ← o_row · alpha_row`.
+#[inline(always)]
+unsafe fn scale_rows_generic<S: Simd>(o: *mut f32, ld: usize, rows: usize, n: usize, alpha: &[f32]) {
+    for (r, &a) in alpha.iter().enumerate().take(rows) {
+        if a == 1.0 {
+            continue;
+        }
+        let row = o.add(r * ld);
+        let av = S::splat(a);
+        let mut j = 0;
+        while j < n {
+            S::store(row.add(j), S::mul(S::load(row.add(j)), av));
+            j += S::LANES;
+        }
+    }
+}
+
+macro_rules! per_isa {
+    ($(#[$doc:meta])* $name:ident, $generic:ident, ($($arg:ident : $ty:ty),*)) => {
+        $(#[$doc])*
+        /// # Safety
+        /// Tiles address at least `rows` rows of `n` columns (a multiple of [`QUANTUM`]) at stride `ld`; `isa` is
+        /// supported by this CPU.
+        pub(crate) unsafe fn $name(isa: Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) { $generic::<Avx512>($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) { $generic::<Avx2>($($arg),*) }
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => avx512($($arg),*),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => avx2($($arg),*),
+                _ => $generic::<Portable>($($arg),*),
+            }
+        }
+    };
+}
+
+per_isa!(
+    /// See `online_softmax_generic`.
+    online_softmax, online_softmax_generic,
+    (s: *mut f32, ld: usize, rows: usize, n: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32])
+);
+per_isa!(
+    /// See `exp_minus_lse_generic`.
+    exp_minus_lse, exp_minus_lse_generic, (s: *mut f32, ld: usize, rows: usize, n: usize, lse: &[f32])
+);
+per_isa!(
+    /// See `softmax_grad_generic`.
+    softmax_grad, softmax_grad_generic, (p: *const f32, dp: *mut f32, ld: usize, rows: usize, n: usize, delta: &[f32])
+);
+per_isa!(
+    /// See `scale_rows_generic`.
+    scale_rows, scale_rows_generic, (o: *mut f32, ld: usize, rows: usize, n: usize, alpha: &[f32])
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn gemm_matches_naive_on_every_path() {
+        for isa in Isa::available() {
+            for &(m, n, k) in &[(1, 16, 1), (3, 16, 5), (4, 64, 64), (7, 48, 13), (64, 80, 64), (9, 112, 3)] {
+                let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 89) as f32 / 89.0 - 0.5).collect();
+                let want = naive(m, n, k, &a, &b);
+                let mut c = vec![1f32; m * n];
+                unsafe { gemm(isa, m, n, k, a.as_ptr(), k, b.as_ptr(), n, c.as_mut_ptr(), n, false) };
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-5, "{isa:?} {m}x{n}x{k}: {x} vs {y}");
+                }
+                unsafe { gemm(isa, m, n, k, a.as_ptr(), k, b.as_ptr(), n, c.as_mut_ptr(), n, true) };
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - 2.0 * y).abs() < 2e-5, "{isa:?} accumulate {m}x{n}x{k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_steps_match_scalar_on_every_path() {
+        let (rows, n) = (3, 32);
+        let src: Vec<f32> = (0..rows * n)
+            .map(|i| if i % 5 == 0 { f32::NEG_INFINITY } else { ((i * 37) % 23) as f32 / 4.0 - 3.0 })
+            .collect();
+        for isa in Isa::available() {
+            let mut s = src.clone();
+            let (mut m, mut l, mut alpha) = (vec![f32::NEG_INFINITY, 1.0, 10.0], vec![0.0, 2.0, 3.0], vec![0.0; 3]);
+            unsafe { online_softmax(isa, s.as_mut_ptr(), n, rows, n, &mut m, &mut l, &mut alpha) };
+            for r in 0..rows {
+                let row = &src[r * n..(r + 1) * n];
+                let m0 = [f32::NEG_INFINITY, 1.0, 10.0][r];
+                let m_new = row.iter().fold(m0, |a, &b| a.max(b));
+                assert_eq!(m[r], m_new, "{isa:?} max");
+                let a0 = if m0 == f32::NEG_INFINITY { 0.0 } else { (m0 - m_new).exp() };
+                assert!((alpha[r] - a0).abs() < 1e-6, "{isa:?} alpha");
+                let sum: f32 = row.iter().map(|&x| (x - m_new).exp()).sum();
+                let l_want = [0.0, 2.0, 3.0][r] * a0 + sum;
+                assert!((l[r] - l_want).abs() < 1e-5 * l_want, "{isa:?} l {} vs {l_want}", l[r]);
+                for j in 0..n {
+                    let want = (row[j] - m_new).exp();
+                    assert!((s[r * n + j] - want).abs() <= 1e-6 * want.max(1e-30), "{isa:?} p");
+                    if row[j] == f32::NEG_INFINITY {
+                        assert_eq!(s[r * n + j], 0.0);
+                    }
+                }
+            }
+        }
+    }
+}

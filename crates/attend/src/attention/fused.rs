@@ -1,0 +1,284 @@
+//! The fused path of the attention core: `attend_kernels::flash` (tiled online softmax, no `T × S` buffer) as a
+//! candle custom op with a backward pass.
+//!
+//! The mask is compiled into one of the kernel's specialised variants: no mask, causal, sliding window, or the
+//! general [`StandardMask`]; and no score mod, soft-cap, ALiBi, or the general [`StandardScore`] — so a plain
+//! causal call runs a kernel with no per-element mask code at all.
+//!
+//! Head dims that are not multiples of 16 are zero-padded around the op (differentiably); bf16/f16 run in f32.
+
+use std::sync::{Arc, Mutex};
+
+use attend_kernels::flash::masks::{
+    Alibi, Causal, NoMask, NoScoreMod, SlidingWindow, Softcap, StandardMask, StandardScore,
+};
+use attend_kernels::flash::{
+    flash_backward, flash_forward, flash_probabilities, FlashConfig, FlashDims, MaskMod, ScoreMod, QUANTUM,
+};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::mask::{Mask, ResolvedMask};
+use super::AttentionOptions;
+use crate::ops::MaskTensor;
+use crate::Result;
+
+/// Whether the fused kernel can serve this call; otherwise the core uses the materialised path.
+pub(crate) fn supported(q: &Tensor, mask: &Mask) -> bool {
+    let learned_bias = matches!(mask.tensor(), Some(MaskTensor::Additive(t)) if t.track_op());
+    q.device().is_cpu() && q.dtype() != DType::F64 && !learned_bias
+}
+
+/// Everything the kernels need, on the host, owned (the op outlives the call for its backward).
+struct Plan {
+    dims: FlashDims,
+    cfg: FlashConfig,
+    mask: ResolvedMask,
+    keep: Option<(Vec<u8>, [usize; 4])>,
+    bias: Option<(Vec<f32>, [usize; 4])>,
+    slopes: Option<Vec<f32>>,
+    softcap: Option<f32>,
+}
+
+/// Something to run with the plan's mask and score mod as concrete types.
+trait Visit {
+    type Out;
+    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out;
+}
+
+impl Plan {
+    fn offset(&self) -> isize {
+        self.dims.s as isize - self.dims.t as isize
+    }
+
+    fn with_score<V: Visit, M: MaskMod>(&self, v: V, mask: &M) -> V::Out {
+        let alibi = self.slopes.as_ref().map(|s| Alibi { slopes: s, offset: self.offset() });
+        match (self.softcap, alibi, &self.bias) {
+            (None, None, None) => v.run(self, mask, &NoScoreMod),
+            (Some(cap), None, None) => v.run(self, mask, &Softcap { cap }),
+            (None, Some(a), None) => v.run(self, mask, &a),
+            (softcap, alibi, bias) => {
+                let bias = bias.as_ref().map(|(d, st)| (&d[..], *st));
+                v.run(self, mask, &StandardScore { softcap, alibi, bias })
+            }
+        }
+    }
+
+    /// Picks the most specialised kernel variant for this mask.
+    fn visit<V: Visit>(&self, v: V) -> V::Out {
+        let m = &self.mask;
+        let offset = self.offset();
+        let general = m.per_batch() || self.keep.is_some();
+        match (m.causal, m.window, general) {
+            (false, None, false) => self.with_score(v, &NoMask),
+            (true, None, false) => self.with_score(v, &Causal { offset }),
+            (causal, Some((left, right)), false) => {
+                self.with_score(v, &SlidingWindow { offset, left, right: if causal { 0 } else { right } })
+            }
+            _ => {
+                let general = StandardMask {
+                    t: self.dims.t,
+                    s: self.dims.s,
+                    causal: m.causal,
+                    window: m.window,
+                    key_lengths: m.key_lengths.as_deref(),
+                    prefix_lengths: m.prefix_lengths.as_deref(),
+                    documents: m.documents.as_ref().map(|(a, b)| (&a[..], &b[..])),
+                    keep: self.keep.as_ref().map(|(d, st)| (&d[..], *st)),
+                };
+                self.with_score(v, &general)
+            }
+        }
+    }
+}
+
+/// A host copy of a mask tensor and its strides as a broadcast view of `(B, H, T, S)` (0 along broadcast axes).
+fn host_broadcast<T: candle_core::WithDType>(
+    t: &Tensor,
+    full: (usize, usize, usize, usize),
+) -> Result<(Vec<T>, [usize; 4])> {
+    let dims = t.dims();
+    let mut padded = [1usize; 4];
+    padded[4 - dims.len()..].copy_from_slice(dims);
+    let full = [full.0, full.1, full.2, full.3];
+    let mut strides = [0usize; 4];
+    let mut acc = 1;
+    for a in (0..4).rev() {
+        strides[a] = if padded[a] == 1 && full[a] != 1 { 0 } else { acc };
+        acc *= padded[a];
+    }
+    Ok((t.flatten_all()?.to_vec1::<T>()?, strides))
+}
+
+struct Forward<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl Visit for Forward<'_> {
+    type Out = (Vec<f32>, Vec<f32>);
+    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
+        let d = &plan.dims;
+        let mut o = vec![0f32; d.b * d.h * d.t * d.dv];
+        let mut lse = vec![0f32; d.b * d.h * d.t];
+        flash_forward(d, &plan.cfg, mask, score, self.q, self.k, self.v, &mut o, &mut lse);
+        (o, lse)
+    }
+}
+
+struct Backward<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    lse: &'a [f32],
+    dout: &'a [f32],
+}
+
+impl Visit for Backward<'_> {
+    type Out = (Vec<f32>, Vec<f32>, Vec<f32>);
+    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
+        let (mut dq, mut dk, mut dv) = (vec![0f32; self.q.len()], vec![0f32; self.k.len()], vec![0f32; self.v.len()]);
+        flash_backward(
+            &plan.dims, &plan.cfg, mask, score, self.q, self.k, self.v, self.o, self.lse, self.dout, &mut dq, &mut dk,
+            &mut dv,
+        );
+        (dq, dk, dv)
+    }
+}
+
+struct Probabilities<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    lse: &'a [f32],
+}
+
+impl Visit for Probabilities<'_> {
+    type Out = Vec<f32>;
+    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
+        let d = &plan.dims;
+        let mut out = Vec::with_capacity(d.b * d.h * d.t * d.s);
+        for b in 0..d.b {
+            for h in 0..d.h {
+                out.extend(flash_probabilities(d, &plan.cfg, mask, score, self.q, self.k, self.lse, b, h));
+            }
+        }
+        out
+    }
+}
+
+/// The candle op: inputs q, k, v (f32, contiguous, padded); output o. The log-sum-exp is kept for the backward.
+struct FlashOp {
+    plan: Arc<Plan>,
+    lse: Arc<Mutex<Vec<f32>>>,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("fused attention: {what} must be contiguous f32, got {:?}", s.dtype()),
+    }
+}
+
+impl CustomOp3 for FlashOp {
+    fn name(&self) -> &'static str {
+        "attend-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?);
+        let (o, lse) = self.plan.visit(Forward { q, k, v });
+        *self.lse.lock().unwrap() = lse;
+        let d = &self.plan.dims;
+        Ok((CpuStorage::F32(o), Shape::from((d.b, d.h, d.t, d.dv))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let read = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+        let (qv, kv, vv, ov, dov) = (read(q)?, read(k)?, read(v)?, read(o)?, read(dout)?);
+        let lse = self.lse.lock().unwrap().clone();
+        let (dq, dk, dv) = self.plan.visit(Backward { q: &qv, k: &kv, v: &vv, o: &ov, lse: &lse, dout: &dov });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Zero-pads the last axis to a multiple of the kernel's quantum (a no-op view when it already is one).
+fn pad_last(x: &Tensor) -> Result<Tensor> {
+    let n = x.dim(3)?;
+    let p = n.div_ceil(QUANTUM) * QUANTUM;
+    Ok(if p == n { x.contiguous()? } else { x.pad_with_zeros(3, 0, p - n)?.contiguous()? })
+}
+
+/// Output, weights and log-sum-exp through the fused kernel. The caller has validated shapes and resolved the mask.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask,
+    resolved: ResolvedMask,
+    scale: f64,
+    opts: &AttentionOptions,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let in_dtype = q.dtype();
+    let to32 = |x: &Tensor| -> Result<Tensor> {
+        Ok(if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? })
+    };
+    let (q32, k32, v32) = (pad_last(&to32(q)?)?, pad_last(&to32(k)?)?, pad_last(&to32(v)?)?);
+    let (b, h, t, dp) = q32.dims4()?;
+    let (_, hkv, s, dvp) = v32.dims4()?;
+    let dv = v.dim(3)?;
+    let full = (b, h, t, s);
+    let (keep, bias) = match mask.tensor() {
+        None => (None, None),
+        Some(MaskTensor::Keep(m)) => (Some(host_broadcast::<u8>(&m.to_dtype(DType::U8)?, full)?), None),
+        Some(MaskTensor::Additive(m)) => (None, Some(host_broadcast::<f32>(&m.to_dtype(DType::F32)?, full)?)),
+    };
+    let mut cfg = FlashConfig::new(scale as f32);
+    cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p as f32, d.seed));
+    let plan = Arc::new(Plan {
+        dims: FlashDims { b, h, hkv, t, s, d: dp, dv: dvp },
+        cfg,
+        slopes: resolved.alibi.as_ref().map(|a| a.iter().map(|&x| x as f32).collect()),
+        softcap: mask.softcap().map(|c| c as f32),
+        mask: resolved,
+        keep,
+        bias,
+    });
+    let lse_cell = Arc::new(Mutex::new(Vec::new()));
+    let op: Arc<Box<dyn CustomOp3 + Send + Sync>> =
+        Arc::new(Box::new(FlashOp { plan: plan.clone(), lse: lse_cell.clone() }));
+    let out = q32.apply_op3_arc(&k32, &v32, op)?; // (B, H, T, Dvp)
+    let out = if dvp == dv { out } else { out.narrow(3, 0, dv)? }; // (B, H, T, Dv)
+    let out = if in_dtype == DType::F32 { out } else { out.to_dtype(in_dtype)? };
+    let lse_host = lse_cell.lock().unwrap().clone();
+    let weights = if opts.need_weights {
+        let (qh, kh) = (q32.flatten_all()?.to_vec1::<f32>()?, k32.flatten_all()?.to_vec1::<f32>()?);
+        let p = plan.visit(Probabilities { q: &qh, k: &kh, lse: &lse_host });
+        Some(Tensor::from_vec(p, (b, h, t, s), q.device())?)
+    } else {
+        None
+    };
+    let lse = if opts.need_lse { Some(Tensor::from_vec(lse_host, (b, h, t), q.device())?) } else { None };
+    Ok((out, weights, lse))
+}
