@@ -6,17 +6,163 @@
 use rayon::prelude::*;
 
 use super::masks::{MaskMod, ScoreMod, TileKind};
+use super::simd::Isa;
 use super::tile::{gemm, online_softmax, scale_rows, QUANTUM};
 use super::{dropout_index, round_up, FlashConfig, FlashDims, SyncPtr};
 use crate::dropout::{drop_threshold, keep};
 
+/// An element type the forward pass can read: f32 (FMA tiles) or bf16 (AVX512-BF16 dot-product tiles). It decides
+/// how key and value tiles are packed and how the two products `Q Kᵀ` and `P V` run; everything between them (score
+/// mods, masks, the online softmax) is f32 and shared.
+pub trait Operand: Copy + Default + Send + Sync + 'static {
+    /// Whether [`pack_values`](Self::pack_values) packs (f32 reads value rows as they are).
+    const PACKS_VALUES: bool;
+    /// Packs keys `row0..row0+valid` (rows of `d`) for [`scores`](Self::scores), padded to `width` keys; `dst`
+    /// holds at least `d × width` elements.
+    fn pack_keys(k: &[Self], row0: usize, valid: usize, d: usize, width: usize, dst: &mut [Self]);
+    /// `s (rows × width) = q_rows · packed keys`.
+    ///
+    /// # Safety
+    /// `isa` is supported; `q` holds `rows × d` from its start; `width % QUANTUM == 0`.
+    unsafe fn scores(isa: Isa, rows: usize, width: usize, d: usize, q: &[Self], kt: &[Self], s: &mut [f32]);
+    /// Packs values `row0..row0+valid` (rows of `dv`) for [`accumulate`](Self::accumulate), padded to `width` rows;
+    /// `dst` holds at least `width × dv` elements.
+    fn pack_values(v: &[Self], row0: usize, valid: usize, dv: usize, width: usize, dst: &mut [Self]);
+    /// `acc (rows × dv) += p (rows × width) · values`; `v` is the unpacked tile (its first row), `packed` what
+    /// [`pack_values`](Self::pack_values) wrote, `scratch` free space.
+    ///
+    /// # Safety
+    /// As for [`scores`](Self::scores); padding probabilities beyond `valid` are 0.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn accumulate(
+        isa: Isa,
+        rows: usize,
+        dv: usize,
+        valid: usize,
+        width: usize,
+        p: &[f32],
+        v: &[Self],
+        packed: &[Self],
+        scratch: &mut Vec<Self>,
+        acc: &mut [f32],
+    );
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Operand for f32 {
+    const PACKS_VALUES: bool = false;
+    fn pack_keys(k: &[f32], row0: usize, valid: usize, d: usize, width: usize, dst: &mut [f32]) {
+        pack_transposed(k, row0, valid, d, width, dst);
+    }
+    unsafe fn scores(isa: Isa, rows: usize, width: usize, d: usize, q: &[f32], kt: &[f32], s: &mut [f32]) {
+        gemm(isa, rows, width, d, q.as_ptr(), d, kt.as_ptr(), width, s.as_mut_ptr(), width, false)
+    }
+    fn pack_values(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {}
+    unsafe fn accumulate(
+        isa: Isa,
+        rows: usize,
+        dv: usize,
+        valid: usize,
+        width: usize,
+        p: &[f32],
+        v: &[f32],
+        _: &[f32],
+        _: &mut Vec<f32>,
+        acc: &mut [f32],
+    ) {
+        gemm(isa, rows, dv, valid, p.as_ptr(), width, v.as_ptr(), dv, acc.as_mut_ptr(), dv, true)
+    }
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+}
+
+/// A bf16 value as its bits (the upper half of an f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Operand for Bf16 {
+    const PACKS_VALUES: bool = true;
+    /// Pairs along the head dimension: `dst[(p·width + c)·2 + e] = k[c][2p + e]`.
+    fn pack_keys(k: &[Bf16], row0: usize, valid: usize, d: usize, width: usize, dst: &mut [Bf16]) {
+        dst[..d * width].fill(Bf16(0));
+        for c in 0..valid {
+            let row = &k[(row0 + c) * d..(row0 + c + 1) * d];
+            for (dd, &x) in row.iter().enumerate() {
+                dst[((dd / 2) * width + c) * 2 + dd % 2] = x;
+            }
+        }
+    }
+    unsafe fn scores(_: Isa, rows: usize, width: usize, d: usize, q: &[Bf16], kt: &[Bf16], s: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        super::tile::gemm_bf16(
+            rows,
+            width,
+            d / 2,
+            q.as_ptr() as *const u32,
+            d / 2,
+            kt.as_ptr() as *const u16,
+            s.as_mut_ptr(),
+            width,
+            false,
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 dot products need x86-64 ({rows}, {width}, {d}, {}, {}, {})", q.len(), kt.len(), s.len());
+    }
+    /// Pairs along the keys: `dst[(p·dv + e)·2 + x] = v[2p + x][e]`, zero rows up to `width`.
+    fn pack_values(v: &[Bf16], row0: usize, valid: usize, dv: usize, width: usize, dst: &mut [Bf16]) {
+        dst[..width * dv].fill(Bf16(0));
+        for j in 0..valid {
+            let row = &v[(row0 + j) * dv..(row0 + j + 1) * dv];
+            for (e, &x) in row.iter().enumerate() {
+                dst[((j / 2) * dv + e) * 2 + j % 2] = x;
+            }
+        }
+    }
+    unsafe fn accumulate(
+        _: Isa,
+        rows: usize,
+        dv: usize,
+        _valid: usize,
+        width: usize,
+        p: &[f32],
+        _: &[Bf16],
+        packed: &[Bf16],
+        scratch: &mut Vec<Bf16>,
+        acc: &mut [f32],
+    ) {
+        // Probabilities go to bf16 for the product (FlashAttention does the same); sums stay f32.
+        scratch.resize(rows * width, Bf16(0));
+        #[cfg(target_arch = "x86_64")]
+        super::tile::convert_to_bf16(&p[..rows * width], scratch.as_mut_ptr() as *mut u16);
+        #[cfg(target_arch = "x86_64")]
+        super::tile::gemm_bf16(
+            rows,
+            dv,
+            width / 2,
+            scratch.as_ptr() as *const u32,
+            width / 2,
+            packed.as_ptr() as *const u16,
+            acc.as_mut_ptr(),
+            dv,
+            true,
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 dot products need x86-64 ({dv}, {}, {})", packed.len(), acc.len());
+    }
+    fn from_f32(x: f32) -> Bf16 {
+        Bf16(super::tile::f32_to_bf16(x))
+    }
+}
+
 /// Scores of query rows `i0..i0+rows` of `(b, h)` against keys `j0..j0+valid`, into `s` (`rows × width`, `width` =
 /// `valid` rounded up to [`QUANTUM`]): `scale·q·k`, the score mod, the mask (invisible and padding columns −∞).
 /// When `raw` is given it receives the scaled scores before the score mod (the backward needs them for the chain
-/// rule). `kt` is the packed `Kᵀ` tile (`D × width`).
+/// rule). `kt` is the packed key tile.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) fn score_tile<M: MaskMod, F: ScoreMod>(
+pub(crate) fn score_tile<E: Operand, M: MaskMod, F: ScoreMod>(
     dims: &FlashDims,
     cfg: &FlashConfig,
     mask: &M,
@@ -24,15 +170,15 @@ pub(crate) fn score_tile<M: MaskMod, F: ScoreMod>(
     kind: TileKind,
     (b, h, i0, rows): (usize, usize, usize, usize),
     (j0, valid, width): (usize, usize, usize),
-    q: &[f32],
-    kt: &[f32],
+    q: &[E],
+    kt: &[E],
     s: &mut [f32],
     mut raw: Option<&mut [f32]>,
 ) {
     let d = dims.d;
     let qrow = ((b * dims.h + h) * dims.t + i0) * d;
-    // SAFETY: q holds rows × D from qrow, kt holds D × width, s holds rows × width; width % QUANTUM == 0.
-    unsafe { gemm(cfg.isa, rows, width, d, q[qrow..].as_ptr(), d, kt.as_ptr(), width, s.as_mut_ptr(), width, false) };
+    // SAFETY: q holds rows × D from qrow, kt the packed tile, s holds rows × width; width % QUANTUM == 0.
+    unsafe { E::scores(cfg.isa, rows, width, d, &q[qrow..], kt, s) };
     for r in 0..rows {
         let i = i0 + r;
         let row = &mut s[r * width..(r + 1) * width];
@@ -99,6 +245,40 @@ pub fn flash_forward<M: MaskMod, F: ScoreMod>(
     o: &mut [f32],
     lse: &mut [f32],
 ) {
+    forward::<f32, M, F>(dims, cfg, mask, score, q, k, v, o, lse)
+}
+
+/// [`flash_forward`] on bf16 storage with AVX512-BF16 dot products (f32 accumulation, f32 softmax).
+///
+/// Panics unless [`bf16_dot_supported`](super::tile::bf16_dot_supported) — callers convert to f32 otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_forward_bf16<M: MaskMod, F: ScoreMod>(
+    dims: &FlashDims,
+    cfg: &FlashConfig,
+    mask: &M,
+    score: &F,
+    q: &[Bf16],
+    k: &[Bf16],
+    v: &[Bf16],
+    o: &mut [Bf16],
+    lse: &mut [f32],
+) {
+    assert!(super::tile::bf16_dot_supported(), "flash_forward_bf16: this CPU has no AVX512-BF16");
+    forward::<Bf16, M, F>(dims, cfg, mask, score, q, k, v, o, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
+    dims: &FlashDims,
+    cfg: &FlashConfig,
+    mask: &M,
+    score: &F,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    o: &mut [E],
+    lse: &mut [f32],
+) {
     dims.check(q.len(), k.len(), v.len()).unwrap();
     assert!(o.len() == dims.b * dims.h * dims.t * dims.dv && lse.len() == dims.b * dims.h * dims.t);
     assert!(cfg.isa.supported() && cfg.block_k % QUANTUM == 0 && cfg.block_q > 0);
@@ -106,66 +286,102 @@ pub fn flash_forward<M: MaskMod, F: ScoreMod>(
     let (br, bc) = (cfg.block_q, cfg.block_k);
     let group = nh / hkv;
     let q_blocks = t.div_ceil(br);
-    let (o_ptr, lse_ptr) = (SyncPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
+    let key_tiles = s.div_ceil(bc);
+    // A task serves one K/V head: it packs that head's keys (and values) once, then runs every query head of the
+    // group over its query blocks. Heads are split into interleaved query-block chunks when there are fewer heads
+    // than threads (interleaving evens out causal work, which grows with the query index).
+    let chunks = (4 * rayon::current_num_threads()).div_ceil(nb * hkv).clamp(1, q_blocks);
+    let (o_ptr, lse_ptr) = (SendPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
+    let (k_stride, v_stride) = (d * bc, if E::PACKS_VALUES { bc * dv } else { 0 });
 
-    (0..nb * nh * q_blocks).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; d * bc],
-                vec![0f32; br * bc],
-                vec![0f32; br * dv],
-                vec![0f32; br],
-                vec![0f32; br],
-                vec![0f32; br],
-            )
-        },
-        |(kt, st, acc, m, l, alpha), task| {
-            let (bh, qb) = (task / q_blocks, task % q_blocks);
-            let (b, h) = (bh / nh, bh % nh);
-            let kvh = b * hkv + h / group;
-            let i0 = qb * br;
-            let rows = br.min(t - i0);
-            m[..rows].fill(f32::NEG_INFINITY);
-            l[..rows].fill(0.0);
-            acc[..rows * dv].fill(0.0);
-            for j0 in (0..s).step_by(bc) {
-                let valid = bc.min(s - j0);
-                let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
-                if kind == TileKind::Empty {
-                    continue;
+    (0..nb * hkv * chunks).into_par_iter().for_each(|task| {
+        let (kvh, chunk) = (task / chunks, task % chunks);
+        let b = kvh / hkv;
+        let mut kp = vec![E::default(); key_tiles * k_stride];
+        let mut vp = vec![E::default(); key_tiles * v_stride];
+        for tile in 0..key_tiles {
+            let (j0, valid) = (tile * bc, bc.min(s - tile * bc));
+            let width = round_up(valid, QUANTUM);
+            E::pack_keys(k, kvh * s + j0, valid, d, width, &mut kp[tile * k_stride..]);
+            if E::PACKS_VALUES {
+                E::pack_values(v, kvh * s + j0, valid, dv, width, &mut vp[tile * v_stride..]);
+            }
+        }
+        let f = |n| vec![0f32; n];
+        let (mut st, mut acc, mut m, mut l, mut alpha) = (f(br * bc), f(br * dv), f(br), f(br), f(br));
+        let mut scratch = Vec::new();
+        for qb in (chunk..q_blocks).step_by(chunks) {
+            for h in (kvh % hkv) * group..(kvh % hkv + 1) * group {
+                let bh = b * nh + h;
+                let i0 = qb * br;
+                let rows = br.min(t - i0);
+                m[..rows].fill(f32::NEG_INFINITY);
+                l[..rows].fill(0.0);
+                acc[..rows * dv].fill(0.0);
+                for tile in 0..key_tiles {
+                    let (j0, valid) = (tile * bc, bc.min(s - tile * bc));
+                    let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
+                    if kind == TileKind::Empty {
+                        continue;
+                    }
+                    let width = round_up(valid, QUANTUM);
+                    let kt = &kp[tile * k_stride..(tile + 1) * k_stride];
+                    score_tile(
+                        dims,
+                        cfg,
+                        mask,
+                        score,
+                        kind,
+                        (b, h, i0, rows),
+                        (j0, valid, width),
+                        q,
+                        kt,
+                        &mut st,
+                        None,
+                    );
+                    // SAFETY: st holds rows × width; acc rows × dv; v holds `valid` rows of dv from the tile start.
+                    unsafe {
+                        online_softmax(cfg.isa, st.as_mut_ptr(), width, rows, width, &mut m, &mut l, &mut alpha);
+                        scale_rows(cfg.isa, acc.as_mut_ptr(), dv, rows, dv, &alpha);
+                    }
+                    if let Some(dp) = cfg.dropout {
+                        dropout_tile(dims, dp, (b, h, i0, rows), (j0, valid, width), &mut st);
+                    }
+                    unsafe {
+                        let v_tile = &v[(kvh * s + j0) * dv..];
+                        let packed = &vp[tile * v_stride..(tile + 1) * v_stride];
+                        E::accumulate(cfg.isa, rows, dv, valid, width, &st, v_tile, packed, &mut scratch, &mut acc);
+                    }
                 }
-                let width = round_up(valid, QUANTUM);
-                pack_transposed(k, kvh * s + j0, valid, d, width, kt);
-                score_tile(dims, cfg, mask, score, kind, (b, h, i0, rows), (j0, valid, width), q, kt, st, None);
-                // SAFETY: st holds rows × width; acc rows × dv; v holds `valid` rows of dv from the tile start.
-                unsafe {
-                    online_softmax(cfg.isa, st.as_mut_ptr(), width, rows, width, m, l, alpha);
-                    scale_rows(cfg.isa, acc.as_mut_ptr(), dv, rows, dv, alpha);
-                }
-                if let Some(dp) = cfg.dropout {
-                    dropout_tile(dims, dp, (b, h, i0, rows), (j0, valid, width), st);
-                }
-                unsafe {
-                    let vt = v[(kvh * s + j0) * dv..].as_ptr();
-                    gemm(cfg.isa, rows, dv, valid, st.as_ptr(), width, vt, dv, acc.as_mut_ptr(), dv, true);
+                // SAFETY: this task alone writes rows i0..i0+rows of head (b, h).
+                let out = unsafe { std::slice::from_raw_parts_mut(o_ptr.get().add((bh * t + i0) * dv), rows * dv) };
+                let lse_out = unsafe { std::slice::from_raw_parts_mut(lse_ptr.get().add(bh * t + i0), rows) };
+                for r in 0..rows {
+                    let row = &mut out[r * dv..(r + 1) * dv];
+                    if l[r] == 0.0 {
+                        row.fill(E::from_f32(0.0));
+                        lse_out[r] = f32::NEG_INFINITY;
+                    } else {
+                        let inv = 1.0 / l[r];
+                        row.iter_mut().zip(&acc[r * dv..(r + 1) * dv]).for_each(|(o, a)| *o = E::from_f32(a * inv));
+                        lse_out[r] = m[r] + l[r].ln();
+                    }
                 }
             }
-            // SAFETY: this task alone writes rows i0..i0+rows of head (b, h).
-            let out = unsafe { std::slice::from_raw_parts_mut(o_ptr.get().add((bh * t + i0) * dv), rows * dv) };
-            let lse_out = unsafe { std::slice::from_raw_parts_mut(lse_ptr.get().add(bh * t + i0), rows) };
-            for r in 0..rows {
-                let row = &mut out[r * dv..(r + 1) * dv];
-                if l[r] == 0.0 {
-                    row.fill(0.0);
-                    lse_out[r] = f32::NEG_INFINITY;
-                } else {
-                    let inv = 1.0 / l[r];
-                    row.iter_mut().zip(&acc[r * dv..(r + 1) * dv]).for_each(|(o, a)| *o = a * inv);
-                    lse_out[r] = m[r] + l[r].ln();
-                }
-            }
-        },
-    );
+        }
+    });
+}
+
+/// A raw pointer to output elements of any type, shared by tasks that write disjoint regions.
+#[derive(Clone, Copy)]
+struct SendPtr<E>(*mut E);
+unsafe impl<E> Send for SendPtr<E> {}
+unsafe impl<E> Sync for SendPtr<E> {}
+impl<E> SendPtr<E> {
+    #[inline(always)]
+    fn get(self) -> *mut E {
+        self.0
+    }
 }
 
 /// The attention probabilities `(T, S)` of one `(b, h)`, recomputed from the saved log-sum-exp — for looking at
@@ -191,7 +407,7 @@ pub fn flash_probabilities<M: MaskMod, F: ScoreMod>(
     for j0 in (0..s).step_by(bc) {
         let valid = bc.min(s - j0);
         let width = round_up(valid, QUANTUM);
-        pack_transposed(k, kvh * s + j0, valid, d, width, &mut kt);
+        f32::pack_keys(k, kvh * s + j0, valid, d, width, &mut kt);
         for i0 in (0..t).step_by(br) {
             let rows = br.min(t - i0);
             let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);

@@ -23,10 +23,10 @@ pub mod simd;
 mod tile;
 
 pub use backward::flash_backward;
-pub use forward::{flash_forward, flash_probabilities};
+pub use forward::{flash_forward, flash_forward_bf16, flash_probabilities, Bf16, Operand};
 pub use masks::{MaskMod, ScoreMod, TileKind};
 pub use simd::Isa;
-pub use tile::QUANTUM;
+pub use tile::{bf16_dot_supported, bf16_to_f32, f32_to_bf16, QUANTUM};
 
 /// Sizes of one attention call (the vocabulary of the attend crate).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
