@@ -350,3 +350,38 @@ fn learned_relative_bias_trains_through_the_core() {
     let g = weighted_sum(&out, &randn(&[b, h, t, d], 64, DType::F32)).backward().unwrap();
     assert_all_grads_finite_nonzero("relative bias", &varmap_vars(&vm), &g);
 }
+
+#[test]
+fn bf16_storage_matches_f32_within_bf16_precision() {
+    // bf16 inputs run the fused forward with bf16 dot products (where the CPU has them) and the backward in f32.
+    let (b, h, hkv, t, s, d) = (2, 4, 2, 37, 45, 64);
+    let q = randn(&[b, h, t, d], 71, DType::F32);
+    let k = randn(&[b, hkv, s, d], 72, DType::F32);
+    let v = randn(&[b, hkv, s, d], 73, DType::F32);
+    let to_bf = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+    let (qb, kb, vb) = (to_bf(&q), to_bf(&k), to_bf(&v));
+    // The f32 reference sees exactly the bf16-rounded inputs.
+    let up = |x: &Var| Var::from_tensor(&x.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+    let (qf, kf, vf) = (up(&qb), up(&kb), up(&vb));
+    let dout = randn(&[b, h, t, d], 74, DType::F32);
+    for mask in [Mask::none(), Mask::causal().with_alibi()] {
+        let ob = run(qb.as_tensor(), kb.as_tensor(), vb.as_tensor(), &mask, AttentionImpl::Fused);
+        let of = run(qf.as_tensor(), kf.as_tensor(), vf.as_tensor(), &mask, AttentionImpl::Reference);
+        assert_eq!(ob.out.dtype(), DType::BF16);
+        let bf = Tol { atol: 2e-2, rtol: 2e-2 };
+        assert_close("bf16 out", &ob.out.to_dtype(DType::F32).unwrap(), &of.out, bf);
+        assert_close("bf16 lse", ob.lse.as_ref().unwrap(), of.lse.as_ref().unwrap(), Tol { atol: 1e-4, rtol: 1e-4 });
+        let gb = weighted_sum(&ob.out.to_dtype(DType::F32).unwrap(), &dout).backward().unwrap();
+        let gf = weighted_sum(&of.out, &dout).backward().unwrap();
+        for (xb, xf) in [(&qb, &qf), (&kb, &kf), (&vb, &vf)] {
+            let got = gb.get(xb.as_tensor()).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            assert_close(
+                "bf16 grad",
+                &got.to_dtype(DType::F32).unwrap(),
+                gf.get(xf.as_tensor()).unwrap(),
+                Tol { atol: 5e-2, rtol: 3e-2 },
+            );
+        }
+    }
+}

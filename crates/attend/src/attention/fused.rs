@@ -5,7 +5,8 @@
 //! general [`StandardMask`]; and no score mod, soft-cap, ALiBi, or the general [`StandardScore`] — so a plain
 //! causal call runs a kernel with no per-element mask code at all.
 //!
-//! Head dims that are not multiples of 16 are zero-padded around the op (differentiably); bf16/f16 run in f32.
+//! Head dims that are not multiples of 16 are zero-padded around the op (differentiably). bf16 storage runs the
+//! forward with AVX512-BF16 dot products where the CPU has them (the backward in f32); f16 runs in f32.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +14,8 @@ use attend_kernels::flash::masks::{
     Alibi, Causal, NoMask, NoScoreMod, SlidingWindow, Softcap, StandardMask, StandardScore,
 };
 use attend_kernels::flash::{
-    flash_backward, flash_forward, flash_probabilities, FlashConfig, FlashDims, MaskMod, ScoreMod, QUANTUM,
+    bf16_dot_supported, flash_backward, flash_forward, flash_forward_bf16, flash_probabilities, Bf16, FlashConfig,
+    FlashDims, MaskMod, ScoreMod, QUANTUM,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -110,20 +112,31 @@ fn host_broadcast<T: candle_core::WithDType>(
     Ok((t.flatten_all()?.to_vec1::<T>()?, strides))
 }
 
-struct Forward<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+/// The forward on f32 or (with AVX512-BF16) bf16 storage; returns the output storage and the log-sum-exp.
+enum Forward<'a> {
+    F32(&'a [f32], &'a [f32], &'a [f32]),
+    Bf16(&'a [Bf16], &'a [Bf16], &'a [Bf16]),
 }
 
 impl Visit for Forward<'_> {
-    type Out = (Vec<f32>, Vec<f32>);
+    type Out = (CpuStorage, Vec<f32>);
     fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
         let d = &plan.dims;
-        let mut o = vec![0f32; d.b * d.h * d.t * d.dv];
+        let n = d.b * d.h * d.t * d.dv;
         let mut lse = vec![0f32; d.b * d.h * d.t];
-        flash_forward(d, &plan.cfg, mask, score, self.q, self.k, self.v, &mut o, &mut lse);
-        (o, lse)
+        let out = match self {
+            Forward::F32(q, k, v) => {
+                let mut o = vec![0f32; n];
+                flash_forward(d, &plan.cfg, mask, score, q, k, v, &mut o, &mut lse);
+                CpuStorage::F32(o)
+            }
+            Forward::Bf16(q, k, v) => {
+                let mut o = vec![Bf16(0); n];
+                flash_forward_bf16(d, &plan.cfg, mask, score, q, k, v, &mut o, &mut lse);
+                CpuStorage::BF16(o.into_iter().map(|x| half::bf16::from_bits(x.0)).collect())
+            }
+        };
+        (out, lse)
     }
 }
 
@@ -181,6 +194,17 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
+fn bf16_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [Bf16]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::BF16(v), Some((a, b))) => {
+            let v = &v[a..b];
+            // SAFETY: half::bf16 and Bf16 are both transparent wrappers of the same u16 bits.
+            Ok(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const Bf16, v.len()) })
+        }
+        _ => candle_core::bail!("fused attention: {what} must be contiguous bf16, got {:?}", s.dtype()),
+    }
+}
+
 impl CustomOp3 for FlashOp {
     fn name(&self) -> &'static str {
         "attend-flash-attention"
@@ -195,11 +219,15 @@ impl CustomOp3 for FlashOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?);
-        let (o, lse) = self.plan.visit(Forward { q, k, v });
+        let inputs = if s1.dtype() == DType::BF16 {
+            Forward::Bf16(bf16_slice(s1, l1, "q")?, bf16_slice(s2, l2, "k")?, bf16_slice(s3, l3, "v")?)
+        } else {
+            Forward::F32(f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?)
+        };
+        let (o, lse) = self.plan.visit(inputs);
         *self.lse.lock().unwrap() = lse;
         let d = &self.plan.dims;
-        Ok((CpuStorage::F32(o), Shape::from((d.b, d.h, d.t, d.dv))))
+        Ok((o, Shape::from((d.b, d.h, d.t, d.dv))))
     }
 
     fn bwd(
@@ -210,16 +238,15 @@ impl CustomOp3 for FlashOp {
         o: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let read = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+        // bf16 storage runs its backward in f32 (the gradients go back to bf16 below).
+        let read =
+            |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
         let (qv, kv, vv, ov, dov) = (read(q)?, read(k)?, read(v)?, read(o)?, read(dout)?);
         let lse = self.lse.lock().unwrap().clone();
         let (dq, dk, dv) = self.plan.visit(Backward { q: &qv, k: &kv, v: &vv, o: &ov, lse: &lse, dout: &dov });
         let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        let back = |g: Vec<f32>, like: &Tensor| Tensor::from_vec(g, like.shape(), dev)?.to_dtype(like.dtype());
+        Ok((Some(back(dq, q)?), Some(back(dk, k)?), Some(back(dv, v)?)))
     }
 }
 
@@ -241,10 +268,12 @@ pub(crate) fn attention(
     opts: &AttentionOptions,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let in_dtype = q.dtype();
-    let to32 = |x: &Tensor| -> Result<Tensor> {
-        Ok(if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? })
+    // f32 runs as it is, bf16 too where the CPU has bf16 dot products; anything else goes through f32.
+    let kernel_dtype = if in_dtype == DType::BF16 && bf16_dot_supported() { DType::BF16 } else { DType::F32 };
+    let cast = |x: &Tensor| -> Result<Tensor> {
+        Ok(if x.dtype() == kernel_dtype { x.clone() } else { x.to_dtype(kernel_dtype)? })
     };
-    let (q32, k32, v32) = (pad_last(&to32(q)?)?, pad_last(&to32(k)?)?, pad_last(&to32(v)?)?);
+    let (q32, k32, v32) = (pad_last(&cast(q)?)?, pad_last(&cast(k)?)?, pad_last(&cast(v)?)?);
     let (b, h, t, dp) = q32.dims4()?;
     let (_, hkv, s, dvp) = v32.dims4()?;
     let dv = v.dim(3)?;
@@ -270,10 +299,11 @@ pub(crate) fn attention(
         Arc::new(Box::new(FlashOp { plan: plan.clone(), lse: lse_cell.clone() }));
     let out = q32.apply_op3_arc(&k32, &v32, op)?; // (B, H, T, Dvp)
     let out = if dvp == dv { out } else { out.narrow(3, 0, dv)? }; // (B, H, T, Dv)
-    let out = if in_dtype == DType::F32 { out } else { out.to_dtype(in_dtype)? };
+    let out = if in_dtype == kernel_dtype { out } else { out.to_dtype(in_dtype)? };
     let lse_host = lse_cell.lock().unwrap().clone();
     let weights = if opts.need_weights {
-        let (qh, kh) = (q32.flatten_all()?.to_vec1::<f32>()?, k32.flatten_all()?.to_vec1::<f32>()?);
+        let host = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let (qh, kh) = (host(&q32)?, host(&k32)?);
         let p = plan.visit(Probabilities { q: &qh, k: &kh, lse: &lse_host });
         Some(Tensor::from_vec(p, (b, h, t, s), q.device())?)
     } else {
