@@ -114,8 +114,22 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
                     let tile = (b, h, i0, rows);
                     let keys = (j0, valid, width);
                     let raw_opt = if F::ACTIVE { Some(&mut raw[..]) } else { None };
-                    score_tile::<f32, M, F>(dims, cfg, mask, score, kind, tile, keys, q, &kt, &mut st, raw_opt);
                     let row0 = bh * t + i0;
+                    let scale = Some(cfg.scale);
+                    score_tile::<f32, M, F>(
+                        dims,
+                        cfg,
+                        mask,
+                        score,
+                        kind,
+                        tile,
+                        keys,
+                        &q[row0 * d..],
+                        scale,
+                        &kt,
+                        &mut st,
+                        raw_opt,
+                    );
                     let (q_rows, do_rows) = (&q[row0 * d..], &dout[row0 * dv..]);
                     // SAFETY (all tile calls): buffers hold rows × width / valid × d / valid × dv as used; widths
                     // are multiples of QUANTUM; the dQ rows of head bh belong to this task (see module docs).

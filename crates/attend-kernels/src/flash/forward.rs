@@ -17,6 +17,11 @@ use crate::dropout::{drop_threshold, keep};
 pub trait Operand: Copy + Default + Send + Sync + 'static {
     /// Whether [`pack_values`](Self::pack_values) packs (f32 reads value rows as they are).
     const PACKS_VALUES: bool;
+    /// Whether query rows are multiplied by the scale before the product (exact enough in f32; bf16 would round
+    /// the scaled queries again, so it scales the f32 scores instead).
+    const PRESCALE: bool;
+    /// `self · c`, for prescaling.
+    fn scaled(self, c: f32) -> Self;
     /// Packs keys `row0..row0+valid` (rows of `d`) for [`scores`](Self::scores), padded to `width` keys; `dst`
     /// holds at least `d × width` elements.
     fn pack_keys(k: &[Self], row0: usize, valid: usize, d: usize, width: usize, dst: &mut [Self]);
@@ -51,6 +56,10 @@ pub trait Operand: Copy + Default + Send + Sync + 'static {
 
 impl Operand for f32 {
     const PACKS_VALUES: bool = false;
+    const PRESCALE: bool = true;
+    fn scaled(self, c: f32) -> f32 {
+        self * c
+    }
     fn pack_keys(k: &[f32], row0: usize, valid: usize, d: usize, width: usize, dst: &mut [f32]) {
         pack_transposed(k, row0, valid, d, width, dst);
     }
@@ -84,6 +93,10 @@ pub struct Bf16(pub u16);
 
 impl Operand for Bf16 {
     const PACKS_VALUES: bool = true;
+    const PRESCALE: bool = false;
+    fn scaled(self, _: f32) -> Bf16 {
+        self
+    }
     /// Pairs along the head dimension: `dst[(p·width + c)·2 + e] = k[c][2p + e]`.
     fn pack_keys(k: &[Bf16], row0: usize, valid: usize, d: usize, width: usize, dst: &mut [Bf16]) {
         dst[..d * width].fill(Bf16(0));
@@ -158,8 +171,9 @@ impl Operand for Bf16 {
 
 /// Scores of query rows `i0..i0+rows` of `(b, h)` against keys `j0..j0+valid`, into `s` (`rows × width`, `width` =
 /// `valid` rounded up to [`QUANTUM`]): `scale·q·k`, the score mod, the mask (invisible and padding columns −∞).
-/// When `raw` is given it receives the scaled scores before the score mod (the backward needs them for the chain
-/// rule). `kt` is the packed key tile.
+/// `q_rows` starts at the tile's first query row; `scale` is `None` when those rows are already scaled. When `raw`
+/// is given it receives the scaled scores before the score mod (the backward needs them for the chain rule). `kt`
+/// is the packed key tile.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) fn score_tile<E: Operand, M: MaskMod, F: ScoreMod>(
@@ -170,20 +184,24 @@ pub(crate) fn score_tile<E: Operand, M: MaskMod, F: ScoreMod>(
     kind: TileKind,
     (b, h, i0, rows): (usize, usize, usize, usize),
     (j0, valid, width): (usize, usize, usize),
-    q: &[E],
+    q_rows: &[E],
+    scale: Option<f32>,
     kt: &[E],
     s: &mut [f32],
     mut raw: Option<&mut [f32]>,
 ) {
-    let d = dims.d;
-    let qrow = ((b * dims.h + h) * dims.t + i0) * d;
-    // SAFETY: q holds rows × D from qrow, kt the packed tile, s holds rows × width; width % QUANTUM == 0.
-    unsafe { E::scores(cfg.isa, rows, width, d, &q[qrow..], kt, s) };
+    // SAFETY: q_rows holds rows × D, kt the packed tile, s holds rows × width; width % QUANTUM == 0.
+    unsafe { E::scores(cfg.isa, rows, width, dims.d, q_rows, kt, s) };
+    if !F::ACTIVE && kind == TileKind::Full && scale.is_none() && valid == width {
+        return; // nothing to do per element: the common case of an unmasked interior tile
+    }
     for r in 0..rows {
         let i = i0 + r;
         let row = &mut s[r * width..(r + 1) * width];
         let (live, pad) = row.split_at_mut(valid);
-        live.iter_mut().for_each(|x| *x *= cfg.scale);
+        if let Some(c) = scale {
+            live.iter_mut().for_each(|x| *x *= c);
+        }
         if let Some(raw) = raw.as_deref_mut() {
             raw[r * width..r * width + valid].copy_from_slice(live);
         }
@@ -309,7 +327,7 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
         }
         let f = |n| vec![0f32; n];
         let (mut st, mut acc, mut m, mut l, mut alpha) = (f(br * bc), f(br * dv), f(br), f(br), f(br));
-        let mut scratch = Vec::new();
+        let (mut scratch, mut qs) = (Vec::new(), Vec::new());
         for qb in (chunk..q_blocks).step_by(chunks) {
             for h in (kvh % hkv) * group..(kvh % hkv + 1) * group {
                 let bh = b * nh + h;
@@ -318,6 +336,11 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
                 m[..rows].fill(f32::NEG_INFINITY);
                 l[..rows].fill(0.0);
                 acc[..rows * dv].fill(0.0);
+                if E::PRESCALE {
+                    // Scale once per query block instead of once per score.
+                    qs.clear();
+                    qs.extend(q[(bh * t + i0) * d..][..rows * d].iter().map(|&x| x.scaled(cfg.scale)));
+                }
                 for tile in 0..key_tiles {
                     let (j0, valid) = (tile * bc, bc.min(s - tile * bc));
                     let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
@@ -326,19 +349,11 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
                     }
                     let width = round_up(valid, QUANTUM);
                     let kt = &kp[tile * k_stride..(tile + 1) * k_stride];
-                    score_tile(
-                        dims,
-                        cfg,
-                        mask,
-                        score,
-                        kind,
-                        (b, h, i0, rows),
-                        (j0, valid, width),
-                        q,
-                        kt,
-                        &mut st,
-                        None,
-                    );
+                    let q_rows = if E::PRESCALE { &qs[..] } else { &q[(bh * t + i0) * d..] };
+                    let scale = if E::PRESCALE { None } else { Some(cfg.scale) };
+                    let tile_ids = (b, h, i0, rows);
+                    let keys = (j0, valid, width);
+                    score_tile(dims, cfg, mask, score, kind, tile_ids, keys, q_rows, scale, kt, &mut st, None);
                     // SAFETY: st holds rows × width; acc rows × dv; v holds `valid` rows of dv from the tile start.
                     unsafe {
                         online_softmax(cfg.isa, st.as_mut_ptr(), width, rows, width, &mut m, &mut l, &mut alpha);
@@ -414,7 +429,9 @@ pub fn flash_probabilities<M: MaskMod, F: ScoreMod>(
             if kind == TileKind::Empty {
                 continue;
             }
-            score_tile(dims, cfg, mask, score, kind, (b, h, i0, rows), (j0, valid, width), q, &kt, &mut st, None);
+            let q_rows = &q[((b * nh + h) * t + i0) * d..];
+            let (tile, keys) = ((b, h, i0, rows), (j0, valid, width));
+            score_tile(dims, cfg, mask, score, kind, tile, keys, q_rows, Some(cfg.scale), &kt, &mut st, None);
             let lse_rows = &lse[(b * nh + h) * t + i0..][..rows];
             // SAFETY: st holds rows × width.
             unsafe { super::tile::exp_minus_lse(cfg.isa, st.as_mut_ptr(), width, rows, width, lse_rows) };
