@@ -8,6 +8,10 @@
 use super::simd::{Avx2, Avx512};
 use super::simd::{Isa, Portable, Simd};
 
+/// Rows per AVX-512 micro-tile: 6 rows × 4 vectors = 24 accumulators of the 32 registers, leaving room for the
+/// four B vectors and the broadcast A.
+const AVX512_MR: usize = 6;
+
 /// Width quantum every tile is padded to (one AVX-512 vector; two AVX2 / portable vectors).
 pub const QUANTUM: usize = 16;
 
@@ -65,6 +69,10 @@ unsafe fn micro_rows<S: Simd, const NV: usize>(
     acc: bool,
 ) {
     match mr {
+        8 => micro::<S, 8, NV>(k, a, lda, b, ldb, c, ldc, acc),
+        7 => micro::<S, 7, NV>(k, a, lda, b, ldb, c, ldc, acc),
+        6 => micro::<S, 6, NV>(k, a, lda, b, ldb, c, ldc, acc),
+        5 => micro::<S, 5, NV>(k, a, lda, b, ldb, c, ldc, acc),
         4 => micro::<S, 4, NV>(k, a, lda, b, ldb, c, ldc, acc),
         3 => micro::<S, 3, NV>(k, a, lda, b, ldb, c, ldc, acc),
         2 => micro::<S, 2, NV>(k, a, lda, b, ldb, c, ldc, acc),
@@ -72,10 +80,10 @@ unsafe fn micro_rows<S: Simd, const NV: usize>(
     }
 }
 
-/// Column blocks of `NV` vectors, then single vectors for the rest; rows in fours.
+/// Column blocks of `NV` vectors, then single vectors for the rest; rows in blocks of `MR`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_generic<S: Simd, const NV: usize>(
+unsafe fn gemm_generic<S: Simd, const MR: usize, const NV: usize>(
     m: usize,
     n: usize,
     k: usize,
@@ -93,7 +101,7 @@ unsafe fn gemm_generic<S: Simd, const NV: usize>(
         let wide = n - col >= block;
         let mut r = 0;
         while r < m {
-            let mr = (m - r).min(4);
+            let mr = (m - r).min(MR);
             let (ar, cr) = (a.add(r * lda), c.add(r * ldc + col));
             if wide {
                 micro_rows::<S, NV>(mr, k, ar, lda, b.add(col), ldb, cr, ldc, acc);
@@ -121,7 +129,7 @@ unsafe fn gemm_avx512(
     ldc: usize,
     acc: bool,
 ) {
-    gemm_generic::<Avx512, 4>(m, n, k, a, lda, b, ldb, c, ldc, acc)
+    gemm_generic::<Avx512, AVX512_MR, 4>(m, n, k, a, lda, b, ldb, c, ldc, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -139,7 +147,7 @@ unsafe fn gemm_avx2(
     ldc: usize,
     acc: bool,
 ) {
-    gemm_generic::<Avx2, 2>(m, n, k, a, lda, b, ldb, c, ldc, acc)
+    gemm_generic::<Avx2, 4, 2>(m, n, k, a, lda, b, ldb, c, ldc, acc)
 }
 
 /// `C (m × n) (+)= A (m × k) · B (k × n)`, all row-major with leading dimensions `lda`, `ldb`, `ldc`.
@@ -167,7 +175,7 @@ pub(crate) unsafe fn gemm(
         Isa::Avx512 => gemm_avx512(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => gemm_avx2(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
-        _ => gemm_generic::<Portable, 2>(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
+        _ => gemm_generic::<Portable, 4, 2>(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
     }
 }
 

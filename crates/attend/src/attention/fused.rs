@@ -238,10 +238,21 @@ impl CustomOp3 for FlashOp {
         o: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // bf16 storage runs its backward in f32 (the gradients go back to bf16 below).
-        let read =
-            |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
-        let (qv, kv, vv, ov, dov) = (read(q)?, read(k)?, read(v)?, read(o)?, read(dout)?);
+        // bf16 storage runs its backward in f32 (the gradients go back to bf16 below). f32 tensors are read in place:
+        // no copy of q, k, v, o or dO (at long sequence lengths each is as large as everything else together).
+        let host: Vec<Tensor> = [q, k, v, o, dout]
+            .iter()
+            .map(|t| t.to_dtype(DType::F32)?.contiguous())
+            .collect::<candle_core::Result<_>>()?;
+        let guards: Vec<_> = host.iter().map(|t| t.storage_and_layout()).collect();
+        let mut views = Vec::with_capacity(5);
+        for (g, l) in &guards {
+            match (&**g, l.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(CpuStorage::F32(x)), Some((a, b))) => views.push(&x[a..b]),
+                _ => candle_core::bail!("fused attention backward: expected contiguous f32 CPU tensors"),
+            }
+        }
+        let (qv, kv, vv, ov, dov) = (views[0], views[1], views[2], views[3], views[4]);
         let lse = self.lse.lock().unwrap().clone();
         let (dq, dk, dv) = self.plan.visit(Backward { q: &qv, k: &kv, v: &vv, o: &ov, lse: &lse, dout: &dov });
         let dev = q.device();
