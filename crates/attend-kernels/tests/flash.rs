@@ -16,13 +16,18 @@
 //! is compared against it: `o`, `lse`, `dq`, `dk`, `dv` and the recomputed probabilities. Tolerance: f32 results
 //! against the f64 oracle, `|got − want| ≤ 1e-5 + 1e-4·|want|`; −∞ must be −∞ exactly; NaN never passes; a row
 //! with no visible key must have `O = 0` and `dQ = 0` exactly, and invisible probabilities are exactly 0.
+//!
+//! Masks and score mods written in this file (dilated, chunked causal with its own tile classification, a shifted
+//! half score, a quadratic score) show that users can bring their own; `flash_forward_bf16` is checked against
+//! the oracle on the same bf16 values within the bounds of its two roundings.
 
 use attend_kernels::dropout::{drop_threshold, keep};
 use attend_kernels::flash::masks::{
     Alibi, Causal, NoMask, NoScoreMod, SlidingWindow, Softcap, StandardMask, StandardScore, TileKind,
 };
 use attend_kernels::flash::{
-    flash_backward, flash_forward, flash_probabilities, FlashConfig, FlashDims, Isa, MaskMod, ScoreMod,
+    bf16_dot_supported, bf16_to_f32, f32_to_bf16, flash_backward, flash_forward, flash_forward_bf16,
+    flash_probabilities, Bf16, FlashConfig, FlashDims, Isa, MaskMod, ScoreMod,
 };
 
 /// f32 kernel against the f64 oracle.
@@ -83,7 +88,7 @@ impl Rng {
 struct Problem {
     dims: FlashDims,
     scale: f32,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<(f64, u64)>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -118,8 +123,8 @@ impl Problem {
 fn random_dims(rng: &mut Rng, case: usize, d: usize, dv: usize) -> FlashDims {
     let b = 1 + rng.below(2);
     let h = 1 + rng.below(8);
-    let divisors: Vec<usize> = (1..=h).filter(|x| h % x == 0).collect();
-    let hkv = if case % 3 == 0 { 1 } else { divisors[rng.below(divisors.len())] };
+    let divisors: Vec<usize> = (1..=h).filter(|&x| h.is_multiple_of(x)).collect();
+    let hkv = if case.is_multiple_of(3) { 1 } else { divisors[rng.below(divisors.len())] };
     let wide = d.max(dv);
     let (tmax, smax) = if wide >= 128 {
         (8, 24)
@@ -166,7 +171,7 @@ fn oracle<M: MaskMod, F: ScoreMod>(pr: &Problem, mask: &M, score: &F) -> Oracle 
     let FlashDims { b: nb, h: nh, hkv, t, s, d, dv } = pr.dims;
     let group = nh / hkv;
     let scale = pr.scale as f64;
-    let drop = pr.dropout.map(|(p, seed)| (drop_threshold(p as f64), seed, 1.0 / (1.0 - p as f64)));
+    let drop = pr.dropout.map(|(p, seed)| (drop_threshold(p), seed, 1.0 / (1.0 - p)));
     let mut r = Oracle {
         o: vec![0.0; nb * nh * t * dv],
         lse: vec![f64::NEG_INFINITY; nb * nh * t],
@@ -209,7 +214,7 @@ fn oracle<M: MaskMod, F: ScoreMod>(pr: &Problem, mask: &M, score: &F) -> Oracle 
                 let km: Vec<f64> = (0..s)
                     .map(|j| match drop {
                         Some((th, seed, inv)) => {
-                            if keep(seed, (row * s + j) as u64 + 1, th) {
+                            if keep(seed, (row * s + j) as u64, th) {
                                 inv
                             } else {
                                 0.0
@@ -236,7 +241,7 @@ fn oracle<M: MaskMod, F: ScoreMod>(pr: &Problem, mask: &M, score: &F) -> Oracle 
                 // Backward of 2 and 1: softmax, score mod, scores.
                 let delta: f64 = (0..s).map(|j| p[j] * dp[j]).sum();
                 for j in 0..s {
-                    let ds = p[j] * (dp[j] - delta) * scale;
+                    let ds = p[j] * (dp[j] - delta) * fprime[j] as f64 * scale;
                     if ds == 0.0 {
                         continue;
                     }
@@ -387,11 +392,7 @@ fn score_mods_match_the_oracle() {
         check_case("causal alibi", &pr, &causal, &alibi);
         let bias_only = StandardScore { bias: Some((&full, full_st)), ..Default::default() };
         check_case("bias (B, H, T, S)", &pr, &NoMask, &bias_only);
-        let everything = StandardScore {
-            softcap: Some(cap),
-            alibi: Some(alibi),
-            bias: Some((&per_head, per_head_st)),
-        };
+        let everything = StandardScore { softcap: Some(cap), alibi: Some(alibi), bias: Some((&per_head, per_head_st)) };
         check_case(&format!("causal softcap {cap} + alibi + bias (1, H, 1, S)"), &pr, &causal, &everything);
     }
 }
@@ -431,28 +432,28 @@ fn standard_mask_components_match_the_oracle() {
         let cases: Vec<(String, StandardMask)> = vec![
             ("nothing".into(), base),
             ("causal".into(), StandardMask { causal: true, ..base }),
-            (format!("window ({l}, {r}) + key lengths {lens:?}"), StandardMask {
-                window: Some((l, r)),
-                key_lengths: Some(&lens),
-                ..base
-            }),
+            (
+                format!("window ({l}, {r}) + key lengths {lens:?}"),
+                StandardMask { window: Some((l, r)), key_lengths: Some(&lens), ..base },
+            ),
             (format!("causal + key lengths {lens:?}"), StandardMask { causal: true, key_lengths: Some(&lens), ..base }),
             (format!("prefix {prefix:?}"), StandardMask { prefix_lengths: Some(&prefix), ..base }),
             ("documents".into(), StandardMask { documents: Some((&qd, &kd)), ..base }),
-            (format!("documents + causal window ({l}, 0)"), StandardMask {
-                causal: true,
-                window: Some((l, 0)),
-                documents: Some((&qd, &kd)),
-                ..base
-            }),
+            (
+                format!("documents + causal window ({l}, 0)"),
+                StandardMask { causal: true, window: Some((l, 0)), documents: Some((&qd, &kd)), ..base },
+            ),
             ("keep (B, H, T, S)".into(), StandardMask { keep: Some((&keep_full, [h * t * s, t * s, s, 1])), ..base }),
             ("keep (B, 1, T, S)".into(), StandardMask { keep: Some((&keep_bt, [t * s, 0, s, 1])), ..base }),
-            (format!("keep (1, H, 1, S) + prefix {prefix:?} + documents"), StandardMask {
-                prefix_lengths: Some(&prefix),
-                documents: Some((&qd, &kd)),
-                keep: Some((&keep_h, [0, s, 0, 1])),
-                ..base
-            }),
+            (
+                format!("keep (1, H, 1, S) + prefix {prefix:?} + documents"),
+                StandardMask {
+                    prefix_lengths: Some(&prefix),
+                    documents: Some((&qd, &kd)),
+                    keep: Some((&keep_h, [0, s, 0, 1])),
+                    ..base
+                },
+            ),
         ];
         let slopes: Vec<f32> = (0..h).map(|x| 0.3 / (x + 1) as f32).collect();
         let bias = rng.normals(b * t * s, 0.5);
@@ -632,14 +633,104 @@ fn user_chunked_classification_agrees_with_visibility() {
                 for j0 in (0..s).step_by(bj) {
                     let (i1, j1) = ((i0 + bi).min(t), (j0 + bj).min(s));
                     let kind = m.classify(0, 0, i0, i1, j0, j1);
-                    let vis: Vec<bool> =
-                        (i0..i1).flat_map(|i| (j0..j1).map(move |j| (i, j))).map(|(i, j)| m.visible(0, 0, i, j)).collect();
+                    let vis: Vec<bool> = (i0..i1)
+                        .flat_map(|i| (j0..j1).map(move |j| (i, j)))
+                        .map(|(i, j)| m.visible(0, 0, i, j))
+                        .collect();
                     let label = format!("T{t} S{s} chunk {chunk}: tile {i0}..{i1} x {j0}..{j1} is {kind:?}");
                     match kind {
                         TileKind::Empty => assert!(vis.iter().all(|v| !v), "{label} but has visible keys"),
                         TileKind::Full => assert!(vis.iter().all(|v| *v), "{label} but hides keys"),
                         TileKind::Partial => {}
                     }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// bf16 storage
+
+/// `flash_forward_bf16` (bf16 dot products, f32 softmax) against the oracle on the same bf16 values. `Q Kᵀ` of bf16
+/// values is exact in f32 products, so lse keeps the f32 tolerance. `P V` takes `P` rounded to bf16 and the output
+/// is rounded to bf16, each with unit roundoff `u = 2⁻⁸`, so each output element must satisfy
+/// `|o − o*| ≤ 1e-5 + u·|o*| + 2u·Σ_j P_ij·|v_j|`: the output rounding exactly, twice the first-order bound of the
+/// probability rounding (measured: 0.78 of the single bound, in a row of two keys where both roundings align).
+#[test]
+fn bf16_forward_matches_the_oracle_within_bf16_rounding() {
+    if !bf16_dot_supported() {
+        return;
+    }
+    let mut rng = Rng(0x5eed_0007);
+    for c in 0..6 {
+        let (d, dv) = head_dims(c + 6);
+        let mut pr = random_problem(&mut rng, c, d, dv);
+        let to_bf = |x: &[f32]| -> Vec<Bf16> { x.iter().map(|&v| Bf16(f32_to_bf16(v))).collect() };
+        let (qb, kb, vb) = (to_bf(&pr.q), to_bf(&pr.k), to_bf(&pr.v));
+        // The oracle sees exactly the bf16 values.
+        let up = |x: &[Bf16]| -> Vec<f32> { x.iter().map(|v| bf16_to_f32(v.0)).collect() };
+        (pr.q, pr.k, pr.v) = (up(&qb), up(&kb), up(&vb));
+        let FlashDims { b, h, t, s, .. } = pr.dims;
+        let offset = s as isize - t as isize;
+        let lens: Vec<usize> = (0..b).map(|_| 1 + rng.below(s)).collect();
+        let slopes: Vec<f32> = (0..h).map(|x| 0.5f32.powi(x as i32 + 1)).collect();
+        let standard = StandardMask { t, s, causal: true, key_lengths: Some(&lens), ..Default::default() };
+        let score = StandardScore { softcap: Some(2.0), alibi: Some(Alibi { slopes: &slopes, offset }), bias: None };
+        check_bf16("no mask", &pr, (&qb, &kb, &vb), &NoMask, &NoScoreMod);
+        check_bf16("causal", &pr, (&qb, &kb, &vb), &Causal { offset }, &NoScoreMod);
+        check_bf16("dilated, half-shift", &pr, (&qb, &kb, &vb), &Dilated, &HalfShift);
+        check_bf16("causal + key lengths, softcap 2 + alibi", &pr, (&qb, &kb, &vb), &standard, &score);
+    }
+}
+
+fn check_bf16<M: MaskMod, F: ScoreMod>(
+    name: &str,
+    pr: &Problem,
+    (q, k, v): (&[Bf16], &[Bf16], &[Bf16]),
+    mask: &M,
+    score: &F,
+) {
+    let want = oracle(pr, mask, score);
+    let FlashDims { b: nb, h: nh, hkv, t, s, dv, .. } = pr.dims;
+    // Σ_j P_ij |v_j| per output element: the scale of the error that rounding P to bf16 can make.
+    let mut spread = vec![0f64; want.o.len()];
+    for bh in 0..nb * nh {
+        let kvh = (bh / nh) * hkv + (bh % nh) / (nh / hkv);
+        for i in 0..t {
+            for j in 0..s {
+                let p = want.p[(bh * t + i) * s + j];
+                for e in 0..dv {
+                    spread[(bh * t + i) * dv + e] += p * (pr.v[(kvh * s + j) * dv + e] as f64).abs();
+                }
+            }
+        }
+    }
+    let u = 2f64.powi(-8);
+    let bound = |x: usize| ATOL + u * want.o[x].abs() + 2.0 * u * spread[x];
+    for isa in Isa::available() {
+        for block_q in BLOCK_Q {
+            for block_k in BLOCK_K {
+                let cfg = FlashConfig { scale: pr.scale, dropout: None, isa, block_q, block_k };
+                let label = format!("[bf16 {name}; {}; {isa:?} block_q {block_q} block_k {block_k}]", pr.label());
+                let mut o = vec![Bf16(0x7fc0); want.o.len()];
+                let mut lse = vec![f32::NAN; want.lse.len()];
+                flash_forward_bf16(&pr.dims, &cfg, mask, score, q, k, v, &mut o, &mut lse);
+                check(&label, "lse", &lse, &want.lse);
+                let o: Vec<f32> = o.iter().map(|x| bf16_to_f32(x.0)).collect();
+                let bad = (0..o.len()).find(|&x| {
+                    // Written so that NaN fails.
+                    let within = (o[x] as f64 - want.o[x]).abs() <= bound(x);
+                    !within
+                });
+                if let Some(x) = bad {
+                    panic!(
+                        "{label} o: element {x} is {} want {} (|diff| {:e} > bound {:e})",
+                        o[x],
+                        want.o[x],
+                        (o[x] as f64 - want.o[x]).abs(),
+                        bound(x)
+                    );
                 }
             }
         }

@@ -233,13 +233,13 @@ pub(crate) fn pack_transposed(src: &[f32], row0: usize, valid: usize, cols: usiz
 /// Applies inverted dropout to the probabilities of a tile in place.
 pub(crate) fn dropout_tile(
     dims: &FlashDims,
-    (p, seed): (f32, u64),
+    (p, seed): (f64, u64),
     (b, h, i0, rows): (usize, usize, usize, usize),
     (j0, valid, width): (usize, usize, usize),
     tile: &mut [f32],
 ) {
-    let th = drop_threshold(p as f64);
-    let scale = 1.0 / (1.0 - p);
+    let th = drop_threshold(p);
+    let scale = (1.0 / (1.0 - p)) as f32;
     for r in 0..rows {
         let base = dropout_index(dims, b, h, i0 + r, j0);
         for (x, v) in tile[r * width..r * width + valid].iter_mut().enumerate() {

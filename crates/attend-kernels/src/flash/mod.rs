@@ -69,7 +69,7 @@ pub struct FlashConfig {
     pub scale: f32,
     /// `(p, seed)`: drop probabilities with probability `p`; element `((b·H + h)·T + i)·S + j` of the stream `seed`
     /// decides, the same stream the attend crate's materialised path uses, so both drop the same entries.
-    pub dropout: Option<(f32, u64)>,
+    pub dropout: Option<(f64, u64)>,
     pub isa: Isa,
     /// Query rows per tile.
     pub block_q: usize,

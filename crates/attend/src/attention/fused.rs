@@ -295,7 +295,7 @@ pub(crate) fn attention(
         Some(MaskTensor::Additive(m)) => (None, Some(host_broadcast::<f32>(&m.to_dtype(DType::F32)?, full)?)),
     };
     let mut cfg = FlashConfig::new(scale as f32);
-    cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p as f32, d.seed));
+    cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p, d.seed));
     let plan = Arc::new(Plan {
         dims: FlashDims { b, h, hkv, t, s, d: dp, dv: dvp },
         cfg,
@@ -316,7 +316,7 @@ pub(crate) fn attention(
         let host = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
         let (qh, kh) = (host(&q32)?, host(&k32)?);
         let p = plan.visit(Probabilities { q: &qh, k: &kh, lse: &lse_host });
-        Some(Tensor::from_vec(p, (b, h, t, s), q.device())?)
+        Some(Tensor::from_vec(p, (b, h, t, s), q.device())?.to_dtype(in_dtype)?)
     } else {
         None
     };
