@@ -17,20 +17,11 @@ use rayon::prelude::*;
 
 use super::forward::{dropout_tile, pack_transposed, score_tile};
 use super::masks::{MaskMod, ScoreMod, TileKind};
-use super::tile::{exp_minus_lse, gemm, softmax_grad, QUANTUM};
+use super::tile::{exp_minus_lse, gemm, gemm_strided, softmax_grad, QUANTUM};
 use super::{round_up, FlashConfig, FlashDims, SyncPtr};
 
 /// Most bytes spent on partial dQ buffers when keys are split across tasks.
 pub const PARTIAL_DQ_BUDGET: usize = 32 << 20;
-
-/// `dst[x·ld + r] = src[r·width + x]` for `r < rows`, `x < valid`.
-fn transpose(src: &[f32], width: usize, rows: usize, valid: usize, dst: &mut [f32], ld: usize) {
-    for r in 0..rows {
-        for (x, &v) in src[r * width..r * width + valid].iter().enumerate() {
-            dst[x * ld + r] = v;
-        }
-    }
-}
 
 /// Backward pass: given the forward's inputs, `o`, `lse` and `dout`, writes `dq`, `dk`, `dv` (overwritten).
 #[allow(clippy::too_many_arguments)]
@@ -91,7 +82,6 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
         let mut raw = vec![0f32; if F::ACTIVE { br * bc } else { 0 }];
         let mut pd = vec![0f32; if cfg.dropout.is_some() { br * bc } else { 0 }];
         let mut dp = vec![0f32; br * bc];
-        let mut tr = vec![0f32; bc * br];
         let mut dk_acc = vec![0f32; bc * d];
         let mut dv_acc = vec![0f32; bc * dv];
         for kb in split * per_split..((split + 1) * per_split).min(key_blocks) {
@@ -143,17 +133,18 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
                             }
                             None => &st,
                         };
-                        transpose(p_used, width, rows, valid, &mut tr, br);
-                        gemm(
+                        // dV += Pᵀ dO, reading P transposed through its strides (no transposed copy).
+                        let dva = dv_acc.as_mut_ptr();
+                        gemm_strided(
                             cfg.isa,
                             valid,
                             dv,
                             rows,
-                            tr.as_ptr(),
-                            br,
+                            p_used.as_ptr(),
+                            (1, width),
                             do_rows.as_ptr(),
                             dv,
-                            dv_acc.as_mut_ptr(),
+                            dva,
                             dv,
                             true,
                         );
@@ -190,17 +181,18 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
                         }
                         let dq_rows = dq_base.add(row0 * d);
                         gemm(cfg.isa, rows, d, valid, dp.as_ptr(), width, k[krow * d..].as_ptr(), d, dq_rows, d, true);
-                        transpose(&dp, width, rows, valid, &mut tr, br);
-                        gemm(
+                        // dK += dSᵀ Q, likewise.
+                        let dka = dk_acc.as_mut_ptr();
+                        gemm_strided(
                             cfg.isa,
                             valid,
                             d,
                             rows,
-                            tr.as_ptr(),
-                            br,
+                            dp.as_ptr(),
+                            (1, width),
                             q_rows.as_ptr(),
                             d,
-                            dk_acc.as_mut_ptr(),
+                            dka,
                             d,
                             true,
                         );

@@ -21,6 +21,7 @@ unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
     k: usize,
     a: *const f32,
     lda: usize,
+    a_cs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -42,7 +43,7 @@ unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
             *x = S::load(bp.add(v * S::LANES));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let av = S::splat(*a.add(r * lda + p));
+            let av = S::splat(*a.add(r * lda + p * a_cs));
             for (v, x) in row.iter_mut().enumerate() {
                 *x = S::fma(av, bv[v], *x);
             }
@@ -62,6 +63,7 @@ unsafe fn micro_rows<S: Simd, const NV: usize>(
     k: usize,
     a: *const f32,
     lda: usize,
+    a_cs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -69,14 +71,14 @@ unsafe fn micro_rows<S: Simd, const NV: usize>(
     acc: bool,
 ) {
     match mr {
-        8 => micro::<S, 8, NV>(k, a, lda, b, ldb, c, ldc, acc),
-        7 => micro::<S, 7, NV>(k, a, lda, b, ldb, c, ldc, acc),
-        6 => micro::<S, 6, NV>(k, a, lda, b, ldb, c, ldc, acc),
-        5 => micro::<S, 5, NV>(k, a, lda, b, ldb, c, ldc, acc),
-        4 => micro::<S, 4, NV>(k, a, lda, b, ldb, c, ldc, acc),
-        3 => micro::<S, 3, NV>(k, a, lda, b, ldb, c, ldc, acc),
-        2 => micro::<S, 2, NV>(k, a, lda, b, ldb, c, ldc, acc),
-        _ => micro::<S, 1, NV>(k, a, lda, b, ldb, c, ldc, acc),
+        8 => micro::<S, 8, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
+        7 => micro::<S, 7, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
+        6 => micro::<S, 6, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
+        5 => micro::<S, 5, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
+        4 => micro::<S, 4, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
+        3 => micro::<S, 3, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
+        2 => micro::<S, 2, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
+        _ => micro::<S, 1, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
     }
 }
 
@@ -89,6 +91,7 @@ unsafe fn gemm_generic<S: Simd, const MR: usize, const NV: usize>(
     k: usize,
     a: *const f32,
     lda: usize,
+    a_cs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -104,9 +107,9 @@ unsafe fn gemm_generic<S: Simd, const MR: usize, const NV: usize>(
             let mr = (m - r).min(MR);
             let (ar, cr) = (a.add(r * lda), c.add(r * ldc + col));
             if wide {
-                micro_rows::<S, NV>(mr, k, ar, lda, b.add(col), ldb, cr, ldc, acc);
+                micro_rows::<S, NV>(mr, k, ar, lda, a_cs, b.add(col), ldb, cr, ldc, acc);
             } else {
-                micro_rows::<S, 1>(mr, k, ar, lda, b.add(col), ldb, cr, ldc, acc);
+                micro_rows::<S, 1>(mr, k, ar, lda, a_cs, b.add(col), ldb, cr, ldc, acc);
             }
             r += mr;
         }
@@ -122,14 +125,14 @@ unsafe fn gemm_avx512(
     n: usize,
     k: usize,
     a: *const f32,
-    lda: usize,
+    (lda, a_cs): (usize, usize),
     b: *const f32,
     ldb: usize,
     c: *mut f32,
     ldc: usize,
     acc: bool,
 ) {
-    gemm_generic::<Avx512, AVX512_MR, 4>(m, n, k, a, lda, b, ldb, c, ldc, acc)
+    gemm_generic::<Avx512, AVX512_MR, 4>(m, n, k, a, lda, a_cs, b, ldb, c, ldc, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -140,21 +143,51 @@ unsafe fn gemm_avx2(
     n: usize,
     k: usize,
     a: *const f32,
-    lda: usize,
+    (lda, a_cs): (usize, usize),
     b: *const f32,
     ldb: usize,
     c: *mut f32,
     ldc: usize,
     acc: bool,
 ) {
-    gemm_generic::<Avx2, 4, 2>(m, n, k, a, lda, b, ldb, c, ldc, acc)
+    gemm_generic::<Avx2, 4, 2>(m, n, k, a, lda, a_cs, b, ldb, c, ldc, acc)
 }
 
-/// `C (m × n) (+)= A (m × k) · B (k × n)`, all row-major with leading dimensions `lda`, `ldb`, `ldc`.
+/// `C (m × n) (+)= A (m × k) · B (k × n)`; `A[r][p]` is at `a + r·a_strides.0 + p·a_strides.1` (`(lda, 1)` for a
+/// row-major A, `(1, lda)` for the transpose of a row-major `k × m` matrix — no transposed copy needed); B and C are
+/// row-major with leading dimensions `ldb`, `ldc`.
 ///
 /// # Safety
 /// `n` is a multiple of [`QUANTUM`]; the pointers address at least the rows and columns described; `isa` is
 /// supported by this CPU; `c` does not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_strides: (usize, usize),
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    debug_assert!(n % QUANTUM == 0);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => gemm_avx512(m, n, k, a, a_strides, b, ldb, c, ldc, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => gemm_avx2(m, n, k, a, a_strides, b, ldb, c, ldc, accumulate),
+        _ => gemm_generic::<Portable, 4, 2>(m, n, k, a, a_strides.0, a_strides.1, b, ldb, c, ldc, accumulate),
+    }
+}
+
+/// [`gemm_strided`] with a row-major A of leading dimension `lda`.
+///
+/// # Safety
+/// As for [`gemm_strided`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     isa: Isa,
@@ -169,14 +202,7 @@ pub(crate) unsafe fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
-    debug_assert!(n % QUANTUM == 0);
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => gemm_avx512(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => gemm_avx2(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
-        _ => gemm_generic::<Portable, 4, 2>(m, n, k, a, lda, b, ldb, c, ldc, accumulate),
-    }
+    gemm_strided(isa, m, n, k, a, (lda, 1), b, ldb, c, ldc, accumulate)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
