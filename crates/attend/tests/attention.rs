@@ -385,3 +385,22 @@ fn bf16_storage_matches_f32_within_bf16_precision() {
         }
     }
 }
+
+#[test]
+fn selected_heads_weights_equal_those_rows_of_all_heads() {
+    let (b, h, t, s, d) = (2, 6, 9, 13, 16);
+    let q = randn(&[b, h, t, d], 81, DType::F32);
+    let k = randn(&[b, 3, s, d], 82, DType::F32);
+    let v = randn(&[b, 3, s, d], 83, DType::F32);
+    for imp in IMPLS {
+        let all = run(&q, &k, &v, &Mask::causal().with_alibi(), imp).weights.unwrap();
+        let opts = AttentionOptions { weight_heads: Some(vec![4, 1]), ..full_opts(imp, None) };
+        let some = attention_with(&q, &k, &v, &Mask::causal().with_alibi(), &opts).unwrap().weights.unwrap();
+        assert_eq!(some.dims(), [b, 2, t, s]);
+        assert_close(&format!("{imp:?} head 4"), &some.narrow(1, 0, 1).unwrap(), &all.narrow(1, 4, 1).unwrap(), F32);
+        assert_close(&format!("{imp:?} head 1"), &some.narrow(1, 1, 1).unwrap(), &all.narrow(1, 1, 1).unwrap(), F32);
+    }
+    let bad = AttentionOptions { need_weights: true, weight_heads: Some(vec![6]), ..Default::default() };
+    let e = attention_with(&q, &k, &v, &Mask::none(), &bad).unwrap_err().to_string();
+    assert!(e.contains("[6]") && e.contains("0..6"), "{e}");
+}

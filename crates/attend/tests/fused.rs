@@ -267,7 +267,14 @@ fn run(
     dropout: Option<AttentionDropout>,
 ) -> Results {
     let (q, k, v) = (Var::from_tensor(&x.q).unwrap(), Var::from_tensor(&x.k).unwrap(), Var::from_tensor(&x.v).unwrap());
-    let opts = AttentionOptions { scale, dropout, need_weights: true, need_lse: true, implementation: imp };
+    let opts = AttentionOptions {
+        scale,
+        dropout,
+        need_weights: true,
+        need_lse: true,
+        implementation: imp,
+        ..Default::default()
+    };
     let o = attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, &opts)
         .unwrap_or_else(|e| panic!("{label} {imp:?}: {e}"));
     let g = weighted_sum(&o.out, &x.dout).backward().unwrap();

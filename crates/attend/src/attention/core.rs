@@ -45,6 +45,10 @@ pub struct AttentionOptions {
     pub dropout: Option<AttentionDropout>,
     /// Return the `(B, H, T, S)` probabilities (before dropout).
     pub need_weights: bool,
+    /// With `need_weights`, only these query heads, in this order: weights `(B, len, T, S)`. The fused path
+    /// recomputes just those heads from the saved log-sum-exp, so looking inside one head of a long sequence costs
+    /// one head's `T × S`, not all of them.
+    pub weight_heads: Option<Vec<usize>>,
     /// Return the `(B, H, T)` natural-log sum-exp of the scaled, capped, biased, masked scores.
     pub need_lse: bool,
     pub implementation: AttentionImpl,
@@ -134,6 +138,14 @@ pub fn attention_with(
     if let Some(dp) = opts.dropout {
         ensure!((0.0..1.0).contains(&dp.p), "attention", "dropout probability must be in [0, 1), got {}", dp.p);
     }
+    if let Some(heads) = &opts.weight_heads {
+        ensure!(
+            heads.iter().all(|&x| x < h),
+            "attention",
+            "weight_heads {heads:?} name heads outside 0..{h} (q {:?})",
+            q.dims()
+        );
+    }
     if opts.implementation == AttentionImpl::Fused && super::fused::supported(q, mask) {
         let (out, weights, lse) = super::fused::attention(q, k, v, mask, resolved, scale, opts)?;
         return Ok(AttentionOutput { out, weights, lse });
@@ -178,7 +190,15 @@ pub fn attention_with(
     let pg = dropped.reshape((b, hkv, g * t, s))?; // (B, Hkv, G·T, S)
     let out = pg.matmul(&matmul_ready(v)?)?.reshape((b, h, t, dv))?; // (B, H, T, Dv)
 
-    Ok(AttentionOutput { out, weights: opts.need_weights.then_some(probs), lse })
+    let weights = match (&opts.weight_heads, opts.need_weights) {
+        (_, false) => None,
+        (None, true) => Some(probs),
+        (Some(heads), true) => {
+            let idx = Tensor::from_vec(heads.iter().map(|&x| x as u32).collect::<Vec<_>>(), heads.len(), q.device())?;
+            Some(probs.index_select(&idx, 1)?) // (B, len, T, S)
+        }
+    };
+    Ok(AttentionOutput { out, weights, lse })
 }
 
 /// `x` (B, Hkv, S, ·) as candle's batched matmul accepts it: rows contiguous and one stride per batch level.

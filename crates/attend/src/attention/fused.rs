@@ -165,15 +165,16 @@ struct Probabilities<'a> {
     q: &'a [f32],
     k: &'a [f32],
     lse: &'a [f32],
+    heads: &'a [usize],
 }
 
 impl Visit for Probabilities<'_> {
     type Out = Vec<f32>;
     fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
         let d = &plan.dims;
-        let mut out = Vec::with_capacity(d.b * d.h * d.t * d.s);
+        let mut out = Vec::with_capacity(d.b * self.heads.len() * d.t * d.s);
         for b in 0..d.b {
-            for h in 0..d.h {
+            for &h in self.heads {
                 out.extend(flash_probabilities(d, &plan.cfg, mask, score, self.q, self.k, self.lse, b, h));
             }
         }
@@ -315,8 +316,9 @@ pub(crate) fn attention(
     let weights = if opts.need_weights {
         let host = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
         let (qh, kh) = (host(&q32)?, host(&k32)?);
-        let p = plan.visit(Probabilities { q: &qh, k: &kh, lse: &lse_host });
-        Some(Tensor::from_vec(p, (b, h, t, s), q.device())?.to_dtype(in_dtype)?)
+        let heads: Vec<usize> = opts.weight_heads.clone().unwrap_or_else(|| (0..h).collect());
+        let p = plan.visit(Probabilities { q: &qh, k: &kh, lse: &lse_host, heads: &heads });
+        Some(Tensor::from_vec(p, (b, heads.len(), t, s), q.device())?.to_dtype(in_dtype)?)
     } else {
         None
     };

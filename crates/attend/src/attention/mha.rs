@@ -478,6 +478,7 @@ impl MultiHeadAttention {
             need_weights: opts.need_weights,
             need_lse: false,
             implementation: opts.implementation,
+            ..Default::default()
         };
         let att = attention_with(q, k, v, mask, &core_opts)?;
         let merged = att.out.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, H·D)
