@@ -1,13 +1,17 @@
 //! `attend`: the command-line tool of the `attend` library.
 //!
 //! ```text
-//! attend op attention [--input IN.safetensors] [--output OUT.safetensors] [--impl reference|materialized] ...
+//! attend op attention [--input IN.safetensors] [--output OUT.safetensors] [--impl fused|materialized|reference] ...
+//! attend bench attention --batch B --heads H [--kv-heads HKV] --seq T [--kv-seq S] --head-dim D [--causal]
+//!     [--backward] [--dtype f32|bf16] [--impl fused|materialized|reference] [--threads N] [--warmup N] [--iters N]
+//!     [--json]
 //! ```
 //!
-//! Commands are grouped as clap subcommands so that later ones (`train`, `generate`, `bench`, `viz`) sit beside `op`.
+//! Commands are grouped as clap subcommands so that later ones (`train`, `generate`, `viz`) sit beside `op`.
 //! Every failure is reported as one line on stderr (`error: …`, naming the file, tensor and shapes) with a non-zero
 //! exit status; nothing the user passes in makes the tool panic.
 
+mod bench;
 mod errors;
 mod op;
 mod tensors;
@@ -30,6 +34,9 @@ enum Command {
     /// Run a single library op on tensors from a safetensors file (or a built-in example) and save its outputs.
     #[command(subcommand)]
     Op(op::OpCommand),
+    /// Time a library op on seeded random inputs and report GFLOP/s (PyTorch anchor units) and memory.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +46,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Op(cmd) => op::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,8 @@
 //! `attend op attention` end to end: the built binary against the PyTorch fixtures in `fixtures/attention`, its
-//! one-line errors on bad input, and the built-in example.
+//! one-line errors on bad input, and the built-in example; `attend bench attention` on tiny sizes.
 //!
-//! Oracle: `scripts/oracle/attention.py` (PyTorch). Every fixture runs, with both `--impl materialized` and
-//! `--impl reference`: masks the CLI has flags for (causal, window, ALiBi, soft-cap, scale) are passed as flags; the
+//! Oracle: `scripts/oracle/attention.py` (PyTorch). Every fixture runs with each of `--impl fused` (the default),
+//! `--impl materialized` and `--impl reference`, at the same tolerances: masks the CLI has flags for (causal, window, ALiBi, soft-cap, scale) are passed as flags; the
 //! explicit tensor mask is passed as `mask`; key lengths, prefix-LM and documents, which have no flag, are turned into
 //! a u8 `mask` built here from the fixture's metadata (combined with the fixture's own tensor mask, if any).
 //!
@@ -235,6 +235,11 @@ fn check_all_fixtures(imp: &str) {
     );
     let errors: Vec<String> = paths.iter().flat_map(|p| check_fixture(p, imp, dir.path())).collect();
     assert!(errors.is_empty(), "{} mismatches against PyTorch:\n{}", errors.len(), errors.join("\n"));
+}
+
+#[test]
+fn fixtures_match_pytorch_fused() {
+    check_all_fixtures("fused");
 }
 
 #[test]
@@ -494,7 +499,8 @@ fn example_mode_writes_readable_output() {
     let run = attend(&["op", "attention", "--causal", "--output", output.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_mentions(&stdout, &["built-in example", "causal", "materialized", "(2, 8, 256, 64)", "example.safetensors"]);
+    // The default implementation is the fused kernel.
+    assert_mentions(&stdout, &["built-in example", "causal", "fused", "(2, 8, 256, 64)", "example.safetensors"]);
     let out = load(&output);
     for (name, dims) in [
         ("o", &[2, 8, 256, 64][..]),
@@ -539,4 +545,123 @@ fn example_mode_json_is_one_line_and_deterministic() {
     }
     let again = run("materialized");
     assert_eq!(a["outputs"], again["outputs"], "the built-in example is not deterministic");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// `attend bench attention` on tiny sizes: one JSON line with positive figures; bad arguments give one line and a
+// non-zero exit.
+
+fn bench_json(extra: &[&str]) -> Value {
+    let mut args = vec!["bench", "attention", "--batch", "1", "--heads", "4", "--seq", "32", "--head-dim", "16"];
+    args.extend(["--warmup", "1", "--iters", "3", "--threads", "1", "--json"]);
+    args.extend(extra);
+    let run = attend(&args);
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(run.status.success(), "{args:?}: {}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(stdout.trim_end().lines().count(), 1, "--json should print one line, got:\n{stdout}");
+    serde_json::from_str(stdout.trim_end()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn assert_positive(v: &Value, fields: &[&str]) {
+    for f in fields {
+        let x = v[f].as_f64().unwrap_or_else(|| panic!("`{f}` missing or not a number in {v}"));
+        assert!(x > 0.0 && x.is_finite(), "`{f}` = {x} should be positive in {v}");
+    }
+}
+
+#[test]
+fn bench_attention_json_fields() {
+    let timing = ["median_ms", "min_ms", "mean_ms", "p90_ms", "gflop", "gflops", "tensor_mb"];
+    let a = bench_json(&[]);
+    assert_positive(&a, &timing);
+    assert_eq!(a["command"], "bench attention");
+    assert_eq!(a["impl"], "fused", "fused is the default");
+    assert_eq!(a["dtype"], "f32");
+    assert_eq!((a["batch"].as_u64(), a["heads"].as_u64(), a["kv_heads"].as_u64()), (Some(1), Some(4), Some(4)));
+    assert_eq!((a["seq"].as_u64(), a["kv_seq"].as_u64(), a["head_dim"].as_u64()), (Some(32), Some(32), Some(16)));
+    assert_eq!((a["causal"].as_bool(), a["backward"].as_bool()), (Some(false), Some(false)));
+    assert_eq!((a["threads"].as_u64(), a["candle_threads"].as_u64()), (Some(1), Some(1)));
+    assert_eq!((a["warmup"].as_u64(), a["iters"].as_u64()), (Some(1), Some(3)));
+    assert!(["avx512", "avx2", "portable"].contains(&a["isa"].as_str().unwrap()), "isa {}", a["isa"]);
+    let (min, med, p90) =
+        (a["min_ms"].as_f64().unwrap(), a["median_ms"].as_f64().unwrap(), a["p90_ms"].as_f64().unwrap());
+    assert!(min <= med && med <= p90, "min {min} ≤ median {med} ≤ p90 {p90}");
+    // 4·B·H·T·S·D; q, k, v, o in f32.
+    assert!((a["gflop"].as_f64().unwrap() - 4.0 * 4.0 * 32.0 * 32.0 * 16.0 / 1e9).abs() < 1e-12);
+    assert!((a["tensor_mb"].as_f64().unwrap() - 4.0 * (4 * 32 * 16 * 4) as f64 / 1e6).abs() < 1e-12);
+    if cfg!(target_os = "linux") {
+        assert_positive(&a, &["peak_rss_mb", "baseline_rss_mb"]);
+        assert!(a["peak_rss_mb"].as_f64() >= a["baseline_rss_mb"].as_f64());
+        assert!(a["page_faults_per_iter"].as_f64().is_some_and(|f| f >= 0.0), "page_faults_per_iter in {a}");
+    }
+    assert!(a["max_abs_diff_vs_reference"].as_f64().unwrap() < 1e-4);
+
+    // Causal, forward+backward, grouped heads, S ≠ T: the flops convention halves only when T = S.
+    let b = bench_json(&["--causal", "--backward", "--kv-heads", "2", "--kv-seq", "48"]);
+    assert_positive(&b, &timing);
+    assert_eq!((b["kv_heads"].as_u64(), b["kv_seq"].as_u64()), (Some(2), Some(48)));
+    assert!((b["gflop"].as_f64().unwrap() - 3.5 * 4.0 * 4.0 * 32.0 * 48.0 * 16.0 / 1e9).abs() < 1e-12);
+    let c = bench_json(&["--causal", "--backward"]);
+    assert!((c["gflop"].as_f64().unwrap() - 0.5 * 3.5 * 4.0 * 4.0 * 32.0 * 32.0 * 16.0 / 1e9).abs() < 1e-12);
+    // q, k, v, o, do, dq, dk, dv
+    assert!((c["tensor_mb"].as_f64().unwrap() - 8.0 * (4 * 32 * 16 * 4) as f64 / 1e6).abs() < 1e-12);
+}
+
+#[test]
+fn bench_attention_every_impl_and_dtype() {
+    for imp in ["fused", "materialized", "reference"] {
+        for dtype in ["f32", "bf16"] {
+            let v = bench_json(&["--impl", imp, "--dtype", dtype, "--causal", "--backward", "--kv-heads", "2"]);
+            assert_eq!((v["impl"].as_str(), v["dtype"].as_str()), (Some(imp), Some(dtype)));
+            assert_positive(&v, &["median_ms", "gflops"]);
+        }
+    }
+}
+
+#[test]
+fn bench_attention_human_summary() {
+    let args = ["bench", "attention", "--batch", "1", "--heads", "2", "--seq", "16", "--head-dim", "16", "--causal"];
+    let run = attend(&[&args[..], &["--iters", "2", "--warmup", "0", "--threads", "1"]].concat());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_mentions(&stdout, &["fused f32, forward, causal", "median", "GFLOP/s", "peak RSS", "max |Δ| vs reference"]);
+    assert!(run.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&run.stderr));
+}
+
+#[test]
+fn bench_attention_bad_arguments() {
+    let base = ["bench", "attention", "--batch", "1", "--heads", "4", "--seq", "8", "--head-dim", "8"];
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["--kv-heads", "3"], &["--heads 4", "--kv-heads 3"]),
+        (&["--threads", "0"], &["--threads", "0"]),
+        (&["--iters", "0"], &["--iters", "0"]),
+        (&["--dtype", "f64"], &["--dtype", "f64"]),
+        (&["--impl", "flash"], &["--impl", "flash"]),
+        (&["--seq", "-3"], &["-3"]),
+        (&["--warmup", "x"], &["--warmup", "x"]),
+    ];
+    for (extra, parts) in cases {
+        let args = [&base[..], extra].concat();
+        let run = attend(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(!run.status.success(), "expected failure for {args:?}");
+        assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: stderr should be one line, got:\n{stderr}");
+        assert!(stderr.starts_with("error"), "{args:?}: {stderr}");
+        assert!(run.stdout.is_empty(), "{args:?}: nothing on stdout");
+        assert_mentions(&stderr, parts);
+    }
+    // Materialised scores that cannot fit are refused before anything is allocated.
+    let huge = ["bench", "attention", "--batch", "64", "--heads", "64", "--seq", "65536", "--head-dim", "8"];
+    let run = attend(&[&huge[..], &["--impl", "materialized"]].concat());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_mentions(&stderr, &["materialized", "(64, 64, 65536, 65536)", "--impl fused"]);
+    // A required size left out.
+    let run = attend(&["bench", "attention", "--batch", "1", "--heads", "4", "--seq", "8"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_mentions(&stderr, &["--head-dim"]);
 }

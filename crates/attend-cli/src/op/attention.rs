@@ -24,15 +24,19 @@ use crate::tensors::{write_atomic, TensorFile};
 /// Which implementation of the attention core runs (`--impl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ImplArg {
+    /// The flash kernel: tiled online softmax, forward and backward, memory linear in the sequence length (calls it
+    /// cannot serve, such as a learned additive mask, run `materialized`).
+    Fused,
+    /// Fused masked softmax with hand-written backward passes between candle matmuls; materialises (B, H, T, S).
+    Materialized,
     /// Composed from plain differentiable candle ops: the oracle for the other implementations.
     Reference,
-    /// Fused masked softmax with hand-written backward passes between candle matmuls.
-    Materialized,
 }
 
 impl From<ImplArg> for AttentionImpl {
     fn from(a: ImplArg) -> Self {
         match a {
+            ImplArg::Fused => AttentionImpl::Fused,
             ImplArg::Reference => AttentionImpl::Reference,
             ImplArg::Materialized => AttentionImpl::Materialized,
         }
@@ -40,8 +44,9 @@ impl From<ImplArg> for AttentionImpl {
 }
 
 impl ImplArg {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
+            ImplArg::Fused => "fused",
             ImplArg::Reference => "reference",
             ImplArg::Materialized => "materialized",
         }
@@ -81,7 +86,7 @@ pub struct AttentionArgs {
     #[arg(long, value_name = "OUT.safetensors")]
     output: Option<PathBuf>,
     /// Implementation of the attention core.
-    #[arg(long = "impl", value_enum, value_name = "IMPL", default_value_t = ImplArg::Materialized)]
+    #[arg(long = "impl", value_enum, value_name = "IMPL", default_value_t = ImplArg::Fused)]
     implementation: ImplArg,
     /// Causal mask: query i sees key j iff j ≤ i + S − T (end-aligned diagonal).
     #[arg(long)]
@@ -289,7 +294,7 @@ fn example(device: &Device) -> Result<Inputs> {
 }
 
 /// `n` standard-normal samples from a SplitMix64 stream (Box–Muller), identical on every machine and run.
-fn normal_samples(n: usize, seed: u64) -> Vec<f32> {
+pub fn normal_samples(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut next_unit = || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);

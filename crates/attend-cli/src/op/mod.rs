@@ -1,7 +1,7 @@
 //! `attend op …`: one library op at a time, on tensors from a file, with outputs (and gradients) saved to a file.
 //! Useful to check the library against another framework and to script single measurements.
 
-mod attention;
+pub mod attention;
 
 use anyhow::Result;
 use clap::Subcommand;
