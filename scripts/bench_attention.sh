@@ -13,10 +13,8 @@
 #   ATTEND_TORCH_PYTHON  python with torch (default: python3), e.g. /work/venv-oracle/bin/python
 #   ATTEND_BIN           a built attend binary; default: `cargo run --release -p attend-cli` (built first)
 #   ATTEND_BENCH_JSON    if set, every raw JSON line (both sides) is also appended to this file
-#   GLIBC_TUNABLES       inherited by both sides. With glibc's default malloc, attend's passes mmap and unmap
-#                        buffers of a few MB every iteration and pay a page fault per 4 KiB page touched afresh
-#                        (the `faults/iter` column); PyTorch's do not. To see the kernels without that cost, run with
-#                        GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456
+#   (allocator)          the attend binary keeps freed memory in the process (mallopt at start-up), as PyTorch's
+#                        caching allocator does; the `faults/iter` column shows page faults per timed iteration
 #
 # Both sides use the same flops convention (4·B·H·T·S·D, halved for causal, ×3.5 for forward+backward) and the
 # median of the timed iterations; PyTorch times `sdpa` forward and `sdpa` + `torch.autograd.grad(o, (q, k, v), do)`

@@ -14,6 +14,16 @@ fn fill(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Peak resident memory so far, MB (VmHWM), and current (VmRSS).
+fn rss_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -48,7 +58,13 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
     }
     let mut fwd_t = vec![];
     let mut bwd_t = vec![];
-    for it in 0..7 {
+    let iters = std::env::var("ITERS").ok().and_then(|x| x.parse().ok()).unwrap_or(7);
+    // Touch every output so that the baseline holds all tensors; what the peak adds is the kernels' own memory.
+    for buf in [&mut o, &mut lse, &mut dq, &mut dk, &mut dv] {
+        buf.fill(1.0);
+    }
+    let (_, base) = rss_mb();
+    for it in 0..iters {
         let t0 = Instant::now();
         flash_forward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse);
         let t1 = Instant::now();
@@ -56,7 +72,7 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
             flash_backward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv);
         }
         let t2 = Instant::now();
-        if it >= 2 {
+        if it >= 2 || iters <= 2 {
             fwd_t.push((t1 - t0).as_secs_f64());
             bwd_t.push((t2 - t1).as_secs_f64());
         }
@@ -72,6 +88,8 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
         );
     }
     println!(" [{:?} bq={} bk={}]", cfg.isa, cfg.block_q, cfg.block_k);
+    let (peak, _) = rss_mb();
+    println!("memory: {base:.1} MB with every tensor resident, peak {peak:.1} MB: the kernels added {:.1} MB", peak - base);
 }
 
 fn main() {
