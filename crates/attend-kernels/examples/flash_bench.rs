@@ -18,7 +18,11 @@ fn fill(n: usize, seed: u64) -> Vec<f32> {
 fn rss_mb() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
-        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).unwrap_or(0.0)
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
             / 1024.0
     };
     (field("VmHWM:"), field("VmRSS:"))
@@ -89,7 +93,10 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
     }
     println!(" [{:?} bq={} bk={}]", cfg.isa, cfg.block_q, cfg.block_k);
     let (peak, _) = rss_mb();
-    println!("memory: {base:.1} MB with every tensor resident, peak {peak:.1} MB: the kernels added {:.1} MB", peak - base);
+    println!(
+        "memory: {base:.1} MB with every tensor resident, peak {peak:.1} MB: the kernels added {:.1} MB",
+        peak - base
+    );
 }
 
 fn main() {

@@ -404,3 +404,89 @@ fn selected_heads_weights_equal_those_rows_of_all_heads() {
     let e = attention_with(&q, &k, &v, &Mask::none(), &bad).unwrap_err().to_string();
     assert!(e.contains("[6]") && e.contains("0..6"), "{e}");
 }
+
+/// A user's mask: query i sees keys of the same parity only (a dilated pattern no built-in mask expresses).
+struct SameParity;
+impl attend::attention::flex::MaskMod for SameParity {
+    fn visible(&self, _b: usize, _h: usize, i: usize, j: usize) -> bool {
+        i % 2 == j % 2
+    }
+}
+
+/// A user's score function: per-head temperature, `s / τ_h`.
+struct Temperature(Vec<f32>);
+impl attend::attention::flex::ScoreMod for Temperature {
+    fn apply(&self, _b: usize, h: usize, _i: usize, _j0: usize, row: &mut [f32]) {
+        row.iter_mut().for_each(|s| *s /= self.0[h]);
+    }
+    fn chain(&self, _b: usize, h: usize, _i: usize, _j0: usize, _s: &[f32], ds: &mut [f32]) {
+        ds.iter_mut().for_each(|g| *g /= self.0[h]);
+    }
+}
+
+#[test]
+fn flex_attention_runs_user_masks_and_score_functions_with_gradients() {
+    use attend::attention::flex::{Causal, NoScoreMod};
+    use attend::attention::flex_attention;
+    let (b, h, hkv, t, s, d) = (2, 4, 2, 11, 17, 16);
+    let vars = || {
+        (
+            Var::from_tensor(&randn(&[b, h, t, d], 91, DType::F32)).unwrap(),
+            Var::from_tensor(&randn(&[b, hkv, s, d], 92, DType::F32)).unwrap(),
+            Var::from_tensor(&randn(&[b, hkv, s, d], 93, DType::F32)).unwrap(),
+        )
+    };
+    let dout = randn(&[b, h, t, d], 94, DType::F32);
+    let opts = full_opts(AttentionImpl::Fused, None);
+    let grads = |o: &AttentionOutput, x: &(Var, Var, Var)| {
+        let g = weighted_sum(&o.out, &dout).backward().unwrap();
+        [&x.0, &x.1, &x.2].map(|v| g.get(v.as_tensor()).unwrap().clone())
+    };
+    // 1. A built-in type through flex_attention equals the core's own mask.
+    let (x, y) = (vars(), vars());
+    let flex =
+        flex_attention(x.0.as_tensor(), x.1.as_tensor(), x.2.as_tensor(), Causal { offset: 6 }, NoScoreMod, &opts)
+            .unwrap();
+    let core = run(y.0.as_tensor(), y.1.as_tensor(), y.2.as_tensor(), &Mask::causal(), AttentionImpl::Reference);
+    assert_close("flex causal out", &flex.out, &core.out, F32);
+    assert_close("flex causal lse", flex.lse.as_ref().unwrap(), core.lse.as_ref().unwrap(), F32);
+    for (a, c) in grads(&flex, &x).iter().zip(grads(&core, &y).iter()) {
+        assert_close("flex causal grad", a, c, F32_GRAD);
+    }
+    // 2. User types, against the reference path given the same rule as a boolean tensor and the temperature
+    //    folded into the scale per head (done head by head).
+    let temps = vec![0.5f32, 1.0, 2.0, 4.0];
+    let (x, y) = (vars(), vars());
+    let flex = flex_attention(
+        x.0.as_tensor(),
+        x.1.as_tensor(),
+        x.2.as_tensor(),
+        SameParity,
+        Temperature(temps.clone()),
+        &opts,
+    )
+    .unwrap();
+    let keep: Vec<u8> = (0..t).flat_map(|i| (0..s).map(move |j| (i % 2 == j % 2) as u8)).collect();
+    let keep = Tensor::from_vec(keep, (1, 1, t, s), &Device::Cpu).unwrap();
+    let g = h / hkv;
+    let mut outs = vec![];
+    for (hh, tau) in temps.iter().enumerate() {
+        let qh = y.0.as_tensor().narrow(1, hh, 1).unwrap();
+        let kv = |x: &Var| x.as_tensor().narrow(1, hh / g, 1).unwrap();
+        let opts_h = AttentionOptions {
+            scale: Some(1.0 / ((d as f64).sqrt() * *tau as f64)),
+            ..full_opts(AttentionImpl::Reference, None)
+        };
+        let mask = Mask::none().with_tensor(MaskTensor::Keep(keep.clone()));
+        outs.push(attention_with(&qh, &kv(&y.1), &kv(&y.2), &mask, &opts_h).unwrap().out);
+    }
+    let reference = AttentionOutput { out: Tensor::cat(&outs, 1).unwrap(), weights: None, lse: None };
+    assert_close("flex user out", &flex.out, &reference.out, F32);
+    for (a, c) in grads(&flex, &x).iter().zip(grads(&reference, &y).iter()) {
+        assert_close("flex user grad", a, c, F32_GRAD);
+    }
+    // 3. f64 is refused with a clear error.
+    let q64 = randn(&[1, 1, 3, 16], 95, DType::F64);
+    let e = flex_attention(&q64, &q64, &q64, SameParity, NoScoreMod, &opts).unwrap_err().to_string();
+    assert!(e.contains("F64"), "{e}");
+}

@@ -209,6 +209,51 @@ fn matmul_ready(x: &Tensor) -> Result<Tensor> {
     Ok(if ok { x.clone() } else { x.contiguous()? })
 }
 
+/// FlexAttention-style attention with your own mask and score function, compiled into the fused kernel and
+/// differentiable: `M` says which keys each query sees (and may classify whole tiles so they are skipped or left
+/// unchecked), `F` transforms the scaled scores and supplies its derivative. See `attend_kernels::flash::masks` for
+/// the traits and the built-in types, which compose with your own.
+///
+/// `opts.implementation` is ignored (this is always the fused kernel); everything else applies. Positions passed to
+/// `M` and `F` are query `i ∈ 0..T`, key `j ∈ 0..S`, heads `h ∈ 0..H`.
+///
+/// # Shapes
+/// As [`attention_with`]: q `(B, H, T, D)`, k `(B, Hkv, S, D)`, v `(B, Hkv, S, Dv)` → `(B, H, T, Dv)`.
+///
+/// # Errors
+/// Shape mismatches as for [`attention_with`]; f64 inputs and non-CPU devices (the kernel is f32/bf16 on the CPU).
+pub fn flex_attention<M, F>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: M,
+    score: F,
+    opts: &AttentionOptions,
+) -> Result<AttentionOutput>
+where
+    M: attend_kernels::flash::MaskMod + Send + 'static,
+    F: attend_kernels::flash::ScoreMod + Send + 'static,
+{
+    let Dims { h, d, .. } = check(q, k, v)?;
+    ensure!(
+        q.device().is_cpu() && q.dtype() != DType::F64,
+        "flex_attention",
+        "runs the fused CPU kernel on f32/bf16/f16; got {:?} on {:?}",
+        q.dtype(),
+        q.device().location()
+    );
+    let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    ensure!(scale.is_finite(), "flex_attention", "scale must be finite, got {scale}");
+    if let Some(dp) = opts.dropout {
+        ensure!((0.0..1.0).contains(&dp.p), "flex_attention", "dropout probability must be in [0, 1), got {}", dp.p);
+    }
+    if let Some(heads) = &opts.weight_heads {
+        ensure!(heads.iter().all(|&x| x < h), "flex_attention", "weight_heads {heads:?} name heads outside 0..{h}");
+    }
+    let (out, weights, lse) = super::fused::custom(q, k, v, mask, score, scale, opts)?;
+    Ok(AttentionOutput { out, weights, lse })
+}
+
 /// Log-sum-exp of the final masked scores, reported, not differentiated.
 fn masked_lse(scores: &Tensor, explicit: Option<&MaskTensor>) -> Result<Tensor> {
     let scores = scores.detach();

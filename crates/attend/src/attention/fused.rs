@@ -42,10 +42,43 @@ struct Plan {
     softcap: Option<f32>,
 }
 
+/// Where an op's mask and score mod come from: the core's [`Plan`] (dispatching to built-in variants) or a user's
+/// own types ([`Custom`]).
+trait Mods: Send + Sync + 'static {
+    fn dims(&self) -> &FlashDims;
+    fn visit<V: Visit>(&self, v: V) -> V::Out;
+}
+
+impl Mods for Plan {
+    fn dims(&self) -> &FlashDims {
+        &self.dims
+    }
+    fn visit<V: Visit>(&self, v: V) -> V::Out {
+        Plan::visit(self, v)
+    }
+}
+
+/// A user's mask and score mod, run as they are.
+struct Custom<M, F> {
+    dims: FlashDims,
+    cfg: FlashConfig,
+    mask: M,
+    score: F,
+}
+
+impl<M: MaskMod + Send + 'static, F: ScoreMod + Send + 'static> Mods for Custom<M, F> {
+    fn dims(&self) -> &FlashDims {
+        &self.dims
+    }
+    fn visit<V: Visit>(&self, v: V) -> V::Out {
+        v.run(&self.dims, &self.cfg, &self.mask, &self.score)
+    }
+}
+
 /// Something to run with the plan's mask and score mod as concrete types.
 trait Visit {
     type Out;
-    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out;
+    fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, cfg: &FlashConfig, mask: &M, score: &F) -> Self::Out;
 }
 
 impl Plan {
@@ -56,12 +89,12 @@ impl Plan {
     fn with_score<V: Visit, M: MaskMod>(&self, v: V, mask: &M) -> V::Out {
         let alibi = self.slopes.as_ref().map(|s| Alibi { slopes: s, offset: self.offset() });
         match (self.softcap, alibi, &self.bias) {
-            (None, None, None) => v.run(self, mask, &NoScoreMod),
-            (Some(cap), None, None) => v.run(self, mask, &Softcap { cap }),
-            (None, Some(a), None) => v.run(self, mask, &a),
+            (None, None, None) => v.run(&self.dims, &self.cfg, mask, &NoScoreMod),
+            (Some(cap), None, None) => v.run(&self.dims, &self.cfg, mask, &Softcap { cap }),
+            (None, Some(a), None) => v.run(&self.dims, &self.cfg, mask, &a),
             (softcap, alibi, bias) => {
                 let bias = bias.as_ref().map(|(d, st)| (&d[..], *st));
-                v.run(self, mask, &StandardScore { softcap, alibi, bias })
+                v.run(&self.dims, &self.cfg, mask, &StandardScore { softcap, alibi, bias })
             }
         }
     }
@@ -120,19 +153,19 @@ enum Forward<'a> {
 
 impl Visit for Forward<'_> {
     type Out = (CpuStorage, Vec<f32>);
-    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
-        let d = &plan.dims;
+    fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, cfg: &FlashConfig, mask: &M, score: &F) -> Self::Out {
+        let d = dims;
         let n = d.b * d.h * d.t * d.dv;
         let mut lse = vec![0f32; d.b * d.h * d.t];
         let out = match self {
             Forward::F32(q, k, v) => {
                 let mut o = vec![0f32; n];
-                flash_forward(d, &plan.cfg, mask, score, q, k, v, &mut o, &mut lse);
+                flash_forward(d, cfg, mask, score, q, k, v, &mut o, &mut lse);
                 CpuStorage::F32(o)
             }
             Forward::Bf16(q, k, v) => {
                 let mut o = vec![Bf16(0); n];
-                flash_forward_bf16(d, &plan.cfg, mask, score, q, k, v, &mut o, &mut lse);
+                flash_forward_bf16(d, cfg, mask, score, q, k, v, &mut o, &mut lse);
                 CpuStorage::BF16(o.into_iter().map(|x| half::bf16::from_bits(x.0)).collect())
             }
         };
@@ -151,11 +184,10 @@ struct Backward<'a> {
 
 impl Visit for Backward<'_> {
     type Out = (Vec<f32>, Vec<f32>, Vec<f32>);
-    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
+    fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, cfg: &FlashConfig, mask: &M, score: &F) -> Self::Out {
         let (mut dq, mut dk, mut dv) = (vec![0f32; self.q.len()], vec![0f32; self.k.len()], vec![0f32; self.v.len()]);
         flash_backward(
-            &plan.dims, &plan.cfg, mask, score, self.q, self.k, self.v, self.o, self.lse, self.dout, &mut dq, &mut dk,
-            &mut dv,
+            dims, cfg, mask, score, self.q, self.k, self.v, self.o, self.lse, self.dout, &mut dq, &mut dk, &mut dv,
         );
         (dq, dk, dv)
     }
@@ -170,12 +202,12 @@ struct Probabilities<'a> {
 
 impl Visit for Probabilities<'_> {
     type Out = Vec<f32>;
-    fn run<M: MaskMod, F: ScoreMod>(self, plan: &Plan, mask: &M, score: &F) -> Self::Out {
-        let d = &plan.dims;
+    fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, cfg: &FlashConfig, mask: &M, score: &F) -> Self::Out {
+        let d = dims;
         let mut out = Vec::with_capacity(d.b * self.heads.len() * d.t * d.s);
         for b in 0..d.b {
             for &h in self.heads {
-                out.extend(flash_probabilities(d, &plan.cfg, mask, score, self.q, self.k, self.lse, b, h));
+                out.extend(flash_probabilities(d, cfg, mask, score, self.q, self.k, self.lse, b, h));
             }
         }
         out
@@ -183,8 +215,8 @@ impl Visit for Probabilities<'_> {
 }
 
 /// The candle op: inputs q, k, v (f32, contiguous, padded); output o. The log-sum-exp is kept for the backward.
-struct FlashOp {
-    plan: Arc<Plan>,
+struct FlashOp<P> {
+    plan: Arc<P>,
     lse: Arc<Mutex<Vec<f32>>>,
 }
 
@@ -206,7 +238,7 @@ fn bf16_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
     }
 }
 
-impl CustomOp3 for FlashOp {
+impl<P: Mods> CustomOp3 for FlashOp<P> {
     fn name(&self) -> &'static str {
         "attend-flash-attention"
     }
@@ -227,7 +259,7 @@ impl CustomOp3 for FlashOp {
         };
         let (o, lse) = self.plan.visit(inputs);
         *self.lse.lock().unwrap() = lse;
-        let d = &self.plan.dims;
+        let d = self.plan.dims();
         Ok((o, Shape::from((d.b, d.h, d.t, d.dv))))
     }
 
@@ -269,6 +301,39 @@ fn pad_last(x: &Tensor) -> Result<Tensor> {
     Ok(if p == n { x.contiguous()? } else { x.pad_with_zeros(3, 0, p - n)?.contiguous()? })
 }
 
+/// q, k, v in the kernel's dtype (f32, or bf16 where the CPU has bf16 dot products; anything else goes through
+/// f32), contiguous, head dims zero-padded to the kernel's quantum.
+fn prepare(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let kernel_dtype = if q.dtype() == DType::BF16 && bf16_dot_supported() { DType::BF16 } else { DType::F32 };
+    let cast = |x: &Tensor| -> Result<Tensor> {
+        Ok(if x.dtype() == kernel_dtype { x.clone() } else { x.to_dtype(kernel_dtype)? })
+    };
+    Ok((pad_last(&cast(q)?)?, pad_last(&cast(k)?)?, pad_last(&cast(v)?)?))
+}
+
+/// The fused kernel with a user's own mask and score mod (see `flex_attention`). Shapes are validated by the caller.
+pub(crate) fn custom<M, F>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: M,
+    score: F,
+    scale: f64,
+    opts: &AttentionOptions,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)>
+where
+    M: MaskMod + Send + 'static,
+    F: ScoreMod + Send + 'static,
+{
+    let (q32, k32, v32) = prepare(q, k, v)?;
+    let (b, h, t, d) = q32.dims4()?;
+    let (_, hkv, s, dv) = v32.dims4()?;
+    let mut cfg = FlashConfig::new(scale as f32);
+    cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p, d.seed));
+    let plan = Custom { dims: FlashDims { b, h, hkv, t, s, d, dv }, cfg, mask, score };
+    run(Arc::new(plan), q, (q32, k32, v32), v.dim(3)?, opts)
+}
+
 /// Output, weights and log-sum-exp through the fused kernel. The caller has validated shapes and resolved the mask.
 pub(crate) fn attention(
     q: &Tensor,
@@ -279,13 +344,7 @@ pub(crate) fn attention(
     scale: f64,
     opts: &AttentionOptions,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-    let in_dtype = q.dtype();
-    // f32 runs as it is, bf16 too where the CPU has bf16 dot products; anything else goes through f32.
-    let kernel_dtype = if in_dtype == DType::BF16 && bf16_dot_supported() { DType::BF16 } else { DType::F32 };
-    let cast = |x: &Tensor| -> Result<Tensor> {
-        Ok(if x.dtype() == kernel_dtype { x.clone() } else { x.to_dtype(kernel_dtype)? })
-    };
-    let (q32, k32, v32) = (pad_last(&cast(q)?)?, pad_last(&cast(k)?)?, pad_last(&cast(v)?)?);
+    let (q32, k32, v32) = prepare(q, k, v)?;
     let (b, h, t, dp) = q32.dims4()?;
     let (_, hkv, s, dvp) = v32.dims4()?;
     let dv = v.dim(3)?;
@@ -297,7 +356,7 @@ pub(crate) fn attention(
     };
     let mut cfg = FlashConfig::new(scale as f32);
     cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p, d.seed));
-    let plan = Arc::new(Plan {
+    let plan = Plan {
         dims: FlashDims { b, h, hkv, t, s, d: dp, dv: dvp },
         cfg,
         slopes: resolved.alibi.as_ref().map(|a| a.iter().map(|&x| x as f32).collect()),
@@ -305,12 +364,26 @@ pub(crate) fn attention(
         mask: resolved,
         keep,
         bias,
-    });
+    };
+    run(Arc::new(plan), q, (q32, k32, v32), dv, opts)
+}
+
+/// Runs the op on prepared (cast, padded) inputs and collects output, weights and log-sum-exp.
+fn run<P: Mods>(
+    plan: Arc<P>,
+    q: &Tensor,
+    (q32, k32, v32): (Tensor, Tensor, Tensor),
+    dv: usize,
+    opts: &AttentionOptions,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let in_dtype = q.dtype();
+    let kernel_dtype = q32.dtype();
+    let FlashDims { b, h, t, s, .. } = *plan.dims();
     let lse_cell = Arc::new(Mutex::new(Vec::new()));
     let op: Arc<Box<dyn CustomOp3 + Send + Sync>> =
         Arc::new(Box::new(FlashOp { plan: plan.clone(), lse: lse_cell.clone() }));
     let out = q32.apply_op3_arc(&k32, &v32, op)?; // (B, H, T, Dvp)
-    let out = if dvp == dv { out } else { out.narrow(3, 0, dv)? }; // (B, H, T, Dv)
+    let out = if plan.dims().dv == dv { out } else { out.narrow(3, 0, dv)? }; // (B, H, T, Dv)
     let out = if in_dtype == kernel_dtype { out } else { out.to_dtype(in_dtype)? };
     let lse_host = lse_cell.lock().unwrap().clone();
     let weights = if opts.need_weights {

@@ -8,9 +8,12 @@ pub mod mha;
 pub mod score;
 
 pub use self::core::{
-    attention, attention_with, resolve_mask, AttentionDropout, AttentionImpl, AttentionOptions, AttentionOutput,
+    attention, attention_with, flex_attention, resolve_mask, AttentionDropout, AttentionImpl, AttentionOptions,
+    AttentionOutput,
 };
 pub use crate::ops::MaskTensor;
+/// The traits and built-in types of masks and score functions as code, for [`flex_attention`].
+pub use attend_kernels::flash::masks as flex;
 pub use kv_cache::KvCache;
 pub use mask::{Alibi, Mask, ResolvedMask};
 pub use mha::{import_torch_mha, MhaDims, MhaOptions, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig};
