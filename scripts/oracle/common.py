@@ -51,3 +51,24 @@ def save(area: str, case: str, tensors: dict, meta: dict | None = None):
 def grads(names_and_tensors: dict) -> dict:
     """{name: leaf} -> {"d"+name: leaf.grad} for leaves that received a gradient."""
     return {"d" + k: v.grad for k, v in names_and_tensors.items() if v.grad is not None}
+
+
+def fresh_area(area: str) -> str:
+    """Make fixtures/<area>/ and delete its *.safetensors, so cases dropped from a script do not linger."""
+    d = os.path.join(FIXTURES, area)
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(d):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(d, f))
+    return d
+
+
+def write_readme(area: str, title: str, blurb: str, cases: list):
+    """fixtures/<area>/README.md: a title, a paragraph, and one line per (name, description) case."""
+    names = [n for n, _ in cases]
+    assert len(names) == len(set(names)), f"{area}: duplicate case names"
+    with open(os.path.join(FIXTURES, area, "README.md"), "w") as fh:
+        fh.write(f"# {title}\n\n{blurb}\n\n")
+        for n, desc in cases:
+            fh.write(f"- `{n}`: {desc}\n")
+    print(f"{area}: {len(names)} cases: " + " ".join(names))

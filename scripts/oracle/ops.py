@@ -20,7 +20,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from common import FIXTURES, gen, randn
+from common import FIXTURES, fresh_area, gen, randn
 from common import save as _save
 
 AREA = "ops"
@@ -339,11 +339,7 @@ def gelu_cases():
 
 
 def main():
-    d = os.path.join(FIXTURES, AREA)
-    os.makedirs(d, exist_ok=True)
-    for f in os.listdir(d):  # stale cases from an older version of this script
-        if f.endswith(".safetensors"):
-            os.remove(os.path.join(d, f))
+    fresh_area(AREA)
     names = softmax_cases() + logsoftmax_cases() + cross_entropy_cases() + norm_cases() + gelu_cases()
     print(f"ops: {len(names)} cases: " + " ".join(names))
 

@@ -21,6 +21,7 @@ pub mod flash;
 pub mod gelu;
 pub mod norm;
 mod real;
+pub mod rng;
 pub mod softmax;
 
 pub use real::Real;

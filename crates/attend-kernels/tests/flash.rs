@@ -44,41 +44,10 @@ const HEAD_DIMS: [usize; 7] = [16, 32, 64, 80, 96, 128, 256];
 // ---------------------------------------------------------------------------------------------------------------
 // Deterministic random numbers: SplitMix64 and Box–Muller.
 
-struct Rng(u64);
+use attend_kernels::rng::SplitMix64 as Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    fn normals(&mut self, n: usize, std: f64) -> Vec<f32> {
-        (0..n).map(|_| (self.normal() * std) as f32).collect()
-    }
-
-    /// An odd length in `1..=2·half − 1`.
-    fn odd(&mut self, half: usize) -> usize {
-        2 * self.below(half) + 1
-    }
+fn normals(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal() * std) as f32).collect()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -104,10 +73,10 @@ impl Problem {
             dims,
             scale,
             dropout: None,
-            q: rng.normals(b * h * t * d, 1.0),
-            k: rng.normals(b * hkv * s * d, 1.0),
-            v: rng.normals(b * hkv * s * dv, 1.0),
-            dout: rng.normals(b * h * t * dv, 1.0),
+            q: normals(rng, b * h * t * d, 1.0),
+            k: normals(rng, b * hkv * s * d, 1.0),
+            v: normals(rng, b * hkv * s * dv, 1.0),
+            dout: normals(rng, b * h * t * dv, 1.0),
         }
     }
 
@@ -382,9 +351,9 @@ fn score_mods_match_the_oracle() {
         let slopes: Vec<f32> = (0..h).map(|x| 0.5f32.powi(x as i32 + 1)).collect();
         let alibi = Alibi { slopes: &slopes, offset };
         // A full (B, H, T, S) bias and one broadcast over B and T, (1, H, 1, S).
-        let full = rng.normals(b * h * t * s, 1.0);
+        let full = normals(&mut rng, b * h * t * s, 1.0);
         let full_st = [h * t * s, t * s, s, 1];
-        let per_head = rng.normals(h * s, 1.0);
+        let per_head = normals(&mut rng, h * s, 1.0);
         let per_head_st = [0, s, 0, 1];
         check_case(&format!("softcap {cap}"), &pr, &NoMask, &Softcap { cap });
         check_case(&format!("causal softcap {cap}"), &pr, &causal, &Softcap { cap });
@@ -456,7 +425,7 @@ fn standard_mask_components_match_the_oracle() {
             ),
         ];
         let slopes: Vec<f32> = (0..h).map(|x| 0.3 / (x + 1) as f32).collect();
-        let bias = rng.normals(b * t * s, 0.5);
+        let bias = normals(&mut rng, b * t * s, 0.5);
         let score = StandardScore {
             softcap: Some(3.0),
             alibi: Some(Alibi { slopes: &slopes, offset: s as isize - t as isize }),

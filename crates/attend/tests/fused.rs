@@ -32,26 +32,8 @@ const BF16_GRAD: Tol = Tol { atol: 2e-2, rtol: 1.6e-2 };
 // ---------------------------------------------------------------------------------------------------------------
 // Configurations
 
-/// SplitMix64, for choosing shapes and mask parameters (tensor values come from `common::randn`).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// An odd length in `1..=2·half − 1`.
-    fn odd(&mut self, half: usize) -> usize {
-        2 * self.below(half) + 1
-    }
-}
+/// Shapes and mask parameters come from SplitMix64 (tensor values from `common::randn`).
+use attend_kernels::rng::SplitMix64 as Rng;
 
 /// One attention call's sizes and scale.
 #[derive(Clone, Copy, Debug)]
