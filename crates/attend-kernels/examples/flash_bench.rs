@@ -50,10 +50,11 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
         let mut ts = vec![];
         for _ in 0..7 {
             let t0 = Instant::now();
-            flash_forward_bf16(&dims, &cfg, mask, &NoScoreMod, &qb, &kb, &vb, &mut ob, &mut lse);
+            flash_forward_bf16(&dims, &cfg, mask, &NoScoreMod, &qb, &kb, &vb, &mut ob, &mut lse)
+                .expect("flash forward");
             ts.push(t0.elapsed().as_secs_f64());
         }
-        flash_forward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse);
+        flash_forward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse).expect("flash forward");
         let err =
             o.iter().zip(&ob).map(|(a, b)| (a - attend_kernels::flash::bf16_to_f32(b.0)).abs()).fold(0f32, f32::max);
         let f = median(ts);
@@ -70,10 +71,11 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
     let (_, base) = rss_mb();
     for it in 0..iters {
         let t0 = Instant::now();
-        flash_forward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse);
+        flash_forward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse).expect("flash forward");
         let t1 = Instant::now();
         if bwd {
-            flash_backward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv);
+            flash_backward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv)
+                .expect("flash backward");
         }
         let t2 = Instant::now();
         if it >= 2 || iters <= 2 {

@@ -272,7 +272,7 @@ fn check_case<M: MaskMod, F: ScoreMod>(name: &str, pr: &Problem, mask: &M, score
                 let label = format!("[{name}; {}; {isa:?} block_q {block_q} block_k {block_k}]", pr.label());
                 let mut o = vec![f32::NAN; want.o.len()];
                 let mut lse = vec![f32::NAN; want.lse.len()];
-                flash_forward(&pr.dims, &cfg, mask, score, &pr.q, &pr.k, &pr.v, &mut o, &mut lse);
+                flash_forward(&pr.dims, &cfg, mask, score, &pr.q, &pr.k, &pr.v, &mut o, &mut lse).unwrap();
                 check(&label, "o", &o, &want.o);
                 check(&label, "lse", &lse, &want.lse);
 
@@ -280,7 +280,8 @@ fn check_case<M: MaskMod, F: ScoreMod>(name: &str, pr: &Problem, mask: &M, score
                     (vec![f32::NAN; pr.q.len()], vec![f32::NAN; pr.k.len()], vec![f32::NAN; pr.v.len()]);
                 flash_backward(
                     &pr.dims, &cfg, mask, score, &pr.q, &pr.k, &pr.v, &o, &lse, &pr.dout, &mut dq, &mut dk, &mut dvv,
-                );
+                )
+                .unwrap();
                 check(&label, "dq", &dq, &want.dq);
                 check(&label, "dk", &dk, &want.dk);
                 check(&label, "dv", &dvv, &want.dv);
@@ -292,7 +293,7 @@ fn check_case<M: MaskMod, F: ScoreMod>(name: &str, pr: &Problem, mask: &M, score
 
                 for b in 0..nb {
                     for h in 0..nh {
-                        let p = flash_probabilities(&pr.dims, &cfg, mask, score, &pr.q, &pr.k, &lse, b, h);
+                        let p = flash_probabilities(&pr.dims, &cfg, mask, score, &pr.q, &pr.k, &lse, b, h).unwrap();
                         let at = (b * nh + h) * t * s;
                         check(&format!("{label} (b {b}, h {h})"), "probabilities", &p, &want.p[at..at + t * s]);
                         let leak = (0..t * s).find(|&x| !want.visible[at + x] && p[x] != 0.0);
@@ -684,7 +685,7 @@ fn check_bf16<M: MaskMod, F: ScoreMod>(
                 let label = format!("[bf16 {name}; {}; {isa:?} block_q {block_q} block_k {block_k}]", pr.label());
                 let mut o = vec![Bf16(0x7fc0); want.o.len()];
                 let mut lse = vec![f32::NAN; want.lse.len()];
-                flash_forward_bf16(&pr.dims, &cfg, mask, score, q, k, v, &mut o, &mut lse);
+                flash_forward_bf16(&pr.dims, &cfg, mask, score, q, k, v, &mut o, &mut lse).unwrap();
                 check(&label, "lse", &lse, &want.lse);
                 let o: Vec<f32> = o.iter().map(|x| bf16_to_f32(x.0)).collect();
                 let bad = (0..o.len()).find(|&x| {
@@ -704,4 +705,30 @@ fn check_bf16<M: MaskMod, F: ScoreMod>(
             }
         }
     }
+}
+
+#[test]
+fn bad_buffers_and_settings_are_errors_not_panics() {
+    let dims = FlashDims { b: 1, h: 2, hkv: 1, t: 3, s: 5, d: 16, dv: 16 };
+    let (q, k, v) = (vec![0f32; 2 * 3 * 16], vec![0f32; 5 * 16], vec![0f32; 5 * 16]);
+    let (mut o, mut lse) = (vec![0f32; 2 * 3 * 16], vec![0f32; 6]);
+    let cfg = FlashConfig::new(0.25);
+    let run = |dims: &FlashDims, cfg: &FlashConfig, k: &[f32], o: &mut [f32], lse: &mut [f32]| {
+        flash_forward(dims, cfg, &NoMask, &NoScoreMod, &q, k, &v, o, lse).unwrap_err().to_string()
+    };
+    let e = run(&dims, &cfg, &k[..16], &mut o, &mut lse);
+    assert!(e.contains("buffer lengths") && e.contains("k 16"), "{e}");
+    let e = run(&FlashDims { d: 12, ..dims }, &cfg, &k, &mut o, &mut lse);
+    assert!(e.contains("D = 12"), "{e}");
+    let e = run(&FlashDims { hkv: 2, ..dims }, &cfg, &k, &mut o, &mut lse);
+    assert!(e.contains("buffer lengths"), "{e}");
+    let e = run(&dims, &cfg, &k, &mut o[..5], &mut lse);
+    assert!(e.contains("o has 5"), "{e}");
+    let e = run(&dims, &FlashConfig { block_k: 20, ..cfg }, &k, &mut o, &mut lse);
+    assert!(e.contains("block sizes"), "{e}");
+    let e = run(&dims, &FlashConfig { dropout: Some((1.0, 0)), ..cfg }, &k, &mut o, &mut lse);
+    assert!(e.contains("dropout"), "{e}");
+    let e = flash_probabilities(&dims, &cfg, &NoMask, &NoScoreMod, &q, &k, &lse, 0, 7).unwrap_err().to_string();
+    assert!(e.contains("(0, 7)"), "{e}");
+    flash_forward(&dims, &cfg, &NoMask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse).unwrap();
 }

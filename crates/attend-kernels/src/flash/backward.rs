@@ -18,12 +18,15 @@ use rayon::prelude::*;
 use super::forward::{dropout_tile, pack_transposed, score_tile};
 use super::masks::{MaskMod, ScoreMod, TileKind};
 use super::tile::{exp_minus_lse, gemm, gemm_strided, softmax_grad, QUANTUM};
-use super::{round_up, FlashConfig, FlashDims, SyncPtr};
+use super::{require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
 
 /// Most bytes spent on partial dQ buffers when keys are split across tasks.
 pub const PARTIAL_DQ_BUDGET: usize = 32 << 20;
 
 /// Backward pass: given the forward's inputs, `o`, `lse` and `dout`, writes `dq`, `dk`, `dv` (overwritten).
+///
+/// # Errors
+/// Buffer lengths that disagree with `dims`, or settings the kernel cannot run (see [`FlashConfig::check`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_backward<M: MaskMod, F: ScoreMod>(
     dims: &FlashDims,
@@ -39,13 +42,27 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
     dq: &mut [f32],
     dk: &mut [f32],
     dvv: &mut [f32],
-) {
-    dims.check(q.len(), k.len(), v.len()).unwrap();
-    assert!(
-        o.len() == dout.len() && o.len() == dims.b * dims.h * dims.t * dims.dv && lse.len() == dims.b * dims.h * dims.t
+) -> Result<(), FlashError> {
+    dims.check(q.len(), k.len(), v.len())?;
+    cfg.check()?;
+    let (on, ln) = (dims.b * dims.h * dims.t * dims.dv, dims.b * dims.h * dims.t);
+    require!(
+        o.len() == on && dout.len() == on && lse.len() == ln,
+        "flash attention backward: o {}, dout {}, lse {} elements; expected {on}, {on}, {ln} for {dims:?}",
+        o.len(),
+        dout.len(),
+        lse.len()
     );
-    assert!(dq.len() == q.len() && dk.len() == k.len() && dvv.len() == v.len());
-    assert!(cfg.isa.supported() && cfg.block_k % QUANTUM == 0 && cfg.block_q > 0);
+    require!(
+        dq.len() == q.len() && dk.len() == k.len() && dvv.len() == v.len(),
+        "flash attention backward: dq {}, dk {}, dv {} elements must match q {}, k {}, v {}",
+        dq.len(),
+        dk.len(),
+        dvv.len(),
+        q.len(),
+        k.len(),
+        v.len()
+    );
     let FlashDims { b: nb, h: nh, hkv, t, s, d, dv } = *dims;
     let (br, bc) = (cfg.block_q, cfg.block_k);
     let group = nh / hkv;
@@ -216,4 +233,5 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
         }
         chunk.iter_mut().for_each(|x| *x *= scale);
     });
+    Ok(())
 }

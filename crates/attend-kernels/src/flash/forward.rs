@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::masks::{MaskMod, ScoreMod, TileKind};
 use super::simd::Isa;
 use super::tile::{gemm, online_softmax, scale_rows, QUANTUM};
-use super::{dropout_index, round_up, FlashConfig, FlashDims, SyncPtr};
+use super::{dropout_index, require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
 use crate::dropout::{drop_threshold, keep};
 
 /// An element type the forward pass can read: f32 (FMA tiles) or bf16 (AVX512-BF16 dot-product tiles). It decides
@@ -250,7 +250,8 @@ pub(crate) fn dropout_tile(
 
 /// Forward pass. Writes `o (B, H, T, Dv)` and `lse (B, H, T)` (−∞ where a query sees no key; its output row is 0).
 ///
-/// Panics if buffer lengths disagree with `dims` (callers validate first).
+/// # Errors
+/// Buffer lengths that disagree with `dims`, or settings the kernel cannot run (see [`FlashConfig::check`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_forward<M: MaskMod, F: ScoreMod>(
     dims: &FlashDims,
@@ -262,13 +263,15 @@ pub fn flash_forward<M: MaskMod, F: ScoreMod>(
     v: &[f32],
     o: &mut [f32],
     lse: &mut [f32],
-) {
+) -> Result<(), FlashError> {
     forward::<f32, M, F>(dims, cfg, mask, score, q, k, v, o, lse)
 }
 
 /// [`flash_forward`] on bf16 storage with AVX512-BF16 dot products (f32 accumulation, f32 softmax).
 ///
-/// Panics unless [`bf16_dot_supported`](super::tile::bf16_dot_supported) — callers convert to f32 otherwise.
+/// # Errors
+/// As [`flash_forward`], and when the CPU lacks AVX512-BF16 ([`bf16_dot_supported`](super::tile::bf16_dot_supported);
+/// callers convert to f32 then).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_forward_bf16<M: MaskMod, F: ScoreMod>(
     dims: &FlashDims,
@@ -280,8 +283,8 @@ pub fn flash_forward_bf16<M: MaskMod, F: ScoreMod>(
     v: &[Bf16],
     o: &mut [Bf16],
     lse: &mut [f32],
-) {
-    assert!(super::tile::bf16_dot_supported(), "flash_forward_bf16: this CPU has no AVX512-BF16");
+) -> Result<(), FlashError> {
+    require!(super::tile::bf16_dot_supported(), "flash_forward_bf16: this CPU has no AVX512-BF16 dot products");
     forward::<Bf16, M, F>(dims, cfg, mask, score, q, k, v, o, lse)
 }
 
@@ -296,10 +299,16 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
     v: &[E],
     o: &mut [E],
     lse: &mut [f32],
-) {
-    dims.check(q.len(), k.len(), v.len()).unwrap();
-    assert!(o.len() == dims.b * dims.h * dims.t * dims.dv && lse.len() == dims.b * dims.h * dims.t);
-    assert!(cfg.isa.supported() && cfg.block_k % QUANTUM == 0 && cfg.block_q > 0);
+) -> Result<(), FlashError> {
+    dims.check(q.len(), k.len(), v.len())?;
+    cfg.check()?;
+    let (on, ln) = (dims.b * dims.h * dims.t * dims.dv, dims.b * dims.h * dims.t);
+    require!(
+        o.len() == on && lse.len() == ln,
+        "flash attention: o has {} elements, lse {}; expected {on} and {ln} for {dims:?}",
+        o.len(),
+        lse.len()
+    );
     let FlashDims { b: nb, h: nh, hkv, t, s, d, dv } = *dims;
     let (br, bc) = (cfg.block_q, cfg.block_k);
     let group = nh / hkv;
@@ -385,6 +394,7 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
             }
         }
     });
+    Ok(())
 }
 
 /// A raw pointer to output elements of any type, shared by tasks that write disjoint regions.
@@ -412,9 +422,20 @@ pub fn flash_probabilities<M: MaskMod, F: ScoreMod>(
     lse: &[f32],
     b: usize,
     h: usize,
-) -> Vec<f32> {
+) -> Result<Vec<f32>, FlashError> {
     let FlashDims { h: nh, hkv, t, s, d, .. } = *dims;
-    assert!(b < dims.b && h < nh && lse.len() == dims.b * nh * t);
+    cfg.check()?;
+    require!(
+        q.len() == dims.b * nh * t * d && k.len() == dims.b * hkv * s * d,
+        "flash attention: q has {} elements, k {}; expected them to match {dims:?}",
+        q.len(),
+        k.len()
+    );
+    require!(
+        b < dims.b && h < nh && lse.len() == dims.b * nh * t,
+        "flash attention: head ({b}, {h}) or lse length {} do not fit {dims:?}",
+        lse.len()
+    );
     let kvh = b * hkv + h / (nh / hkv);
     let (br, bc) = (cfg.block_q, cfg.block_k);
     let mut probs = vec![0f32; t * s];
@@ -440,5 +461,5 @@ pub fn flash_probabilities<M: MaskMod, F: ScoreMod>(
             }
         }
     }
-    probs
+    Ok(probs)
 }

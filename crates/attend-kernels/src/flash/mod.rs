@@ -26,6 +26,7 @@ pub use backward::flash_backward;
 pub use forward::{flash_forward, flash_forward_bf16, flash_probabilities, Bf16, Operand};
 pub use masks::{MaskMod, ScoreMod, TileKind};
 pub use simd::Isa;
+
 pub use tile::{bf16_dot_supported, bf16_to_f32, f32_to_bf16, QUANTUM};
 
 /// Sizes of one attention call (the vocabulary of the attend crate).
@@ -43,24 +44,56 @@ pub struct FlashDims {
 }
 
 impl FlashDims {
-    /// Checks the invariants the kernels rely on and the lengths of the buffers.
-    pub fn check(&self, q: usize, k: usize, v: usize) -> Result<(), String> {
+    /// Checks the invariants the kernels rely on and the lengths of the input buffers.
+    pub fn check(&self, q: usize, k: usize, v: usize) -> Result<(), FlashError> {
         let FlashDims { b, h, hkv, t, s, d, dv } = *self;
         if b * h * hkv * t * s * d * dv == 0 {
-            return Err(format!("flash attention: empty dimension in {self:?}"));
+            return Err(FlashError::new(format!("flash attention: empty dimension in {self:?}")));
         }
         if h % hkv != 0 {
-            return Err(format!("flash attention: H = {h} is not a multiple of Hkv = {hkv}"));
+            return Err(FlashError::new(format!("flash attention: H = {h} is not a multiple of Hkv = {hkv}")));
         }
         if d % QUANTUM != 0 || dv % QUANTUM != 0 {
-            return Err(format!("flash attention: head dims D = {d}, Dv = {dv} must be multiples of {QUANTUM}"));
+            return Err(FlashError::new(format!(
+                "flash attention: head dims D = {d}, Dv = {dv} must be multiples of {QUANTUM}"
+            )));
         }
         if q != b * h * t * d || k != b * hkv * s * d || v != b * hkv * s * dv {
-            return Err(format!("flash attention: buffer lengths q {q}, k {k}, v {v} do not match {self:?}"));
+            return Err(FlashError::new(format!(
+                "flash attention: buffer lengths q {q}, k {k}, v {v} do not match {self:?}"
+            )));
         }
         Ok(())
     }
 }
+
+/// A buffer, size or setting the kernels cannot run with; the message names the sizes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlashError(pub String);
+
+impl FlashError {
+    pub(crate) fn new(msg: String) -> Self {
+        FlashError(msg)
+    }
+}
+
+impl std::fmt::Display for FlashError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FlashError {}
+
+/// `Err` with a formatted [`FlashError`] unless `cond` holds.
+macro_rules! require {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err($crate::flash::FlashError::new(format!($($arg)*)));
+        }
+    };
+}
+pub(crate) use require;
 
 /// Settings of one call.
 #[derive(Clone, Copy, Debug)]
@@ -80,6 +113,22 @@ pub struct FlashConfig {
 impl FlashConfig {
     pub fn new(scale: f32) -> Self {
         FlashConfig { scale, dropout: None, isa: Isa::detect(), block_q: 64, block_k: 64 }
+    }
+
+    /// Checks the settings the kernels rely on.
+    pub fn check(&self) -> Result<(), FlashError> {
+        require!(self.isa.supported(), "flash attention: instruction set {:?} is not supported by this CPU", self.isa);
+        require!(self.scale.is_finite(), "flash attention: scale must be finite, got {}", self.scale);
+        require!(
+            self.block_q > 0 && self.block_k > 0 && self.block_k % QUANTUM == 0,
+            "flash attention: block sizes ({}, {}) must be positive, keys a multiple of {QUANTUM}",
+            self.block_q,
+            self.block_k
+        );
+        if let Some((p, _)) = self.dropout {
+            require!((0.0..1.0).contains(&p), "flash attention: dropout probability must be in [0, 1), got {p}");
+        }
+        Ok(())
     }
 }
 

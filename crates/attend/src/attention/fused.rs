@@ -15,7 +15,7 @@ use attend_kernels::flash::masks::{
 };
 use attend_kernels::flash::{
     bf16_dot_supported, flash_backward, flash_forward, flash_forward_bf16, flash_probabilities, Bf16, FlashConfig,
-    FlashDims, MaskMod, ScoreMod, QUANTUM,
+    FlashDims, FlashError, MaskMod, ScoreMod, QUANTUM,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -152,7 +152,7 @@ enum Forward<'a> {
 }
 
 impl Visit for Forward<'_> {
-    type Out = (CpuStorage, Vec<f32>);
+    type Out = std::result::Result<(CpuStorage, Vec<f32>), FlashError>;
     fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, cfg: &FlashConfig, mask: &M, score: &F) -> Self::Out {
         let d = dims;
         let n = d.b * d.h * d.t * d.dv;
@@ -160,16 +160,16 @@ impl Visit for Forward<'_> {
         let out = match self {
             Forward::F32(q, k, v) => {
                 let mut o = vec![0f32; n];
-                flash_forward(d, cfg, mask, score, q, k, v, &mut o, &mut lse);
+                flash_forward(d, cfg, mask, score, q, k, v, &mut o, &mut lse)?;
                 CpuStorage::F32(o)
             }
             Forward::Bf16(q, k, v) => {
                 let mut o = vec![Bf16(0); n];
-                flash_forward_bf16(d, cfg, mask, score, q, k, v, &mut o, &mut lse);
+                flash_forward_bf16(d, cfg, mask, score, q, k, v, &mut o, &mut lse)?;
                 CpuStorage::BF16(o.into_iter().map(|x| half::bf16::from_bits(x.0)).collect())
             }
         };
-        (out, lse)
+        Ok((out, lse))
     }
 }
 
@@ -183,13 +183,13 @@ struct Backward<'a> {
 }
 
 impl Visit for Backward<'_> {
-    type Out = (Vec<f32>, Vec<f32>, Vec<f32>);
+    type Out = std::result::Result<(Vec<f32>, Vec<f32>, Vec<f32>), FlashError>;
     fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, cfg: &FlashConfig, mask: &M, score: &F) -> Self::Out {
         let (mut dq, mut dk, mut dv) = (vec![0f32; self.q.len()], vec![0f32; self.k.len()], vec![0f32; self.v.len()]);
         flash_backward(
             dims, cfg, mask, score, self.q, self.k, self.v, self.o, self.lse, self.dout, &mut dq, &mut dk, &mut dv,
-        );
-        (dq, dk, dv)
+        )?;
+        Ok((dq, dk, dv))
     }
 }
 
@@ -201,16 +201,16 @@ struct Probabilities<'a> {
 }
 
 impl Visit for Probabilities<'_> {
-    type Out = Vec<f32>;
+    type Out = std::result::Result<Vec<f32>, FlashError>;
     fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, cfg: &FlashConfig, mask: &M, score: &F) -> Self::Out {
         let d = dims;
         let mut out = Vec::with_capacity(d.b * self.heads.len() * d.t * d.s);
         for b in 0..d.b {
             for &h in self.heads {
-                out.extend(flash_probabilities(d, cfg, mask, score, self.q, self.k, self.lse, b, h));
+                out.extend(flash_probabilities(d, cfg, mask, score, self.q, self.k, self.lse, b, h)?);
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -257,7 +257,7 @@ impl<P: Mods> CustomOp3 for FlashOp<P> {
         } else {
             Forward::F32(f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?, f32_slice(s3, l3, "v")?)
         };
-        let (o, lse) = self.plan.visit(inputs);
+        let (o, lse) = self.plan.visit(inputs).map_err(candle_core::Error::msg)?;
         *self.lse.lock().unwrap() = lse;
         let d = self.plan.dims();
         Ok((o, Shape::from((d.b, d.h, d.t, d.dv))))
@@ -287,7 +287,10 @@ impl<P: Mods> CustomOp3 for FlashOp<P> {
         }
         let (qv, kv, vv, ov, dov) = (views[0], views[1], views[2], views[3], views[4]);
         let lse = self.lse.lock().unwrap().clone();
-        let (dq, dk, dv) = self.plan.visit(Backward { q: &qv, k: &kv, v: &vv, o: &ov, lse: &lse, dout: &dov });
+        let (dq, dk, dv) = self
+            .plan
+            .visit(Backward { q: qv, k: kv, v: vv, o: ov, lse: &lse, dout: dov })
+            .map_err(candle_core::Error::msg)?;
         let dev = q.device();
         let back = |g: Vec<f32>, like: &Tensor| Tensor::from_vec(g, like.shape(), dev)?.to_dtype(like.dtype());
         Ok((Some(back(dq, q)?), Some(back(dk, k)?), Some(back(dv, v)?)))
@@ -390,7 +393,9 @@ fn run<P: Mods>(
         let host = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
         let (qh, kh) = (host(&q32)?, host(&k32)?);
         let heads: Vec<usize> = opts.weight_heads.clone().unwrap_or_else(|| (0..h).collect());
-        let p = plan.visit(Probabilities { q: &qh, k: &kh, lse: &lse_host, heads: &heads });
+        let p = plan
+            .visit(Probabilities { q: &qh, k: &kh, lse: &lse_host, heads: &heads })
+            .map_err(|e| crate::Error::invalid("attention", e.to_string()))?;
         Some(Tensor::from_vec(p, (b, heads.len(), t, s), q.device())?.to_dtype(in_dtype)?)
     } else {
         None
