@@ -16,15 +16,15 @@ pub enum Isa {
 
 impl Isa {
     /// The best instruction set this CPU supports (`ATTEND_ISA=avx512|avx2|portable` overrides, for testing and
-    /// benchmarking; an unsupported request falls back to the best available).
+    /// benchmarking; an unsupported request falls back to the best available). Decided once per process.
     pub fn detect() -> Isa {
-        let best = Self::best();
-        match std::env::var("ATTEND_ISA").ok().as_deref() {
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| match std::env::var("ATTEND_ISA").ok().as_deref() {
             Some("portable") => Isa::Portable,
             Some("avx2") if Isa::Avx2.supported() => Isa::Avx2,
             Some("avx512") if Isa::Avx512.supported() => Isa::Avx512,
-            _ => best,
-        }
+            _ => Self::best(),
+        })
     }
 
     fn best() -> Isa {
