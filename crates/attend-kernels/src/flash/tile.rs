@@ -150,7 +150,7 @@ unsafe fn gemm_avx2(
     ldc: usize,
     acc: bool,
 ) {
-    gemm_generic::<Avx2, 4, 2>(m, n, k, a, lda, a_cs, b, ldb, c, ldc, acc)
+    gemm_generic::<Avx2, 6, 2>(m, n, k, a, lda, a_cs, b, ldb, c, ldc, acc)
 }
 
 /// `C (m × n) (+)= A (m × k) · B (k × n)`; `A[r][p]` is at `a + r·a_strides.0 + p·a_strides.1` (`(lda, 1)` for a
