@@ -2,9 +2,9 @@
 //! `cargo run --release -p attend-kernels --example flash_bench -- T D [causal] [bwd]`.
 //! The user-facing benchmark is `attend bench attention`.
 
-use attend_kernels::flash::masks::{Causal, NoMask, NoScoreMod};
+use attend_kernels::flash::masks::{Alibi, Causal, NoMask, NoScoreMod, Softcap};
 use attend_kernels::flash::{
-    f32_to_bf16, flash_backward, flash_forward, flash_forward_bf16, Bf16, FlashConfig, FlashDims, MaskMod,
+    f32_to_bf16, flash_backward, flash_forward, flash_forward_bf16, Bf16, FlashConfig, FlashDims, MaskMod, ScoreMod,
 };
 use std::time::Instant;
 
@@ -33,7 +33,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops: f64) {
+fn run<M: MaskMod, F: ScoreMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, score: &F, bwd: bool, flops: f64) {
     let (q, k, v) = (
         fill(dims.b * dims.h * dims.t * dims.d, 1),
         fill(dims.b * dims.hkv * dims.s * dims.d, 2),
@@ -50,11 +50,10 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
         let mut ts = vec![];
         for _ in 0..7 {
             let t0 = Instant::now();
-            flash_forward_bf16(&dims, &cfg, mask, &NoScoreMod, &qb, &kb, &vb, &mut ob, &mut lse)
-                .expect("flash forward");
+            flash_forward_bf16(&dims, &cfg, mask, score, &qb, &kb, &vb, &mut ob, &mut lse).expect("flash forward");
             ts.push(t0.elapsed().as_secs_f64());
         }
-        flash_forward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse).expect("flash forward");
+        flash_forward(&dims, &cfg, mask, score, &q, &k, &v, &mut o, &mut lse).expect("flash forward");
         let err =
             o.iter().zip(&ob).map(|(a, b)| (a - attend_kernels::flash::bf16_to_f32(b.0)).abs()).fold(0f32, f32::max);
         let f = median(ts);
@@ -71,10 +70,10 @@ fn run<M: MaskMod>(dims: FlashDims, cfg: FlashConfig, mask: &M, bwd: bool, flops
     let (_, base) = rss_mb();
     for it in 0..iters {
         let t0 = Instant::now();
-        flash_forward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse).expect("flash forward");
+        flash_forward(&dims, &cfg, mask, score, &q, &k, &v, &mut o, &mut lse).expect("flash forward");
         let t1 = Instant::now();
         if bwd {
-            flash_backward(&dims, &cfg, mask, &NoScoreMod, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv)
+            flash_backward(&dims, &cfg, mask, score, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv)
                 .expect("flash backward");
         }
         let t2 = Instant::now();
@@ -116,9 +115,16 @@ fn main() {
         cfg.block_k = x.parse().unwrap();
     }
     let flops = 4.0 * (t * t * d * 8) as f64 * if causal { 0.5 } else { 1.0 };
-    if causal {
-        run(dims, cfg, &Causal { offset: 0 }, bwd, flops)
-    } else {
-        run(dims, cfg, &NoMask, bwd, flops)
+    // MOD=softcap|alibi times a score mod on top of the mask.
+    let slopes: Vec<f32> = (0..8).map(|h| 0.5f32.powi(h + 1)).collect();
+    let alibi = Alibi { slopes: &slopes, offset: 0 };
+    let softcap = Softcap { cap: 30.0 };
+    match (causal, std::env::var("MOD").ok().as_deref()) {
+        (true, Some("alibi")) => run(dims, cfg, &Causal { offset: 0 }, &alibi, bwd, flops),
+        (true, Some("softcap")) => run(dims, cfg, &Causal { offset: 0 }, &softcap, bwd, flops),
+        (true, _) => run(dims, cfg, &Causal { offset: 0 }, &NoScoreMod, bwd, flops),
+        (false, Some("alibi")) => run(dims, cfg, &NoMask, &alibi, bwd, flops),
+        (false, Some("softcap")) => run(dims, cfg, &NoMask, &softcap, bwd, flops),
+        (false, _) => run(dims, cfg, &NoMask, &NoScoreMod, bwd, flops),
     }
 }

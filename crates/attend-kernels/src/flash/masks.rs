@@ -267,16 +267,11 @@ pub struct Softcap {
 impl ScoreMod for Softcap {
     #[inline]
     fn apply(&self, _: usize, _: usize, _: usize, _: usize, row: &mut [f32]) {
-        let (c, inv) = (self.cap, 1.0 / self.cap);
-        row.iter_mut().for_each(|x| *x = c * (*x * inv).tanh());
+        super::tile::softcap_row(row, self.cap);
     }
     #[inline]
     fn chain(&self, _: usize, _: usize, _: usize, _: usize, s: &[f32], ds: &mut [f32]) {
-        let inv = 1.0 / self.cap;
-        for (g, &x) in ds.iter_mut().zip(s) {
-            let t = (x * inv).tanh();
-            *g *= 1.0 - t * t;
-        }
+        super::tile::softcap_chain_row(s, ds, self.cap);
     }
 }
 
@@ -290,11 +285,8 @@ pub struct Alibi<'a> {
 impl ScoreMod for Alibi<'_> {
     #[inline]
     fn apply(&self, _: usize, h: usize, i: usize, j0: usize, row: &mut [f32]) {
-        let m = self.slopes[h];
-        let d = i as isize + self.offset - j0 as isize;
-        for (x, v) in row.iter_mut().enumerate() {
-            *v -= m * (d - x as isize).unsigned_abs() as f32;
-        }
+        // Distances stay exact in f32 up to 2^24 positions.
+        super::tile::alibi_row(row, self.slopes[h], (i as isize + self.offset - j0 as isize) as f32);
     }
     #[inline(always)]
     fn chain(&self, _: usize, _: usize, _: usize, _: usize, _: &[f32], _: &mut [f32]) {}

@@ -64,12 +64,47 @@ pub(crate) trait Simd: Copy {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn reduce_add(v: Self::V) -> f32;
     unsafe fn reduce_max(v: Self::V) -> f32;
     /// `exp(x)`, with exactly 0 for `x < −87.3` (including −∞) so masked scores contribute nothing.
     unsafe fn exp(x: Self::V) -> Self::V;
+    unsafe fn abs(x: Self::V) -> Self::V;
+    /// Lane-wise `if a < b { x } else { y }`.
+    unsafe fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
+
+    /// `tanh(x)` as Cephes' tanhf: an odd polynomial for `|x| < 0.625` (where `1 − 2/(e^{2x}+1)` would cancel),
+    /// `1 − 2/(e^{2|x|} + 1)` beyond, the sign restored. Relative error ~1e-7.
+    #[inline(always)]
+    unsafe fn tanh(x: Self::V) -> Self::V {
+        let ax = Self::abs(x);
+        let one = Self::splat(1.0);
+        let big =
+            Self::sub(one, Self::mul(Self::splat(2.0), recip::<Self>(Self::add(Self::exp(Self::add(ax, ax)), one))));
+        let z = Self::mul(x, x);
+        let mut p = Self::splat(TANH_P[0]);
+        for c in &TANH_P[1..] {
+            p = Self::fma(p, z, Self::splat(*c));
+        }
+        let small = Self::fma(Self::mul(p, z), x, x);
+        let big = Self::select_lt(x, Self::zero(), Self::sub(Self::zero(), big), big);
+        Self::select_lt(ax, Self::splat(0.625), small, big)
+    }
 }
+
+/// `1 / x` by division (exact to the rounding; the approximate reciprocals would cost accuracy here).
+#[inline(always)]
+unsafe fn recip<S: Simd + ?Sized>(x: S::V) -> S::V {
+    div::<S>(S::splat(1.0), x)
+}
+
+#[inline(always)]
+unsafe fn div<S: Simd + ?Sized>(a: S::V, b: S::V) -> S::V {
+    S::div(a, b)
+}
+
+const TANH_P: [f32; 5] = [-5.704_988_7e-3, 2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1];
 
 // exp(x) = 2^n · e^r, n = round(x·log2 e), r = x − n·ln 2 ∈ [−ln2/2, ln2/2], e^r by a degree-6 polynomial
 // (Cephes' expf coefficients; relative error ≈ 1e-7 over the range).
@@ -151,6 +186,18 @@ impl Simd for Portable {
     unsafe fn exp(x: Self::V) -> Self::V {
         std::array::from_fn(|i| exp_scalar(x[i]))
     }
+    #[inline(always)]
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] / b[i])
+    }
+    #[inline(always)]
+    unsafe fn abs(x: Self::V) -> Self::V {
+        x.map(f32::abs)
+    }
+    #[inline(always)]
+    unsafe fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
+        std::array::from_fn(|i| if a[i] < b[i] { x[i] } else { y[i] })
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -229,6 +276,18 @@ mod x86 {
             let r2 = _mm512_mul_ps(r, r);
             let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
             _mm512_maskz_mov_ps(live, _mm512_scalef_ps(e, n))
+        }
+        #[inline(always)]
+        unsafe fn div(a: __m512, b: __m512) -> __m512 {
+            _mm512_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn abs(x: __m512) -> __m512 {
+            _mm512_abs_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn select_lt(a: __m512, b: __m512, x: __m512, y: __m512) -> __m512 {
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b), y, x)
         }
     }
 
@@ -309,6 +368,18 @@ mod x86 {
                 _mm256_set1_epi32(127),
             )));
             _mm256_and_ps(live, _mm256_mul_ps(e, pow2))
+        }
+        #[inline(always)]
+        unsafe fn div(a: __m256, b: __m256) -> __m256 {
+            _mm256_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn abs(x: __m256) -> __m256 {
+            _mm256_andnot_ps(_mm256_set1_ps(-0.0), x)
+        }
+        #[inline(always)]
+        unsafe fn select_lt(a: __m256, b: __m256, x: __m256, y: __m256) -> __m256 {
+            _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_LT_OQ>(a, b))
         }
     }
 }
