@@ -732,3 +732,44 @@ fn bad_buffers_and_settings_are_errors_not_panics() {
     assert!(e.contains("(0, 7)"), "{e}");
     flash_forward(&dims, &cfg, &NoMask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse).unwrap();
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // MQA with one batch splits keys across backward tasks; the split must come from the shape, not the pool size,
+    // so every machine gets bit-identical outputs and gradients.
+    let mut rng = Rng(0x5eed_0009);
+    let dims = FlashDims { b: 1, h: 4, hkv: 1, t: 37, s: 301, d: 32, dv: 16 };
+    let pr = Problem::new(&mut rng, dims);
+    let cfg = FlashConfig { block_q: 16, block_k: 32, ..FlashConfig::new(pr.scale) };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut o = vec![0f32; pr.q.len() / dims.d * dims.dv];
+            let mut lse = vec![0f32; dims.b * dims.h * dims.t];
+            let causal = Causal { offset: dims.s as isize - dims.t as isize };
+            flash_forward(&dims, &cfg, &causal, &NoScoreMod, &pr.q, &pr.k, &pr.v, &mut o, &mut lse).unwrap();
+            let (mut dq, mut dk, mut dv) = (vec![0f32; pr.q.len()], vec![0f32; pr.k.len()], vec![0f32; pr.v.len()]);
+            flash_backward(
+                &dims,
+                &cfg,
+                &causal,
+                &NoScoreMod,
+                &pr.q,
+                &pr.k,
+                &pr.v,
+                &o,
+                &lse,
+                &pr.dout,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )
+            .unwrap();
+            (o, lse, dq, dk, dv)
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3, 8] {
+        assert!(run(threads) == one, "{threads} threads gave different bits than 1 thread");
+    }
+}

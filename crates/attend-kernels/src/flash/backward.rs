@@ -11,7 +11,8 @@
 //!
 //! Work is split over `(b, Hkv, key chunk)`: a task owns its key rows of dK/dV (no atomics) and, when there is one
 //! chunk per head, the dQ rows of the query heads that share the K/V head. Small problems split keys into several
-//! chunks; each chunk then writes its own partial dQ, summed afterwards (memory bounded by [`PARTIAL_DQ_BUDGET`]).
+//! chunks; each chunk then writes its own partial dQ, summed afterwards in a fixed order (memory bounded by
+//! [`PARTIAL_DQ_BUDGET`]; the split depends on the shape alone, so results do not depend on the thread count).
 
 use rayon::prelude::*;
 
@@ -22,6 +23,9 @@ use super::{require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
 
 /// Most bytes spent on partial dQ buffers when keys are split across tasks.
 pub const PARTIAL_DQ_BUDGET: usize = 32 << 20;
+
+/// Tasks the backward aims for at least (enough for the machines this runs on); fewer K/V heads than this split keys.
+const MIN_TASKS: usize = 8;
 
 /// Backward pass: given the forward's inputs, `o`, `lse` and `dout`, writes `dq`, `dk`, `dv` (overwritten).
 ///
@@ -75,8 +79,9 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
 
     // Enough tasks for every thread, but no more partial-dQ memory than the budget.
     let key_blocks = s.div_ceil(bc);
-    let threads = rayon::current_num_threads();
-    let mut splits = (2 * threads).div_ceil(nb * hkv).clamp(1, key_blocks);
+    // The split depends on the shape only, never on the thread count, so dQ — a sum of per-split partials — has the
+    // same rounding on every machine.
+    let mut splits = MIN_TASKS.div_ceil(nb * hkv).clamp(1, key_blocks);
     while splits > 1 && (splits - 1) * dq.len() * 4 > PARTIAL_DQ_BUDGET {
         splits -= 1;
     }
