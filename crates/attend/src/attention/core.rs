@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::mask::{Mask, ResolvedMask};
+use super::mask::Mask;
 use crate::ops::{self, MaskTensor};
 use crate::{ensure, Result};
 
@@ -122,6 +122,19 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     Ok(Dims { b, h, hkv, t, s, d, dv })
 }
 
+/// Validates the options against `H` query heads of dim `D`; returns the scale (default `1/√D`).
+fn check_options(op: &'static str, opts: &AttentionOptions, h: usize, d: usize) -> Result<f64> {
+    let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    ensure!(scale.is_finite(), op, "scale must be finite, got {scale}");
+    if let Some(dp) = opts.dropout {
+        ensure!((0.0..1.0).contains(&dp.p), op, "dropout probability must be in [0, 1), got {}", dp.p);
+    }
+    if let Some(heads) = &opts.weight_heads {
+        ensure!(heads.iter().all(|&x| x < h), op, "weight_heads {heads:?} name heads outside 0..{h}");
+    }
+    Ok(scale)
+}
+
 /// Attention with every option; see the module docs for shapes and [`Mask`] for the mask semantics.
 pub fn attention_with(
     q: &Tensor,
@@ -133,19 +146,7 @@ pub fn attention_with(
     let dims = check(q, k, v)?;
     let Dims { b, h, hkv, t, s, d, dv } = dims;
     let resolved = mask.resolve(b, h, t, s)?;
-    let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    ensure!(scale.is_finite(), "attention", "scale must be finite, got {scale}");
-    if let Some(dp) = opts.dropout {
-        ensure!((0.0..1.0).contains(&dp.p), "attention", "dropout probability must be in [0, 1), got {}", dp.p);
-    }
-    if let Some(heads) = &opts.weight_heads {
-        ensure!(
-            heads.iter().all(|&x| x < h),
-            "attention",
-            "weight_heads {heads:?} name heads outside 0..{h} (q {:?})",
-            q.dims()
-        );
-    }
+    let scale = check_options("attention", opts, h, d)?;
     if opts.implementation == AttentionImpl::Fused && super::fused::supported(q, mask) {
         let (out, weights, lse) = super::fused::attention(q, k, v, mask, resolved, scale, opts)?;
         return Ok(AttentionOutput { out, weights, lse });
@@ -242,14 +243,7 @@ where
         q.dtype(),
         q.device().location()
     );
-    let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    ensure!(scale.is_finite(), "flex_attention", "scale must be finite, got {scale}");
-    if let Some(dp) = opts.dropout {
-        ensure!((0.0..1.0).contains(&dp.p), "flex_attention", "dropout probability must be in [0, 1), got {}", dp.p);
-    }
-    if let Some(heads) = &opts.weight_heads {
-        ensure!(heads.iter().all(|&x| x < h), "flex_attention", "weight_heads {heads:?} name heads outside 0..{h}");
-    }
+    let scale = check_options("flex_attention", opts, h, d)?;
     let (out, weights, lse) = super::fused::custom(q, k, v, mask, score, scale, opts)?;
     Ok(AttentionOutput { out, weights, lse })
 }
@@ -265,13 +259,5 @@ fn masked_lse(scores: &Tensor, explicit: Option<&MaskTensor>) -> Result<Tensor> 
             m.where_cond(&scores, &ninf)?
         }
     };
-    let lse = ops::logsumexp_rows(&masked)?;
-    Ok(if lse.dtype() == DType::F64 { lse } else { lse.to_dtype(DType::F32)? })
-}
-
-/// Resolved structural mask, for implementations that evaluate it per element instead of as a tensor.
-pub fn resolve_mask(mask: &Mask, q: &Tensor, k: &Tensor) -> Result<ResolvedMask> {
-    let (b, h, t, _) = q.dims4()?;
-    let s = k.dim(2)?;
-    mask.resolve(b, h, t, s)
+    ops::logsumexp_rows(&masked) // f32, or f64 for f64 scores
 }

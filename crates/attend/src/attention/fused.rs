@@ -279,10 +279,10 @@ impl<P: Mods> CustomOp3 for FlashOp<P> {
             .collect::<candle_core::Result<_>>()?;
         let guards: Vec<_> = host.iter().map(|t| t.storage_and_layout()).collect();
         let mut views = Vec::with_capacity(5);
-        for (g, l) in &guards {
-            match (&**g, l.contiguous_offsets()) {
-                (candle_core::Storage::Cpu(CpuStorage::F32(x)), Some((a, b))) => views.push(&x[a..b]),
-                _ => candle_core::bail!("fused attention backward: expected contiguous f32 CPU tensors"),
+        for ((g, l), name) in guards.iter().zip(["q", "k", "v", "o", "dO"]) {
+            match &**g {
+                candle_core::Storage::Cpu(cpu) => views.push(f32_slice(cpu, l, name)?),
+                _ => candle_core::bail!("fused attention backward: {name} is not on the CPU"),
             }
         }
         let (qv, kv, vv, ov, dov) = (views[0], views[1], views[2], views[3], views[4]);

@@ -8,8 +8,7 @@ pub mod mha;
 pub mod score;
 
 pub use self::core::{
-    attention, attention_with, flex_attention, resolve_mask, AttentionDropout, AttentionImpl, AttentionOptions,
-    AttentionOutput,
+    attention, attention_with, flex_attention, AttentionDropout, AttentionImpl, AttentionOptions, AttentionOutput,
 };
 pub use crate::ops::MaskTensor;
 /// The traits and built-in types of masks and score functions as code, for [`flex_attention`].

@@ -219,19 +219,6 @@ pub fn logsumexp_rows(x: &Tensor) -> Result<Tensor> {
     let mut lse = vec![0f64; v.len() / n];
     k::softmax_forward(&v, RowMask::None, &mut y, Some(&mut lse), n);
     let out = Tensor::from_vec(lse, &dims[..dims.len() - 1], x.device())?;
-    Ok(out.to_dtype(x.dtype().max_float())?)
-}
-
-trait MaxFloat {
-    fn max_float(self) -> DType;
-}
-impl MaxFloat for DType {
-    /// Statistics are reported in f32 at least.
-    fn max_float(self) -> DType {
-        if self == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        }
-    }
+    // Statistics are reported in f32 at least.
+    Ok(out.to_dtype(if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 })?)
 }
