@@ -23,6 +23,7 @@ pub trait Real:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INFINITY: Self;
+    const NAN: Self;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
@@ -32,6 +33,7 @@ pub trait Real:
     fn erf(self) -> Self;
     fn max(self, other: Self) -> Self;
     fn is_neg_infinity(self) -> bool;
+    fn is_nan(self) -> bool;
 }
 
 macro_rules! impl_real {
@@ -40,6 +42,7 @@ macro_rules! impl_real {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            const NAN: Self = <$t>::NAN;
             #[inline(always)]
             fn from_f64(x: f64) -> Self {
                 x as $t
@@ -75,6 +78,10 @@ macro_rules! impl_real {
             #[inline(always)]
             fn is_neg_infinity(self) -> bool {
                 self == <$t>::NEG_INFINITY
+            }
+            #[inline(always)]
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
             }
         }
     };

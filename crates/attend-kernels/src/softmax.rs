@@ -1,7 +1,9 @@
 //! Row softmax and log-softmax over the last axis.
 //!
-//! A masked entry takes part as −∞. A row whose entries are all −∞ (fully masked) yields zeros and a log-sum-exp of
-//! −∞ — never NaN — and its backward yields zeros, because `y = 0` there.
+//! A masked entry takes part as −∞: a keep-mask 0 or an additive −∞ *replaces* the input (a NaN input under a mask
+//! is gone, where `NaN + (−∞)` would be NaN). A row whose entries are all −∞ (fully masked) yields zeros and a
+//! log-sum-exp of −∞ — never NaN — and its backward yields zeros, because `y = 0` there. Any other NaN or +∞ in a
+//! row makes the whole row NaN, as in PyTorch.
 
 use rayon::prelude::*;
 
@@ -50,7 +52,8 @@ impl<T: Real> RowMask<'_, T> {
             RowMask::Additive { data, row_offsets, col_stride } => {
                 let o = row_offsets[r];
                 for (j, (sj, &xj)) in s.iter_mut().zip(x).enumerate() {
-                    let v = xj + data[o + j * col_stride];
+                    let mj = data[o + j * col_stride];
+                    let v = if mj.is_neg_infinity() { mj } else { xj + mj };
                     *sj = v;
                     m = m.max(v);
                 }
@@ -81,8 +84,11 @@ pub fn softmax_forward<T: Real>(x: &[T], mask: RowMask<'_, T>, y: &mut [T], lse:
     let row = |r: usize, yr: &mut [T]| -> T {
         let m = mask.masked_row(r, &x[r * n..(r + 1) * n], yr);
         if m.is_neg_infinity() {
-            yr.iter_mut().for_each(|v| *v = T::ZERO);
-            return T::NEG_INFINITY;
+            // Fully masked, unless the max only looked past NaNs (`max` ignores NaN).
+            let nan = yr.iter().any(|v| v.is_nan());
+            let fill = if nan { T::NAN } else { T::ZERO };
+            yr.iter_mut().for_each(|v| *v = fill);
+            return if nan { T::NAN } else { T::NEG_INFINITY };
         }
         let mut sum = T::ZERO;
         for v in yr.iter_mut() {
@@ -129,7 +135,9 @@ pub fn log_softmax_forward<T: Real>(x: &[T], y: &mut [T], n: usize) {
         let xr = &x[r * n..(r + 1) * n];
         let m = xr.iter().fold(T::NEG_INFINITY, |m, &v| m.max(v));
         if m.is_neg_infinity() {
-            yr.iter_mut().for_each(|v| *v = T::NEG_INFINITY);
+            // All −∞ gives −∞ (PyTorch gives NaN here; −∞ is the limit). NaN entries make the row NaN.
+            let fill = if xr.iter().any(|v| v.is_nan()) { T::NAN } else { T::NEG_INFINITY };
+            yr.iter_mut().for_each(|v| *v = fill);
             return;
         }
         let sum = xr.iter().fold(T::ZERO, |s, &v| s + (v - m).exp());

@@ -176,7 +176,8 @@ fn oracle<M: MaskMod, F: ScoreMod>(pr: &Problem, mask: &M, score: &F) -> Oracle 
                 let m = (0..s).filter(|&j| vis[j]).map(|j| sc[j]).fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = (0..s).map(|j| if vis[j] { (sc[j] - m).exp() } else { 0.0 }).collect();
                 let l: f64 = e.iter().sum();
-                let p: Vec<f64> = e.iter().map(|x| x / l).collect();
+                // Hidden keys are 0 even when l is NaN (0 / NaN would be NaN).
+                let p: Vec<f64> = (0..s).map(|j| if vis[j] { e[j] / l } else { 0.0 }).collect();
                 r.lse[row] = m + l.ln();
                 r.p[row * s..][..s].copy_from_slice(&p);
                 // 3. Dropout: element ((b·H + h)·T + i)·S + j of the stream decides, kept entries scaled by 1/(1−p).
@@ -192,28 +193,26 @@ fn oracle<M: MaskMod, F: ScoreMod>(pr: &Problem, mask: &M, score: &F) -> Oracle 
                         None => 1.0,
                     })
                     .collect();
-                // 4. O = P̃ V.
-                for j in 0..s {
+                // 4. O = P̃ V over visible keys only: a masked key contributes nothing, even a NaN value.
+                for j in (0..s).filter(|&j| vis[j]) {
                     let w = p[j] * km[j];
                     for (o, &x) in r.o[row * dv..][..dv].iter_mut().zip(val(j)) {
                         *o += w * x as f64;
                     }
                 }
                 // Backward of 4: dV, dP.
-                let dp: Vec<f64> = (0..s).map(|j| dot(doi, val(j)) * km[j]).collect();
-                for j in 0..s {
+                let dp: Vec<f64> = (0..s).map(|j| if vis[j] { dot(doi, val(j)) * km[j] } else { 0.0 }).collect();
+                for j in (0..s).filter(|&j| vis[j]) {
                     let w = p[j] * km[j];
                     for (g, &x) in r.dv[(kvh * s + j) * dv..][..dv].iter_mut().zip(doi) {
                         *g += w * x as f64;
                     }
                 }
                 // Backward of 2 and 1: softmax, score mod, scores.
-                let delta: f64 = (0..s).map(|j| p[j] * dp[j]).sum();
-                for j in 0..s {
+                // Δ = Σ_j P_ij dP_ij = dO_i · O_i (FlashAttention's form; the two differ only under ±∞ in dO).
+                let delta: f64 = doi.iter().zip(&r.o[row * dv..][..dv]).map(|(&g, &o)| g as f64 * o).sum();
+                for j in (0..s).filter(|&j| vis[j]) {
                     let ds = p[j] * (dp[j] - delta) * fprime[j] as f64 * scale;
-                    if ds == 0.0 {
-                        continue;
-                    }
                     for (g, &x) in r.dq[row * d..][..d].iter_mut().zip(key(j)) {
                         *g += ds * x as f64;
                     }
@@ -230,17 +229,25 @@ fn oracle<M: MaskMod, F: ScoreMod>(pr: &Problem, mask: &M, score: &F) -> Oracle 
 // ---------------------------------------------------------------------------------------------------------------
 // Comparison
 
-/// `|got − want| ≤ ATOL + RTOL·|want|` everywhere, infinities equal, no NaN; the failure names the worst element.
+/// `|got − want| ≤ ATOL + RTOL·|want|` everywhere, infinities equal, NaN exactly where the oracle has NaN; the
+/// failure names the worst element.
 fn check(label: &str, what: &str, got: &[f32], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{label} {what}: length");
     let mut bad = 0usize;
     let mut worst = (0usize, f64::NEG_INFINITY);
     for (idx, (&g, &w)) in got.iter().zip(want).enumerate() {
         let g = g as f64;
-        let ok = if w.is_infinite() { g == w } else { g.is_finite() && (g - w).abs() <= ATOL + RTOL * w.abs() };
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else if w.is_infinite() {
+            g == w
+        } else {
+            g.is_finite() && (g - w).abs() <= ATOL + RTOL * w.abs()
+        };
         if !ok {
             bad += 1;
-            let excess = if g.is_finite() { (g - w).abs() - RTOL * w.abs() } else { f64::INFINITY };
+            // NaN on either side is the worst kind of miss.
+            let excess = if g.is_finite() && w.is_finite() { (g - w).abs() - RTOL * w.abs() } else { f64::INFINITY };
             if excess > worst.1 {
                 worst = (idx, excess);
             }
@@ -309,6 +316,51 @@ fn check_case<M: MaskMod, F: ScoreMod>(name: &str, pr: &Problem, mask: &M, score
         }
     }
     empty_rows.len()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// NaN and ±∞
+
+/// NaN and ±∞ reach exactly the outputs and gradients of the (query, key) pairs that see them — on every ISA path
+/// and block size, against the visible-only f64 oracle: a NaN query makes its row NaN (not a "fully masked" row
+/// of zeros), a NaN key or value reaches the rows that see it, a masked NaN changes nothing (also in the
+/// gradients), a NaN upstream gradient stays in its row's keys, and fully masked rows stay 0.
+#[test]
+fn nan_and_inf_reach_exactly_the_pairs_that_see_them() {
+    let mut rng = Rng(0x5eed_00aa);
+    let dims = FlashDims { b: 2, h: 4, hkv: 2, t: 37, s: 45, d: 16, dv: 32 };
+    let offset = (dims.s - dims.t) as isize;
+    let (d, dv, s, t) = (dims.d, dims.dv, dims.s, dims.t);
+    // (what, where): q row, k row, v row, dO row of (b, head) at position, and the value put there.
+    type Poke = (&'static str, usize, usize, usize, f32);
+    let cases: [&[Poke]; 7] = [
+        &[("q", 0, 1, 20, f32::NAN)],
+        &[("q", 1, 3, 2, f32::INFINITY), ("q", 0, 0, 36, f32::NEG_INFINITY)],
+        &[("k", 0, 1, 40, f32::NAN)],
+        &[("v", 1, 0, 30, f32::NAN), ("v", 0, 1, 3, f32::INFINITY)],
+        &[("dout", 0, 2, 5, f32::NAN)],
+        &[("k", 1, 1, 44, f32::NAN), ("v", 1, 1, 44, f32::NAN), ("q", 0, 3, 0, f32::NAN)],
+        &[("v", 0, 0, 0, f32::NAN), ("k", 0, 1, 1, f32::INFINITY), ("dout", 1, 3, 36, f32::INFINITY)],
+    ];
+    let lens = [30usize, 45];
+    for (c, pokes) in cases.iter().enumerate() {
+        let mut pr = Problem::new(&mut rng, dims);
+        for &(what, b, head, pos, x) in pokes.iter() {
+            let (buf, heads, rows, w) = match what {
+                "q" => (&mut pr.q, dims.h, t, d),
+                "k" => (&mut pr.k, dims.hkv, s, d),
+                "v" => (&mut pr.v, dims.hkv, s, dv),
+                _ => (&mut pr.dout, dims.h, t, dv),
+            };
+            buf[((b * heads + head) * rows + pos) * w + (pos % w)] = x;
+        }
+        let name = |m: &str| format!("case {c} {pokes:?} {m}");
+        check_case(&name("no mask"), &pr, &NoMask, &NoScoreMod);
+        check_case(&name("causal"), &pr, &Causal { offset }, &NoScoreMod);
+        check_case(&name("window (3, 2)"), &pr, &SlidingWindow { offset, left: 3, right: 2 }, &NoScoreMod);
+        let padded = StandardMask { t, s, causal: true, key_lengths: Some(&lens), ..Default::default() };
+        check_case(&name("causal + key lengths"), &pr, &padded, &Softcap { cap: 3.0 });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

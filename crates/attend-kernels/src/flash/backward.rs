@@ -70,6 +70,10 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
     let FlashDims { b: nb, h: nh, hkv, t, s, d, dv } = *dims;
     let (br, bc) = (cfg.block_q, cfg.block_k);
     let group = nh / hkv;
+    // With a NaN or ±∞ anywhere, partially masked tiles sum over visible pairs only (see `careful_tile`): a masked
+    // pair has P = dS = 0 exactly, but the products would add 0 · NaN into rows and keys that never met.
+    let all_finite = |x: &[f32]| super::all_finite_bits(x, |v| v.to_bits(), 0x7f80_0000);
+    let careful = ![q, k, v, dout].into_iter().all(all_finite) || lse.iter().any(|&l| l.is_nan() || l == f32::INFINITY);
 
     // Δ_i = Σ_d dO·O per query row.
     let mut delta = vec![0f32; nb * nh * t];
@@ -143,6 +147,22 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
                         raw_opt,
                     );
                     let (q_rows, do_rows) = (&q[row0 * d..], &dout[row0 * dv..]);
+                    if careful && kind == TileKind::Partial {
+                        let tile_in = CarefulTile {
+                            q: q_rows,
+                            k: &k[krow * d..],
+                            v: &v[krow * dv..],
+                            dout: do_rows,
+                            lse: &lse[row0..row0 + rows],
+                            delta: &delta[row0..row0 + rows],
+                        };
+                        // SAFETY: the dQ rows of head bh belong to this task (see module docs).
+                        let dq_rows = unsafe { std::slice::from_raw_parts_mut(dq_base.add(row0 * d), rows * d) };
+                        let raw_ref = if F::ACTIVE { Some(&raw[..]) } else { None };
+                        let acc = (dq_rows, &mut dk_acc[..], &mut dv_acc[..]);
+                        careful_tile(dims, cfg, mask, score, (tile, keys), tile_in, &st, raw_ref, acc);
+                        continue;
+                    }
                     // SAFETY (all tile calls): buffers hold rows × width / valid × d / valid × dv as used; widths
                     // are multiples of QUANTUM; the dQ rows of head bh belong to this task (see module docs).
                     unsafe {
@@ -239,4 +259,66 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
         chunk.iter_mut().for_each(|x| *x *= scale);
     });
     Ok(())
+}
+
+/// The inputs of one tile of the backward, each slice starting at the tile's first query row or key row.
+struct CarefulTile<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    dout: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+/// The backward of one partially masked tile when the data hold NaN or ±∞: the same algebra as the fast path, each
+/// sum restricted to visible pairs, so that a masked pair contributes exactly nothing (its `P` and `dS` are 0, and
+/// 0 · NaN is never formed). `st` holds the scores (from `score_tile`), `raw` the scores before the score mod.
+#[allow(clippy::too_many_arguments)]
+fn careful_tile<M: MaskMod, F: ScoreMod>(
+    dims: &FlashDims,
+    cfg: &FlashConfig,
+    mask: &M,
+    score: &F,
+    ((b, h, i0, rows), (j0, valid, width)): ((usize, usize, usize, usize), (usize, usize, usize)),
+    x: CarefulTile<'_>,
+    st: &[f32],
+    raw: Option<&[f32]>,
+    (dq, dk_acc, dv_acc): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let (d, dv) = (dims.d, dims.dv);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let drop = cfg.dropout.map(|(p, seed)| (crate::dropout::drop_threshold(p), (1.0 / (1.0 - p)) as f32, seed));
+    for r in 0..rows {
+        let i = i0 + r;
+        let (q_r, do_r) = (&x.q[r * d..(r + 1) * d], &x.dout[r * dv..(r + 1) * dv]);
+        for c in 0..valid {
+            let at = r * width + c;
+            if !mask.visible(b, h, i, j0 + c) {
+                continue;
+            }
+            // P = exp(s − lse) (0 for a row that sees nothing, which has no visible pair anyway).
+            let p = (st[at] - x.lse[r]).exp();
+            // Dropout scales P in dV and dP alike (the forward's mask, regenerated).
+            let keep = match drop {
+                Some((th, sc, seed)) => {
+                    let idx = super::dropout_index(dims, b, h, i, j0 + c);
+                    if crate::dropout::keep(seed, idx, th) { sc } else { 0.0 }
+                }
+                None => 1.0,
+            };
+            let (k_c, v_c) = (&x.k[c * d..(c + 1) * d], &x.v[c * dv..(c + 1) * dv]);
+            // dV_c += P̃ dO_r
+            dv_acc[c * dv..(c + 1) * dv].iter_mut().zip(do_r).for_each(|(o, &g)| *o += p * keep * g);
+            // dS = P (dP − Δ) · f'(s)
+            let mut ds = [p * (dot(do_r, v_c) * keep - x.delta[r])];
+            if let Some(raw) = raw {
+                score.chain(b, h, i, j0 + c, &raw[at..at + 1], &mut ds);
+            }
+            let ds = ds[0];
+            // dQ_r += dS K_c, dK_c += dS Q_r (the scale is applied by the caller)
+            dq[r * d..(r + 1) * d].iter_mut().zip(k_c).for_each(|(o, &kk)| *o += ds * kk);
+            dk_acc[c * d..(c + 1) * d].iter_mut().zip(q_r).for_each(|(o, &qq)| *o += ds * qq);
+        }
+    }
 }

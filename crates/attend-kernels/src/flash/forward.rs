@@ -11,10 +11,18 @@ use super::tile::{gemm, online_softmax, scale_rows, QUANTUM};
 use super::{dropout_index, require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
 use crate::dropout::{drop_threshold, keep};
 
+mod sealed {
+    /// Only this crate's element types: [`Operand`](super::Operand)'s methods reach instructions (AVX512-BF16) whose
+    /// presence only the kernel's entry points check.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for super::Bf16 {}
+}
+
 /// An element type the forward pass can read: f32 (FMA tiles) or bf16 (AVX512-BF16 dot-product tiles). It decides
 /// how key and value tiles are packed and how the two products `Q Kᵀ` and `P V` run; everything between them (score
-/// mods, masks, the online softmax) is f32 and shared.
-pub trait Operand: Copy + Default + Send + Sync + 'static {
+/// mods, masks, the online softmax) is f32 and shared. Sealed: implemented for `f32` and [`Bf16`] only.
+pub trait Operand: sealed::Sealed + Copy + Default + Send + Sync + 'static {
     /// Whether [`pack_values`](Self::pack_values) packs (f32 reads value rows as they are).
     const PACKS_VALUES: bool;
     /// Whether query rows are multiplied by the scale before the product (exact enough in f32; bf16 would round
@@ -52,6 +60,9 @@ pub trait Operand: Copy + Default + Send + Sync + 'static {
         acc: &mut [f32],
     );
     fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Whether no element is NaN or ±∞.
+    fn all_finite(xs: &[Self]) -> bool;
 }
 
 impl Operand for f32 {
@@ -83,6 +94,12 @@ impl Operand for f32 {
     }
     fn from_f32(x: f32) -> f32 {
         x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn all_finite(xs: &[f32]) -> bool {
+        super::all_finite_bits(xs, |x| x.to_bits(), 0x7f80_0000)
     }
 }
 
@@ -166,6 +183,12 @@ impl Operand for Bf16 {
     }
     fn from_f32(x: f32) -> Bf16 {
         Bf16(super::tile::f32_to_bf16(x))
+    }
+    fn to_f32(self) -> f32 {
+        super::tile::bf16_to_f32(self.0)
+    }
+    fn all_finite(xs: &[Bf16]) -> bool {
+        super::all_finite_bits(xs, |x| x.0 as u32, 0x7f80)
     }
 }
 
@@ -320,6 +343,10 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
     let chunks = (4 * rayon::current_num_threads()).div_ceil(nb * hkv).clamp(1, q_blocks);
     let (o_ptr, lse_ptr) = (SendPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
     let (k_stride, v_stride) = (d * bc, if E::PACKS_VALUES { bc * dv } else { 0 });
+    // A masked key has probability exactly 0, but 0 · NaN is NaN: with non-finite values, partially masked tiles
+    // skip invisible keys one by one instead of multiplying them in. (NaN in q or k needs nothing: the mask
+    // overwrites invisible scores with −∞.)
+    let careful = !E::all_finite(v);
 
     (0..nb * hkv * chunks).into_par_iter().for_each(|task| {
         let (kvh, chunk) = (task / chunks, task % chunks);
@@ -371,10 +398,15 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
                     if let Some(dp) = cfg.dropout {
                         dropout_tile(dims, dp, (b, h, i0, rows), (j0, valid, width), &mut st);
                     }
-                    unsafe {
-                        let v_tile = &v[(kvh * s + j0) * dv..];
-                        let packed = &vp[tile * v_stride..(tile + 1) * v_stride];
-                        E::accumulate(cfg.isa, rows, dv, valid, width, &st, v_tile, packed, &mut scratch, &mut acc);
+                    let v_tile = &v[(kvh * s + j0) * dv..];
+                    if careful && kind == TileKind::Partial {
+                        careful_accumulate(mask, (b, h, i0, rows), (j0, valid, width), dv, &st, v_tile, &mut acc);
+                    } else {
+                        // SAFETY: st holds rows × width, acc rows × dv, the packed tile what pack_values wrote.
+                        unsafe {
+                            let packed = &vp[tile * v_stride..(tile + 1) * v_stride];
+                            E::accumulate(cfg.isa, rows, dv, valid, width, &st, v_tile, packed, &mut scratch, &mut acc);
+                        }
                     }
                 }
                 // SAFETY: this task alone writes rows i0..i0+rows of head (b, h).
@@ -395,6 +427,26 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
         }
     });
     Ok(())
+}
+
+/// `acc (rows × dv) += P V` over the visible keys of a tile only: a masked key contributes nothing, even when its
+/// value is NaN or ±∞ (the matrix product would add `0 · NaN`).
+pub(crate) fn careful_accumulate<E: Operand, M: MaskMod>(
+    mask: &M,
+    (b, h, i0, rows): (usize, usize, usize, usize),
+    (j0, valid, width): (usize, usize, usize),
+    dv: usize,
+    p: &[f32],
+    v: &[E],
+    acc: &mut [f32],
+) {
+    for r in 0..rows {
+        let out = &mut acc[r * dv..(r + 1) * dv];
+        for x in (0..valid).filter(|&x| mask.visible(b, h, i0 + r, j0 + x)) {
+            let pr = p[r * width + x];
+            out.iter_mut().zip(&v[x * dv..(x + 1) * dv]).for_each(|(o, &vv)| *o += pr * vv.to_f32());
+        }
+    }
 }
 
 /// A raw pointer to output elements of any type, shared by tasks that write disjoint regions.
@@ -424,6 +476,7 @@ pub fn flash_probabilities<M: MaskMod, F: ScoreMod>(
     h: usize,
 ) -> Result<Vec<f32>, FlashError> {
     let FlashDims { h: nh, hkv, t, s, d, .. } = *dims;
+    dims.check_sizes()?;
     cfg.check()?;
     require!(
         q.len() == dims.b * nh * t * d && k.len() == dims.b * hkv * s * d,
@@ -457,7 +510,16 @@ pub fn flash_probabilities<M: MaskMod, F: ScoreMod>(
             // SAFETY: st holds rows × width.
             unsafe { super::tile::exp_minus_lse(cfg.isa, st.as_mut_ptr(), width, rows, width, lse_rows) };
             for r in 0..rows {
-                probs[(i0 + r) * s + j0..][..valid].copy_from_slice(&st[r * width..r * width + valid]);
+                let row = &mut probs[(i0 + r) * s + j0..][..valid];
+                row.copy_from_slice(&st[r * width..r * width + valid]);
+                if kind == TileKind::Partial && lse_rows[r].is_nan() {
+                    // exp(−∞ − NaN) is NaN: a hidden key's probability is 0 whatever the row holds.
+                    for (x, p) in row.iter_mut().enumerate() {
+                        if !mask.visible(b, h, i0 + r, j0 + x) {
+                            *p = 0.0;
+                        }
+                    }
+                }
             }
         }
     }

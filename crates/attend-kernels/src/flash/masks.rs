@@ -83,7 +83,24 @@ impl MaskMod for Causal {
     }
 }
 
-/// Sliding window around the end-aligned diagonal: `d − left ≤ j ≤ d + right` (causal sliding window: `right = 0`).
+/// A window side that reaches every key: any side ≥ the sequence length is unbounded, this one says so by name.
+pub const UNBOUNDED: usize = usize::MAX;
+
+/// A window side as a signed distance; sides beyond `isize::MAX` (e.g. [`UNBOUNDED`]) saturate, and every use
+/// below adds or subtracts with saturation, so no side overflows.
+#[inline(always)]
+fn side(x: usize) -> isize {
+    isize::try_from(x).unwrap_or(isize::MAX)
+}
+
+/// Whether key `j` lies in `d − left ≤ j ≤ d + right`, without overflow for any sides.
+#[inline(always)]
+pub fn in_window(d: isize, j: isize, left: usize, right: usize) -> bool {
+    j >= d.saturating_sub(side(left)) && j <= d.saturating_add(side(right))
+}
+
+/// Sliding window around the end-aligned diagonal: `d − left ≤ j ≤ d + right` (causal sliding window: `right = 0`;
+/// either side may be [`UNBOUNDED`]).
 #[derive(Clone, Copy, Debug)]
 pub struct SlidingWindow {
     pub offset: isize,
@@ -94,9 +111,7 @@ pub struct SlidingWindow {
 impl MaskMod for SlidingWindow {
     #[inline(always)]
     fn visible(&self, _: usize, _: usize, i: usize, j: usize) -> bool {
-        let d = i as isize + self.offset;
-        let j = j as isize;
-        j >= d - self.left as isize && j <= d + self.right as isize
+        in_window(i as isize + self.offset, j as isize, self.left, self.right)
     }
     fn classify(&self, _: usize, _: usize, i0: usize, i1: usize, j0: usize, j1: usize) -> TileKind {
         band_kind(self.offset, i0, i1, j0, j1, Some(self.left), Some(self.right))
@@ -115,15 +130,15 @@ fn band_kind(
 ) -> TileKind {
     let (d_lo, d_hi) = (i0 as isize + offset, i1 as isize - 1 + offset);
     let (j_lo, j_hi) = (j0 as isize, j1 as isize - 1);
-    let right = right.map(|r| r as isize);
-    let left = left.map(|l| l as isize);
+    let right = right.map(side);
+    let left = left.map(side);
     // Empty: every key right of every query's band, or left of it.
-    if right.is_some_and(|r| j_lo > d_hi + r) || left.is_some_and(|l| j_hi < d_lo - l) {
+    if right.is_some_and(|r| j_lo > d_hi.saturating_add(r)) || left.is_some_and(|l| j_hi < d_lo.saturating_sub(l)) {
         return TileKind::Empty;
     }
     // Full: every key inside every query's band.
-    let right_ok = right.is_none_or(|r| j_hi <= d_lo + r);
-    let left_ok = left.is_none_or(|l| j_lo >= d_hi - l);
+    let right_ok = right.is_none_or(|r| j_hi <= d_lo.saturating_add(r));
+    let left_ok = left.is_none_or(|l| j_lo >= d_hi.saturating_sub(l));
     if right_ok && left_ok {
         TileKind::Full
     } else {
@@ -162,7 +177,7 @@ impl MaskMod for StandardMask<'_> {
             return false;
         }
         if let Some((l, r)) = self.window {
-            if jj < d - l as isize || jj > d + r as isize {
+            if !in_window(d, jj, l, r) {
                 return false;
             }
         }
@@ -360,6 +375,18 @@ mod tests {
             check_classify(&Causal { offset: off }, 0, t, s);
             check_classify(&SlidingWindow { offset: off, left: 3, right: 1 }, 0, t, s);
             check_classify(&SlidingWindow { offset: off, left: 2, right: 0 }, 0, t, s);
+            for (l, r) in [(UNBOUNDED, 0), (0, UNBOUNDED), (UNBOUNDED, UNBOUNDED), (isize::MAX as usize, 1)] {
+                let w = SlidingWindow { offset: off, left: l, right: r };
+                check_classify(&w, 0, t, s);
+                // An unbounded side hides nothing on that side.
+                for i in 0..t {
+                    let d = i as isize + off;
+                    for j in 0..s {
+                        let want = (l >= s || j as isize >= d - l as isize) && (r >= t || j as isize <= d + r as isize);
+                        assert_eq!(w.visible(0, 0, i, j), want, "window ({l}, {r}) T{t} S{s} at ({i}, {j})");
+                    }
+                }
+            }
             let kl = [s, s / 2];
             let pre = [2usize, 0];
             let qd: Vec<i64> = (0..2 * t).map(|i| ((i % t) / 3) as i64).collect();

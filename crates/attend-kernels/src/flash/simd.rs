@@ -68,7 +68,8 @@ pub(crate) trait Simd: Copy {
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn reduce_add(v: Self::V) -> f32;
     unsafe fn reduce_max(v: Self::V) -> f32;
-    /// `exp(x)`, with exactly 0 for `x < −87.3` (including −∞) so masked scores contribute nothing.
+    /// `exp(x)`, with exactly 0 for `x < −87.3` (including −∞) so masked scores contribute nothing; NaN stays NaN
+    /// (a diverging run must show, not look like a masked score).
     unsafe fn exp(x: Self::V) -> Self::V;
     unsafe fn abs(x: Self::V) -> Self::V;
     /// Lane-wise `if a < b { x } else { y }`.
@@ -119,6 +120,9 @@ const EXP_HI: f32 = 88.7;
 fn exp_scalar(x: f32) -> f32 {
     if x < EXP_LO {
         return 0.0;
+    }
+    if x.is_nan() {
+        return x;
     }
     let x = x.min(EXP_HI);
     let n = (x * LOG2E).round();
@@ -260,9 +264,11 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn exp(x: __m512) -> __m512 {
-            let live = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_LO));
-            let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_HI));
-            let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_LO));
+            // `not less than` is true for NaN, so NaN lanes stay live; min/max return their second operand when
+            // either is NaN, so the clamps keep NaN too.
+            let live = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP_LO));
+            let x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x);
+            let x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
                 x,
                 _mm512_set1_ps(LOG2E),
@@ -347,9 +353,10 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn exp(x: __m256) -> __m256 {
-            let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_LO));
-            let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
-            let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+            // NaN stays live and passes the clamps (see the AVX-512 path).
+            let live = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(EXP_LO));
+            let x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x);
+            let x = _mm256_max_ps(_mm256_set1_ps(EXP_LO), x);
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
                 x,
                 _mm256_set1_ps(LOG2E),
@@ -397,5 +404,59 @@ mod tests {
         }
         assert_eq!(exp_scalar(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_scalar(-100.0), 0.0);
+        assert!(exp_scalar(f32::NAN).is_nan());
+    }
+
+    /// Every path: NaN in, NaN out; −∞ and far-negative in, exactly 0 out; the polynomial agrees with the scalar.
+    #[test]
+    fn vector_exp_keeps_nan_and_zeroes_the_far_left() {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(x: &[f32; 16]) -> [f32; 16] {
+            let mut o = [0f32; 16];
+            Avx512::store(o.as_mut_ptr(), Avx512::exp(Avx512::load(x.as_ptr())));
+            o
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32; 16]) -> [f32; 16] {
+            let mut o = [0f32; 16];
+            for h in 0..2 {
+                Avx2::store(o.as_mut_ptr().add(8 * h), Avx2::exp(Avx2::load(x.as_ptr().add(8 * h))));
+            }
+            o
+        }
+        fn portable(x: &[f32; 16]) -> [f32; 16] {
+            let mut o = [0f32; 16];
+            for h in 0..2 {
+                unsafe { Portable::store(o.as_mut_ptr().add(8 * h), Portable::exp(Portable::load(x.as_ptr().add(8 * h)))) };
+            }
+            o
+        }
+        let x: [f32; 16] = [
+            f32::NAN, -f32::NAN, f32::NEG_INFINITY, -100.0, -87.4, -87.2, -1.0, 0.0,
+            0.5, 10.0, 88.0, f32::NAN, 1.0, -0.25, f32::NAN, -3.0,
+        ];
+        let mut results = vec![("portable", portable(&x))];
+        #[cfg(target_arch = "x86_64")]
+        for isa in Isa::available() {
+            match isa {
+                Isa::Avx512 => results.push(("avx512", unsafe { avx512(&x) })),
+                Isa::Avx2 => results.push(("avx2", unsafe { avx2(&x) })),
+                Isa::Portable => {}
+            }
+        }
+        for (name, got) in results {
+            for (i, (&xi, &yi)) in x.iter().zip(&got).enumerate() {
+                if xi.is_nan() {
+                    assert!(yi.is_nan(), "{name}: exp(NaN) at lane {i} gave {yi}");
+                } else if xi < EXP_LO {
+                    assert_eq!(yi, 0.0, "{name}: exp({xi}) must be exactly 0");
+                } else {
+                    let want = exp_scalar(xi);
+                    assert!((yi - want).abs() <= 1e-6 * want, "{name}: exp({xi}) = {yi}, scalar {want}");
+                }
+            }
+        }
     }
 }

@@ -211,6 +211,11 @@ pub(crate) unsafe fn gemm(
 /// One online-softmax step over a score tile `s` (`rows × n`, leading dimension `ld`), masked entries −∞:
 /// `m' = max(m, max_j s)`, `alpha = exp(m − m')`, `s ← exp(s − m')`, `l ← l·alpha + Σ_j s`. A row still fully
 /// masked keeps `m = −∞`, gets `s = 0` and `alpha = 1`.
+///
+/// NaN: the vector max may drop a NaN lane, but `exp(NaN − m') = NaN` then makes `l` NaN, and NaN in `l` (and in
+/// the output accumulator, through `P V`) stays NaN for the rest of the row. The one case the max could hide is a
+/// row whose only finite-looking entries are NaN (`m' = −∞`): it is scanned for NaN, and if it has one, its tile
+/// becomes NaN and `l` NaN, instead of passing for a fully masked row.
 #[inline(always)]
 unsafe fn online_softmax_generic<S: Simd>(
     s: *mut f32,
@@ -231,13 +236,17 @@ unsafe fn online_softmax_generic<S: Simd>(
         }
         let m_new = m[r].max(S::reduce_max(vmax));
         if m_new == f32::NEG_INFINITY {
-            let z = S::zero();
+            let nan = (0..n).any(|j| (*row.add(j)).is_nan());
+            let fill = S::splat(if nan { f32::NAN } else { 0.0 });
             let mut j = 0;
             while j < n {
-                S::store(row.add(j), z);
+                S::store(row.add(j), fill);
                 j += S::LANES;
             }
             alpha[r] = 1.0;
+            if nan {
+                l[r] = f32::NAN;
+            }
             continue;
         }
         let shift = S::splat(m_new);
@@ -256,7 +265,8 @@ unsafe fn online_softmax_generic<S: Simd>(
     }
 }
 
-/// `s ← exp(s − lse_row)`, 0 for rows with `lse = −∞` (queries that see no key).
+/// `s ← exp(s − lse_row)`, 0 for rows with `lse = −∞` (queries that see no key). A NaN `lse` makes the row NaN,
+/// masked entries included: callers with non-finite data zero the invisible entries themselves (careful tiles).
 #[inline(always)]
 unsafe fn exp_minus_lse_generic<S: Simd>(s: *mut f32, ld: usize, rows: usize, n: usize, lse: &[f32]) {
     for (r, &lr) in lse.iter().enumerate().take(rows) {

@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::mask::Mask;
+use super::mask::{Mask, ResolvedMask};
 use crate::ops::{self, MaskTensor};
 use crate::{ensure, Result};
 
@@ -72,7 +72,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: Option<
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
+pub(crate) struct Dims {
     b: usize,
     h: usize,
     hkv: usize,
@@ -153,53 +153,148 @@ pub fn attention_with(
     }
     let g = h / hkv;
     let reference = opts.implementation == AttentionImpl::Reference;
+    let hides = resolved.restricts() || mask.tensor().is_some();
+    if hides && [q, k, v].into_iter().map(non_finite).collect::<Result<Vec<_>>>()?.contains(&true) {
+        return pairwise(q, k, v, mask, &resolved, scale, opts, dims);
+    }
 
     // 1. Scores. The G query heads of a K/V group become rows: no copy of K.
     let qg = q.contiguous()?.reshape((b, hkv, g * t, d))?; // (B, Hkv, G·T, D)
     let scores = qg.matmul(&matmul_ready(k)?.t()?)?; // (B, Hkv, G·T, S)
-    let mut scores = (scores.reshape((b, h, t, s))? * scale)?; // (B, H, T, S)
+    let scores = (scores.reshape((b, h, t, s))? * scale)?; // (B, H, T, S)
 
-    // 2. Soft-cap before any bias, so a −∞ never goes through tanh.
-    if let Some(c) = mask.softcap() {
-        scores = ((scores / c)?.tanh()? * c)?;
-    }
+    // 2.–4. Soft-cap, ALiBi, structural masks.
+    let scores = mod_and_mask(scores, mask, &resolved, b)?;
 
-    // 3. Structural masks and ALiBi as one additive bias (B|1, H|1, T, S).
-    if let Some(bias) = resolved.bias(b, h, q.device())? {
-        scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
-    }
-
-    // 4. Softmax, with the explicit tensor applied inside it (its gradient, if additive, comes from there).
+    // 5. Softmax, with the explicit tensor applied inside it (its gradient, if additive, comes from there).
     let explicit = mask.tensor();
     let probs = if reference { ops::softmax_reference(&scores, explicit)? } else { ops::softmax(&scores, explicit)? }; // (B, H, T, S)
 
     let lse = if opts.need_lse { Some(masked_lse(&scores, explicit)?) } else { None };
 
-    // 5. Dropout on probabilities; the returned weights are the pre-dropout ones.
-    let dropped = match opts.dropout {
-        Some(dp) if dp.p > 0.0 => {
-            if reference {
-                ops::dropout_reference(&probs, dp.p, dp.seed, 0)?
-            } else {
-                ops::dropout(&probs, dp.p, dp.seed, 0)?
-            }
-        }
-        _ => probs.clone(),
-    };
+    // 6. Dropout on probabilities; the returned weights are the pre-dropout ones.
+    let dropped = dropout(&probs, opts, reference)?;
 
-    // 6. Weighted sum of values, again with grouped heads as rows.
+    // 7. Weighted sum of values, again with grouped heads as rows.
     let pg = dropped.reshape((b, hkv, g * t, s))?; // (B, Hkv, G·T, S)
     let out = pg.matmul(&matmul_ready(v)?)?.reshape((b, h, t, dv))?; // (B, H, T, Dv)
 
-    let weights = match (&opts.weight_heads, opts.need_weights) {
+    Ok(AttentionOutput { out, weights: chosen_weights(probs, opts)?, lse })
+}
+
+/// Soft-cap, then ALiBi, then the structural masks, on scaled scores `(B, H, T, S)`. The soft-cap comes before any
+/// bias so a −∞ never goes through tanh; the mask *replaces* hidden scores with −∞ (adding −∞ to a NaN score
+/// would leave NaN, and a NaN the mask hides must not reach the softmax).
+fn mod_and_mask(mut scores: Tensor, mask: &Mask, resolved: &ResolvedMask, b: usize) -> Result<Tensor> {
+    if let Some(c) = mask.softcap() {
+        scores = ((scores / c)?.tanh()? * c)?;
+    }
+    if let Some(bias) = resolved.alibi_bias(scores.device())? {
+        scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?; // (1, H, T, S)
+    }
+    if let Some(keep) = resolved.keep(b, scores.device())? {
+        let keep = keep.broadcast_as(scores.shape())?; // (B|1, 1, T, S) → (B, H, T, S)
+        scores = keep.where_cond(&scores, &neg_inf_like(&scores)?)?;
+    }
+    Ok(scores)
+}
+
+fn neg_inf_like(x: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::full(f32::NEG_INFINITY, x.shape(), x.device())?.to_dtype(x.dtype())?)
+}
+
+/// Dropout on the probabilities when the options ask for it.
+fn dropout(probs: &Tensor, opts: &AttentionOptions, reference: bool) -> Result<Tensor> {
+    Ok(match opts.dropout {
+        Some(dp) if dp.p > 0.0 && reference => ops::dropout_reference(probs, dp.p, dp.seed, 0)?,
+        Some(dp) if dp.p > 0.0 => ops::dropout(probs, dp.p, dp.seed, 0)?,
+        _ => probs.clone(),
+    })
+}
+
+/// The weights the options ask for: all heads, or the chosen ones `(B, len, T, S)`.
+fn chosen_weights(probs: Tensor, opts: &AttentionOptions) -> Result<Option<Tensor>> {
+    Ok(match (&opts.weight_heads, opts.need_weights) {
         (_, false) => None,
         (None, true) => Some(probs),
         (Some(heads), true) => {
-            let idx = Tensor::from_vec(heads.iter().map(|&x| x as u32).collect::<Vec<_>>(), heads.len(), q.device())?;
+            let idx =
+                Tensor::from_vec(heads.iter().map(|&x| x as u32).collect::<Vec<_>>(), heads.len(), probs.device())?;
             Some(probs.index_select(&idx, 1)?) // (B, len, T, S)
         }
+    })
+}
+
+/// Whether `x` holds a NaN or ±∞ (`x − x` is NaN exactly there).
+fn non_finite(x: &Tensor) -> Result<bool> {
+    let x = x.detach();
+    Ok((&x - &x)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?.is_nan())
+}
+
+/// The materialised paths when q, k or v hold NaN or ±∞ and the mask hides pairs: every (query, key) pair is formed
+/// on its own, with a hidden pair's operands replaced by zeros before they meet. A matrix product would add
+/// `0 · NaN` from a hidden key into a row that never sees it (in the output, and in every gradient); here a hidden
+/// pair contributes exactly nothing, as in the fused kernel's careful tiles. Costs `B·H·T·S·max(D, Dv)` memory —
+/// the price of a rare case (a diverging run, garbage in padding), paid only then.
+#[allow(clippy::too_many_arguments)]
+fn pairwise(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask,
+    resolved: &ResolvedMask,
+    scale: f64,
+    opts: &AttentionOptions,
+    Dims { b, h, hkv, t, s, d, dv }: Dims,
+) -> Result<AttentionOutput> {
+    let reference = opts.implementation == AttentionImpl::Reference;
+    let (dev, dt) = (q.device(), q.dtype());
+    // 1. Which pairs are visible: structural rules, a boolean tensor, an additive tensor's −∞ entries.
+    let mut keep = match resolved.keep(b, dev)? {
+        Some(k) => k.broadcast_as((b, h, t, s))?.contiguous()?,
+        None => Tensor::ones((b, h, t, s), DType::U8, dev)?,
+    }; // (B, H, T, S)
+    let additive = match mask.tensor() {
+        None => None,
+        Some(MaskTensor::Keep(m)) => {
+            keep = (keep * m.to_dtype(DType::U8)?.broadcast_as((b, h, t, s))?)?;
+            None
+        }
+        Some(MaskTensor::Additive(m)) => {
+            let m = m.to_dtype(dt)?.broadcast_as((b, h, t, s))?;
+            keep = (keep * m.ne(f64::NEG_INFINITY)?)?;
+            Some(m)
+        }
     };
-    Ok(AttentionOutput { out, weights, lse })
+    // 2. K/V heads repeated to the query heads (this path is not about speed).
+    let repeat = |x: &Tensor, w: usize| -> Result<Tensor> {
+        Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, h / hkv, s, w))?.reshape((b, h, s, w))?) // (B, H, S, w)
+    };
+    let pairs = |x: Tensor, w: usize| -> Result<Tensor> {
+        let zeros = Tensor::zeros((b, h, t, s, w), dt, dev)?;
+        Ok(keep.unsqueeze(4)?.broadcast_as((b, h, t, s, w))?.where_cond(&x.broadcast_as((b, h, t, s, w))?, &zeros)?)
+    }; // (B, H, T, S, w), zero on hidden pairs
+    // 3. Scores of visible pairs; hidden ones are −∞ after the mods.
+    let qm = pairs(q.unsqueeze(3)?, d)?; // (B, H, T, S, D)
+    let km = pairs(repeat(k, d)?.unsqueeze(2)?, d)?; // (B, H, T, S, D)
+    let mut scores = ((qm * km)?.sum(4)? * scale)?; // (B, H, T, S)
+    if let Some(c) = mask.softcap() {
+        scores = ((scores / c)?.tanh()? * c)?;
+    }
+    if let Some(bias) = resolved.alibi_bias(dev)? {
+        scores = scores.broadcast_add(&bias.to_dtype(dt)?)?;
+    }
+    if let Some(m) = additive {
+        scores = (scores + keep.where_cond(&m, &m.zeros_like()?)?)?;
+    }
+    let scores = keep.where_cond(&scores, &neg_inf_like(&scores)?)?;
+    let probs = if reference { ops::softmax_reference(&scores, None)? } else { ops::softmax(&scores, None)? };
+    let lse = if opts.need_lse { Some(masked_lse(&scores, None)?) } else { None };
+    // 4. Weighted sum over visible pairs.
+    let dropped = dropout(&probs, opts, reference)?;
+    let vm = pairs(repeat(v, dv)?.unsqueeze(2)?, dv)?; // (B, H, T, S, Dv)
+    let out = dropped.unsqueeze(4)?.broadcast_mul(&vm)?.sum(3)?; // (B, H, T, Dv)
+    Ok(AttentionOutput { out, weights: chosen_weights(probs, opts)?, lse })
 }
 
 /// `x` (B, Hkv, S, ·) as candle's batched matmul accepts it: rows contiguous and one stride per batch level.
@@ -253,11 +348,11 @@ fn masked_lse(scores: &Tensor, explicit: Option<&MaskTensor>) -> Result<Tensor> 
     let scores = scores.detach();
     let masked = match explicit.map(|m| m.broadcast_to(scores.shape(), scores.dtype(), "attention")).transpose()? {
         None => scores,
-        Some(MaskTensor::Additive(m)) => (scores + m.detach())?,
-        Some(MaskTensor::Keep(m)) => {
-            let ninf = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?.to_dtype(scores.dtype())?;
-            m.where_cond(&scores, &ninf)?
+        Some(MaskTensor::Additive(m)) => {
+            let m = m.detach();
+            m.eq(f64::NEG_INFINITY)?.where_cond(&m, &(scores + &m)?)?
         }
+        Some(MaskTensor::Keep(m)) => m.where_cond(&scores, &neg_inf_like(&scores)?)?,
     };
     ops::logsumexp_rows(&masked) // f32, or f64 for f64 scores
 }

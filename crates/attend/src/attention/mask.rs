@@ -24,6 +24,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use attend_kernels::flash::masks::{MaskMod, StandardMask};
+
 use crate::ops::MaskTensor;
 use crate::position::alibi::alibi_slopes;
 use crate::{bail, ensure, Result};
@@ -64,35 +66,25 @@ pub struct ResolvedMask {
 }
 
 impl ResolvedMask {
+    /// The structural rules as the kernels' [`StandardMask`]: the one place where visibility is defined, read by
+    /// the fused kernel and by the materialised paths alike.
+    pub fn as_standard(&self) -> StandardMask<'_> {
+        StandardMask {
+            t: self.t,
+            s: self.s,
+            causal: self.causal,
+            window: self.window,
+            key_lengths: self.key_lengths.as_deref(),
+            prefix_lengths: self.prefix_lengths.as_deref(),
+            documents: self.documents.as_ref().map(|(a, b)| (&a[..], &b[..])),
+            keep: None,
+        }
+    }
+
     /// Whether query `i` of batch `b` may see key `j` under the structural rules (not the explicit tensor).
     #[inline]
     pub fn visible(&self, b: usize, i: usize, j: usize) -> bool {
-        let d = (i + self.s) as i64 - self.t as i64;
-        let j_ = j as i64;
-        if self.causal && j_ > d {
-            return false;
-        }
-        if let Some((l, r)) = self.window {
-            if j_ < d - l as i64 || j_ > d + r as i64 {
-                return false;
-            }
-        }
-        if let Some(kl) = &self.key_lengths {
-            if j >= kl[b] {
-                return false;
-            }
-        }
-        if let Some(p) = &self.prefix_lengths {
-            if j_ > d && j >= p[b] {
-                return false;
-            }
-        }
-        if let Some((qd, kd)) = &self.documents {
-            if qd[b * self.t + i] != kd[b * self.s + j] {
-                return false;
-            }
-        }
-        true
+        self.as_standard().visible(b, 0, i, j)
     }
 
     /// Whether any rule depends on the batch index.
@@ -122,7 +114,12 @@ impl Mask {
         self
     }
 
+    /// A window side that reaches every key on its side of the diagonal, e.g. `with_window(Mask::UNBOUNDED, 0)`
+    /// (any side at least as long as the sequence acts the same).
+    pub const UNBOUNDED: usize = attend_kernels::flash::masks::UNBOUNDED;
+
     /// Keys from `left` before to `right` after the diagonal (inclusive); `(l, 0)` with causal is a sliding window.
+    /// Either side may be [`Mask::UNBOUNDED`].
     pub fn with_window(mut self, left: usize, right: usize) -> Self {
         self.window = Some((left, right));
         self
@@ -273,34 +270,40 @@ impl Mask {
 }
 
 impl ResolvedMask {
-    /// The additive bias of the structural rules and ALiBi, `(B | 1, H | 1, T, S)` in f32 with −∞ for invisible
-    /// keys, or `None` when it would be all zeros. The explicit tensor is not included.
-    pub fn bias(&self, b: usize, h: usize, device: &Device) -> Result<Option<Tensor>> {
-        if !self.restricts() && self.alibi.is_none() {
+    /// The structural rules as a keep mask `(B | 1, 1, T, S)` (u8, 1 = visible), or `None` when every key is
+    /// visible. Masking *replaces* scores (`where`), never adds −∞ to them: `NaN + (−∞)` would let a NaN that the
+    /// mask hides through.
+    pub fn keep(&self, b: usize, device: &Device) -> Result<Option<Tensor>> {
+        if !self.restricts() {
             return Ok(None);
         }
         let (t, s) = (self.t, self.s);
         let bb = if self.per_batch() { b } else { 1 };
-        let hh = if self.alibi.is_some() { h } else { 1 };
-        let mut v = vec![0f32; bb * hh * t * s];
+        let std = self.as_standard();
+        let mut v = vec![0u8; bb * t * s];
         for bi in 0..bb {
-            for hi in 0..hh {
-                let slope = self.alibi.as_ref().map(|a| a[hi]);
-                for i in 0..t {
-                    let row = ((bi * hh + hi) * t + i) * s;
-                    let d = (i + s) as f64 - t as f64;
-                    for j in 0..s {
-                        v[row + j] = if !self.visible(bi, i, j) {
-                            f32::NEG_INFINITY
-                        } else if let Some(m) = slope {
-                            (-m * (d - j as f64).abs()) as f32
-                        } else {
-                            0.0
-                        };
-                    }
+            for i in 0..t {
+                for j in 0..s {
+                    v[(bi * t + i) * s + j] = std.visible(bi, 0, i, j) as u8;
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(v, (bb, hh, t, s), device)?))
+        Ok(Some(Tensor::from_vec(v, (bb, 1, t, s), device)?))
+    }
+
+    /// The ALiBi bias `−m_h · |d − j|`, `(1, H, T, S)` in f32, or `None` without ALiBi.
+    pub fn alibi_bias(&self, device: &Device) -> Result<Option<Tensor>> {
+        let Some(slopes) = &self.alibi else { return Ok(None) };
+        let (t, s, h) = (self.t, self.s, slopes.len());
+        let mut v = vec![0f32; h * t * s];
+        for (hi, m) in slopes.iter().enumerate() {
+            for i in 0..t {
+                let d = (i + s) as f64 - t as f64;
+                for j in 0..s {
+                    v[(hi * t + i) * s + j] = (-m * (d - j as f64).abs()) as f32;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(v, (1, h, t, s), device)?))
     }
 }

@@ -175,7 +175,8 @@ pub fn softmax_reference(x: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor
     let last = x.rank() - 1;
     let s = match mask.map(|m| m.broadcast_to(x.shape(), x.dtype(), "softmax_reference")).transpose()? {
         None => x.clone(),
-        Some(MaskTensor::Additive(m)) => (x + m)?,
+        // A −∞ entry replaces the input rather than adding to it, so a NaN it hides stays hidden.
+        Some(MaskTensor::Additive(m)) => m.eq(f64::NEG_INFINITY)?.where_cond(&m, &(x + &m)?)?,
         Some(MaskTensor::Keep(m)) => m.where_cond(x, &neg_inf_like(x)?)?,
     };
     let max = s.max_keepdim(last)?;
