@@ -11,52 +11,6 @@ use common::*;
 
 const IMPLS: [AttentionImpl; 3] = [AttentionImpl::Fused, AttentionImpl::Materialized, AttentionImpl::Reference];
 
-/// The fixture's mask description as a [`Mask`]; an additive tensor comes back as a Var to read its gradient.
-fn mask_of(f: &Fixture) -> (Mask, Option<Var>) {
-    let m = f.meta_json("mask").expect("mask metadata");
-    let mut mask = Mask::none();
-    if m["causal"].as_bool().unwrap() {
-        mask = mask.with_causal();
-    }
-    if let Some(w) = m["window"].as_array() {
-        mask = mask.with_window(w[0].as_u64().unwrap() as usize, w[1].as_u64().unwrap() as usize);
-    }
-    let lens = |k: &str| m[k].as_array().map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>());
-    if let Some(l) = lens("key_lengths") {
-        mask = mask.with_key_lengths(l);
-    }
-    if let Some(l) = lens("prefix_lengths") {
-        mask = mask.with_prefix_lengths(l);
-    }
-    if m["documents"].as_bool().unwrap() {
-        mask = mask.with_documents(f.t("q_doc"), f.t("k_doc"));
-    }
-    if m["alibi"].as_bool().unwrap() {
-        mask = mask.with_alibi();
-    }
-    if let Some(c) = m["softcap"].as_f64() {
-        mask = mask.with_softcap(c);
-    }
-    let mut var = None;
-    match m["tensor"].as_str() {
-        Some("bool") => mask = mask.with_tensor(MaskTensor::Keep(f.t("mask"))),
-        Some("additive") => {
-            let v = f.var("mask");
-            mask = mask.with_tensor(MaskTensor::Additive(v.as_tensor().clone()));
-            var = Some(v);
-        }
-        _ => {}
-    }
-    (mask, var)
-}
-
-fn scale_of(f: &Fixture) -> Option<f64> {
-    match f.meta_str("scale") {
-        None | Some("default") => None,
-        Some(s) => Some(s.parse().unwrap()),
-    }
-}
-
 fn full_opts(imp: AttentionImpl, scale: Option<f64>) -> AttentionOptions {
     AttentionOptions { scale, need_weights: true, need_lse: true, implementation: imp, ..Default::default() }
 }

@@ -24,8 +24,9 @@ fn softmax_path(p: Path, x: &Tensor, m: Option<&MaskTensor>) -> Tensor {
 
 #[test]
 fn softmax_matches_pytorch() {
-    for case in fixture_cases("ops").into_iter().filter(|c| c.starts_with("softmax_")) {
-        let f = load("ops", &case);
+    // The ordinary cases, then the NaN / ±∞ ones: the same op, the same tolerances, NaN exactly where PyTorch has NaN.
+    for (area, case) in cases_in(&["ops", "nan_rows"], |c| c.starts_with("softmax_")) {
+        let f = load(area, &case);
         for path in PATHS {
             let x = f.var("x");
             let madd = f.opt("mask_add").map(|t| Var::from_tensor(&t).unwrap());
@@ -48,8 +49,9 @@ fn softmax_matches_pytorch() {
 
 #[test]
 fn log_softmax_matches_pytorch() {
-    for case in fixture_cases("ops").into_iter().filter(|c| c.starts_with("logsoftmax_")) {
-        let f = load("ops", &case);
+    // The ordinary cases, then the NaN / ±∞ ones: the same op, the same tolerances, NaN exactly where PyTorch has NaN.
+    for (area, case) in cases_in(&["ops", "nan_rows"], |c| c.starts_with("logsoftmax_")) {
+        let f = load(area, &case);
         for path in PATHS {
             let x = f.var("x");
             let y = match path {
@@ -86,8 +88,9 @@ fn ce_path(p: Path, logits: &Tensor, targets: &Tensor, cfg: &CrossEntropyConfig,
 
 #[test]
 fn cross_entropy_matches_pytorch() {
-    for case in fixture_cases("ops").into_iter().filter(|c| c.starts_with("cross_entropy_")) {
-        let f = load("ops", &case);
+    // The ordinary cases, then the NaN / ±∞ ones: the same op, the same tolerances, NaN exactly where PyTorch has NaN.
+    for (area, case) in cases_in(&["ops", "nan_rows"], |c| c.starts_with("cross_entropy_")) {
+        let f = load(area, &case);
         let (cfg, red) = ce_settings(&f);
         for path in PATHS {
             let logits = f.var("logits");
@@ -119,8 +122,9 @@ fn cross_entropy_all_ignored_is_zero_not_nan() {
 
 #[test]
 fn norms_match_pytorch() {
-    for case in fixture_cases("ops").into_iter().filter(|c| c.contains("_norm_")) {
-        let f = load("ops", &case);
+    // The ordinary cases, then the NaN / ±∞ ones: the same op, the same tolerances, NaN exactly where PyTorch has NaN.
+    for (area, case) in cases_in(&["ops", "nan_rows"], |c| c.contains("_norm_")) {
+        let f = load(area, &case);
         let eps = f.meta_f64("eps").unwrap();
         let rms = case.starts_with("rms");
         for path in PATHS {

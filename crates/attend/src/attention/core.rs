@@ -9,7 +9,7 @@
 //! Grouped heads are handled by viewing the `G = H / Hkv` query heads of a group as extra query rows,
 //! `(B, Hkv, G·T, D)`, so K and V are never repeated in memory.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor};
 
 use super::mask::{Mask, ResolvedMask};
 use crate::ops::{self, MaskTensor};
@@ -153,8 +153,11 @@ pub fn attention_with(
     }
     let g = h / hkv;
     let reference = opts.implementation == AttentionImpl::Reference;
+    // A hidden pair must contribute nothing, even 0 · NaN. The reference path, the oracle, says so literally: pair
+    // by pair. The materialised path does so only when the data hold NaN or ±∞ (checked here for q, k, v; for the
+    // upstream gradient in the backward of `visible_product`).
     let hides = resolved.restricts() || mask.tensor().is_some();
-    if hides && [q, k, v].into_iter().map(non_finite).collect::<Result<Vec<_>>>()?.contains(&true) {
+    if hides && (reference || [q, k, v].into_iter().map(non_finite).collect::<Result<Vec<_>>>()?.contains(&true)) {
         return pairwise(q, k, v, mask, &resolved, scale, opts, dims);
     }
 
@@ -177,7 +180,12 @@ pub fn attention_with(
 
     // 7. Weighted sum of values, again with grouped heads as rows.
     let pg = dropped.reshape((b, hkv, g * t, s))?; // (B, Hkv, G·T, S)
-    let out = pg.matmul(&matmul_ready(v)?)?.reshape((b, h, t, dv))?; // (B, H, T, Dv)
+    let vr = matmul_ready(v)?;
+    let out = match visible_pairs(mask, &resolved, dims, q.device())? {
+        Some(keep) => visible_product(&pg, &vr, keep)?,
+        None => pg.matmul(&vr)?,
+    };
+    let out = out.reshape((b, h, t, dv))?; // (B, H, T, Dv)
 
     Ok(AttentionOutput { out, weights: chosen_weights(probs, opts)?, lse })
 }
@@ -223,6 +231,82 @@ fn chosen_weights(probs: Tensor, opts: &AttentionOptions) -> Result<Option<Tenso
             Some(probs.index_select(&idx, 1)?) // (B, len, T, S)
         }
     })
+}
+
+/// The visible pairs `(B, Hkv, G·T, S)` (u8), grouped like the materialised product's rows, or `None` when the
+/// mask hides nothing: structural rules, a boolean tensor, an additive tensor's −∞ entries.
+fn visible_pairs(mask: &Mask, resolved: &ResolvedMask, d: Dims, dev: &Device) -> Result<Option<Tensor>> {
+    let Dims { b, h, hkv, t, s, .. } = d;
+    let mut keep = resolved.keep(b, dev)?.map(|k| k.broadcast_as((b, h, t, s))).transpose()?;
+    let explicit = match mask.tensor() {
+        None => None,
+        Some(MaskTensor::Keep(m)) => Some(m.to_dtype(DType::U8)?),
+        Some(MaskTensor::Additive(m)) => Some(m.ne(f64::NEG_INFINITY)?),
+    };
+    if let Some(e) = explicit {
+        let e = e.broadcast_as((b, h, t, s))?;
+        keep = Some(match keep {
+            Some(k) => (k * e)?,
+            None => e,
+        });
+    }
+    Ok(keep.map(|k| k.contiguous()?.reshape((b, hkv, h / hkv * t, s))).transpose()?) // (B, Hkv, G·T, S)
+}
+
+/// `p · v` whose backward keeps hidden pairs out of `dv` when the upstream gradient holds NaN or ±∞: a matrix
+/// product would add `0 · NaN` from a row into the keys it never saw. The forward value is the plain product.
+fn visible_product(p: &Tensor, v: &Tensor, keep: Tensor) -> Result<Tensor> {
+    let value = p.detach().matmul(&v.detach())?; // (B, Hkv, G·T, Dv)
+    Ok(p.apply_op3_arc(v, &value, std::sync::Arc::new(Box::new(VisibleProduct { keep })))?)
+}
+
+/// See [`visible_product`]; inputs `(p, v, value)`, output `value`.
+struct VisibleProduct {
+    /// `(B, Hkv, G·T, S)`, u8.
+    keep: Tensor,
+}
+
+impl candle_core::CustomOp3 for VisibleProduct {
+    fn name(&self) -> &'static str {
+        "attend-visible-product"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        value: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // `value` is a fresh product: its storage is exactly its contiguous elements.
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("attend-visible-product: the value must be a fresh contiguous tensor");
+        }
+        Ok((value.clone(), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        p: &Tensor,
+        v: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dp = dout.matmul(&v.t()?)?; // (B, Hkv, G·T, S); hidden entries are zeroed by the softmax's backward
+        let dv = if non_finite(dout).map_err(candle_core::Error::wrap)? {
+            // Σ_i over visible pairs only: (B, Hkv, G·T, S, Dv) products, hidden ones replaced by 0.
+            let (b, hkv, rows, s) = p.dims4()?;
+            let dvw = v.dim(3)?;
+            let shape = (b, hkv, rows, s, dvw);
+            let prod = p.unsqueeze(4)?.broadcast_mul(&dout.unsqueeze(3)?)?; // (B, Hkv, G·T, S, Dv)
+            let keep = self.keep.unsqueeze(4)?.broadcast_as(shape)?;
+            keep.where_cond(&prod, &prod.zeros_like()?)?.sum(2)? // (B, Hkv, S, Dv)
+        } else {
+            p.t()?.matmul(dout)? // (B, Hkv, S, Dv)
+        };
+        Ok((Some(dp), Some(dv), None))
+    }
 }
 
 /// Whether `x` holds a NaN or ±∞ (`x − x` is NaN exactly there).

@@ -118,6 +118,10 @@ impl CustomOp2 for MaskedSoftmax {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = softmax_backward(y, dy)?;
+        // A hidden entry was replaced, not added to: nothing flows back to it (y·(dy − ⟨dy, y⟩) would be NaN there
+        // when the row is NaN). The mask is a broadcast view; `where` reads it through its strides.
+        let hidden = if self.additive { mask.eq(f64::NEG_INFINITY)? } else { mask.eq(0u8)? };
+        let dx = hidden.where_cond(&dx.zeros_like()?, &dx)?;
         // d(x + m) = dx: an additive mask gets the same gradient, and only if something upstream wants it.
         let dmask = (self.additive && mask.track_op()).then(|| dx.clone());
         Ok((Some(dx), dmask))

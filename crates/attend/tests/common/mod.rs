@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use attend::attention::{Mask, MaskTensor};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// `|a - b| <= atol + rtol·|b|` elementwise (llm.c's rule), with per-dtype presets.
@@ -48,6 +49,11 @@ pub fn fixture_cases(area: &str) -> Vec<String> {
     v
 }
 
+/// `(area, case)` for the cases of several areas whose names pass `keep`.
+pub fn cases_in(areas: &[&'static str], keep: impl Fn(&str) -> bool) -> Vec<(&'static str, String)> {
+    areas.iter().flat_map(|&a| fixture_cases(a).into_iter().filter(|c| keep(c)).map(move |c| (a, c))).collect()
+}
+
 pub fn load(area: &str, case: &str) -> Fixture {
     let path = fixture_path(area, case);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -81,8 +87,8 @@ impl Fixture {
     }
 }
 
-/// Assert two tensors have the same shape and agree within `tol`; the failure names the label, the worst element
-/// and its index.
+/// Assert two tensors have the same shape and agree within `tol` (NaN exactly where `want` is NaN, infinities
+/// equal); the failure names the label, the worst element and its index.
 pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: Tol) {
     assert_eq!(got.dims(), want.dims(), "{label}: shape {:?} vs expected {:?}", got.dims(), want.dims());
     let g: Vec<f64> = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -91,7 +97,7 @@ pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: Tol) {
     let mut bad = 0usize;
     for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
         let same_inf = a.is_infinite() && b.is_infinite() && a.signum() == b.signum();
-        let ok = same_inf || (a - b).abs() <= tol.atol + tol.rtol * b.abs();
+        let ok = (a.is_nan() && b.is_nan()) || same_inf || (a - b).abs() <= tol.atol + tol.rtol * b.abs();
         if !ok {
             bad += 1;
             let excess =
@@ -173,4 +179,53 @@ pub fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention fixtures (scripts/oracle/attention.py and nan.py share one metadata format)
+
+/// The fixture's mask description as a [`Mask`]; an additive tensor comes back as a Var to read its gradient.
+pub fn mask_of(f: &Fixture) -> (Mask, Option<Var>) {
+    let m = f.meta_json("mask").expect("mask metadata");
+    let mut mask = Mask::none();
+    if m["causal"].as_bool().unwrap() {
+        mask = mask.with_causal();
+    }
+    if let Some(w) = m["window"].as_array() {
+        mask = mask.with_window(w[0].as_u64().unwrap() as usize, w[1].as_u64().unwrap() as usize);
+    }
+    let lens = |k: &str| m[k].as_array().map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>());
+    if let Some(l) = lens("key_lengths") {
+        mask = mask.with_key_lengths(l);
+    }
+    if let Some(l) = lens("prefix_lengths") {
+        mask = mask.with_prefix_lengths(l);
+    }
+    if m["documents"].as_bool().unwrap() {
+        mask = mask.with_documents(f.t("q_doc"), f.t("k_doc"));
+    }
+    if m["alibi"].as_bool().unwrap() {
+        mask = mask.with_alibi();
+    }
+    if let Some(c) = m["softcap"].as_f64() {
+        mask = mask.with_softcap(c);
+    }
+    let mut var = None;
+    match m["tensor"].as_str() {
+        Some("bool") => mask = mask.with_tensor(MaskTensor::Keep(f.t("mask"))),
+        Some("additive") => {
+            let v = f.var("mask");
+            mask = mask.with_tensor(MaskTensor::Additive(v.as_tensor().clone()));
+            var = Some(v);
+        }
+        _ => {}
+    }
+    (mask, var)
+}
+
+pub fn scale_of(f: &Fixture) -> Option<f64> {
+    match f.meta_str("scale") {
+        None | Some("default") => None,
+        Some(s) => Some(s.parse().unwrap()),
+    }
 }
