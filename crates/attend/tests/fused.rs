@@ -435,3 +435,87 @@ fn queries_that_see_no_key_give_zeros() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Weights with gradients
+
+/// A loss on the attention weights (attention supervision, entropy or coverage penalties) gives the same dq, dk
+/// on every implementation: the fused path's weights, recomputed from the log-sum-exp, carry their own backward.
+/// Loss = Σ out ⊙ dO + Σ weights ⊙ R, with GQA, a soft-cap (its chain rule), a causal mask with key padding, and a
+/// chosen subset of heads that repeats one (its gradient counts twice).
+#[test]
+fn weights_carry_gradients_on_every_implementation() {
+    let dev = device();
+    let (b, h, hkv, t, s, d) = (2, 4, 2, 7, 9, 24);
+    let cases: [(&str, Mask, Option<Vec<usize>>); 4] = [
+        ("no mask, all heads", Mask::none(), None),
+        ("causal + key lengths, heads [3, 0, 3]", Mask::causal().with_key_lengths(vec![9, 5]), Some(vec![3, 0, 3])),
+        ("softcap 1.5, heads [1]", Mask::none().with_softcap(1.5), Some(vec![1])),
+        ("window (2, 1) + alibi, all heads", Mask::none().with_window(2, 1).with_alibi(), None),
+    ];
+    for (name, mask, heads) in cases {
+        let n = heads.as_ref().map_or(h, |x| x.len());
+        let r = randn(&[b, n, t, s], 41, DType::F32).to_device(&dev).unwrap();
+        let dout = randn(&[b, h, t, d], 42, DType::F32).to_device(&dev).unwrap();
+        let mut results: Vec<(AttentionImpl, Vec<Tensor>)> = Vec::new();
+        for imp in [AttentionImpl::Fused, AttentionImpl::Materialized, AttentionImpl::Reference] {
+            let q = Var::from_tensor(&randn(&[b, h, t, d], 1, DType::F32)).unwrap();
+            let k = Var::from_tensor(&randn(&[b, hkv, s, d], 2, DType::F32)).unwrap();
+            let v = Var::from_tensor(&randn(&[b, hkv, s, d], 3, DType::F32)).unwrap();
+            let opts = AttentionOptions {
+                need_weights: true,
+                weight_heads: heads.clone(),
+                implementation: imp,
+                ..Default::default()
+            };
+            let o = attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, &opts).unwrap();
+            let w = o.weights.unwrap();
+            let loss = (weighted_sum(&o.out, &dout) + weighted_sum(&w, &r)).unwrap();
+            let g = loss.backward().unwrap();
+            let grads = [&q, &k, &v].iter().map(|x| g.get(x.as_tensor()).unwrap().clone()).collect();
+            results.push((imp, grads));
+        }
+        let (_, want) = &results[2];
+        for (imp, got) in &results[..2] {
+            for (x, (a, e)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(want)) {
+                assert_close(&format!("{name} {imp:?} {x}"), a, e, GRADS);
+            }
+        }
+    }
+}
+
+/// The fused weights' backward against central finite differences of the loss Σ weights ⊙ R (f32, so a coarse
+/// step and tolerance; the reference it is compared with above is checked in f64 in tests/attention.rs).
+#[test]
+fn fused_weights_backward_matches_finite_differences() {
+    let (b, h, hkv, t, s, d) = (1, 2, 1, 4, 5, 16);
+    let mask = Mask::causal().with_softcap(2.0);
+    let r = randn(&[b, h, t, s], 7, DType::F32);
+    let loss_of = |q: &Tensor, k: &Tensor| -> Tensor {
+        let opts = AttentionOptions { need_weights: true, ..Default::default() };
+        let v = randn(&[b, hkv, s, d], 9, DType::F32);
+        let w = attention_with(q, k, &v, &mask, &opts).unwrap().weights.unwrap();
+        weighted_sum(&w, &r)
+    };
+    let q = Var::from_tensor(&randn(&[b, h, t, d], 5, DType::F32)).unwrap();
+    let k = Var::from_tensor(&randn(&[b, hkv, s, d], 6, DType::F32)).unwrap();
+    let g = loss_of(q.as_tensor(), k.as_tensor()).backward().unwrap();
+    let eps = 1e-2f32;
+    for (name, x, is_q) in [("q", &q, true), ("k", &k, false)] {
+        let base: Vec<f32> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let analytic: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(analytic.iter().any(|&a| a != 0.0), "{name}: zero gradient");
+        for i in (0..base.len()).step_by(7) {
+            let at = |delta: f32| -> f64 {
+                let mut v = base.clone();
+                v[i] += delta;
+                let xt = Tensor::from_vec(v, x.as_tensor().shape(), &Device::Cpu).unwrap();
+                let l = if is_q { loss_of(&xt, k.as_tensor()) } else { loss_of(q.as_tensor(), &xt) };
+                l.to_scalar::<f32>().unwrap() as f64
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            let a = analytic[i] as f64;
+            assert!((fd - a).abs() <= 2e-3 + 2e-2 * a.abs(), "{name}[{i}]: analytic {a}, finite difference {fd}");
+        }
+    }
+}

@@ -46,12 +46,21 @@ struct Plan {
 /// own types ([`Custom`]).
 trait Mods: Send + Sync + 'static {
     fn dims(&self) -> &FlashDims;
+    fn scale(&self) -> f32;
+    /// Whether the score mod has a derivative other than 1 (its chain rule must run).
+    fn score_active(&self) -> bool;
     fn visit<V: Visit>(&self, v: V) -> V::Out;
 }
 
 impl Mods for Plan {
     fn dims(&self) -> &FlashDims {
         &self.dims
+    }
+    fn scale(&self) -> f32 {
+        self.cfg.scale
+    }
+    fn score_active(&self) -> bool {
+        self.softcap.is_some()
     }
     fn visit<V: Visit>(&self, v: V) -> V::Out {
         Plan::visit(self, v)
@@ -69,6 +78,12 @@ struct Custom<M, F> {
 impl<M: MaskMod + Send + 'static, F: ScoreMod + Send + 'static> Mods for Custom<M, F> {
     fn dims(&self) -> &FlashDims {
         &self.dims
+    }
+    fn scale(&self) -> f32 {
+        self.cfg.scale
+    }
+    fn score_active(&self) -> bool {
+        F::ACTIVE
     }
     fn visit<V: Visit>(&self, v: V) -> V::Out {
         v.run(&self.dims, &self.cfg, &self.mask, &self.score)
@@ -211,6 +226,102 @@ impl Visit for Probabilities<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+/// The attention probabilities of chosen heads as a candle op: inputs q, k (f32, contiguous, padded), output
+/// `(B, len, T, S)` recomputed from the forward's log-sum-exp. Backward (softmax Jacobian, then the score mod's
+/// chain rule, then the score product):
+///
+/// ```text
+/// dS = P ⊙ (dP − rowsum(dP ⊙ P)) ⊙ f'(s)      (0 on hidden pairs)
+/// dQ_h += scale · dS K_g(h),   dK_g(h) += scale · dSᵀ Q_h
+/// ```
+struct WeightsOp<P> {
+    plan: Arc<P>,
+    lse: Arc<Vec<f32>>,
+    heads: Vec<usize>,
+}
+
+impl<P: Mods> candle_core::CustomOp2 for WeightsOp<P> {
+    fn name(&self) -> &'static str {
+        "attend-flash-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k) = (f32_slice(s1, l1, "q")?, f32_slice(s2, l2, "k")?);
+        let p = self
+            .plan
+            .visit(Probabilities { q, k, lse: &self.lse, heads: &self.heads })
+            .map_err(candle_core::Error::msg)?;
+        let d = self.plan.dims();
+        Ok((CpuStorage::F32(p), Shape::from((d.b, self.heads.len(), d.t, d.s))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let FlashDims { h, hkv, .. } = *self.plan.dims();
+        let scale = self.plan.scale() as f64;
+        let dev = q.device();
+        let idx = |v: Vec<u32>| Tensor::from_vec(v, self.heads.len(), dev);
+        let q_idx = idx(self.heads.iter().map(|&x| x as u32).collect())?;
+        let kv_idx = idx(self.heads.iter().map(|&x| (x / (h / hkv)) as u32).collect())?;
+        let (qs, ks) = (q.index_select(&q_idx, 1)?, k.index_select(&kv_idx, 1)?); // (B, len, T|S, Dp)
+        // dS = P ⊙ (dP − rowsum(dP ⊙ P)), then the chain rule and hidden pairs on the host.
+        let ds = (p * dp.broadcast_sub(&(dp * p)?.sum_keepdim(3)?)?)?; // (B, len, T, S)
+        let raw = if self.plan.score_active() { Some((qs.matmul(&ks.t()?)? * scale)?) } else { None };
+        let host = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();
+        let mut ds_host = host(&ds)?;
+        let raw_host = raw.as_ref().map(host).transpose()?;
+        self.plan.visit(WeightsChain { ds: &mut ds_host, raw: raw_host.as_deref(), heads: &self.heads });
+        let ds = Tensor::from_vec(ds_host, ds.shape(), dev)?;
+        let dq_sel = (ds.matmul(&ks)? * scale)?; // (B, len, T, Dp)
+        let dk_sel = (ds.t()?.matmul(&qs)? * scale)?; // (B, len, S, Dp)
+        let dq = q.zeros_like()?.index_add(&q_idx, &dq_sel, 1)?;
+        let dk = k.zeros_like()?.index_add(&kv_idx, &dk_sel, 1)?;
+        Ok((Some(dq), Some(dk)))
+    }
+}
+
+/// The host part of [`WeightsOp`]'s backward: zero hidden pairs (their `P` is 0, but `dP − rowsum` may be NaN),
+/// then `dS ← dS ⊙ f'(s)` at the raw scaled scores when the score mod has a derivative.
+struct WeightsChain<'a> {
+    ds: &'a mut [f32],
+    raw: Option<&'a [f32]>,
+    heads: &'a [usize],
+}
+
+impl Visit for WeightsChain<'_> {
+    type Out = ();
+    fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, _: &FlashConfig, mask: &M, score: &F) {
+        let (t, s) = (dims.t, dims.s);
+        for b in 0..dims.b {
+            for (n, &h) in self.heads.iter().enumerate() {
+                for i in 0..t {
+                    let at = ((b * self.heads.len() + n) * t + i) * s;
+                    let row = &mut self.ds[at..at + s];
+                    if let Some(raw) = self.raw {
+                        score.chain(b, h, i, 0, &raw[at..at + s], row);
+                    }
+                    for (j, x) in row.iter_mut().enumerate() {
+                        if !mask.visible(b, h, i, j) {
+                            *x = 0.0;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -381,7 +492,7 @@ fn run<P: Mods>(
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let in_dtype = q.dtype();
     let kernel_dtype = q32.dtype();
-    let FlashDims { b, h, t, s, .. } = *plan.dims();
+    let FlashDims { b, h, t, .. } = *plan.dims();
     let lse_cell = Arc::new(Mutex::new(Vec::new()));
     let op: Arc<Box<dyn CustomOp3 + Send + Sync>> =
         Arc::new(Box::new(FlashOp { plan: plan.clone(), lse: lse_cell.clone() }));
@@ -390,13 +501,13 @@ fn run<P: Mods>(
     let out = if in_dtype == kernel_dtype { out } else { out.to_dtype(in_dtype)? };
     let lse_host = lse_cell.lock().unwrap().clone();
     let weights = if opts.need_weights {
-        let host = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-        let (qh, kh) = (host(&q32)?, host(&k32)?);
+        // Recomputed from the log-sum-exp for the heads asked for, as an op with a backward: a loss on the weights
+        // (attention supervision, entropy or coverage penalties) reaches q and k as on the materialised path.
         let heads: Vec<usize> = opts.weight_heads.clone().unwrap_or_else(|| (0..h).collect());
-        let p = plan
-            .visit(Probabilities { q: &qh, k: &kh, lse: &lse_host, heads: &heads })
-            .map_err(|e| crate::Error::invalid("attention", e.to_string()))?;
-        Some(Tensor::from_vec(p, (b, heads.len(), t, s), q.device())?.to_dtype(in_dtype)?)
+        let op = WeightsOp { plan: plan.clone(), lse: Arc::new(lse_host.clone()), heads };
+        let (qf, kf) = (q32.to_dtype(DType::F32)?, k32.to_dtype(DType::F32)?);
+        let w = qf.apply_op2_arc(&kf, Arc::new(Box::new(op)))?; // (B, len, T, S)
+        Some(w.to_dtype(in_dtype)?)
     } else {
         None
     };
