@@ -21,6 +21,17 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// So that `?` works in code on candle's `Result` too (a model's `Module::forward`, a training loop): candle's own
+/// errors come back unwrapped, ours wrapped with their message.
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(c) => c,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}
+
 impl Error {
     /// Shorthand for [`Error::Invalid`].
     pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
@@ -28,8 +39,8 @@ impl Error {
     }
 }
 
-/// `bail!(op, "fmt", args..)` returns an [`Error::Invalid`] from the current function.
-#[macro_export]
+/// `bail!(op, "fmt", args..)` returns an [`Error::Invalid`] from the current function. Crate-private: no macro
+/// of ours lands in a user's namespace.
 macro_rules! bail {
     ($op:expr, $($arg:tt)*) => {
         return Err($crate::Error::invalid($op, format!($($arg)*)))
@@ -37,7 +48,6 @@ macro_rules! bail {
 }
 
 /// `ensure!(cond, op, "fmt", args..)`: [`bail!`] unless `cond` holds.
-#[macro_export]
 macro_rules! ensure {
     ($cond:expr, $op:expr, $($arg:tt)*) => {
         if !$cond {
@@ -45,3 +55,5 @@ macro_rules! ensure {
         }
     };
 }
+
+pub(crate) use {bail, ensure};

@@ -25,5 +25,7 @@ pub mod attention;
 pub mod error;
 pub mod ops;
 pub mod position;
+pub mod rng;
 
 pub use error::{Error, Result};
+pub(crate) use error::{bail, ensure};

@@ -12,6 +12,7 @@ use attend::attention::{
     import_torch_mha, AttentionImpl, KvCache, Mask, MhaOptions, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig,
 };
 use attend::position::rope::{Rope, RopeConfig, RopeLayout};
+use attend::rng::DropoutRng;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::{Fixture, F32, F32_GRAD};
@@ -336,7 +337,8 @@ fn every_parameter_of_every_configuration_gets_a_finite_nonzero_gradient() {
         let (vm, mha) = seeded_layer(&config, 100 + i as u64);
         let x = Var::from_tensor(&det(&[2, 6, config.d_model], 200 + i as u64, 1.0)).unwrap();
         let kv = Var::from_tensor(&det(&[2, 5, config.kv_dim.unwrap_or(config.d_model)], 300, 1.0)).unwrap();
-        let opts = MhaOptions { rope, train: true, seed: 5, ..Default::default() };
+        mha.set_training(true);
+        let opts = MhaOptions { rope, ..Default::default() };
         let out = mha.forward(x.as_tensor(), cross.then_some(kv.as_tensor()), &mask, None, &opts).unwrap().out;
         let grads = common::weighted_sum(&out, &det(out.dims(), 400, 1.0)).backward().unwrap();
         let mut vars = common::varmap_vars(&vm);
@@ -605,35 +607,72 @@ fn projected_memory_decoding_equals_cross_attention() {
 #[test]
 fn dropout_is_reproducible_from_its_seed_and_off_in_evaluation() {
     let config = MultiHeadAttentionConfig { dropout: 0.3, ..cfg(12, 3, 3) };
-    let (vm, mha) = seeded_layer(&config, 90);
-    // The same parameters without dropout (the VarMap returns the existing Vars).
-    let plain = MultiHeadAttention::new(&MultiHeadAttentionConfig { dropout: 0.0, ..config.clone() }, vb(&vm)).unwrap();
     let x = det(&[2, 6, 12], 91, 1.0);
     let mask = Mask::causal();
-    let run = |train: bool, seed: u64| {
-        let opts = MhaOptions { train, seed, need_weights: true, ..Default::default() };
-        mha.forward(&x, None, &mask, None, &opts).unwrap()
-    };
-    let reference =
-        plain.forward(&x, None, &mask, None, &MhaOptions { need_weights: true, ..Default::default() }).unwrap();
     let exact = common::Tol { atol: 0.0, rtol: 0.0 };
-
-    let eval = run(false, 1);
-    common::assert_close("train = false is the identity", &eval.out, &reference.out, exact);
-    let (a, b, c) = (run(true, 7), run(true, 7), run(true, 8));
-    common::assert_close("same seed", &a.out, &b.out, exact);
-    assert!(max_abs(&(&a.out - &c.out).unwrap()) > 1e-3, "another seed drops other weights");
-    assert!(max_abs(&(&a.out - &eval.out).unwrap()) > 1e-3, "training drops something");
-    // The returned weights are the probabilities before dropout.
-    common::assert_close("weights before dropout", &a.weights.unwrap(), &reference.weights.unwrap(), F32);
-    // Gradients of the same seed agree too (the backward regenerates the same mask).
-    let grad_of = |seed: u64| {
-        let xv = Var::from_tensor(&x).unwrap();
-        let opts = MhaOptions { train: true, seed, ..Default::default() };
-        let out = mha.forward(xv.as_tensor(), None, &mask, None, &opts).unwrap().out;
-        common::weighted_sum(&out, &det(&[2, 6, 12], 92, 1.0)).backward().unwrap().get(xv.as_tensor()).unwrap().clone()
+    // Two layers with the same parameters, streams 0 and 1 of one model generator.
+    let model = |seed: u64| {
+        let rng = DropoutRng::new(seed);
+        let layers: Vec<MultiHeadAttention> = (0..2)
+            .map(|_| {
+                let (_, mut l) = seeded_layer(&config, 90);
+                l.set_dropout_stream(rng.stream());
+                l
+            })
+            .collect();
+        (rng, layers)
     };
-    common::assert_close("gradient, same seed", &grad_of(3), &grad_of(3), exact);
+    let out = |l: &MultiHeadAttention| l.forward(&x, None, &mask, None, &MhaOptions::default()).unwrap().out;
+    let differ = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) > 1e-3;
+
+    let (rng, layers) = model(7);
+    let eval = out(&layers[0]);
+    let (_, plain) = seeded_layer(&MultiHeadAttentionConfig { dropout: 0.0, ..config.clone() }, 90);
+    common::assert_close("evaluation (the default) is the identity", &eval, &out(&plain), exact);
+    layers.iter().for_each(|l| l.set_training(true));
+    // A whole "run": two steps, each calling layer 0 twice and layer 1 once.
+    let mut run = Vec::new();
+    for _ in 0..2 {
+        run.extend([out(&layers[0]), out(&layers[0]), out(&layers[1])]);
+        rng.next_step();
+    }
+    assert!(differ(&run[0], &eval), "training drops something");
+    assert!(differ(&run[0], &run[2]), "two layers draw different masks in one step");
+    assert!(differ(&run[0], &run[1]), "two calls of one layer in one step draw different masks");
+    assert!(differ(&run[0], &run[3]), "two steps draw different masks");
+    // One seed reproduces the run; another seed does not.
+    let (rng2, again) = model(7);
+    again.iter().for_each(|l| l.set_training(true));
+    for step in 0..2 {
+        let outs = [out(&again[0]), out(&again[0]), out(&again[1])];
+        for (i, o) in outs.iter().enumerate() {
+            common::assert_close(&format!("same seed, step {step}, output {i}"), o, &run[3 * step + i], exact);
+        }
+        rng2.next_step();
+    }
+    let (_, other) = model(8);
+    other[0].set_training(true);
+    assert!(differ(&out(&other[0]), &run[0]), "another seed drops other weights");
+    // A resumed run sets the step back and draws the masks of that step.
+    let (rng3, resumed) = model(7);
+    resumed.iter().for_each(|l| l.set_training(true));
+    rng3.set_step(1);
+    common::assert_close("resumed at step 1", &out(&resumed[0]), &run[3], exact);
+    // Gradients regenerate the forward's mask: the same seed gives the same gradient.
+    let grad = |seed: u64| {
+        let (_, ls) = model(seed);
+        ls[0].set_training(true);
+        let xv = Var::from_tensor(&x).unwrap();
+        let o = ls[0].forward(xv.as_tensor(), None, &mask, None, &MhaOptions::default()).unwrap().out;
+        common::weighted_sum(&o, &det(&[2, 6, 12], 92, 1.0)).backward().unwrap().get(xv.as_tensor()).unwrap().clone()
+    };
+    common::assert_close("gradient, same seed", &grad(3), &grad(3), exact);
+    // The returned weights are the probabilities before dropout.
+    let w = |l: &MultiHeadAttention| {
+        let opts = MhaOptions { need_weights: true, ..Default::default() };
+        l.forward(&x, None, &mask, None, &opts).unwrap().weights.unwrap()
+    };
+    common::assert_close("weights before dropout", &w(&layers[0]), &w(&plain), F32);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

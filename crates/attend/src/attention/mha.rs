@@ -76,6 +76,7 @@ use super::core::{attention_with, AttentionDropout, AttentionImpl, AttentionOpti
 use super::kv_cache::KvCache;
 use super::mask::Mask;
 use crate::position::rope::Rope;
+use crate::rng::{DropoutStream, TrainingFlag};
 use crate::{ensure, Error, Result};
 
 /// Configuration of [`MultiHeadAttention`]; `None` fields take the defaults named below.
@@ -189,13 +190,10 @@ pub struct MhaDims {
     pub cv: usize,
 }
 
-/// Per-call settings of [`MultiHeadAttention::forward`].
+/// Per-call settings of [`MultiHeadAttention::forward`]. Training mode and dropout masks are the layer's own
+/// ([`MultiHeadAttention::set_training`], [`MultiHeadAttention::set_dropout_stream`]), not per call.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MhaOptions<'a> {
-    /// Training mode: apply the config's attention dropout. `false` (evaluation) never drops.
-    pub train: bool,
-    /// Seed of the dropout mask: the same seed gives the same mask. Vary it per step and per layer.
-    pub seed: u64,
     /// Return the `(B, H, T, S)` attention weights (before dropout).
     pub need_weights: bool,
     /// Rotary embedding applied to queries and keys at positions `cached..cached + T` (self-attention only).
@@ -222,6 +220,8 @@ pub struct MultiHeadAttention {
     out_proj: Linear,
     config: MultiHeadAttentionConfig,
     dims: MhaDims,
+    training: TrainingFlag,
+    dropout: DropoutStream,
 }
 
 /// `(2, 5, 8)`: shapes written as the `# Shapes` docs write them.
@@ -249,7 +249,24 @@ impl MultiHeadAttention {
             out_proj: lin(h * d, c, "out_proj")?,
             config: config.clone(),
             dims,
+            training: TrainingFlag::default(),
+            dropout: DropoutStream::default(),
         })
+    }
+
+    /// Training mode applies the config's attention dropout; evaluation (the default) never drops.
+    pub fn set_training(&self, training: bool) {
+        self.training.set(training)
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.get()
+    }
+
+    /// Where this layer's dropout masks come from: a stream of the model's [`DropoutRng`](crate::rng::DropoutRng)
+    /// (by default, the next stream of [`DropoutRng::process_default`](crate::rng::DropoutRng::process_default)).
+    pub fn set_dropout_stream(&mut self, stream: DropoutStream) {
+        self.dropout = stream;
     }
 
     pub fn config(&self) -> &MultiHeadAttentionConfig {
@@ -303,9 +320,10 @@ impl MultiHeadAttention {
         cache: Option<&mut KvCache>,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
+        let train = self.is_training();
         match kv {
-            None => self.run(x, None, mask, cache, opts),
-            Some(m) => self.run(x, Some((m, m)), mask, cache, opts),
+            None => self.run(x, None, mask, cache, opts, train),
+            Some(m) => self.run(x, Some((m, m)), mask, cache, opts, train),
         }
     }
 
@@ -324,7 +342,7 @@ impl MultiHeadAttention {
         mask: &Mask,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
-        self.run(x, Some((key, value)), mask, None, opts)
+        self.run(x, Some((key, value)), mask, None, opts, self.is_training())
     }
 
     /// Projects a memory into key and value heads once, for decoding against a fixed encoder output with
@@ -375,7 +393,7 @@ impl MultiHeadAttention {
         }
         let q = self.project_q(x)?;
         // Heads-major keys for the core's `q kᵀ` (a no-op for project_kv's output).
-        self.attend_and_merge(&q, &k.contiguous()?, v, mask, opts)
+        self.attend_and_merge(&q, &k.contiguous()?, v, mask, opts, self.is_training())
     }
 
     /// The one forward path: projections, rotary embedding, cache, attention core, output projection.
@@ -386,6 +404,7 @@ impl MultiHeadAttention {
         mask: &Mask,
         cache: Option<&mut KvCache>,
         opts: &MhaOptions,
+        train: bool,
     ) -> Result<MhaOutput> {
         let MhaDims { c, ckv, .. } = self.dims;
         let (b, t) = self.check_input("x", x, "(B, T, C)", c, None)?;
@@ -433,7 +452,7 @@ impl MultiHeadAttention {
             Some(cache) => cache.append(&k, &v)?, // (B, Hkv, S, D) each
             None => (k, v),
         };
-        self.attend_and_merge(&q, &k, &v, mask, opts)
+        self.attend_and_merge(&q, &k, &v, mask, opts, train)
     }
 
     /// Key or value heads `(B, Hkv, L, D)` from an input `(B, L, ·)`, contiguous: the core multiplies by `kᵀ` in
@@ -459,6 +478,7 @@ impl MultiHeadAttention {
         v: &Tensor,
         mask: &Mask,
         opts: &MhaOptions,
+        train: bool,
     ) -> Result<MhaOutput> {
         let MhaDims { h, d, .. } = self.dims;
         let (b, _, t, _) = q.dims4()?;
@@ -470,8 +490,8 @@ impl MultiHeadAttention {
             k.dtype(),
             v.dtype()
         );
-        let dropout = (opts.train && self.config.dropout > 0.0)
-            .then_some(AttentionDropout { p: self.config.dropout, seed: opts.seed });
+        let dropout = (train && self.config.dropout > 0.0)
+            .then(|| AttentionDropout { p: self.config.dropout, seed: self.dropout.next_seed() });
         let core_opts = AttentionOptions {
             scale: self.config.scale,
             dropout,
@@ -506,6 +526,15 @@ impl MultiHeadAttention {
         let wdt = self.q_proj.weight().dtype();
         ensure!(x.dtype() == wdt, Self::OP, "{name} {xs} is {:?} but the parameters are {wdt:?}", x.dtype());
         Ok((b, l))
+    }
+}
+
+/// Bidirectional self-attention with no mask, in the layer's own training mode: `x (B, T, C) → (B, T, C)`.
+/// (candle's blanket `ModuleT` for every `Module` ignores its `train` argument: switch modes with
+/// [`set_training`](MultiHeadAttention::set_training).)
+impl Module for MultiHeadAttention {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.run(x, None, &Mask::none(), None, &MhaOptions::default(), self.is_training())?.out)
     }
 }
 

@@ -562,3 +562,10 @@ impl Score for AnyScore {
         }
     }
 }
+
+/// The scores `u_w · tanh(W h + b)` of each annotation (`h (B, S, C) → (B, S)`).
+impl Module for HanContextScore {
+    fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(HanContextScore::forward(self, h)?)
+    }
+}

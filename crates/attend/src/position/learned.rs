@@ -104,3 +104,10 @@ impl LearnedPositions {
         Ok(x.broadcast_add(&pos)?) // (B, T, C)
     }
 }
+
+/// `x + W_pos[0..T]`: positions from 0 (`x (B, T, C) → (B, T, C)`).
+impl candle_core::Module for LearnedPositions {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(LearnedPositions::forward(self, x, 0)?)
+    }
+}

@@ -122,3 +122,10 @@ impl SinusoidalEncoding {
         Ok(x.broadcast_add(&pe)?) // (B, T, C)
     }
 }
+
+/// `x + PE[0..T]`: the encoding from position 0 (`x (B, T, C) → (B, T, C)`).
+impl candle_core::Module for SinusoidalEncoding {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(SinusoidalEncoding::forward(self, x, 0)?)
+    }
+}
