@@ -307,6 +307,7 @@ fn learned_relative_bias_trains_through_the_core() {
 
 #[test]
 fn bf16_storage_matches_f32_within_bf16_precision() {
+    note_bf16_path("bf16_storage_matches_f32_within_bf16_precision");
     // bf16 inputs run the fused forward with bf16 dot products (where the CPU has them) and the backward in f32.
     let (b, h, hkv, t, s, d) = (2, 4, 2, 37, 45, 64);
     let q = randn(&[b, h, t, d], 71, DType::F32);
@@ -443,4 +444,30 @@ fn flex_attention_runs_user_masks_and_score_functions_with_gradients() {
     let q64 = randn(&[1, 1, 3, 16], 95, DType::F64);
     let e = flex_attention(&q64, &q64, &q64, SameParity, NoScoreMod, &opts).unwrap_err().to_string();
     assert!(e.contains("F64"), "{e}");
+}
+
+/// `T = 0` gives empty outputs and `S = 0` gives zeros with a log-sum-exp of −∞ (every query sees no key), on every
+/// implementation and through `flex_attention`: not errors.
+#[test]
+fn empty_queries_and_empty_keys_are_not_errors() {
+    use attend::attention::{flex::NoMask, flex::NoScoreMod, flex_attention};
+    for (t, s) in [(0, 5), (3, 0), (0, 0)] {
+        let q = randn(&[2, 4, t, 8], 1, DType::F32);
+        let (k, v) = (randn(&[2, 2, s, 8], 2, DType::F32), randn(&[2, 2, s, 6], 3, DType::F32));
+        let mut outs: Vec<AttentionOutput> = IMPLS
+            .iter()
+            .map(|&imp| attention_with(&q, &k, &v, &Mask::causal(), &full_opts(imp, None)).unwrap())
+            .collect();
+        outs.push(flex_attention(&q, &k, &v, NoMask, NoScoreMod, &full_opts(AttentionImpl::Fused, None)).unwrap());
+        for o in outs {
+            assert_eq!(o.out.dims(), &[2, 4, t, 6]);
+            assert_eq!(o.weights.as_ref().unwrap().dims(), &[2, 4, t, s]);
+            let lse = o.lse.unwrap();
+            assert_eq!(lse.dims(), &[2, 4, t]);
+            let out: Vec<f32> = o.out.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(out.iter().all(|&x| x == 0.0), "T {t} S {s}: outputs of queries with no key are 0");
+            let lse: Vec<f32> = lse.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY), "T {t} S {s}: lse −∞");
+        }
+    }
 }

@@ -22,7 +22,7 @@ mod common;
 
 use attend::attention::{attention_with, AttentionDropout, AttentionImpl, AttentionOptions, Mask, MaskTensor};
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
-use common::{assert_close, randn, weighted_sum, Tol};
+use common::{assert_close, note_bf16_path, randn, weighted_sum, Tol};
 
 const VALUES: Tol = Tol { atol: 2e-5, rtol: 1e-4 };
 const GRADS: Tol = Tol { atol: 5e-5, rtol: 2.5e-4 };
@@ -297,6 +297,7 @@ fn fused_equals_reference_for_every_mask_kind() {
 
 #[test]
 fn bf16_through_the_fused_path_matches_the_f32_reference() {
+    note_bf16_path("bf16_through_the_fused_path_matches_the_f32_reference");
     let mut rng = Rng(0x000f_05ed_0002);
     for (ci, c) in configs().iter().enumerate() {
         let x = inputs(c, DType::BF16);

@@ -118,7 +118,14 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
         OP,
         "q, k, v are on different devices"
     );
-    ensure!(b * h * t * s * d * dv > 0, OP, "empty input: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+    ensure!(
+        d > 0 && dv > 0,
+        OP,
+        "head dims must be positive: q {:?}, k {:?}, v {:?} (an empty B, H, T or S is fine)",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
     Ok(Dims { b, h, hkv, t, s, d, dv })
 }
 
@@ -147,6 +154,9 @@ pub fn attention_with(
     let Dims { b, h, hkv, t, s, d, dv } = dims;
     let resolved = mask.resolve(b, h, t, s)?;
     let scale = check_options("attention", opts, h, d)?;
+    if b * h * t * s == 0 {
+        return empty(q, dims, opts);
+    }
     if opts.implementation == AttentionImpl::Fused && super::fused::supported(q, mask) {
         let (out, weights, lse) = super::fused::attention(q, k, v, mask, resolved, scale, opts)?;
         return Ok(AttentionOutput { out, weights, lse });
@@ -188,6 +198,17 @@ pub fn attention_with(
     let out = out.reshape((b, h, t, dv))?; // (B, H, T, Dv)
 
     Ok(AttentionOutput { out, weights: chosen_weights(probs, opts)?, lse })
+}
+
+/// A call with nothing to attend: `T = 0` (or `B = 0`, `H = 0`) gives empty outputs; `S = 0` leaves every query
+/// without a key, so outputs and weights are 0 and the log-sum-exp −∞, as for any fully masked row.
+fn empty(q: &Tensor, Dims { b, h, t, s, dv, .. }: Dims, opts: &AttentionOptions) -> Result<AttentionOutput> {
+    let (dev, dt) = (q.device(), q.dtype());
+    let heads = opts.weight_heads.as_ref().map_or(h, |x| x.len());
+    let weights = if opts.need_weights { Some(Tensor::zeros((b, heads, t, s), dt, dev)?) } else { None };
+    let lse_dt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+    let lse = if opts.need_lse { Some(Tensor::full(f32::NEG_INFINITY, (b, h, t), dev)?.to_dtype(lse_dt)?) } else { None };
+    Ok(AttentionOutput { out: Tensor::zeros((b, h, t, dv), dt, dev)?, weights, lse })
 }
 
 /// Soft-cap, then ALiBi, then the structural masks, on scaled scores `(B, H, T, S)`. The soft-cap comes before any
@@ -414,7 +435,8 @@ where
     M: attend_kernels::flash::MaskMod + Send + 'static,
     F: attend_kernels::flash::ScoreMod + Send + 'static,
 {
-    let Dims { h, d, .. } = check(q, k, v)?;
+    let dims = check(q, k, v)?;
+    let Dims { b, h, t, s, d, .. } = dims;
     ensure!(
         q.device().is_cpu() && q.dtype() != DType::F64,
         "flex_attention",
@@ -423,6 +445,9 @@ where
         q.device().location()
     );
     let scale = check_options("flex_attention", opts, h, d)?;
+    if b * h * t * s == 0 {
+        return empty(q, dims, opts);
+    }
     let (out, weights, lse) = super::fused::custom(q, k, v, mask, score, scale, opts)?;
     Ok(AttentionOutput { out, weights, lse })
 }

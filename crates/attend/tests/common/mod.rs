@@ -229,3 +229,15 @@ pub fn scale_of(f: &Fixture) -> Option<f64> {
         Some(s) => Some(s.parse().unwrap()),
     }
 }
+
+/// Says in the test output (libtest captures `print!`, not the stderr handle) which bf16 path a test exercises: on
+/// a CPU without AVX512-BF16 the fused path converts bf16 to f32, and a bf16 test checks that fallback instead.
+pub fn note_bf16_path(test: &str) {
+    use std::io::Write;
+    if !attend_kernels::flash::bf16_dot_supported() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {test} (bf16 dot products): no AVX512-BF16 on this CPU; checking the f32 fallback instead"
+        );
+    }
+}
