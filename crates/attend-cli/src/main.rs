@@ -39,23 +39,12 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-/// Keep freed memory in the process. Tensors of a few MB come and go every forward/backward pass; with glibc's
-/// defaults each is handed back to the kernel (munmap) and every page faults in again on the next pass — measured
-/// at ~40% of a fused forward+backward at T = 1024. PyTorch avoids the same cost with its caching allocator.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
 fn main() -> ExitCode {
-    keep_freed_memory();
+    // Passes allocate and free tensors of a few MB each; keep that memory in the process (attend::alloc).
+    // ATTEND_KEEP_FREED_MEMORY=0 keeps glibc's defaults, to measure what the setting is worth.
+    if std::env::var("ATTEND_KEEP_FREED_MEMORY").as_deref() != Ok("0") {
+        attend::alloc::keep_freed_memory();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return errors::report_usage(e),

@@ -596,13 +596,23 @@ fn bench_attention_json_fields() {
     }
     assert!(a["max_abs_diff_vs_reference"].as_f64().unwrap() < 1e-4);
 
-    // Causal, forward+backward, grouped heads, S ≠ T: the flops convention halves only when T = S.
+    // Causal, forward+backward, grouped heads, S ≠ T: causal flops count the visible pairs exactly (end-aligned:
+    // query i sees keys 0..=i + S − T), here by brute force over the (i, j) grid.
+    let pairs = |t: usize, s: usize| (0..t).flat_map(|i| (0..s).map(move |j| j + t <= i + s)).filter(|&v| v).count();
     let b = bench_json(&["--causal", "--backward", "--kv-heads", "2", "--kv-seq", "48"]);
     assert_positive(&b, &timing);
     assert_eq!((b["kv_heads"].as_u64(), b["kv_seq"].as_u64()), (Some(2), Some(48)));
-    assert!((b["gflop"].as_f64().unwrap() - 3.5 * 4.0 * 4.0 * 32.0 * 48.0 * 16.0 / 1e9).abs() < 1e-12);
+    let want = 3.5 * 4.0 * 4.0 * 16.0 * pairs(32, 48) as f64 / 1e9;
+    assert!((b["gflop"].as_f64().unwrap() - want).abs() < 1e-12, "causal T 32 S 48: {} vs {want}", b["gflop"]);
     let c = bench_json(&["--causal", "--backward"]);
-    assert!((c["gflop"].as_f64().unwrap() - 0.5 * 3.5 * 4.0 * 4.0 * 32.0 * 32.0 * 16.0 / 1e9).abs() < 1e-12);
+    assert!((c["gflop"].as_f64().unwrap() - 3.5 * 4.0 * 4.0 * 16.0 * pairs(32, 32) as f64 / 1e9).abs() < 1e-12);
+    // Validated on the timed T, S, D (one batch element, one K/V group), and the machine is named.
+    assert_eq!((b["validated_on"]["seq"].as_u64(), b["validated_on"]["kv_seq"].as_u64()), (Some(32), Some(48)));
+    assert_eq!(b["validation"].as_str(), Some("reference"));
+    for key in ["vendor", "family", "model", "name", "microarchitecture", "l1d_kb"] {
+        assert!(!b["cpu"][key].is_null(), "cpu.{key} in {b}");
+    }
+    assert!(b["tiles"]["block_q"].as_u64().is_some_and(|x| x > 0) && b["tiles"]["source"].is_string(), "tiles in {b}");
     // q, k, v, o, do, dq, dk, dv
     assert!((c["tensor_mb"].as_f64().unwrap() - 8.0 * (4 * 32 * 16 * 4) as f64 / 1e6).abs() < 1e-12);
 }
@@ -624,7 +634,7 @@ fn bench_attention_human_summary() {
     let run = attend(&[&args[..], &["--iters", "2", "--warmup", "0", "--threads", "1"]].concat());
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_mentions(&stdout, &["fused f32, forward, causal", "median", "GFLOP/s", "peak RSS", "max |Δ| vs reference"]);
+    assert_mentions(&stdout, &["fused f32, forward, causal", "median", "GFLOP/s", "peak RSS", "max |Δ|", "(reference)", "cpu"]);
     assert!(run.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&run.stderr));
 }
 

@@ -106,17 +106,20 @@ fn main() {
     let d: usize = a.get(2).map_or(64, |x| x.parse().unwrap());
     let causal = a.iter().any(|x| x == "causal");
     let bwd = a.iter().any(|x| x == "bwd");
-    let dims = FlashDims { b: 1, h: 8, hkv: 8, t, s: t, d, dv: d };
-    let mut cfg = FlashConfig::new(1.0 / (d as f32).sqrt());
+    // H and HKV pick the heads (default 8 and 8; HKV=1 is multi-query attention).
+    let env = |k: &str, default: usize| std::env::var(k).ok().and_then(|x| x.parse().ok()).unwrap_or(default);
+    let (h, hkv) = (env("H", 8), env("HKV", env("H", 8)));
+    let dims = FlashDims { b: 1, h, hkv, t, s: t, d, dv: d };
+    let mut cfg = FlashConfig::for_head_dims(1.0 / (d as f32).sqrt(), d, d);
     if let Ok(x) = std::env::var("BQ") {
         cfg.block_q = x.parse().unwrap();
     }
     if let Ok(x) = std::env::var("BK") {
         cfg.block_k = x.parse().unwrap();
     }
-    let flops = 4.0 * (t * t * d * 8) as f64 * if causal { 0.5 } else { 1.0 };
+    let flops = attend_kernels::flash::attention_flops(&dims, causal, false);
     // MOD=softcap|alibi times a score mod on top of the mask.
-    let slopes: Vec<f32> = (0..8).map(|h| 0.5f32.powi(h + 1)).collect();
+    let slopes: Vec<f32> = (0..h).map(|h| 0.5f32.powi(h as i32 + 1)).collect();
     let alibi = Alibi { slopes: &slopes, offset: 0 };
     let softcap = Softcap { cap: 30.0 };
     match (causal, std::env::var("MOD").ok().as_deref()) {

@@ -15,6 +15,7 @@
 //! | [`gelu`] | GELU, tanh and erf forms | analytic derivative |
 //! | [`dropout`] | counter-based keep mask from `(seed, index)` | the same mask, regenerated |
 
+pub mod cpu;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod flash;

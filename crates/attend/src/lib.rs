@@ -21,6 +21,7 @@
 //! | `V`  | vocabulary size |
 //! | `N`  | rows of a flattened batch (`N = B · T`) |
 
+pub mod alloc;
 pub mod attention;
 pub mod error;
 pub mod ops;

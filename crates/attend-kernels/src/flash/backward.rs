@@ -9,10 +9,12 @@
 //! dQ_i += scale · dS K_j,  dK_j += scale · dSᵀ Q_i
 //! ```
 //!
-//! Work is split over `(b, Hkv, key chunk)`: a task owns its key rows of dK/dV (no atomics) and, when there is one
-//! chunk per head, the dQ rows of the query heads that share the K/V head. Small problems split keys into several
-//! chunks; each chunk then writes its own partial dQ, summed afterwards in a fixed order (memory bounded by
-//! [`PARTIAL_DQ_BUDGET`]; the split depends on the shape alone, so results do not depend on the thread count).
+//! Work is split over `(b, Hkv, key split)`: a task owns its key rows of dK/dV (no atomics) and, when there is one
+//! split per head, the dQ rows of the query heads that share the K/V head. With few K/V heads, keys are dealt
+//! round-robin into several splits; each split after the first writes its own partial dQ, summed afterwards in a
+//! fixed order. Query rows run in passes sized so that one pass's partials fit [`PARTIAL_DQ_BUDGET`]: memory is
+//! bounded by rows, never by giving up the split. The split depends on the shape alone, so results do not depend
+//! on the thread count.
 
 use rayon::prelude::*;
 
@@ -25,7 +27,8 @@ use super::{require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
 pub const PARTIAL_DQ_BUDGET: usize = 32 << 20;
 
 /// Tasks the backward aims for at least (enough for the machines this runs on); fewer K/V heads than this split keys.
-const MIN_TASKS: usize = 8;
+/// A constant, not the thread count, so that results do not depend on the machine.
+const MIN_TASKS: usize = 16;
 
 /// Backward pass: given the forward's inputs, `o`, `lse` and `dout`, writes `dq`, `dk`, `dv` (overwritten).
 ///
@@ -81,183 +84,221 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
         *x = o[r * dv..(r + 1) * dv].iter().zip(&dout[r * dv..(r + 1) * dv]).map(|(a, b)| a * b).sum();
     });
 
-    // Enough tasks for every thread, but no more partial-dQ memory than the budget.
+    // Work splits over (K/V head, key split). A split owns its key rows of dK/dV; dQ rows are written by every split
+    // that sees them, so splits after the first write partials, summed afterwards in a fixed order. The split
+    // depends on the shape only, never on the thread count, so results have the same rounding on every machine.
+    // Key blocks are dealt round-robin, so every split meets every part of a causal band.
     let key_blocks = s.div_ceil(bc);
-    // The split depends on the shape only, never on the thread count, so dQ — a sum of per-split partials — has the
-    // same rounding on every machine.
-    let mut splits = MIN_TASKS.div_ceil(nb * hkv).clamp(1, key_blocks);
-    while splits > 1 && (splits - 1) * dq.len() * 4 > PARTIAL_DQ_BUDGET {
-        splits -= 1;
-    }
-    let per_split = key_blocks.div_ceil(splits);
-    let mut partial = vec![0f32; (splits - 1) * dq.len()];
+    let splits = MIN_TASKS.div_ceil(nb * hkv).clamp(1, key_blocks);
+    // Query rows go in passes small enough that the partials of one pass fit the budget: memory is bounded by rows,
+    // and however few K/V heads there are (single-sequence MQA), every split keeps its own task.
+    let per_row = (splits - 1) * nb * nh * d * 4;
+    let rows_per_pass = match cfg.dq_budget.checked_div(per_row) {
+        None => t,
+        Some(rows) => (rows / br * br).clamp(br, round_up(t, br)),
+    };
+    let pass_len = nb * nh * rows_per_pass * d;
+    let mut partial = vec![0f32; (splits - 1) * pass_len];
     dq.fill(0.0);
+    dk.fill(0.0);
+    dvv.fill(0.0);
     let (dq_ptr, partial_ptr) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(partial.as_mut_ptr()));
     let (dk_ptr, dv_ptr) = (SyncPtr(dk.as_mut_ptr()), SyncPtr(dvv.as_mut_ptr()));
-    let dq_len = dq.len();
 
-    (0..nb * hkv * splits).into_par_iter().for_each(|task| {
-        let (kvh, split) = (task / splits, task % splits);
-        let b = kvh / hkv;
-        let g = kvh % hkv;
-        // This task's dQ: the output itself for split 0, its own partial buffer otherwise.
-        let dq_base = if split == 0 { dq_ptr.get() } else { unsafe { partial_ptr.get().add((split - 1) * dq_len) } };
-        let mut kt = vec![0f32; d * bc];
-        let mut vt = vec![0f32; dv * bc];
-        let mut st = vec![0f32; br * bc];
-        let mut raw = vec![0f32; if F::ACTIVE { br * bc } else { 0 }];
-        let mut pd = vec![0f32; if cfg.dropout.is_some() { br * bc } else { 0 }];
-        let mut dp = vec![0f32; br * bc];
-        let mut dk_acc = vec![0f32; bc * d];
-        let mut dv_acc = vec![0f32; bc * dv];
-        for kb in split * per_split..((split + 1) * per_split).min(key_blocks) {
-            let j0 = kb * bc;
-            let valid = bc.min(s - j0);
-            let width = round_up(valid, QUANTUM);
-            let krow = kvh * s + j0;
-            pack_transposed(k, krow, valid, d, width, &mut kt);
-            pack_transposed(v, krow, valid, dv, width, &mut vt);
-            dk_acc[..valid * d].fill(0.0);
-            dv_acc[..valid * dv].fill(0.0);
-            for h in g * group..(g + 1) * group {
-                let bh = b * nh + h;
-                for i0 in (0..t).step_by(br) {
-                    let rows = br.min(t - i0);
-                    let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
-                    if kind == TileKind::Empty {
-                        continue;
-                    }
-                    let tile = (b, h, i0, rows);
-                    let keys = (j0, valid, width);
-                    let raw_opt = if F::ACTIVE { Some(&mut raw[..]) } else { None };
-                    let row0 = bh * t + i0;
-                    let scale = Some(cfg.scale);
-                    score_tile::<f32, M, F>(
-                        dims,
-                        cfg,
-                        mask,
-                        score,
-                        kind,
-                        tile,
-                        keys,
-                        &q[row0 * d..],
-                        scale,
-                        &kt,
-                        &mut st,
-                        raw_opt,
-                    );
-                    let (q_rows, do_rows) = (&q[row0 * d..], &dout[row0 * dv..]);
-                    if careful && kind == TileKind::Partial {
-                        let tile_in = CarefulTile {
-                            q: q_rows,
-                            k: &k[krow * d..],
-                            v: &v[krow * dv..],
-                            dout: do_rows,
-                            lse: &lse[row0..row0 + rows],
-                            delta: &delta[row0..row0 + rows],
-                        };
-                        // SAFETY: the dQ rows of head bh belong to this task (see module docs).
-                        let dq_rows = unsafe { std::slice::from_raw_parts_mut(dq_base.add(row0 * d), rows * d) };
-                        let raw_ref = if F::ACTIVE { Some(&raw[..]) } else { None };
-                        let acc = (dq_rows, &mut dk_acc[..], &mut dv_acc[..]);
-                        careful_tile(dims, cfg, mask, score, (tile, keys), tile_in, &st, raw_ref, acc);
-                        continue;
-                    }
-                    // SAFETY (all tile calls): buffers hold rows × width / valid × d / valid × dv as used; widths
-                    // are multiples of QUANTUM; the dQ rows of head bh belong to this task (see module docs).
-                    unsafe {
-                        exp_minus_lse(cfg.isa, st.as_mut_ptr(), width, rows, width, &lse[row0..row0 + rows]);
-                        let p_used = match cfg.dropout {
-                            Some(drop) => {
-                                pd[..rows * width].copy_from_slice(&st[..rows * width]);
-                                dropout_tile(dims, drop, tile, keys, &mut pd);
-                                &pd
-                            }
-                            None => &st,
-                        };
-                        // dV += Pᵀ dO, reading P transposed through its strides (no transposed copy).
-                        let dva = dv_acc.as_mut_ptr();
-                        gemm_strided(
-                            cfg.isa,
-                            valid,
-                            dv,
-                            rows,
-                            p_used.as_ptr(),
-                            (1, width),
-                            do_rows.as_ptr(),
-                            dv,
-                            dva,
-                            dv,
-                            true,
-                        );
-                        gemm(
-                            cfg.isa,
-                            rows,
-                            width,
-                            dv,
-                            do_rows.as_ptr(),
-                            dv,
-                            vt.as_ptr(),
-                            width,
-                            dp.as_mut_ptr(),
-                            width,
-                            false,
-                        );
-                        if let Some(drop) = cfg.dropout {
-                            dropout_tile(dims, drop, tile, keys, &mut dp);
-                        }
-                        softmax_grad(
-                            cfg.isa,
-                            st.as_ptr(),
-                            dp.as_mut_ptr(),
-                            width,
-                            rows,
-                            width,
-                            &delta[row0..row0 + rows],
-                        );
-                        if F::ACTIVE {
-                            for r in 0..rows {
-                                let at = r * width;
-                                score.chain(b, h, i0 + r, j0, &raw[at..at + valid], &mut dp[at..at + valid]);
-                            }
-                        }
-                        let dq_rows = dq_base.add(row0 * d);
-                        gemm(cfg.isa, rows, d, valid, dp.as_ptr(), width, k[krow * d..].as_ptr(), d, dq_rows, d, true);
-                        // dK += dSᵀ Q, likewise.
-                        let dka = dk_acc.as_mut_ptr();
-                        gemm_strided(
-                            cfg.isa,
-                            valid,
-                            d,
-                            rows,
-                            dp.as_ptr(),
-                            (1, width),
-                            q_rows.as_ptr(),
-                            d,
-                            dka,
-                            d,
-                            true,
-                        );
+    for r0 in (0..t).step_by(rows_per_pass) {
+        let r1 = (r0 + rows_per_pass).min(t);
+        partial.fill(0.0);
+        (0..nb * hkv * splits).into_par_iter().for_each(|task| {
+            let (kvh, split) = (task / splits, task % splits);
+            let b = kvh / hkv;
+            let g = kvh % hkv;
+            // Where dQ of query row i of (b, h) goes: the output itself for split 0, this split's partial otherwise.
+            let dq_row = |bh: usize, i: usize| -> *mut f32 {
+                // SAFETY: in bounds of dq (i < T) or of this split's partial (r0 ≤ i < r1).
+                unsafe {
+                    if split == 0 {
+                        dq_ptr.get().add((bh * t + i) * d)
+                    } else {
+                        partial_ptr.get().add((split - 1) * pass_len + (bh * rows_per_pass + i - r0) * d)
                     }
                 }
+            };
+            let mut kt = vec![0f32; d * bc];
+            let mut vt = vec![0f32; dv * bc];
+            let mut st = vec![0f32; br * bc];
+            let mut raw = vec![0f32; if F::ACTIVE { br * bc } else { 0 }];
+            let mut pd = vec![0f32; if cfg.dropout.is_some() { br * bc } else { 0 }];
+            let mut dp = vec![0f32; br * bc];
+            let mut dk_acc = vec![0f32; bc * d];
+            let mut dv_acc = vec![0f32; bc * dv];
+            for kb in (split..key_blocks).step_by(splits) {
+                let j0 = kb * bc;
+                let valid = bc.min(s - j0);
+                let width = round_up(valid, QUANTUM);
+                let krow = kvh * s + j0;
+                pack_transposed(k, krow, valid, d, width, &mut kt);
+                pack_transposed(v, krow, valid, dv, width, &mut vt);
+                dk_acc[..valid * d].fill(0.0);
+                dv_acc[..valid * dv].fill(0.0);
+                for h in g * group..(g + 1) * group {
+                    let bh = b * nh + h;
+                    for i0 in (r0..r1).step_by(br) {
+                        let rows = br.min(r1 - i0);
+                        let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
+                        if kind == TileKind::Empty {
+                            continue;
+                        }
+                        let tile = (b, h, i0, rows);
+                        let keys = (j0, valid, width);
+                        let raw_opt = if F::ACTIVE { Some(&mut raw[..]) } else { None };
+                        let row0 = bh * t + i0;
+                        let scale = Some(cfg.scale);
+                        score_tile::<f32, M, F>(
+                            dims,
+                            cfg,
+                            mask,
+                            score,
+                            kind,
+                            tile,
+                            keys,
+                            &q[row0 * d..],
+                            scale,
+                            &kt,
+                            &mut st,
+                            raw_opt,
+                        );
+                        let (q_rows, do_rows) = (&q[row0 * d..], &dout[row0 * dv..]);
+                        if careful && kind == TileKind::Partial {
+                            let tile_in = CarefulTile {
+                                q: q_rows,
+                                k: &k[krow * d..],
+                                v: &v[krow * dv..],
+                                dout: do_rows,
+                                lse: &lse[row0..row0 + rows],
+                                delta: &delta[row0..row0 + rows],
+                            };
+                            // SAFETY: these dQ rows belong to this task (see module docs).
+                            let dq_rows = unsafe { std::slice::from_raw_parts_mut(dq_row(bh, i0), rows * d) };
+                            let raw_ref = if F::ACTIVE { Some(&raw[..]) } else { None };
+                            let acc = (dq_rows, &mut dk_acc[..], &mut dv_acc[..]);
+                            careful_tile(dims, cfg, mask, score, (tile, keys), tile_in, &st, raw_ref, acc);
+                            continue;
+                        }
+                        // SAFETY (all tile calls): buffers hold rows × width / valid × d / valid × dv as used; widths
+                        // are multiples of QUANTUM; the dQ rows of head bh belong to this task (see module docs).
+                        unsafe {
+                            exp_minus_lse(cfg.isa, st.as_mut_ptr(), width, rows, width, &lse[row0..row0 + rows]);
+                            let p_used = match cfg.dropout {
+                                Some(drop) => {
+                                    pd[..rows * width].copy_from_slice(&st[..rows * width]);
+                                    dropout_tile(dims, drop, tile, keys, &mut pd);
+                                    &pd
+                                }
+                                None => &st,
+                            };
+                            // dV += Pᵀ dO, reading P transposed through its strides (no transposed copy).
+                            let dva = dv_acc.as_mut_ptr();
+                            gemm_strided(
+                                cfg.isa,
+                                valid,
+                                dv,
+                                rows,
+                                p_used.as_ptr(),
+                                (1, width),
+                                do_rows.as_ptr(),
+                                dv,
+                                dva,
+                                dv,
+                                true,
+                            );
+                            gemm(
+                                cfg.isa,
+                                rows,
+                                width,
+                                dv,
+                                do_rows.as_ptr(),
+                                dv,
+                                vt.as_ptr(),
+                                width,
+                                dp.as_mut_ptr(),
+                                width,
+                                false,
+                            );
+                            if let Some(drop) = cfg.dropout {
+                                dropout_tile(dims, drop, tile, keys, &mut dp);
+                            }
+                            softmax_grad(
+                                cfg.isa,
+                                st.as_ptr(),
+                                dp.as_mut_ptr(),
+                                width,
+                                rows,
+                                width,
+                                &delta[row0..row0 + rows],
+                            );
+                            if F::ACTIVE {
+                                for r in 0..rows {
+                                    let at = r * width;
+                                    score.chain(b, h, i0 + r, j0, &raw[at..at + valid], &mut dp[at..at + valid]);
+                                }
+                            }
+                            let dq_rows = dq_row(bh, i0);
+                            gemm(
+                                cfg.isa,
+                                rows,
+                                d,
+                                valid,
+                                dp.as_ptr(),
+                                width,
+                                k[krow * d..].as_ptr(),
+                                d,
+                                dq_rows,
+                                d,
+                                true,
+                            );
+                            // dK += dSᵀ Q, likewise.
+                            let dka = dk_acc.as_mut_ptr();
+                            gemm_strided(
+                                cfg.isa,
+                                valid,
+                                d,
+                                rows,
+                                dp.as_ptr(),
+                                (1, width),
+                                q_rows.as_ptr(),
+                                d,
+                                dka,
+                                d,
+                                true,
+                            );
+                        }
+                    }
+                }
+                // SAFETY: key rows krow..krow+valid of dK/dV belong to this task alone; passes add up (scaled below).
+                let dk_out = unsafe { std::slice::from_raw_parts_mut(dk_ptr.get().add(krow * d), valid * d) };
+                dk_out.iter_mut().zip(&dk_acc).for_each(|(o, a)| *o += a);
+                let dv_out = unsafe { std::slice::from_raw_parts_mut(dv_ptr.get().add(krow * dv), valid * dv) };
+                dv_out.iter_mut().zip(&dv_acc).for_each(|(o, a)| *o += a);
             }
-            // SAFETY: key rows krow..krow+valid of dK/dV belong to this task alone.
-            let dk_out = unsafe { std::slice::from_raw_parts_mut(dk_ptr.get().add(krow * d), valid * d) };
-            dk_out.iter_mut().zip(&dk_acc).for_each(|(o, a)| *o = a * cfg.scale);
-            let dv_out = unsafe { std::slice::from_raw_parts_mut(dv_ptr.get().add(krow * dv), valid * dv) };
-            dv_out.copy_from_slice(&dv_acc[..valid * dv]);
+        });
+
+        // This pass's partial dQ rows into dQ, splits in order.
+        if splits > 1 {
+            let parts = &partial;
+            let pass_rows = r1 - r0;
+            dq.par_chunks_mut(t * d).enumerate().for_each(|(bh, head)| {
+                let rows = &mut head[r0 * d..r1 * d];
+                for p in 0..splits - 1 {
+                    let src = &parts[p * pass_len + bh * rows_per_pass * d..][..pass_rows * d];
+                    rows.iter_mut().zip(src).for_each(|(o, x)| *o += x);
+                }
+            });
         }
-    });
+    }
 
     let scale = cfg.scale;
-    let parts = &partial;
-    dq.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
-        for p in 0..splits - 1 {
-            let src = &parts[p * dq_len + c * 4096..][..chunk.len()];
-            chunk.iter_mut().zip(src).for_each(|(o, x)| *o += x);
-        }
-        chunk.iter_mut().for_each(|x| *x *= scale);
-    });
+    dq.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|x| *x *= scale));
+    dk.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|x| *x *= scale));
     Ok(())
 }
 
@@ -303,7 +344,11 @@ fn careful_tile<M: MaskMod, F: ScoreMod>(
             let keep = match drop {
                 Some((th, sc, seed)) => {
                     let idx = super::dropout_index(dims, b, h, i, j0 + c);
-                    if crate::dropout::keep(seed, idx, th) { sc } else { 0.0 }
+                    if crate::dropout::keep(seed, idx, th) {
+                        sc
+                    } else {
+                        0.0
+                    }
                 }
                 None => 1.0,
             };

@@ -21,8 +21,9 @@ mod forward;
 pub mod masks;
 pub mod simd;
 mod tile;
+pub mod tiles;
 
-pub use backward::flash_backward;
+pub use backward::{flash_backward, PARTIAL_DQ_BUDGET};
 pub use forward::{flash_forward, flash_forward_bf16, flash_probabilities, Bf16, Operand};
 pub use masks::{MaskMod, ScoreMod, TileKind};
 pub use simd::Isa;
@@ -77,6 +78,27 @@ impl FlashDims {
     }
 }
 
+/// Floating-point operations of one attention call, in the convention of the PyTorch anchors: `4·D` per visible
+/// (query, key) pair (the products `Q Kᵀ` and `P V`, `2·D` each; `D` for both, as the anchors count), times 3.5 with
+/// the backward (which they count as 2.5 forwards). Causal pairs are counted exactly, end-aligned, for any `T` and
+/// `S`: `Σ_i clamp(i + S − T + 1, 0, S)`; for `T = S` that is `T(T + 1)/2`, the anchors' `T²/2` up to `1/T`. The
+/// one place this formula lives: the CLI bench, the kernel bench and criterion use it.
+pub fn attention_flops(dims: &FlashDims, causal: bool, backward: bool) -> f64 {
+    let (t, s) = (dims.t as i64, dims.s as i64);
+    let pairs = if causal {
+        // Row i sees keys 0..=i + S − T, clipped to 0..S (rows before the diagonal enters see none).
+        (0..t).map(|i| (i + s - t + 1).clamp(0, s) as f64).sum::<f64>()
+    } else {
+        (t * s) as f64
+    };
+    let f = 4.0 * (dims.b * dims.h) as f64 * dims.d as f64 * pairs;
+    if backward {
+        3.5 * f
+    } else {
+        f
+    }
+}
+
 /// A buffer, size or setting the kernels cannot run with; the message names the sizes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlashError(pub String);
@@ -118,11 +140,23 @@ pub struct FlashConfig {
     pub block_q: usize,
     /// Keys per tile (a multiple of [`QUANTUM`]).
     pub block_k: usize,
+    /// Most bytes the backward spends on partial dQ when it splits keys across tasks (see the backward's docs):
+    /// it then runs query rows in passes that fit. Default [`PARTIAL_DQ_BUDGET`].
+    pub dq_budget: usize,
 }
 
 impl FlashConfig {
+    /// Default tiles (64 × 64) on this CPU's best instruction set; [`for_head_dims`](Self::for_head_dims) picks
+    /// tiles for the CPU.
     pub fn new(scale: f32) -> Self {
-        FlashConfig { scale, dropout: None, isa: Isa::detect(), block_q: 64, block_k: 64 }
+        FlashConfig { scale, dropout: None, isa: Isa::detect(), block_q: 64, block_k: 64, dq_budget: PARTIAL_DQ_BUDGET }
+    }
+
+    /// [`new`](Self::new) with the tiles [`tiles::tiles_for`] picks for these head dims on this CPU.
+    pub fn for_head_dims(scale: f32, d: usize, dv: usize) -> Self {
+        let cfg = Self::new(scale);
+        let t = tiles::tiles_for(cfg.isa, d, dv);
+        FlashConfig { block_q: t.block_q, block_k: t.block_k, ..cfg }
     }
 
     /// Checks the settings the kernels rely on.

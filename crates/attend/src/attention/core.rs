@@ -163,11 +163,10 @@ pub fn attention_with(
     }
     let g = h / hkv;
     let reference = opts.implementation == AttentionImpl::Reference;
-    // A hidden pair must contribute nothing, even 0 · NaN. The reference path, the oracle, says so literally: pair
-    // by pair. The materialised path does so only when the data hold NaN or ±∞ (checked here for q, k, v; for the
-    // upstream gradient in the backward of `visible_product`).
+    // A hidden pair must contribute nothing, even 0 · NaN: when the data hold NaN or ±∞ (checked here for q, k, v;
+    // for the upstream gradient in the backward of `visible_product`), pairs are formed one by one.
     let hides = resolved.restricts() || mask.tensor().is_some();
-    if hides && (reference || [q, k, v].into_iter().map(non_finite).collect::<Result<Vec<_>>>()?.contains(&true)) {
+    if hides && [q, k, v].into_iter().map(non_finite).collect::<Result<Vec<_>>>()?.contains(&true) {
         return pairwise(q, k, v, mask, &resolved, scale, opts, dims);
     }
 

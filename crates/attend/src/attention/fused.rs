@@ -442,7 +442,7 @@ where
     let (q32, k32, v32) = prepare(q, k, v)?;
     let (b, h, t, d) = q32.dims4()?;
     let (_, hkv, s, dv) = v32.dims4()?;
-    let mut cfg = FlashConfig::new(scale as f32);
+    let mut cfg = FlashConfig::for_head_dims(scale as f32, d, dv);
     cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p, d.seed));
     let plan = Custom { dims: FlashDims { b, h, hkv, t, s, d, dv }, cfg, mask, score };
     run(Arc::new(plan), q, (q32, k32, v32), v.dim(3)?, opts)
@@ -468,7 +468,7 @@ pub(crate) fn attention(
         Some(MaskTensor::Keep(m)) => (Some(host_broadcast::<u8>(&m.to_dtype(DType::U8)?, full)?), None),
         Some(MaskTensor::Additive(m)) => (None, Some(host_broadcast::<f32>(&m.to_dtype(DType::F32)?, full)?)),
     };
-    let mut cfg = FlashConfig::new(scale as f32);
+    let mut cfg = FlashConfig::for_head_dims(scale as f32, dp, dvp);
     cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p, d.seed));
     let plan = Plan {
         dims: FlashDims { b, h, hkv, t, s, d: dp, dv: dvp },
