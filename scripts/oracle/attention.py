@@ -20,17 +20,13 @@ Everything is computed in float64 from the stored float32 inputs; results are st
 
 Run: PYTHONPATH=scripts/oracle python scripts/oracle/attention.py
 """
-import json
 import math
-import os
-import struct
-import zlib
 
 import torch
 import torch.nn.functional as F
 
-from common import FIXTURES, fresh_area, gen, write_readme
-from common import save as _save
+from common import fresh_area, gen, write_readme
+from common import save_sorted as save, seed_of
 
 AREA = "attention"
 F64 = torch.float64
@@ -38,27 +34,6 @@ NEG_INF = float("-inf")
 README = []
 
 
-def save(area, case, tensors, meta=None):
-    """common.save, then the header's metadata keys sorted: safetensors writes them in hash order, and sorting them
-    makes regeneration byte-for-byte reproducible (same length, so tensor offsets are unchanged)."""
-    _save(area, case, tensors, meta)
-    path = os.path.join(FIXTURES, area, case + ".safetensors")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    text = raw[8:8 + n].decode("utf-8")
-    header = json.loads(text)
-    if json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text.rstrip(" "):
-        return  # unexpected formatting: leave the file as safetensors wrote it
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8").ljust(n, b" ")
-    assert len(new) == n
-    with open(path, "wb") as fh:
-        fh.write(raw[:8] + new + raw[8 + n:])
-
-
-def seed_of(name: str) -> int:
-    return zlib.crc32(name.encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Conventions (read by crates/attend/tests/common/mod.rs):
 """
 import os
 import json
+import struct
+import zlib
 import torch
 from safetensors.torch import save_file
 
@@ -72,3 +74,27 @@ def write_readme(area: str, title: str, blurb: str, cases: list):
         for n, desc in cases:
             fh.write(f"- `{n}`: {desc}\n")
     print(f"{area}: {len(names)} cases: " + " ".join(names))
+
+
+def save_sorted(area: str, case: str, tensors: dict, meta: dict | None = None):
+    """save, then the header's metadata keys sorted: safetensors writes them in hash order, and sorting them makes
+    regeneration byte-for-byte reproducible (same length, so tensor offsets are unchanged)."""
+    save(area, case, tensors, meta)
+    path = os.path.join(FIXTURES, area, case + ".safetensors")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    text = raw[8:8 + n].decode("utf-8")
+    header = json.loads(text)
+    if json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text.rstrip(" "):
+        return  # unexpected formatting: leave the file as safetensors wrote it
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8").ljust(n, b" ")
+    assert len(new) == n
+    with open(path, "wb") as fh:
+        fh.write(raw[:8] + new + raw[8 + n:])
+
+
+def seed_of(name: str) -> int:
+    """A case's seed: its name's CRC-32, so adding a case changes no other case's numbers."""
+    return zlib.crc32(name.encode())

@@ -44,18 +44,15 @@ what exact masking promises for it (which rows stay finite, which gradients are 
 
 Run: PYTHONPATH=scripts/oracle python scripts/oracle/nan.py
 """
-import json
 import math
-import os
-import struct
-import zlib
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import FIXTURES, fresh_area, gen, write_readme
-from common import save as _save
+from common import fresh_area, gen, write_readme
+from attention import keep_mask as attention_keep_mask
+from common import save_sorted as save, seed_of
 
 AREA = "nan"
 F64 = torch.float64
@@ -66,27 +63,6 @@ F32_MAX = torch.finfo(torch.float32).max
 README = []
 
 
-def save(area, case, tensors, meta=None):
-    """common.save, then the header's metadata keys sorted: safetensors writes them in hash order, and sorting them
-    makes regeneration byte-for-byte reproducible (same length, so tensor offsets are unchanged)."""
-    _save(area, case, tensors, meta)
-    path = os.path.join(FIXTURES, area, case + ".safetensors")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    text = raw[8:8 + n].decode("utf-8")
-    header = json.loads(text)
-    if json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text.rstrip(" "):
-        return  # unexpected formatting: leave the file as safetensors wrote it
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8").ljust(n, b" ")
-    assert len(new) == n
-    with open(path, "wb") as fh:
-        fh.write(raw[:8] + new + raw[8 + n:])
-
-
-def seed_of(name: str) -> int:
-    return zlib.crc32(name.encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,20 +71,8 @@ def seed_of(name: str) -> int:
 
 
 def keep_mask(spec, B, H, T, S, mask_t=None):
-    """Boolean (B,H,T,S): True where query i of (b,h) may see key j."""
-    i = torch.arange(T).view(1, 1, T, 1)
-    j = torch.arange(S).view(1, 1, 1, S)
-    d = i + (S - T)
-    keep = torch.ones(B, H, T, S, dtype=torch.bool)
-    if spec["causal"]:
-        keep &= j <= d
-    if spec["window"] is not None:
-        left, right = spec["window"]
-        keep &= (j >= d - left) & (j <= d + right)
-    if spec["key_lengths"] is not None:
-        keep &= j < torch.tensor(spec["key_lengths"]).view(B, 1, 1, 1)
-    if spec["tensor"] == "bool":
-        keep &= mask_t.to(torch.bool)
+    """attention.py's visibility rules, plus the additive tensor's -inf entries, which hide their pair."""
+    keep = attention_keep_mask(spec, B, H, T, S, mask_t)
     if spec["tensor"] == "additive":
         keep &= mask_t != NEG_INF  # NaN and +inf entries stay visible: they poison their pair, they do not hide it
     return keep

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from common import fresh_area, gen, randn, write_readme
-from ops import f32, leaf, save, seed_of
+from common import save_sorted as save, seed_of
+from ops import f32, leaf
 
 AREA = "nan_rows"
 F64 = torch.float64

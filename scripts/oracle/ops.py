@@ -12,43 +12,18 @@ stores float32 results. Gradients come from torch autograd of the loss sum(out *
 
 Run: PYTHONPATH=scripts/oracle python scripts/oracle/ops.py
 """
-import json
-import os
-import struct
-import zlib
 
 import torch
 import torch.nn.functional as F
 
-from common import FIXTURES, fresh_area, gen, randn
-from common import save as _save
+from common import fresh_area, gen, randn
+from common import save_sorted as save, seed_of
 
 AREA = "ops"
 F64 = torch.float64
 NEG_INF = float("-inf")
 
 
-def save(area, case, tensors, meta=None):
-    """common.save, then the header's metadata keys sorted: safetensors writes them in hash order, and sorting them
-    makes regeneration byte-for-byte reproducible (same length, so tensor offsets are unchanged)."""
-    _save(area, case, tensors, meta)
-    path = os.path.join(FIXTURES, area, case + ".safetensors")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    text = raw[8:8 + n].decode("utf-8")
-    header = json.loads(text)
-    if json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text.rstrip(" "):
-        return  # unexpected formatting: leave the file as safetensors wrote it
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8").ljust(n, b" ")
-    assert len(new) == n
-    with open(path, "wb") as fh:
-        fh.write(raw[:8] + new + raw[8 + n:])
-
-
-def seed_of(name: str) -> int:
-    return zlib.crc32(name.encode())
 
 
 def leaf(t32: torch.Tensor) -> torch.Tensor:

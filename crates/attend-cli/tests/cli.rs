@@ -634,7 +634,10 @@ fn bench_attention_human_summary() {
     let run = attend(&[&args[..], &["--iters", "2", "--warmup", "0", "--threads", "1"]].concat());
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_mentions(&stdout, &["fused f32, forward, causal", "median", "GFLOP/s", "peak RSS", "max |Δ|", "(reference)", "cpu"]);
+    assert_mentions(
+        &stdout,
+        &["fused f32, forward, causal", "median", "GFLOP/s", "peak RSS", "max |Δ|", "(reference)", "cpu"],
+    );
     assert!(run.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&run.stderr));
 }
 

@@ -233,6 +233,17 @@ fn oracle<M: MaskMod, F: ScoreMod>(pr: &Problem, mask: &M, score: &F) -> Oracle 
     r
 }
 
+/// Forward then backward of a problem: `[o, lse, dq, dk, dv]`.
+fn forward_backward<M: MaskMod, F: ScoreMod>(pr: &Problem, cfg: &FlashConfig, mask: &M, score: &F) -> [Vec<f32>; 5] {
+    let dims = &pr.dims;
+    let mut o = vec![0f32; pr.dout.len()];
+    let mut lse = vec![0f32; dims.b * dims.h * dims.t];
+    flash_forward(dims, cfg, mask, score, &pr.q, &pr.k, &pr.v, &mut o, &mut lse).unwrap();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; pr.q.len()], vec![0f32; pr.k.len()], vec![0f32; pr.v.len()]);
+    flash_backward(dims, cfg, mask, score, &pr.q, &pr.k, &pr.v, &o, &lse, &pr.dout, &mut dq, &mut dk, &mut dv).unwrap();
+    [o, lse, dq, dk, dv]
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Comparison
 
@@ -392,16 +403,7 @@ fn isa_paths_agree_with_each_other() {
     let pr = Problem::new(&mut rng, FlashDims { b: 2, h: 4, hkv: 2, t: 77, s: 90, d: 64, dv: 48 });
     let mask = Causal { offset: 13 };
     let run = |isa: Isa| {
-        let cfg = FlashConfig { isa, ..FlashConfig::new(pr.scale) };
-        let (mut o, mut lse) = (vec![0f32; pr.dout.len()], vec![0f32; 2 * 4 * 77]);
-        flash_forward(&pr.dims, &cfg, &mask, &Softcap { cap: 4.0 }, &pr.q, &pr.k, &pr.v, &mut o, &mut lse).unwrap();
-        let (mut dq, mut dk, mut dv) = (vec![0f32; pr.q.len()], vec![0f32; pr.k.len()], vec![0f32; pr.v.len()]);
-        flash_backward(
-            &pr.dims, &cfg, &mask, &Softcap { cap: 4.0 }, &pr.q, &pr.k, &pr.v, &o, &lse, &pr.dout, &mut dq, &mut dk,
-            &mut dv,
-        )
-        .unwrap();
-        [o, lse, dq, dk, dv]
+        forward_backward(&pr, &FlashConfig { isa, ..FlashConfig::new(pr.scale) }, &mask, &Softcap { cap: 4.0 })
     };
     let portable = run(Isa::Portable);
     for isa in &all[..all.len() - 1] {
@@ -835,30 +837,8 @@ fn results_do_not_depend_on_the_thread_count() {
     let cfg = FlashConfig { block_q: 16, block_k: 32, ..FlashConfig::new(pr.scale) };
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| {
-            let mut o = vec![0f32; pr.q.len() / dims.d * dims.dv];
-            let mut lse = vec![0f32; dims.b * dims.h * dims.t];
-            let causal = Causal { offset: dims.s as isize - dims.t as isize };
-            flash_forward(&dims, &cfg, &causal, &NoScoreMod, &pr.q, &pr.k, &pr.v, &mut o, &mut lse).unwrap();
-            let (mut dq, mut dk, mut dv) = (vec![0f32; pr.q.len()], vec![0f32; pr.k.len()], vec![0f32; pr.v.len()]);
-            flash_backward(
-                &dims,
-                &cfg,
-                &causal,
-                &NoScoreMod,
-                &pr.q,
-                &pr.k,
-                &pr.v,
-                &o,
-                &lse,
-                &pr.dout,
-                &mut dq,
-                &mut dk,
-                &mut dv,
-            )
-            .unwrap();
-            (o, lse, dq, dk, dv)
-        })
+        let causal = Causal { offset: dims.s as isize - dims.t as isize };
+        pool.install(|| forward_backward(&pr, &cfg, &causal, &NoScoreMod))
     };
     let one = run(1);
     for threads in [2, 3, 8] {

@@ -15,6 +15,7 @@ mod common;
 use std::time::Duration;
 
 use attend::attention::{attention_with, AttentionImpl, AttentionOptions, Mask};
+use attend_kernels::flash::{attention_flops, FlashDims};
 use candle_core::{DType, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -75,13 +76,8 @@ fn bench_attention(c: &mut Criterion) {
                     let diff = max_abs_diff(a, b);
                     assert!(diff < 1e-3, "T={t} causal={causal}: fused and materialized {name} differ by {diff}");
                 }
-                let mut flops = 4.0 * (B * H * t * t * D) as f64;
-                if causal {
-                    flops *= 0.5;
-                }
-                if backward {
-                    flops *= 3.5;
-                }
+                let dims = FlashDims { b: B, h: H, hkv: H, t, s: t, d: D, dv: D };
+                let flops = attention_flops(&dims, causal, backward);
                 group.throughput(Throughput::Elements(flops as u64));
                 let label = format!("T={t}{}", if causal { "/causal" } else { "" });
                 for (name, imp) in [("fused", AttentionImpl::Fused), ("materialized", AttentionImpl::Materialized)] {

@@ -39,6 +39,12 @@ impl Error {
     }
 }
 
+/// A shape as the `# Shapes` docs write it, `(2, 5, 8)`: error messages name shapes this way.
+pub(crate) fn shape_str(t: &candle_core::Tensor) -> String {
+    let dims: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
+    format!("({})", dims.join(", "))
+}
+
 /// `bail!(op, "fmt", args..)` returns an [`Error::Invalid`] from the current function. Crate-private: no macro
 /// of ours lands in a user's namespace.
 macro_rules! bail {

@@ -23,10 +23,11 @@
 
 pub mod alloc;
 pub mod attention;
+pub mod checkpoint;
 pub mod error;
 pub mod ops;
 pub mod position;
 pub mod rng;
 
-pub use error::{Error, Result};
 pub(crate) use error::{bail, ensure};
+pub use error::{Error, Result};

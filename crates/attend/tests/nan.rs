@@ -21,7 +21,8 @@ fn non_finite_values_reach_exactly_the_pairs_that_see_them() {
         for imp in IMPLS {
             let (q, k, v) = (f.var("q"), f.var("k"), f.var("v"));
             let (mask, mvar) = mask_of(&f);
-            let opts = AttentionOptions { scale: scale_of(&f), need_lse: true, implementation: imp, ..Default::default() };
+            let opts =
+                AttentionOptions { scale: scale_of(&f), need_lse: true, implementation: imp, ..Default::default() };
             let o = attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, &opts)
                 .unwrap_or_else(|e| panic!("{case}: {e}"));
             let label = format!("{case} {imp:?}");

@@ -19,8 +19,9 @@
 use rayon::prelude::*;
 
 use super::forward::{dropout_tile, pack_transposed, score_tile};
+use super::gemm::{gemm, gemm_strided, QUANTUM};
 use super::masks::{MaskMod, ScoreMod, TileKind};
-use super::tile::{exp_minus_lse, gemm, gemm_strided, softmax_grad, QUANTUM};
+use super::rows::{exp_minus_lse, softmax_grad};
 use super::{require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
 
 /// Most bytes spent on partial dQ buffers when keys are split across tasks.

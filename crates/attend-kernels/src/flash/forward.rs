@@ -5,9 +5,10 @@
 
 use rayon::prelude::*;
 
+use super::gemm::{gemm, QUANTUM};
 use super::masks::{MaskMod, ScoreMod, TileKind};
+use super::rows::{online_softmax, scale_rows};
 use super::simd::Isa;
-use super::tile::{gemm, online_softmax, scale_rows, QUANTUM};
 use super::{dropout_index, require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
 use crate::dropout::{drop_threshold, keep};
 
@@ -126,7 +127,7 @@ impl Operand for Bf16 {
     }
     unsafe fn scores(_: Isa, rows: usize, width: usize, d: usize, q: &[Bf16], kt: &[Bf16], s: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        super::tile::gemm_bf16(
+        super::bf16::gemm_bf16(
             rows,
             width,
             d / 2,
@@ -165,9 +166,9 @@ impl Operand for Bf16 {
         // Probabilities go to bf16 for the product (FlashAttention does the same); sums stay f32.
         scratch.resize(rows * width, Bf16(0));
         #[cfg(target_arch = "x86_64")]
-        super::tile::convert_to_bf16(&p[..rows * width], scratch.as_mut_ptr() as *mut u16);
+        super::bf16::convert_to_bf16(&p[..rows * width], scratch.as_mut_ptr() as *mut u16);
         #[cfg(target_arch = "x86_64")]
-        super::tile::gemm_bf16(
+        super::bf16::gemm_bf16(
             rows,
             dv,
             width / 2,
@@ -182,10 +183,10 @@ impl Operand for Bf16 {
         unreachable!("bf16 dot products need x86-64 ({dv}, {}, {})", packed.len(), acc.len());
     }
     fn from_f32(x: f32) -> Bf16 {
-        Bf16(super::tile::f32_to_bf16(x))
+        Bf16(super::bf16::f32_to_bf16(x))
     }
     fn to_f32(self) -> f32 {
-        super::tile::bf16_to_f32(self.0)
+        super::bf16::bf16_to_f32(self.0)
     }
     fn all_finite(xs: &[Bf16]) -> bool {
         super::all_finite_bits(xs, |x| x.0 as u32, 0x7f80)
@@ -293,7 +294,7 @@ pub fn flash_forward<M: MaskMod, F: ScoreMod>(
 /// [`flash_forward`] on bf16 storage with AVX512-BF16 dot products (f32 accumulation, f32 softmax).
 ///
 /// # Errors
-/// As [`flash_forward`], and when the CPU lacks AVX512-BF16 ([`bf16_dot_supported`](super::tile::bf16_dot_supported);
+/// As [`flash_forward`], and when the CPU lacks AVX512-BF16 ([`bf16_dot_supported`](super::bf16::bf16_dot_supported);
 /// callers convert to f32 then).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_forward_bf16<M: MaskMod, F: ScoreMod>(
@@ -307,7 +308,7 @@ pub fn flash_forward_bf16<M: MaskMod, F: ScoreMod>(
     o: &mut [Bf16],
     lse: &mut [f32],
 ) -> Result<(), FlashError> {
-    require!(super::tile::bf16_dot_supported(), "flash_forward_bf16: this CPU has no AVX512-BF16 dot products");
+    require!(super::bf16::bf16_dot_supported(), "flash_forward_bf16: this CPU has no AVX512-BF16 dot products");
     forward::<Bf16, M, F>(dims, cfg, mask, score, q, k, v, o, lse)
 }
 
@@ -341,7 +342,7 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
     // group over its query blocks. Heads are split into interleaved query-block chunks when there are fewer heads
     // than threads (interleaving evens out causal work, which grows with the query index).
     let chunks = (4 * rayon::current_num_threads()).div_ceil(nb * hkv).clamp(1, q_blocks);
-    let (o_ptr, lse_ptr) = (SendPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
+    let (o_ptr, lse_ptr) = (SyncPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
     let (k_stride, v_stride) = (d * bc, if E::PACKS_VALUES { bc * dv } else { 0 });
     // A masked key has probability exactly 0, but 0 · NaN is NaN: with non-finite values, partially masked tiles
     // skip invisible keys one by one instead of multiplying them in. (NaN in q or k needs nothing: the mask
@@ -449,18 +450,6 @@ pub(crate) fn careful_accumulate<E: Operand, M: MaskMod>(
     }
 }
 
-/// A raw pointer to output elements of any type, shared by tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SendPtr<E>(*mut E);
-unsafe impl<E> Send for SendPtr<E> {}
-unsafe impl<E> Sync for SendPtr<E> {}
-impl<E> SendPtr<E> {
-    #[inline(always)]
-    fn get(self) -> *mut E {
-        self.0
-    }
-}
-
 /// The attention probabilities `(T, S)` of one `(b, h)`, recomputed from the saved log-sum-exp — for looking at
 /// what a head attends to without running the materialised path. Dropout is not applied.
 #[allow(clippy::too_many_arguments)]
@@ -508,7 +497,7 @@ pub fn flash_probabilities<M: MaskMod, F: ScoreMod>(
             score_tile(dims, cfg, mask, score, kind, tile, keys, q_rows, Some(cfg.scale), &kt, &mut st, None);
             let lse_rows = &lse[(b * nh + h) * t + i0..][..rows];
             // SAFETY: st holds rows × width.
-            unsafe { super::tile::exp_minus_lse(cfg.isa, st.as_mut_ptr(), width, rows, width, lse_rows) };
+            unsafe { super::rows::exp_minus_lse(cfg.isa, st.as_mut_ptr(), width, rows, width, lse_rows) };
             for r in 0..rows {
                 let row = &mut probs[(i0 + r) * s + j0..][..valid];
                 row.copy_from_slice(&st[r * width..r * width + valid]);

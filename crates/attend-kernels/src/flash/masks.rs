@@ -282,11 +282,11 @@ pub struct Softcap {
 impl ScoreMod for Softcap {
     #[inline]
     fn apply(&self, _: usize, _: usize, _: usize, _: usize, row: &mut [f32]) {
-        super::tile::softcap_row(row, self.cap);
+        super::modvec::softcap_row(row, self.cap);
     }
     #[inline]
     fn chain(&self, _: usize, _: usize, _: usize, _: usize, s: &[f32], ds: &mut [f32]) {
-        super::tile::softcap_chain_row(s, ds, self.cap);
+        super::modvec::softcap_chain_row(s, ds, self.cap);
     }
 }
 
@@ -301,7 +301,7 @@ impl ScoreMod for Alibi<'_> {
     #[inline]
     fn apply(&self, _: usize, h: usize, i: usize, j0: usize, row: &mut [f32]) {
         // Distances stay exact in f32 up to 2^24 positions.
-        super::tile::alibi_row(row, self.slopes[h], (i as isize + self.offset - j0 as isize) as f32);
+        super::modvec::alibi_row(row, self.slopes[h], (i as isize + self.offset - j0 as isize) as f32);
     }
     #[inline(always)]
     fn chain(&self, _: usize, _: usize, _: usize, _: usize, _: &[f32], _: &mut [f32]) {}

@@ -17,10 +17,13 @@
 //! to its materialised path). bf16 storage is converted to f32 by the caller.
 
 mod backward;
+mod bf16;
 mod forward;
+mod gemm;
 pub mod masks;
+mod modvec;
+mod rows;
 pub mod simd;
-mod tile;
 pub mod tiles;
 
 pub use backward::{flash_backward, PARTIAL_DQ_BUDGET};
@@ -28,7 +31,8 @@ pub use forward::{flash_forward, flash_forward_bf16, flash_probabilities, Bf16, 
 pub use masks::{MaskMod, ScoreMod, TileKind};
 pub use simd::Isa;
 
-pub use tile::{bf16_dot_supported, bf16_to_f32, f32_to_bf16, QUANTUM};
+pub use bf16::{bf16_dot_supported, bf16_to_f32, f32_to_bf16};
+pub use gemm::QUANTUM;
 
 /// Sizes of one attention call (the vocabulary of the attend crate).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,15 +181,20 @@ impl FlashConfig {
 }
 
 /// A raw pointer that rayon tasks may share; each task writes a region no other task touches.
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub *mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+pub(crate) struct SyncPtr<T>(pub *mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
 
-impl SyncPtr {
+impl<T> SyncPtr<T> {
     /// Through a method, so closures capture the whole `SyncPtr` (edition 2021 would capture the bare field).
     #[inline(always)]
-    pub fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut T {
         self.0
     }
 }

@@ -391,6 +391,33 @@ mod x86 {
     }
 }
 
+/// Defines `pub(crate) unsafe fn $name(isa, args…)` that runs `$generic::<S>(args…)` compiled for the path `isa`:
+/// one `#[target_feature]` wrapper per instruction set, so the generic body is built with that set's features.
+macro_rules! per_isa {
+    ($(#[$doc:meta])* $name:ident, $generic:ident, ($($arg:ident : $ty:ty),*)) => {
+        $(#[$doc])*
+        /// # Safety
+        /// Tiles address at least `rows` rows of `n` columns (a multiple of `QUANTUM`) at stride `ld`; `isa` is
+        /// supported by this CPU.
+        pub(crate) unsafe fn $name(isa: $crate::flash::simd::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) { $generic::<$crate::flash::simd::Avx512>($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) { $generic::<$crate::flash::simd::Avx2>($($arg),*) }
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                $crate::flash::simd::Isa::Avx512 => avx512($($arg),*),
+                #[cfg(target_arch = "x86_64")]
+                $crate::flash::simd::Isa::Avx2 => avx2($($arg),*),
+                _ => $generic::<$crate::flash::simd::Portable>($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use per_isa;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,13 +456,29 @@ mod tests {
         fn portable(x: &[f32; 16]) -> [f32; 16] {
             let mut o = [0f32; 16];
             for h in 0..2 {
-                unsafe { Portable::store(o.as_mut_ptr().add(8 * h), Portable::exp(Portable::load(x.as_ptr().add(8 * h)))) };
+                unsafe {
+                    Portable::store(o.as_mut_ptr().add(8 * h), Portable::exp(Portable::load(x.as_ptr().add(8 * h))))
+                };
             }
             o
         }
         let x: [f32; 16] = [
-            f32::NAN, -f32::NAN, f32::NEG_INFINITY, -100.0, -87.4, -87.2, -1.0, 0.0,
-            0.5, 10.0, 88.0, f32::NAN, 1.0, -0.25, f32::NAN, -3.0,
+            f32::NAN,
+            -f32::NAN,
+            f32::NEG_INFINITY,
+            -100.0,
+            -87.4,
+            -87.2,
+            -1.0,
+            0.0,
+            0.5,
+            10.0,
+            88.0,
+            f32::NAN,
+            1.0,
+            -0.25,
+            f32::NAN,
+            -3.0,
         ];
         let mut results = vec![("portable", portable(&x))];
         #[cfg(target_arch = "x86_64")]

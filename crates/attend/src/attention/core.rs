@@ -206,7 +206,8 @@ fn empty(q: &Tensor, Dims { b, h, t, s, dv, .. }: Dims, opts: &AttentionOptions)
     let heads = opts.weight_heads.as_ref().map_or(h, |x| x.len());
     let weights = if opts.need_weights { Some(Tensor::zeros((b, heads, t, s), dt, dev)?) } else { None };
     let lse_dt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
-    let lse = if opts.need_lse { Some(Tensor::full(f32::NEG_INFINITY, (b, h, t), dev)?.to_dtype(lse_dt)?) } else { None };
+    let lse =
+        if opts.need_lse { Some(Tensor::full(f32::NEG_INFINITY, (b, h, t), dev)?.to_dtype(lse_dt)?) } else { None };
     Ok(AttentionOutput { out: Tensor::zeros((b, h, t, dv), dt, dev)?, weights, lse })
 }
 
@@ -270,7 +271,8 @@ fn visible_pairs(mask: &Mask, resolved: &ResolvedMask, d: Dims, dev: &Device) ->
             None => e,
         });
     }
-    Ok(keep.map(|k| k.contiguous()?.reshape((b, hkv, h / hkv * t, s))).transpose()?) // (B, Hkv, G·T, S)
+    Ok(keep.map(|k| k.contiguous()?.reshape((b, hkv, h / hkv * t, s))).transpose()?)
+    // (B, Hkv, G·T, S)
 }
 
 /// `p · v` whose backward keeps hidden pairs out of `dv` when the upstream gradient holds NaN or ±∞: a matrix
@@ -372,13 +374,14 @@ fn pairwise(
     };
     // 2. K/V heads repeated to the query heads (this path is not about speed).
     let repeat = |x: &Tensor, w: usize| -> Result<Tensor> {
-        Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, h / hkv, s, w))?.reshape((b, h, s, w))?) // (B, H, S, w)
+        Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, h / hkv, s, w))?.reshape((b, h, s, w))?)
+        // (B, H, S, w)
     };
     let pairs = |x: Tensor, w: usize| -> Result<Tensor> {
         let zeros = Tensor::zeros((b, h, t, s, w), dt, dev)?;
         Ok(keep.unsqueeze(4)?.broadcast_as((b, h, t, s, w))?.where_cond(&x.broadcast_as((b, h, t, s, w))?, &zeros)?)
     }; // (B, H, T, S, w), zero on hidden pairs
-    // 3. Scores of visible pairs; hidden ones are −∞ after the mods.
+       // 3. Scores of visible pairs; hidden ones are −∞ after the mods.
     let qm = pairs(q.unsqueeze(3)?, d)?; // (B, H, T, S, D)
     let km = pairs(repeat(k, d)?.unsqueeze(2)?, d)?; // (B, H, T, S, D)
     let mut scores = ((qm * km)?.sum(4)? * scale)?; // (B, H, T, S)

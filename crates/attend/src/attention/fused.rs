@@ -278,7 +278,7 @@ impl<P: Mods> candle_core::CustomOp2 for WeightsOp<P> {
         let q_idx = idx(self.heads.iter().map(|&x| x as u32).collect())?;
         let kv_idx = idx(self.heads.iter().map(|&x| (x / (h / hkv)) as u32).collect())?;
         let (qs, ks) = (q.index_select(&q_idx, 1)?, k.index_select(&kv_idx, 1)?); // (B, len, T|S, Dp)
-        // dS = P ⊙ (dP − rowsum(dP ⊙ P)), then the chain rule and hidden pairs on the host.
+                                                                                  // dS = P ⊙ (dP − rowsum(dP ⊙ P)), then the chain rule and hidden pairs on the host.
         let ds = (p * dp.broadcast_sub(&(dp * p)?.sum_keepdim(3)?)?)?; // (B, len, T, S)
         let raw = if self.plan.score_active() { Some((qs.matmul(&ks.t()?)? * scale)?) } else { None };
         let host = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();

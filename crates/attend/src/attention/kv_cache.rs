@@ -26,6 +26,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::error::shape_str;
 use crate::{bail, ensure, Result};
 
 /// Sizes fixed by the first append.
@@ -49,12 +50,6 @@ pub struct KvCache {
     /// Positions of the current buffers that have been handed out (`≥ len`); never overwritten in place.
     exposed: usize,
     max_len: Option<usize>,
-}
-
-/// `(2, 5, 8)`: shapes written as the `# Shapes` docs write them.
-fn shape_str(t: &Tensor) -> String {
-    let dims: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
-    format!("({})", dims.join(", "))
 }
 
 impl Default for KvCache {

@@ -22,11 +22,10 @@
 //! Contradictory combinations are errors, not guesses: causal with prefix-LM (prefix-LM already defines the
 //! causal part), causal with a window reaching right of the diagonal, prefix-LM with a window.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 
 use attend_kernels::flash::masks::{MaskMod, StandardMask};
 
-use crate::ops::MaskTensor;
 use crate::position::alibi::alibi_slopes;
 use crate::{bail, ensure, Result};
 
@@ -305,5 +304,45 @@ impl ResolvedMask {
             }
         }
         Ok(Some(Tensor::from_vec(v, (1, h, t, s), device)?))
+    }
+}
+
+/// A mask given as a tensor, broadcastable to the tensor it masks.
+#[derive(Clone, Debug)]
+pub enum MaskTensor {
+    /// u8, 1 = may attend, 0 = masked.
+    Keep(Tensor),
+    /// Added to the scores; −∞ masks. Gradients flow into it (learned biases such as T5's are passed this way).
+    Additive(Tensor),
+}
+
+impl MaskTensor {
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            MaskTensor::Keep(t) | MaskTensor::Additive(t) => t,
+        }
+    }
+
+    /// Checks dtype and that the mask broadcasts to `shape`; returns it broadcast (a view, no copy).
+    pub(crate) fn broadcast_to(&self, shape: &Shape, dtype: DType, op: &'static str) -> Result<MaskTensor> {
+        let t = self.tensor();
+        let ok = match self {
+            MaskTensor::Keep(_) => t.dtype() == DType::U8,
+            MaskTensor::Additive(_) => t.dtype().is_float(),
+        };
+        ensure!(
+            ok,
+            op,
+            "mask of dtype {:?} shape {:?}: a boolean mask must be u8, an additive one a float",
+            t.dtype(),
+            t.dims()
+        );
+        let b = t.broadcast_as(shape.clone()).map_err(|_| {
+            crate::Error::invalid(op, format!("mask of shape {:?} does not broadcast to {:?}", t.dims(), shape.dims()))
+        })?;
+        Ok(match self {
+            MaskTensor::Keep(_) => MaskTensor::Keep(b),
+            MaskTensor::Additive(_) => MaskTensor::Additive(b.to_dtype(dtype)?),
+        })
     }
 }

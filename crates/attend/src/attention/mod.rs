@@ -10,9 +10,9 @@ pub mod score;
 pub use self::core::{
     attention, attention_with, flex_attention, AttentionDropout, AttentionImpl, AttentionOptions, AttentionOutput,
 };
-pub use crate::ops::MaskTensor;
+pub use crate::checkpoint::import_torch_mha;
 /// The traits and built-in types of masks and score functions as code, for [`flex_attention`].
 pub use attend_kernels::flash::masks as flex;
 pub use kv_cache::KvCache;
-pub use mask::{Alibi, Mask, ResolvedMask};
-pub use mha::{import_torch_mha, MhaDims, MhaOptions, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig};
+pub use mask::{Alibi, Mask, MaskTensor, ResolvedMask};
+pub use mha::{MhaDims, MhaOptions, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig};

@@ -46,6 +46,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{linear, linear_no_bias, Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::error::shape_str;
 use crate::{bail, ensure, Result};
 
 /// Anything that maps queries and keys to unnormalised scores; lets a layer hold "any score function"
@@ -61,12 +62,6 @@ pub trait Score {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared checks and dtype handling.
-
-/// `(2, 5, 8)`: shapes written the way the `# Shapes` docs write them.
-fn shape_str(t: &Tensor) -> String {
-    let dims: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
-    format!("({})", dims.join(", "))
-}
 
 /// Checks that `q` (B, T, Dq) and `k` (B, S, Dk) are rank 3 with the same batch and dtype; returns (Dq, Dk).
 fn check_qk(op: &'static str, q: &Tensor, k: &Tensor) -> Result<(usize, usize)> {

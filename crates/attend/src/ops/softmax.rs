@@ -11,47 +11,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::custom::{contiguous, dispatch_float, in_kernel_dtype, row_offsets, Binary, KernelFloat};
+pub use crate::attention::mask::MaskTensor;
 use crate::{ensure, Result};
-
-/// A mask given as a tensor, broadcastable to the tensor it masks.
-#[derive(Clone, Debug)]
-pub enum MaskTensor {
-    /// u8, 1 = may attend, 0 = masked.
-    Keep(Tensor),
-    /// Added to the scores; −∞ masks. Gradients flow into it (learned biases such as T5's are passed this way).
-    Additive(Tensor),
-}
-
-impl MaskTensor {
-    pub fn tensor(&self) -> &Tensor {
-        match self {
-            MaskTensor::Keep(t) | MaskTensor::Additive(t) => t,
-        }
-    }
-
-    /// Checks dtype and that the mask broadcasts to `shape`; returns it broadcast (a view, no copy).
-    pub(crate) fn broadcast_to(&self, shape: &Shape, dtype: DType, op: &'static str) -> Result<MaskTensor> {
-        let t = self.tensor();
-        let ok = match self {
-            MaskTensor::Keep(_) => t.dtype() == DType::U8,
-            MaskTensor::Additive(_) => t.dtype().is_float(),
-        };
-        ensure!(
-            ok,
-            op,
-            "mask of dtype {:?} shape {:?}: a boolean mask must be u8, an additive one a float",
-            t.dtype(),
-            t.dims()
-        );
-        let b = t.broadcast_as(shape.clone()).map_err(|_| {
-            crate::Error::invalid(op, format!("mask of shape {:?} does not broadcast to {:?}", t.dims(), shape.dims()))
-        })?;
-        Ok(match self {
-            MaskTensor::Keep(_) => MaskTensor::Keep(b),
-            MaskTensor::Additive(_) => MaskTensor::Additive(b.to_dtype(dtype)?),
-        })
-    }
-}
 
 struct Softmax;
 struct MaskedSoftmax {
