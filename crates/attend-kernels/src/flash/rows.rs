@@ -50,7 +50,7 @@ unsafe fn online_softmax_generic<S: Simd>(
         let mut vsum = S::zero();
         let mut j = 0;
         while j < n {
-            let e = S::exp(S::sub(S::load(row.add(j)), shift));
+            let e = S::exp_nonpos(S::sub(S::load(row.add(j)), shift));
             S::store(row.add(j), e);
             vsum = S::add(vsum, e);
             j += S::LANES;
@@ -79,7 +79,7 @@ unsafe fn exp_minus_lse_generic<S: Simd>(s: *mut f32, ld: usize, rows: usize, n:
         let shift = S::splat(lr);
         let mut j = 0;
         while j < n {
-            S::store(row.add(j), S::exp(S::sub(S::load(row.add(j)), shift)));
+            S::store(row.add(j), S::exp_nonpos(S::sub(S::load(row.add(j)), shift)));
             j += S::LANES;
         }
     }

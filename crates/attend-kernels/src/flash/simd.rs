@@ -71,6 +71,12 @@ pub(crate) trait Simd: Copy {
     /// `exp(x)`, with exactly 0 for `x < −87.3` (including −∞) so masked scores contribute nothing; NaN stays NaN
     /// (a diverging run must show, not look like a masked score).
     unsafe fn exp(x: Self::V) -> Self::V;
+    /// [`exp`](Self::exp) for the softmax's arguments `x = s − m`, which are ≤ 0 (up to rounding), −∞ or NaN: no
+    /// clamps, and the polynomial's tail folded into two FMAs. Same results as `exp` on that domain within an ulp
+    /// (tested); not for large positive `x`.
+    unsafe fn exp_nonpos(x: Self::V) -> Self::V {
+        Self::exp(x)
+    }
     unsafe fn abs(x: Self::V) -> Self::V;
     /// Lane-wise `if a < b { x } else { y }`.
     unsafe fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
@@ -284,6 +290,26 @@ mod x86 {
             _mm512_maskz_mov_ps(live, _mm512_scalef_ps(e, n))
         }
         #[inline(always)]
+        unsafe fn exp_nonpos(x: __m512) -> __m512 {
+            // 13 operations: the live mask (NaN stays live), n = round(x·log2 e), r = x − n·ln 2 in two steps,
+            // P(r) by Horner, e = 1 + r·(1 + r·P(r)), and 2ⁿ·e with dead lanes zeroed by scalef's own mask.
+            // No clamps: n ≥ −126 on live lanes, and x ≤ 0 never overflows.
+            let live = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP_LO));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+                x,
+                _mm512_set1_ps(LOG2E),
+            ));
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+            let mut p = _mm512_set1_ps(EXP_P[0]);
+            for c in &EXP_P[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+            }
+            let one = _mm512_set1_ps(1.0);
+            let e = _mm512_fmadd_ps(r, _mm512_fmadd_ps(r, p, one), one);
+            _mm512_maskz_scalef_ps(live, e, n)
+        }
+        #[inline(always)]
         unsafe fn div(a: __m512, b: __m512) -> __m512 {
             _mm512_div_ps(a, b)
         }
@@ -377,6 +403,28 @@ mod x86 {
             _mm256_and_ps(live, _mm256_mul_ps(e, pow2))
         }
         #[inline(always)]
+        unsafe fn exp_nonpos(x: __m256) -> __m256 {
+            // As the AVX-512 path, with 2ⁿ built from exponent bits (n ≥ −126 on live lanes; dead lanes masked).
+            let live = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(EXP_LO));
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                x,
+                _mm256_set1_ps(LOG2E),
+            ));
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+            let mut p = _mm256_set1_ps(EXP_P[0]);
+            for c in &EXP_P[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+            }
+            let one = _mm256_set1_ps(1.0);
+            let e = _mm256_fmadd_ps(r, _mm256_fmadd_ps(r, p, one), one);
+            let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            )));
+            _mm256_and_ps(live, _mm256_mul_ps(e, pow2))
+        }
+        #[inline(always)]
         unsafe fn div(a: __m256, b: __m256) -> __m256 {
             _mm256_div_ps(a, b)
         }
@@ -432,6 +480,47 @@ mod tests {
         assert_eq!(exp_scalar(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_scalar(-100.0), 0.0);
         assert!(exp_scalar(f32::NAN).is_nan());
+    }
+
+    /// `exp_nonpos` equals `exp` within an ulp on its domain (x ≤ 0, −∞, NaN), on every path.
+    #[test]
+    fn exp_nonpos_agrees_with_exp_where_it_applies() {
+        unsafe fn both<S: Simd>(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+            let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            for i in (0..x.len()).step_by(S::LANES) {
+                S::store(a.as_mut_ptr().add(i), S::exp(S::load(x.as_ptr().add(i))));
+                S::store(b.as_mut_ptr().add(i), S::exp_nonpos(S::load(x.as_ptr().add(i))));
+            }
+            (a, b)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+            both::<Avx512>(x)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+            both::<Avx2>(x)
+        }
+        let mut x: Vec<f32> = (0..9000).map(|i| -(i as f32) * 0.0101).collect();
+        x.extend([f32::NEG_INFINITY, f32::NAN, -0.0, -1e-30, -87.29, -87.31, -1e30, 1e-7]);
+        x.resize(x.len().div_ceil(16) * 16, -1.0);
+        let mut runs = vec![("portable", unsafe { both::<Portable>(&x) })];
+        #[cfg(target_arch = "x86_64")]
+        for isa in Isa::available() {
+            match isa {
+                Isa::Avx512 => runs.push(("avx512", unsafe { avx512(&x) })),
+                Isa::Avx2 => runs.push(("avx2", unsafe { avx2(&x) })),
+                Isa::Portable => {}
+            }
+        }
+        for (name, (a, b)) in runs {
+            for ((&xi, &ai), &bi) in x.iter().zip(&a).zip(&b) {
+                let ok = if ai.is_nan() { bi.is_nan() } else { (ai - bi).abs() <= 1.2e-7 * ai.abs() };
+                assert!(ok, "{name}: exp({xi}) = {ai}, exp_nonpos = {bi}");
+            }
+        }
     }
 
     /// Every path: NaN in, NaN out; −∞ and far-negative in, exactly 0 out; the polynomial agrees with the scalar.
