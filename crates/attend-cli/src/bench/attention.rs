@@ -612,6 +612,11 @@ impl Report {
                     "l2_kb": cpu.l2_bytes / 1024},
             "tiles": {"block_q": self.tiles.block_q, "block_k": self.tiles.block_k, "source": self.tiles.source},
             "keep_freed_memory": std::env::var("ATTEND_KEEP_FREED_MEMORY").as_deref() != Ok("0"),
+            "bf16_kernel": match c.dtype {
+                DtypeArg::Bf16 if attend_kernels::flash::tiles::bf16_dots_pay_off() => Some("bf16 dot products"),
+                DtypeArg::Bf16 => Some("converted to f32"),
+                DtypeArg::F32 => None,
+            },
             "warmup": self.warmup,
             "iters": self.iters,
             "median_ms": self.times.median,

@@ -3,7 +3,8 @@
 //! tile sizes set the summation order and a run must give the same bits every time on the same machine.
 //!
 //! `ATTEND_TILES=BQxBK` (e.g. `64x128`) overrides the choice, for tuning on a new CPU with `attend bench attention`
-//! (which reports the tiles it ran with).
+//! (which reports the tiles it ran with). The same goes for bf16 storage: [`bf16_dots_pay_off`] says whether the
+//! AVX512-BF16 dot-product kernel beats converting to f32 on this CPU (`ATTEND_BF16_DOTS=1|0` overrides).
 
 use super::simd::Isa;
 use crate::cpu::CpuInfo;
@@ -43,5 +44,23 @@ fn env_override() -> Option<(usize, usize)> {
         let (q, k) = v.split_once('x')?;
         let (q, k) = (q.trim().parse().ok()?, k.trim().parse().ok()?);
         (q > 0 && k > 0 && k % super::QUANTUM == 0).then_some((q, k))
+    })
+}
+
+/// Whether bf16 storage should run the AVX512-BF16 dot-product kernel here, rather than be converted to f32 for
+/// the f32 kernel. Zen 4 and Zen 5 issue `vdpbf16ps` on two ports (twice the f32 FMA rate: measured 3–4× PyTorch's
+/// bf16 on Zen 5); Golden Cove issues it on one, and there the dot-product kernel ran at half the f32 kernel's speed
+/// (BENCHMARKS.md), so bf16 goes through f32. Unmeasured CPUs keep the dot products.
+pub fn bf16_dots_pay_off() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        if !super::bf16_dot_supported() {
+            return false;
+        }
+        match std::env::var("ATTEND_BF16_DOTS").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => !matches!(CpuInfo::get().microarchitecture(), "Sapphire Rapids" | "Emerald Rapids"),
+        }
     })
 }

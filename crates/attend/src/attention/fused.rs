@@ -10,11 +10,12 @@
 
 use std::sync::{Arc, Mutex};
 
+use attend_kernels::flash::tiles::bf16_dots_pay_off;
 use attend_kernels::flash::masks::{
     Alibi, Causal, NoMask, NoScoreMod, SlidingWindow, Softcap, StandardMask, StandardScore,
 };
 use attend_kernels::flash::{
-    bf16_dot_supported, flash_backward, flash_forward, flash_forward_bf16, flash_probabilities, Bf16, FlashConfig,
+    flash_backward, flash_forward, flash_forward_bf16, flash_probabilities, Bf16, FlashConfig,
     FlashDims, FlashError, MaskMod, ScoreMod, QUANTUM,
 };
 use candle_core::backend::BackendStorage;
@@ -418,7 +419,8 @@ fn pad_last(x: &Tensor) -> Result<Tensor> {
 /// q, k, v in the kernel's dtype (f32, or bf16 where the CPU has bf16 dot products; anything else goes through
 /// f32), contiguous, head dims zero-padded to the kernel's quantum.
 fn prepare(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let kernel_dtype = if q.dtype() == DType::BF16 && bf16_dot_supported() { DType::BF16 } else { DType::F32 };
+    // bf16 storage runs the dot-product kernel only where it beats the f32 one (a per-CPU choice, see tiles.rs).
+    let kernel_dtype = if q.dtype() == DType::BF16 && bf16_dots_pay_off() { DType::BF16 } else { DType::F32 };
     let cast = |x: &Tensor| -> Result<Tensor> {
         Ok(if x.dtype() == kernel_dtype { x.clone() } else { x.to_dtype(kernel_dtype)? })
     };
