@@ -824,6 +824,18 @@ fn bad_buffers_and_settings_are_errors_not_panics() {
     assert!(e.contains("dropout"), "{e}");
     let e = flash_probabilities(&dims, &cfg, &NoMask, &NoScoreMod, &q, &k, &lse, 0, 7).unwrap_err().to_string();
     assert!(e.contains("(0, 7)"), "{e}");
+    // Sizes whose products overflow: a length check, not a multiplication that wraps (or panics in debug).
+    let huge = FlashDims { b: usize::MAX / 2, h: 4, hkv: 2, t: 3, s: 5, d: 16, dv: 16 };
+    let e = run(&huge, &cfg, &k, &mut o, &mut lse);
+    assert!(e.contains("buffer lengths"), "{e}");
+    let wraps = FlashDims { b: 1 << 62, h: 4, hkv: 1, t: 1, s: 1, d: 16, dv: 16 }; // b·h = 2⁶⁴ wraps to 0
+    let e = run(&wraps, &cfg, &k, &mut o, &mut lse);
+    assert!(e.contains("buffer lengths"), "{e}");
+    // flash_probabilities checks the sizes too: Hkv = 0 is an error, not a division by zero.
+    let e = flash_probabilities(&FlashDims { hkv: 0, ..dims }, &cfg, &NoMask, &NoScoreMod, &q, &k, &lse, 0, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty dimension"), "{e}");
     flash_forward(&dims, &cfg, &NoMask, &NoScoreMod, &q, &k, &v, &mut o, &mut lse).unwrap();
 }
 

@@ -471,3 +471,31 @@ fn empty_queries_and_empty_keys_are_not_errors() {
         }
     }
 }
+
+/// Window sides at the extremes: `Mask::UNBOUNDED` (usize::MAX) and sides far beyond the sequence are "every key on
+/// that side", not an overflow that hides every key; on every implementation.
+#[test]
+fn unbounded_and_huge_window_sides_reach_every_key() {
+    let (q, k, v) = (
+        randn(&[2, 2, 7, 16], 11, DType::F32),
+        randn(&[2, 2, 9, 16], 12, DType::F32),
+        randn(&[2, 2, 9, 16], 13, DType::F32),
+    );
+    let huge = usize::MAX / 2;
+    let cases = [
+        (Mask::none().with_window(Mask::UNBOUNDED, Mask::UNBOUNDED), Mask::none()),
+        (Mask::none().with_window(huge, huge), Mask::none()),
+        (Mask::causal().with_window(Mask::UNBOUNDED, 0), Mask::causal()),
+        (Mask::causal().with_window(isize::MAX as usize, 0), Mask::causal()),
+        (Mask::none().with_window(Mask::UNBOUNDED, 1), Mask::none().with_window(9, 1)),
+        (Mask::none().with_window(0, Mask::UNBOUNDED), Mask::none().with_window(0, 7)),
+    ];
+    for (i, (wide, same)) in cases.iter().enumerate() {
+        for imp in IMPLS {
+            let got = run(&q, &k, &v, wide, imp);
+            let want = run(&q, &k, &v, same, AttentionImpl::Reference);
+            assert_close(&format!("case {i} {imp:?} out"), &got.out, &want.out, F32);
+            assert_close(&format!("case {i} {imp:?} lse"), got.lse.as_ref().unwrap(), want.lse.as_ref().unwrap(), F32);
+        }
+    }
+}

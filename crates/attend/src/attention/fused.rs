@@ -10,13 +10,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use attend_kernels::flash::tiles::bf16_dots_pay_off;
 use attend_kernels::flash::masks::{
     Alibi, Causal, NoMask, NoScoreMod, SlidingWindow, Softcap, StandardMask, StandardScore,
 };
+use attend_kernels::flash::tiles::bf16_dots_pay_off;
 use attend_kernels::flash::{
-    flash_backward, flash_forward, flash_forward_bf16, flash_probabilities, Bf16, FlashConfig,
-    FlashDims, FlashError, MaskMod, ScoreMod, QUANTUM,
+    flash_backward, flash_forward, flash_forward_bf16, flash_probabilities, Bf16, FlashConfig, FlashDims, FlashError,
+    MaskMod, ScoreMod, QUANTUM,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
