@@ -1,5 +1,6 @@
 //! What CPU this is, from CPUID: vendor, family and model, the brand string, the data cache sizes. Benchmarks
-//! name the machine with it (speed claims are per CPU), and the flash kernel sizes its tiles from the L1 data cache.
+//! name the machine with it (speed claims are per CPU), and the flash kernel picks its tiles and bf16 kernel from
+//! the micro-architecture (`flash::tiles`).
 
 /// The processor, as CPUID describes it. Off x86-64 every field is empty or zero.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,7 +129,10 @@ mod tests {
             assert_eq!(Some(info.family.to_string()), field("cpu family"));
             assert_eq!(Some(info.model.to_string()), field("model\t"));
             assert_eq!(Some(info.name.clone()), field("model name"));
-            assert!(info.l1d_bytes >= 16 << 10 && info.l1d_bytes <= 1 << 20, "L1d {} bytes", info.l1d_bytes);
+            // AMD reports caches through leaf 0x8000_001D only with topology extensions; 0 then means "unknown".
+            if info.l1d_bytes != 0 || info.vendor != "AuthenticAMD" {
+                assert!(info.l1d_bytes >= 16 << 10 && info.l1d_bytes <= 1 << 20, "L1d {} bytes", info.l1d_bytes);
+            }
         }
     }
 }

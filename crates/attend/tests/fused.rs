@@ -520,3 +520,29 @@ fn fused_weights_backward_matches_finite_differences() {
         }
     }
 }
+
+/// The fused weights' backward with a NaN in a key that some rows cannot see (causal): a loss on the weights gives
+/// the same gradients as the composed paths, where the hidden NaN reaches nothing.
+#[test]
+fn weights_backward_keeps_a_hidden_nan_out() {
+    let (b, h, t, d) = (1, 2, 8, 16);
+    let mut kv: Vec<f32> = randn(&[b, h, t, d], 2, DType::F32).flatten_all().unwrap().to_vec1().unwrap();
+    kv[5 * d + 3] = f32::NAN; // head 0, key 5: rows 0..4 cannot see it
+    let r = randn(&[b, h, t, t], 41, DType::F32);
+    let mut grads = Vec::new();
+    for imp in [AttentionImpl::Fused, AttentionImpl::Reference] {
+        let q = Var::from_tensor(&randn(&[b, h, t, d], 1, DType::F32)).unwrap();
+        let k = Var::from_vec(kv.clone(), (b, h, t, d), &Device::Cpu).unwrap();
+        let v = Var::from_tensor(&randn(&[b, h, t, d], 3, DType::F32)).unwrap();
+        let opts = AttentionOptions { need_weights: true, implementation: imp, ..Default::default() };
+        let o = attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &Mask::causal(), &opts).unwrap();
+        let g = weighted_sum(&o.weights.unwrap(), &r).backward().unwrap();
+        grads.push([g.get(q.as_tensor()).unwrap().clone(), g.get(k.as_tensor()).unwrap().clone()]);
+    }
+    for (name, (a, e)) in ["dq", "dk"].iter().zip(grads[0].iter().zip(&grads[1])) {
+        assert_close(&format!("hidden NaN key, {name}"), a, e, GRADS);
+    }
+    // And the rows that cannot see key 5 keep finite gradients.
+    let dq: Vec<f32> = grads[0][0].i((0, 0, 0..5)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(dq.iter().all(|x| x.is_finite()), "rows 0..4 of head 0 never see key 5");
+}

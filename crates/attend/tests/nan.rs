@@ -18,14 +18,17 @@ fn non_finite_values_reach_exactly_the_pairs_that_see_them() {
     assert!(cases.len() >= 20, "expected the NaN sweep, found {} cases", cases.len());
     for case in cases {
         let f = load("nan", &case);
-        for imp in IMPLS {
+        // Every implementation; then, for an additive mask, the fused kernel once more with the mask as a plain
+        // tensor (a learned one runs the materialised path).
+        let runs = IMPLS.iter().map(|&i| (i, true)).chain(f.has("mask").then_some((AttentionImpl::Fused, false)));
+        for (imp, learned) in runs {
             let (q, k, v) = (f.var("q"), f.var("k"), f.var("v"));
-            let (mask, mvar) = mask_of(&f);
+            let (mask, mvar) = mask_of_with(&f, learned);
             let opts =
                 AttentionOptions { scale: scale_of(&f), need_lse: true, implementation: imp, ..Default::default() };
             let o = attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, &opts)
                 .unwrap_or_else(|e| panic!("{case}: {e}"));
-            let label = format!("{case} {imp:?}");
+            let label = format!("{case} {imp:?}{}", if learned { "" } else { " (plain mask tensor)" });
             assert_close(&format!("{label} out"), &o.out, &f.t("out"), F32);
             assert_close(&format!("{label} lse"), o.lse.as_ref().unwrap(), &f.t("lse"), F32);
             let g = weighted_sum(&o.out, &f.t("dout")).backward().unwrap();

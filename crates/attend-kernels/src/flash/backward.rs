@@ -53,7 +53,8 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
 ) -> Result<(), FlashError> {
     dims.check(q.len(), k.len(), v.len())?;
     cfg.check()?;
-    let (on, ln) = (dims.b * dims.h * dims.t * dims.dv, dims.b * dims.h * dims.t);
+    // B·H·T cannot overflow: `check` bounded B·H·T·D with D ≥ 1; the output length is checked.
+    let (on, ln) = (dims.out_len()?, dims.b * dims.h * dims.t);
     require!(
         o.len() == on && dout.len() == on && lse.len() == ln,
         "flash attention backward: o {}, dout {}, lse {} elements; expected {on}, {on}, {ln} for {dims:?}",
@@ -103,12 +104,13 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
     dq.fill(0.0);
     dk.fill(0.0);
     dvv.fill(0.0);
-    let (dq_ptr, partial_ptr) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(partial.as_mut_ptr()));
-    let (dk_ptr, dv_ptr) = (SyncPtr(dk.as_mut_ptr()), SyncPtr(dvv.as_mut_ptr()));
 
     for r0 in (0..t).step_by(rows_per_pass) {
         let r1 = (r0 + rows_per_pass).min(t);
         partial.fill(0.0);
+        // Taken afresh each pass: the reduction below borrows dQ mutably, which ends the previous pointers' loans.
+        let (dq_ptr, partial_ptr) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(partial.as_mut_ptr()));
+        let (dk_ptr, dv_ptr) = (SyncPtr(dk.as_mut_ptr()), SyncPtr(dvv.as_mut_ptr()));
         (0..nb * hkv * splits).into_par_iter().for_each(|task| {
             let (kvh, split) = (task / splits, task % splits);
             let b = kvh / hkv;
@@ -332,6 +334,9 @@ fn careful_tile<M: MaskMod, F: ScoreMod>(
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let drop = cfg.dropout.map(|(p, seed)| (crate::dropout::drop_threshold(p), (1.0 / (1.0 - p)) as f32, seed));
     for r in 0..rows {
+        if x.lse[r] == f32::NEG_INFINITY {
+            continue; // the row's output is 0 and so are its gradients, as on the fast path
+        }
         let i = i0 + r;
         let (q_r, do_r) = (&x.q[r * d..(r + 1) * d], &x.dout[r * dv..(r + 1) * dv]);
         for c in 0..valid {
@@ -354,10 +359,12 @@ fn careful_tile<M: MaskMod, F: ScoreMod>(
                 None => 1.0,
             };
             let (k_c, v_c) = (&x.k[c * d..(c + 1) * d], &x.v[c * dv..(c + 1) * dv]);
+            // A dropped pair's P̃ and dP are 0 (assigned, as `dropout_tile` does, not multiplied: NaN · 0 is NaN).
+            let (pt, dpv) = if keep == 0.0 { (0.0, 0.0) } else { (p * keep, dot(do_r, v_c) * keep) };
             // dV_c += P̃ dO_r
-            dv_acc[c * dv..(c + 1) * dv].iter_mut().zip(do_r).for_each(|(o, &g)| *o += p * keep * g);
+            dv_acc[c * dv..(c + 1) * dv].iter_mut().zip(do_r).for_each(|(o, &g)| *o += pt * g);
             // dS = P (dP − Δ) · f'(s)
-            let mut ds = [p * (dot(do_r, v_c) * keep - x.delta[r])];
+            let mut ds = [p * (dpv - x.delta[r])];
             if let Some(raw) = raw {
                 score.chain(b, h, i, j0 + c, &raw[at..at + 1], &mut ds);
             }

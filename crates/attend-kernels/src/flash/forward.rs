@@ -326,7 +326,8 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
 ) -> Result<(), FlashError> {
     dims.check(q.len(), k.len(), v.len())?;
     cfg.check()?;
-    let (on, ln) = (dims.b * dims.h * dims.t * dims.dv, dims.b * dims.h * dims.t);
+    // B·H·T cannot overflow: `check` bounded B·H·T·D with D ≥ 1; the output length is checked.
+    let (on, ln) = (dims.out_len()?, dims.b * dims.h * dims.t);
     require!(
         o.len() == on && lse.len() == ln,
         "flash attention: o has {} elements, lse {}; expected {on} and {ln} for {dims:?}",

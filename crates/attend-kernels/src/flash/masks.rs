@@ -327,7 +327,9 @@ impl ScoreMod for StandardScore<'_> {
         if let Some((data, st)) = self.bias {
             let base = b * st[0] + h * st[1] + i * st[2];
             for (x, v) in row.iter_mut().enumerate() {
-                *v += data[base + (j0 + x) * st[3]];
+                // −∞ replaces the score (NaN + (−∞) would be NaN); callers also mark such pairs hidden.
+                let m = data[base + (j0 + x) * st[3]];
+                *v = if m == f32::NEG_INFINITY { m } else { *v + m };
             }
         }
     }

@@ -63,6 +63,13 @@ impl FlashDims {
         Ok(())
     }
 
+    /// Elements of the output `(B, H, T, Dv)`, or an error if that overflows.
+    pub fn out_len(&self) -> Result<usize, FlashError> {
+        [self.b, self.h, self.t, self.dv].iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or_else(|| {
+            FlashError::new(format!("flash attention: the output of {self:?} has more elements than memory can hold"))
+        })
+    }
+
     /// The invariants on the sizes alone: none zero (tested one by one: a product could overflow to zero or
     /// past it), `Hkv` divides `H`, head dims multiples of [`QUANTUM`].
     pub fn check_sizes(&self) -> Result<(), FlashError> {
@@ -182,8 +189,8 @@ impl FlashConfig {
 
 /// A raw pointer that rayon tasks may share; each task writes a region no other task touches.
 pub(crate) struct SyncPtr<T>(pub *mut T);
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
 impl<T> Clone for SyncPtr<T> {
     fn clone(&self) -> Self {
         *self

@@ -504,7 +504,8 @@ mod tests {
             both::<Avx2>(x)
         }
         let mut x: Vec<f32> = (0..9000).map(|i| -(i as f32) * 0.0101).collect();
-        x.extend([f32::NEG_INFINITY, f32::NAN, -0.0, -1e-30, -87.29, -87.31, -1e30, 1e-7]);
+        // and the small positive arguments rounding can give (s − lse in the backward).
+        x.extend([f32::NEG_INFINITY, f32::NAN, -0.0, -1e-30, -87.29, -87.31, -1e30, 1e-7, 1e-4, 1e-3, 0.01, 0.1]);
         x.resize(x.len().div_ceil(16) * 16, -1.0);
         let mut runs = vec![("portable", unsafe { both::<Portable>(&x) })];
         #[cfg(target_arch = "x86_64")]

@@ -166,7 +166,7 @@ pub fn attention_with(
     // A hidden pair must contribute nothing, even 0 · NaN: when the data hold NaN or ±∞ (checked here for q, k, v;
     // for the upstream gradient in the backward of `visible_product`), pairs are formed one by one.
     let hides = resolved.restricts() || mask.tensor().is_some();
-    if hides && [q, k, v].into_iter().map(non_finite).collect::<Result<Vec<_>>>()?.contains(&true) {
+    if hides && [q, k, v].into_iter().map(non_finite).collect::<candle_core::Result<Vec<_>>>()?.contains(&true) {
         return pairwise(q, k, v, mask, &resolved, scale, opts, dims);
     }
 
@@ -316,7 +316,7 @@ impl candle_core::CustomOp3 for VisibleProduct {
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dp = dout.matmul(&v.t()?)?; // (B, Hkv, G·T, S); hidden entries are zeroed by the softmax's backward
-        let dv = if non_finite(dout).map_err(candle_core::Error::wrap)? {
+        let dv = if non_finite(dout)? {
             // Σ_i over visible pairs only: (B, Hkv, G·T, S, Dv) products, hidden ones replaced by 0.
             let (b, hkv, rows, s) = p.dims4()?;
             let dvw = v.dim(3)?;
@@ -332,9 +332,9 @@ impl candle_core::CustomOp3 for VisibleProduct {
 }
 
 /// Whether `x` holds a NaN or ±∞ (`x − x` is NaN exactly there).
-fn non_finite(x: &Tensor) -> Result<bool> {
+pub(crate) fn non_finite(x: &Tensor) -> candle_core::Result<bool> {
     let x = x.detach();
-    Ok((&x - &x)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?.is_nan())
+    (&x - &x)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>().map(f64::is_nan)
 }
 
 /// The materialised paths when q, k or v hold NaN or ±∞ and the mask hides pairs: every (query, key) pair is formed

@@ -21,6 +21,7 @@ use attend_kernels::flash::{
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
+use super::core::non_finite;
 use super::mask::{Mask, ResolvedMask};
 use super::AttentionOptions;
 use crate::ops::MaskTensor;
@@ -286,9 +287,22 @@ impl<P: Mods> candle_core::CustomOp2 for WeightsOp<P> {
         let mut ds_host = host(&ds)?;
         let raw_host = raw.as_ref().map(host).transpose()?;
         self.plan.visit(WeightsChain { ds: &mut ds_host, raw: raw_host.as_deref(), heads: &self.heads });
-        let ds = Tensor::from_vec(ds_host, ds.shape(), dev)?;
-        let dq_sel = (ds.matmul(&ks)? * scale)?; // (B, len, T, Dp)
-        let dk_sel = (ds.t()?.matmul(&qs)? * scale)?; // (B, len, S, Dp)
+        let (dq_sel, dk_sel) = if non_finite(q)? || non_finite(k)? {
+            // 0 · NaN across a hidden pair must not reach dQ or dK: sum over visible pairs only.
+            let (qh, kh) = (host(&qs)?, host(&ks)?);
+            let (mut dq_h, mut dk_h) = (vec![0f32; qh.len()], vec![0f32; kh.len()]);
+            let pairs =
+                VisibleProducts { ds: &ds_host, q: &qh, k: &kh, dq: &mut dq_h, dk: &mut dk_h, heads: &self.heads };
+            self.plan.visit(pairs);
+            let back = |v: Vec<f32>, like: &Tensor| -> candle_core::Result<Tensor> {
+                Tensor::from_vec(v, like.shape(), dev)? * scale
+            };
+            (back(dq_h, &qs)?, back(dk_h, &ks)?)
+        } else {
+            let ds = Tensor::from_vec(ds_host, ds.shape(), dev)?;
+            (ds.matmul(&ks)?.affine(scale, 0.0)?, ds.t()?.matmul(&qs)?.affine(scale, 0.0)?)
+            // (B, len, T|S, Dp)
+        };
         let dq = q.zeros_like()?.index_add(&q_idx, &dq_sel, 1)?;
         let dk = k.zeros_like()?.index_add(&kv_idx, &dk_sel, 1)?;
         Ok((Some(dq), Some(dk)))
@@ -318,6 +332,39 @@ impl Visit for WeightsChain<'_> {
                     for (j, x) in row.iter_mut().enumerate() {
                         if !mask.visible(b, h, i, j) {
                             *x = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`WeightsOp`]'s products `dS K` and `dSᵀ Q` over visible pairs only, on the host: for data holding NaN or ±∞.
+/// `q (B, len, T, Dp)` and `k (B, len, S, Dp)` are the selected heads and their K/V heads.
+struct VisibleProducts<'a> {
+    ds: &'a [f32],
+    q: &'a [f32],
+    k: &'a [f32],
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    heads: &'a [usize],
+}
+
+impl Visit for VisibleProducts<'_> {
+    type Out = ();
+    fn run<M: MaskMod, F: ScoreMod>(self, dims: &FlashDims, _: &FlashConfig, mask: &M, _: &F) {
+        let (t, s, d, n) = (dims.t, dims.s, dims.d, self.heads.len());
+        for b in 0..dims.b {
+            for (x, &h) in self.heads.iter().enumerate() {
+                let bn = b * n + x;
+                for i in 0..t {
+                    for j in (0..s).filter(|&j| mask.visible(b, h, i, j)) {
+                        let g = self.ds[(bn * t + i) * s + j];
+                        let (qi, kj) = ((bn * t + i) * d, (bn * s + j) * d);
+                        for e in 0..d {
+                            self.dq[qi + e] += g * self.k[kj + e];
+                            self.dk[kj + e] += g * self.q[qi + e];
                         }
                     }
                 }
@@ -468,7 +515,14 @@ pub(crate) fn attention(
     let (keep, bias) = match mask.tensor() {
         None => (None, None),
         Some(MaskTensor::Keep(m)) => (Some(host_broadcast::<u8>(&m.to_dtype(DType::U8)?, full)?), None),
-        Some(MaskTensor::Additive(m)) => (None, Some(host_broadcast::<f32>(&m.to_dtype(DType::F32)?, full)?)),
+        Some(MaskTensor::Additive(m)) => {
+            let (data, st) = host_broadcast::<f32>(&m.to_dtype(DType::F32)?, full)?;
+            // An additive −∞ hides its pair: visibility, not a number to add, so careful tiles skip it too.
+            let keep = data
+                .contains(&f32::NEG_INFINITY)
+                .then(|| (data.iter().map(|&x| (x != f32::NEG_INFINITY) as u8).collect(), st));
+            (keep, Some((data, st)))
+        }
     };
     let mut cfg = FlashConfig::for_head_dims(scale as f32, dp, dvp);
     cfg.dropout = opts.dropout.filter(|d| d.p > 0.0).map(|d| (d.p, d.seed));

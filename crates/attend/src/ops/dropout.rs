@@ -58,7 +58,9 @@ pub fn dropout_mask(shape: &Shape, p: f64, seed: u64, offset: u64, dtype: DType,
     Ok(Tensor::from_vec(m, shape, device)?.to_dtype(dtype)?)
 }
 
-/// [`dropout`] composed from plain candle ops: `x ⊙ dropout_mask`.
+/// [`dropout`] composed from plain candle ops: `x ⊙ dropout_mask` where kept, 0 where dropped (assigned, as the
+/// fused op does: a dropped NaN is gone, where `NaN · 0` would keep it).
 pub fn dropout_reference(x: &Tensor, p: f64, seed: u64, offset: u64) -> Result<Tensor> {
-    Ok((x * dropout_mask(x.shape(), p, seed, offset, x.dtype(), x.device())?)?)
+    let mask = dropout_mask(x.shape(), p, seed, offset, x.dtype(), x.device())?;
+    Ok(mask.eq(0.0)?.where_cond(&mask, &(x * &mask)?)?)
 }

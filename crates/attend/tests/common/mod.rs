@@ -186,6 +186,12 @@ pub fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 
 /// The fixture's mask description as a [`Mask`]; an additive tensor comes back as a Var to read its gradient.
 pub fn mask_of(f: &Fixture) -> (Mask, Option<Var>) {
+    mask_of_with(f, true)
+}
+
+/// [`mask_of`], with an additive tensor as a plain tensor when `learned` is false: the fused kernel serves those
+/// (a learned bias runs the materialised path, whatever the implementation asked for).
+pub fn mask_of_with(f: &Fixture, learned: bool) -> (Mask, Option<Var>) {
     let m = f.meta_json("mask").expect("mask metadata");
     let mut mask = Mask::none();
     if m["causal"].as_bool().unwrap() {
@@ -213,11 +219,12 @@ pub fn mask_of(f: &Fixture) -> (Mask, Option<Var>) {
     let mut var = None;
     match m["tensor"].as_str() {
         Some("bool") => mask = mask.with_tensor(MaskTensor::Keep(f.t("mask"))),
-        Some("additive") => {
+        Some("additive") if learned => {
             let v = f.var("mask");
             mask = mask.with_tensor(MaskTensor::Additive(v.as_tensor().clone()));
             var = Some(v);
         }
+        Some("additive") => mask = mask.with_tensor(MaskTensor::Additive(f.t("mask"))),
         _ => {}
     }
     (mask, var)
