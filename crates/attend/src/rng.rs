@@ -5,7 +5,9 @@
 //! `(seed, layer, step, call)`: the step is the model's optimiser step (the loop calls [`DropoutRng::next_step`];
 //! a resumed run sets it back with [`DropoutRng::set_step`]), the call counts the layer's calls within that step
 //! (a recurrent decoder or a stack that shares one layer calls it many times). So two layers, two steps and two
-//! calls never share a mask, and one seed reproduces a whole run.
+//! calls never share a mask, and one seed reproduces a whole run. (Layers built without a generator draw streams
+//! from [`DropoutRng::process_default`] in construction order: reproducible within one program, but a model that
+//! must reproduce from its own seed passes its own generator.)
 //!
 //! The seeds feed the counter-based dropout of [`crate::ops::dropout`] and the attention core, whose masks depend
 //! on `(seed, element index)` alone — not on threads or timing.
@@ -99,14 +101,15 @@ impl DropoutStream {
 
     /// The seed of this call: a function of `(seed, layer, step, call within the step)`.
     pub fn next_seed(&self) -> u64 {
-        let step = self.rng.step();
-        let call = {
+        // The step is read under the lock, so two calls racing a `next_step` never both get call 0 of one step.
+        let (step, call) = {
             let mut c = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            let step = self.rng.step();
             if c.0 != step {
                 *c = (step, 0);
             }
             c.1 += 1;
-            c.1 - 1
+            (step, c.1 - 1)
         };
         mix(mix(mix(mix(self.rng.seed()) ^ self.layer) ^ step) ^ call)
     }

@@ -92,8 +92,9 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
     // Key blocks are dealt round-robin, so every split meets every part of a causal band.
     let key_blocks = s.div_ceil(bc);
     let splits = MIN_TASKS.div_ceil(nb * hkv).clamp(1, key_blocks);
-    // Query rows go in passes small enough that the partials of one pass fit the budget: memory is bounded by rows,
-    // and however few K/V heads there are (single-sequence MQA), every split keeps its own task.
+    // Query rows go in passes small enough that the partials of one pass fit the budget (but at least one tile of
+    // rows, which may exceed it for very many heads): memory is bounded by rows, and however few K/V heads there
+    // are (single-sequence MQA), every split keeps its own task.
     let per_row = (splits - 1) * nb * nh * d * 4;
     let rows_per_pass = match cfg.dq_budget.checked_div(per_row) {
         None => t,

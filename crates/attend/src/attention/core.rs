@@ -317,13 +317,20 @@ impl candle_core::CustomOp3 for VisibleProduct {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dp = dout.matmul(&v.t()?)?; // (B, Hkv, G·T, S); hidden entries are zeroed by the softmax's backward
         let dv = if non_finite(dout)? {
-            // Σ_i over visible pairs only: (B, Hkv, G·T, S, Dv) products, hidden ones replaced by 0.
+            // Σ_i over visible pairs only: products (B, Hkv, rows, S, Dv) with hidden ones replaced by 0, a block of
+            // query rows at a time so the buffer stays near 2²⁴ elements.
             let (b, hkv, rows, s) = p.dims4()?;
             let dvw = v.dim(3)?;
-            let shape = (b, hkv, rows, s, dvw);
-            let prod = p.unsqueeze(4)?.broadcast_mul(&dout.unsqueeze(3)?)?; // (B, Hkv, G·T, S, Dv)
-            let keep = self.keep.unsqueeze(4)?.broadcast_as(shape)?;
-            keep.where_cond(&prod, &prod.zeros_like()?)?.sum(2)? // (B, Hkv, S, Dv)
+            let block = ((1usize << 24) / (b * hkv * s * dvw).max(1)).clamp(1, rows);
+            let mut dv = v.zeros_like()?; // (B, Hkv, S, Dv)
+            for r0 in (0..rows).step_by(block) {
+                let n = block.min(rows - r0);
+                let (pr, dr) = (p.narrow(2, r0, n)?, dout.narrow(2, r0, n)?);
+                let prod = pr.unsqueeze(4)?.broadcast_mul(&dr.unsqueeze(3)?)?; // (B, Hkv, n, S, Dv)
+                let keep = self.keep.narrow(2, r0, n)?.unsqueeze(4)?.broadcast_as(prod.shape())?;
+                dv = (dv + keep.where_cond(&prod, &prod.zeros_like()?)?.sum(2)?)?;
+            }
+            dv
         } else {
             p.t()?.matmul(dout)? // (B, Hkv, S, Dv)
         };
