@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::forward::{dropout_tile, pack_transposed, score_tile};
+use super::forward::{dropout_tile, pack_transposed, score_tile, Operand};
 use super::gemm::{gemm, gemm_strided, QUANTUM};
 use super::masks::{MaskMod, ScoreMod, TileKind};
 use super::rows::{exp_minus_lse, softmax_grad};
@@ -77,8 +77,8 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
     let group = nh / hkv;
     // With a NaN or ±∞ anywhere, partially masked tiles sum over visible pairs only (see `careful_tile`): a masked
     // pair has P = dS = 0 exactly, but the products would add 0 · NaN into rows and keys that never met.
-    let all_finite = |x: &[f32]| super::all_finite_bits(x, |v| v.to_bits(), 0x7f80_0000);
-    let careful = ![q, k, v, dout].into_iter().all(all_finite) || lse.iter().any(|&l| l.is_nan() || l == f32::INFINITY);
+    let careful =
+        ![q, k, v, dout].into_iter().all(f32::all_finite) || lse.iter().any(|&l| l.is_nan() || l == f32::INFINITY);
 
     // Δ_i = Σ_d dO·O per query row.
     let mut delta = vec![0f32; nb * nh * t];
@@ -86,10 +86,7 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
         *x = o[r * dv..(r + 1) * dv].iter().zip(&dout[r * dv..(r + 1) * dv]).map(|(a, b)| a * b).sum();
     });
 
-    // Work splits over (K/V head, key split). A split owns its key rows of dK/dV; dQ rows are written by every split
-    // that sees them, so splits after the first write partials, summed afterwards in a fixed order. The split
-    // depends on the shape only, never on the thread count, so results have the same rounding on every machine.
-    // Key blocks are dealt round-robin, so every split meets every part of a causal band.
+    // The split (see the module docs) depends on the shape only, never on the thread count.
     let key_blocks = s.div_ceil(bc);
     let splits = MIN_TASKS.div_ceil(nb * hkv).clamp(1, key_blocks);
     // Query rows go in passes small enough that the partials of one pass fit the budget (but at least one tile of

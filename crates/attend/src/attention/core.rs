@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor};
 
-use super::mask::{Mask, ResolvedMask};
+use super::mask::{neg_inf_like, Mask, ResolvedMask};
 use crate::ops::{self, MaskTensor};
 use crate::{ensure, Result};
 
@@ -72,7 +72,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: Option<
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Dims {
+struct Dims {
     b: usize,
     h: usize,
     hkv: usize,
@@ -190,9 +190,11 @@ pub fn attention_with(
     // 7. Weighted sum of values, again with grouped heads as rows.
     let pg = dropped.reshape((b, hkv, g * t, s))?; // (B, Hkv, G·T, S)
     let vr = matmul_ready(v)?;
-    let out = match visible_pairs(mask, &resolved, dims, q.device())? {
-        Some(keep) => visible_product(&pg, &vr, keep)?,
-        None => pg.matmul(&vr)?,
+    let out = if hides && (pg.track_op() || vr.track_op()) {
+        let hidden = Hidden { mask: mask.clone(), resolved, dims };
+        visible_product(&pg, &vr, hidden)?
+    } else {
+        pg.matmul(&vr)?
     };
     let out = out.reshape((b, h, t, dv))?; // (B, H, T, Dv)
 
@@ -228,10 +230,6 @@ fn mod_and_mask(mut scores: Tensor, mask: &Mask, resolved: &ResolvedMask, b: usi
     Ok(scores)
 }
 
-fn neg_inf_like(x: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::full(f32::NEG_INFINITY, x.shape(), x.device())?.to_dtype(x.dtype())?)
-}
-
 /// Dropout on the probabilities when the options ask for it.
 fn dropout(probs: &Tensor, opts: &AttentionOptions, reference: bool) -> Result<Tensor> {
     Ok(match opts.dropout {
@@ -254,39 +252,39 @@ fn chosen_weights(probs: Tensor, opts: &AttentionOptions) -> Result<Option<Tenso
     })
 }
 
-/// The visible pairs `(B, Hkv, G·T, S)` (u8), grouped like the materialised product's rows, or `None` when the
-/// mask hides nothing: structural rules, a boolean tensor, an additive tensor's −∞ entries.
+/// The visible pairs `(B, H, T, S)` (u8), or `None` when the mask hides nothing: structural rules, a boolean
+/// tensor, an additive tensor's −∞ entries.
 fn visible_pairs(mask: &Mask, resolved: &ResolvedMask, d: Dims, dev: &Device) -> Result<Option<Tensor>> {
-    let Dims { b, h, hkv, t, s, .. } = d;
-    let mut keep = resolved.keep(b, dev)?.map(|k| k.broadcast_as((b, h, t, s))).transpose()?;
+    let Dims { b, h, t, s, .. } = d;
+    let structural = resolved.keep(b, dev)?.map(|k| k.broadcast_as((b, h, t, s))).transpose()?;
     let explicit = match mask.tensor() {
         None => None,
-        Some(MaskTensor::Keep(m)) => Some(m.to_dtype(DType::U8)?),
-        Some(MaskTensor::Additive(m)) => Some(m.ne(f64::NEG_INFINITY)?),
+        Some(MaskTensor::Keep(m)) => Some(m.to_dtype(DType::U8)?.broadcast_as((b, h, t, s))?),
+        Some(MaskTensor::Additive(m)) => Some(m.ne(f64::NEG_INFINITY)?.broadcast_as((b, h, t, s))?),
     };
-    if let Some(e) = explicit {
-        let e = e.broadcast_as((b, h, t, s))?;
-        keep = Some(match keep {
-            Some(k) => (k * e)?,
-            None => e,
-        });
-    }
-    Ok(keep.map(|k| k.contiguous()?.reshape((b, hkv, h / hkv * t, s))).transpose()?)
-    // (B, Hkv, G·T, S)
+    Ok(match (structural, explicit) {
+        (Some(k), Some(e)) => Some((k * e)?),
+        (k, e) => k.or(e).map(|x| x.contiguous()).transpose()?,
+    })
+}
+
+/// What [`visible_product`]'s backward needs to rebuild the visible pairs, only if it ever has to.
+struct Hidden {
+    mask: Mask,
+    resolved: ResolvedMask,
+    dims: Dims,
 }
 
 /// `p · v` whose backward keeps hidden pairs out of `dv` when the upstream gradient holds NaN or ±∞: a matrix
-/// product would add `0 · NaN` from a row into the keys it never saw. The forward value is the plain product.
-fn visible_product(p: &Tensor, v: &Tensor, keep: Tensor) -> Result<Tensor> {
+/// product would add `0 · NaN` from a row into the keys it never saw. The forward value is the plain product; the
+/// visible pairs are built only in such a backward.
+fn visible_product(p: &Tensor, v: &Tensor, hidden: Hidden) -> Result<Tensor> {
     let value = p.detach().matmul(&v.detach())?; // (B, Hkv, G·T, Dv)
-    Ok(p.apply_op3_arc(v, &value, std::sync::Arc::new(Box::new(VisibleProduct { keep })))?)
+    Ok(p.apply_op3_arc(v, &value, std::sync::Arc::new(Box::new(VisibleProduct(hidden))))?)
 }
 
 /// See [`visible_product`]; inputs `(p, v, value)`, output `value`.
-struct VisibleProduct {
-    /// `(B, Hkv, G·T, S)`, u8.
-    keep: Tensor,
-}
+struct VisibleProduct(Hidden);
 
 impl candle_core::CustomOp3 for VisibleProduct {
     fn name(&self) -> &'static str {
@@ -316,24 +314,27 @@ impl candle_core::CustomOp3 for VisibleProduct {
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dp = dout.matmul(&v.t()?)?; // (B, Hkv, G·T, S); hidden entries are zeroed by the softmax's backward
-        let dv = if non_finite(dout)? {
-            // Σ_i over visible pairs only: products (B, Hkv, rows, S, Dv) with hidden ones replaced by 0, a block of
-            // query rows at a time so the buffer stays near 2²⁴ elements.
-            let (b, hkv, rows, s) = p.dims4()?;
-            let dvw = v.dim(3)?;
-            let block = ((1usize << 24) / (b * hkv * s * dvw).max(1)).clamp(1, rows);
-            let mut dv = v.zeros_like()?; // (B, Hkv, S, Dv)
-            for r0 in (0..rows).step_by(block) {
-                let n = block.min(rows - r0);
-                let (pr, dr) = (p.narrow(2, r0, n)?, dout.narrow(2, r0, n)?);
-                let prod = pr.unsqueeze(4)?.broadcast_mul(&dr.unsqueeze(3)?)?; // (B, Hkv, n, S, Dv)
-                let keep = self.keep.narrow(2, r0, n)?.unsqueeze(4)?.broadcast_as(prod.shape())?;
-                dv = (dv + keep.where_cond(&prod, &prod.zeros_like()?)?.sum(2)?)?;
-            }
-            dv
-        } else {
-            p.t()?.matmul(dout)? // (B, Hkv, S, Dv)
+        if !non_finite(dout)? {
+            return Ok((Some(dp), Some(p.t()?.matmul(dout)?), None)); // dv (B, Hkv, S, Dv)
+        }
+        // Σ_i over visible pairs only: products (B, Hkv, rows, S, Dv) with hidden ones replaced by 0, a block of
+        // query rows at a time so the buffer stays near 2²⁴ elements.
+        let Hidden { mask, resolved, dims } = &self.0;
+        let (b, hkv, rows, s) = p.dims4()?;
+        let keep = match visible_pairs(mask, resolved, *dims, p.device())? {
+            Some(k) => k.reshape((b, hkv, rows, s))?, // (B, Hkv, G·T, S)
+            None => Tensor::ones((b, hkv, rows, s), DType::U8, p.device())?,
         };
+        let dvw = v.dim(3)?;
+        let block = ((1usize << 24) / (b * hkv * s * dvw).max(1)).clamp(1, rows);
+        let mut dv = v.zeros_like()?; // (B, Hkv, S, Dv)
+        for r0 in (0..rows).step_by(block) {
+            let n = block.min(rows - r0);
+            let (pr, dr) = (p.narrow(2, r0, n)?, dout.narrow(2, r0, n)?);
+            let prod = pr.unsqueeze(4)?.broadcast_mul(&dr.unsqueeze(3)?)?; // (B, Hkv, n, S, Dv)
+            let keep = keep.narrow(2, r0, n)?.unsqueeze(4)?.broadcast_as(prod.shape())?;
+            dv = (dv + keep.where_cond(&prod, &prod.zeros_like()?)?.sum(2)?)?;
+        }
         Ok((Some(dp), Some(dv), None))
     }
 }
@@ -358,37 +359,31 @@ fn pairwise(
     resolved: &ResolvedMask,
     scale: f64,
     opts: &AttentionOptions,
-    Dims { b, h, hkv, t, s, d, dv }: Dims,
+    dims: Dims,
 ) -> Result<AttentionOutput> {
+    let Dims { b, h, hkv, t, s, d, dv } = dims;
     let reference = opts.implementation == AttentionImpl::Reference;
     let (dev, dt) = (q.device(), q.dtype());
-    // 1. Which pairs are visible: structural rules, a boolean tensor, an additive tensor's −∞ entries.
-    let mut keep = match resolved.keep(b, dev)? {
-        Some(k) => k.broadcast_as((b, h, t, s))?.contiguous()?,
+    // 1. Which pairs are visible.
+    let keep = match visible_pairs(mask, resolved, dims, dev)? {
+        Some(k) => k,
         None => Tensor::ones((b, h, t, s), DType::U8, dev)?,
     }; // (B, H, T, S)
     let additive = match mask.tensor() {
-        None => None,
-        Some(MaskTensor::Keep(m)) => {
-            keep = (keep * m.to_dtype(DType::U8)?.broadcast_as((b, h, t, s))?)?;
-            None
-        }
-        Some(MaskTensor::Additive(m)) => {
-            let m = m.to_dtype(dt)?.broadcast_as((b, h, t, s))?;
-            keep = (keep * m.ne(f64::NEG_INFINITY)?)?;
-            Some(m)
-        }
+        Some(MaskTensor::Additive(m)) => Some(m.to_dtype(dt)?.broadcast_as((b, h, t, s))?),
+        _ => None,
     };
     // 2. K/V heads repeated to the query heads (this path is not about speed).
+    // x (B, Hkv, S, w) → (B, H, S, w)
     let repeat = |x: &Tensor, w: usize| -> Result<Tensor> {
         Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, h / hkv, s, w))?.reshape((b, h, s, w))?)
-        // (B, H, S, w)
     };
+    // x broadcast to (B, H, T, S, w), zero on hidden pairs.
     let pairs = |x: Tensor, w: usize| -> Result<Tensor> {
         let zeros = Tensor::zeros((b, h, t, s, w), dt, dev)?;
         Ok(keep.unsqueeze(4)?.broadcast_as((b, h, t, s, w))?.where_cond(&x.broadcast_as((b, h, t, s, w))?, &zeros)?)
-    }; // (B, H, T, S, w), zero on hidden pairs
-       // 3. Scores of visible pairs; hidden ones are −∞ after the mods.
+    };
+    // 3. Scores of visible pairs; hidden ones are −∞ after the mods.
     let qm = pairs(q.unsqueeze(3)?, d)?; // (B, H, T, S, D)
     let km = pairs(repeat(k, d)?.unsqueeze(2)?, d)?; // (B, H, T, S, D)
     let mut scores = ((qm * km)?.sum(4)? * scale)?; // (B, H, T, S)
@@ -464,13 +459,9 @@ where
 /// Log-sum-exp of the final masked scores, reported, not differentiated.
 fn masked_lse(scores: &Tensor, explicit: Option<&MaskTensor>) -> Result<Tensor> {
     let scores = scores.detach();
-    let masked = match explicit.map(|m| m.broadcast_to(scores.shape(), scores.dtype(), "attention")).transpose()? {
+    let masked = match explicit {
         None => scores,
-        Some(MaskTensor::Additive(m)) => {
-            let m = m.detach();
-            m.eq(f64::NEG_INFINITY)?.where_cond(&m, &(scores + &m)?)?
-        }
-        Some(MaskTensor::Keep(m)) => m.where_cond(&scores, &neg_inf_like(&scores)?)?,
+        Some(m) => m.apply_to(&scores, "attention")?.detach(),
     };
     ops::logsumexp_rows(&masked) // f32, or f64 for f64 scores
 }

@@ -300,8 +300,8 @@ impl<P: Mods> candle_core::CustomOp2 for WeightsOp<P> {
             (back(dq_h, &qs)?, back(dk_h, &ks)?)
         } else {
             let ds = Tensor::from_vec(ds_host, ds.shape(), dev)?;
-            (ds.matmul(&ks)?.affine(scale, 0.0)?, ds.t()?.matmul(&qs)?.affine(scale, 0.0)?)
-            // (B, len, T|S, Dp)
+            let dq_sel = ds.matmul(&ks)?.affine(scale, 0.0)?; // (B, len, T, Dp)
+            (dq_sel, ds.t()?.matmul(&qs)?.affine(scale, 0.0)?) // dk_sel (B, len, S, Dp)
         };
         let dq = q.zeros_like()?.index_add(&q_idx, &dq_sel, 1)?;
         let dk = k.zeros_like()?.index_add(&kv_idx, &dk_sel, 1)?;

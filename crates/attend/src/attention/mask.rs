@@ -316,7 +316,22 @@ pub enum MaskTensor {
     Additive(Tensor),
 }
 
+/// A tensor of −∞ shaped and typed like `x`.
+pub(crate) fn neg_inf_like(x: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::full(f32::NEG_INFINITY, x.shape(), x.device())?.to_dtype(x.dtype())?)
+}
+
 impl MaskTensor {
+    /// `x` with this mask applied, composed from plain (differentiable) ops: a keep-mask 0 or an additive −∞
+    /// *replaces* the entry with −∞ (so a NaN it hides stays hidden, where `NaN + (−∞)` is NaN); other additive
+    /// entries add. The mask is broadcast to `x` first.
+    pub(crate) fn apply_to(&self, x: &Tensor, op: &'static str) -> Result<Tensor> {
+        Ok(match self.broadcast_to(x.shape(), x.dtype(), op)? {
+            MaskTensor::Additive(m) => m.eq(f64::NEG_INFINITY)?.where_cond(&m, &(x + &m)?)?,
+            MaskTensor::Keep(m) => m.where_cond(x, &neg_inf_like(x)?)?,
+        })
+    }
+
     pub fn tensor(&self) -> &Tensor {
         match self {
             MaskTensor::Keep(t) | MaskTensor::Additive(t) => t,

@@ -138,11 +138,9 @@ pub fn softmax(x: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor> {
 pub fn softmax_reference(x: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor> {
     check_rank(x, "softmax_reference")?;
     let last = x.rank() - 1;
-    let s = match mask.map(|m| m.broadcast_to(x.shape(), x.dtype(), "softmax_reference")).transpose()? {
+    let s = match mask {
         None => x.clone(),
-        // A −∞ entry replaces the input rather than adding to it, so a NaN it hides stays hidden.
-        Some(MaskTensor::Additive(m)) => m.eq(f64::NEG_INFINITY)?.where_cond(&m, &(x + &m)?)?,
-        Some(MaskTensor::Keep(m)) => m.where_cond(x, &neg_inf_like(x)?)?,
+        Some(m) => m.apply_to(x, "softmax_reference")?,
     };
     let max = s.max_keepdim(last)?;
     // A fully-masked row has max −∞; shifting it by 0 instead keeps exp(−∞) = 0 and the row sum 0.
@@ -152,10 +150,6 @@ pub fn softmax_reference(x: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor
     let sum = e.sum_keepdim(last)?;
     let sum = sum.eq(0.0)?.where_cond(&sum.ones_like()?, &sum)?;
     Ok(e.broadcast_div(&sum)?)
-}
-
-fn neg_inf_like(x: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::full(f32::NEG_INFINITY, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
 
 /// Fused log-softmax over the last axis.
