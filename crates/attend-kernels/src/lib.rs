@@ -14,6 +14,8 @@
 //! | [`norm`] | layer norm and RMS norm with optional scale | recomputes statistics, `dw` reduced over row blocks |
 //! | [`gelu`] | GELU, tanh and erf forms | analytic derivative |
 //! | [`dropout`] | counter-based keep mask from `(seed, index)` | the same mask, regenerated |
+//! | [`rnn`] | LSTM and GRU cells: all gates of a step in one pass | recomputes the gates, one pass |
+//! | [`sparse`] | sparsemax and 1.5-entmax, exact thresholds by sorting | `dz = w ⊙ dp − (⟨w, dp⟩/Σw)·w`, `w` = support or `√p` |
 
 pub mod cpu;
 pub mod cross_entropy;
@@ -23,7 +25,9 @@ pub mod gelu;
 pub mod norm;
 mod real;
 pub mod rng;
+pub mod rnn;
 pub mod softmax;
+pub mod sparse;
 
 pub use real::Real;
 

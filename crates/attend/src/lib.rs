@@ -28,6 +28,7 @@ pub mod error;
 pub mod ops;
 pub mod position;
 pub mod rng;
+pub mod rnn;
 
 pub(crate) use error::{bail, ensure};
 pub use error::{Error, Result};

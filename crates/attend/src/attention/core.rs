@@ -216,7 +216,7 @@ fn empty(q: &Tensor, Dims { b, h, t, s, dv, .. }: Dims, opts: &AttentionOptions)
 /// Soft-cap, then ALiBi, then the structural masks, on scaled scores `(B, H, T, S)`. The soft-cap comes before any
 /// bias so a −∞ never goes through tanh; the mask *replaces* hidden scores with −∞ (adding −∞ to a NaN score
 /// would leave NaN, and a NaN the mask hides must not reach the softmax).
-fn mod_and_mask(mut scores: Tensor, mask: &Mask, resolved: &ResolvedMask, b: usize) -> Result<Tensor> {
+pub(crate) fn mod_and_mask(mut scores: Tensor, mask: &Mask, resolved: &ResolvedMask, b: usize) -> Result<Tensor> {
     if let Some(c) = mask.softcap() {
         scores = ((scores / c)?.tanh()? * c)?;
     }

@@ -1,5 +1,6 @@
 //! Attention: the one core every layer calls ([`attention()`]), its typed mask ([`Mask`]), score functions and layers.
 
+pub mod classic;
 mod core;
 mod fused;
 pub mod kv_cache;

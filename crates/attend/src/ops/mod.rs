@@ -13,7 +13,9 @@ mod custom;
 mod dropout;
 mod gelu;
 mod norm;
+mod rnn_cell;
 mod softmax;
+mod sparse;
 
 pub use attend_kernels::cross_entropy::CrossEntropyConfig;
 pub use attend_kernels::gelu::GeluKind;
@@ -22,4 +24,12 @@ pub use cross_entropy::{cross_entropy, cross_entropy_reference, Reduction};
 pub use dropout::{dropout, dropout_mask, dropout_reference};
 pub use gelu::{gelu, gelu_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
+pub use rnn_cell::{gru_cell, gru_cell_reference, lstm_cell, lstm_cell_reference};
 pub use softmax::{log_softmax, log_softmax_reference, logsumexp_rows, softmax, softmax_reference, MaskTensor};
+pub use sparse::{entmax15, entmax15_reference, sparsemax, sparsemax_reference};
+
+/// The logistic function `σ(x) = (tanh(x/2) + 1)/2`, composed from differentiable ops: stable in both tails, exactly
+/// 0 at −∞ (a hidden score).
+pub fn sigmoid(x: &candle_core::Tensor) -> crate::Result<candle_core::Tensor> {
+    Ok((((x * 0.5)?.tanh()? + 1.0)? * 0.5)?)
+}
