@@ -51,6 +51,30 @@ impl TensorFile {
         Ok(Self { path: path.to_path_buf(), names, tensors })
     }
 
+    /// Reads every tensor of `path`.
+    pub fn open_all(path: &Path, device: &Device) -> Result<Self> {
+        let shown = path.display();
+        let bytes = fs::read(path).map_err(|e| anyhow!("{shown}: cannot read: {e}"))?;
+        let names: Vec<String> = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{shown}: not a safetensors file: {e}"))?
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        Self::open(path, &wanted, device)
+    }
+
+    /// Every name in the file, sorted.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The loaded tensors by name.
+    pub fn into_map(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

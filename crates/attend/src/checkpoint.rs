@@ -78,3 +78,89 @@ pub fn import_torch_mha(state: &HashMap<String, Tensor>, prefix: &str) -> Result
     }
     Ok(map)
 }
+
+/// A state dict loaded strictly: a layer built from [`StrictTensors::var_builder`] gets each tensor it asks for
+/// under its exact name and shape, a missing or misshapen tensor is an error naming it and both shapes, and
+/// [`StrictTensors::unused`] lists what no layer asked for (a misspelt or foreign name; a silent partial load is the
+/// bug this prevents). Tensors keep their autograd graph, so a layer built over variables trains them.
+#[derive(Clone, Debug)]
+pub struct StrictTensors {
+    inner: std::sync::Arc<StrictInner>,
+}
+
+#[derive(Debug)]
+struct StrictInner {
+    tensors: HashMap<String, Tensor>,
+    /// Where the tensors came from, for messages (`params.safetensors`).
+    source: String,
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl StrictTensors {
+    pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<String>) -> Self {
+        let inner = StrictInner { tensors, source: source.into(), used: Default::default() };
+        Self { inner: std::sync::Arc::new(inner) }
+    }
+
+    /// A `VarBuilder` over these tensors; every lookup is recorded.
+    pub fn var_builder(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> candle_nn::VarBuilder<'static> {
+        candle_nn::VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// The names no lookup asked for, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.inner.used.lock().expect("lookup set");
+        let mut v: Vec<String> = self.inner.tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The tensor `name` if present (recorded as used), without a shape check.
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        let t = self.inner.tensors.get(name)?;
+        self.inner.used.lock().expect("lookup set").insert(name.to_string());
+        Some(t.clone())
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for StrictTensors {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let src = &self.inner.source;
+        let Some(t) = StrictTensors::get(self, name) else {
+            let mut held: Vec<&str> = self.inner.tensors.keys().map(String::as_str).collect();
+            held.sort_unstable();
+            let held = if held.is_empty() { "nothing".to_string() } else { held.join(", ") };
+            candle_core::bail!("{src}: missing parameter `{name}` of shape {:?}; it holds {held}", s.dims())
+        };
+        if t.shape() != &s {
+            candle_core::bail!("{src}: parameter `{name}` has shape {:?}, expected {:?}", t.dims(), s.dims())
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let src = &self.inner.source;
+        match StrictTensors::get(self, name) {
+            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            None => candle_core::bail!("{src}: missing parameter `{name}`"),
+        }
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.tensors.contains_key(name)
+    }
+}
