@@ -175,15 +175,6 @@ fn randn64(shape: &[usize], seed: u64) -> Tensor {
     randn(shape, seed, DType::F64)
 }
 
-/// Checks the fused op's gradient w.r.t. `x` against finite differences of `sum(f(x) ⊙ w)`.
-fn fd_check(label: &str, x: Tensor, f: impl Fn(&Tensor) -> Tensor) {
-    let w = randn64(f(&x).dims(), 99);
-    let xv = Var::from_tensor(&x).unwrap();
-    let g = weighted_sum(&f(xv.as_tensor()), &w).backward().unwrap();
-    let analytic = g.get(xv.as_tensor()).unwrap().clone();
-    check_finite_diff(label, &x, &analytic, |xp| weighted_sum(&f(xp), &w).to_scalar::<f64>().unwrap(), 64);
-}
-
 #[test]
 fn fused_backwards_match_finite_differences() {
     let dev = Device::Cpu;

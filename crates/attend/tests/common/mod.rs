@@ -143,6 +143,15 @@ pub fn check_finite_diff(label: &str, x: &Tensor, analytic: &Tensor, f: impl Fn(
     }
 }
 
+/// Checks the fused op's gradient w.r.t. `x` against finite differences of `sum(f(x) ⊙ w)`.
+pub fn fd_check(label: &str, x: Tensor, f: impl Fn(&Tensor) -> Tensor) {
+    let w = randn(f(&x).dims(), 99, DType::F64);
+    let xv = Var::from_tensor(&x).unwrap();
+    let g = weighted_sum(&f(xv.as_tensor()), &w).backward().unwrap();
+    let analytic = g.get(xv.as_tensor()).unwrap().clone();
+    check_finite_diff(label, &x, &analytic, |xp| weighted_sum(&f(xp), &w).to_scalar::<f64>().unwrap(), 64);
+}
+
 /// Every variable in `vars` must receive a finite gradient that is not all zero.
 pub fn assert_all_grads_finite_nonzero(label: &str, vars: &[(String, Var)], grads: &candle_core::backprop::GradStore) {
     assert!(!vars.is_empty(), "{label}: no parameters");

@@ -1,0 +1,263 @@
+//! Recurrent networks: fused cells against their composed twins and finite differences; layers with the fused and the
+//! composed cells; padding that never leaks; every parameter trained; dropout between layers.
+//!
+//! The PyTorch oracle (`nn.LSTM`, `nn.GRU`, `nn.RNN` with identical weights, lengths through packed sequences) runs in
+//! `attend-cli/tests/op_layer.rs` on `fixtures/layers`.
+
+mod common;
+
+use attend::ops;
+use attend::rng::DropoutRng;
+use attend::rnn::{CellImpl, Elman, ElmanConfig, Gru, Jordan, JordanConfig, Lstm, Nonlinearity, RnnConfig, RnnOutput};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use common::*;
+
+fn randn64(shape: &[usize], seed: u64) -> Tensor {
+    randn(shape, seed, DType::F64)
+}
+
+#[test]
+fn fused_cells_equal_their_twins_and_finite_differences() {
+    let (n, h) = (3, 5);
+    let gates = (randn64(&[n, 4 * h], 1) * 2.0).unwrap();
+    let c = randn64(&[n, h], 2);
+    fd_check("lstm dgates", gates.clone(), |g| {
+        let (h1, c1) = ops::lstm_cell(g, &c).unwrap();
+        Tensor::cat(&[h1, c1], 1).unwrap()
+    });
+    fd_check("lstm dc", c.clone(), |c| {
+        let (h1, c1) = ops::lstm_cell(&gates, c).unwrap();
+        Tensor::cat(&[h1, c1], 1).unwrap()
+    });
+    let (gx, gh, hp) = ((randn64(&[n, 3 * h], 3) * 2.0).unwrap(), randn64(&[n, 3 * h], 4), randn64(&[n, h], 5));
+    fd_check("gru dgx", gx.clone(), |x| ops::gru_cell(x, &gh, &hp).unwrap());
+    fd_check("gru dgh", gh.clone(), |g| ops::gru_cell(&gx, g, &hp).unwrap());
+    fd_check("gru dh", hp.clone(), |s| ops::gru_cell(&gx, &gh, s).unwrap());
+
+    for dtype in [DType::F64, DType::F32] {
+        let (tol, gtol) = if dtype == DType::F64 { (F64, F64) } else { (F32, F32_GRAD) };
+        let v = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+        let (g, cc) = (v(&gates), v(&c));
+        let dh = randn(&[n, 2 * h], 6, dtype);
+        let run = |f: fn(&Tensor, &Tensor) -> attend::Result<(Tensor, Tensor)>| {
+            let (h1, c1) = f(g.as_tensor(), cc.as_tensor()).unwrap();
+            let out = Tensor::cat(&[h1, c1], 1).unwrap();
+            let gr = weighted_sum(&out, &dh).backward().unwrap();
+            (out, gr.get(g.as_tensor()).unwrap().clone(), gr.get(cc.as_tensor()).unwrap().clone())
+        };
+        let (a, b) = (run(ops::lstm_cell), run(ops::lstm_cell_reference));
+        assert_close("lstm out", &a.0, &b.0, tol);
+        assert_close("lstm dgates", &a.1, &b.1, gtol);
+        assert_close("lstm dc", &a.2, &b.2, gtol);
+        let (x, gg, s) = (v(&gx), v(&gh), v(&hp));
+        let dy = randn(&[n, h], 7, dtype);
+        let run = |f: fn(&Tensor, &Tensor, &Tensor) -> attend::Result<Tensor>| {
+            let out = f(x.as_tensor(), gg.as_tensor(), s.as_tensor()).unwrap();
+            let gr = weighted_sum(&out, &dy).backward().unwrap();
+            let grads: Vec<Tensor> = [&x, &gg, &s].iter().map(|t| gr.get(t.as_tensor()).unwrap().clone()).collect();
+            (out, grads)
+        };
+        let (a, b) = (run(ops::gru_cell), run(ops::gru_cell_reference));
+        assert_close("gru out", &a.0, &b.0, tol);
+        for (i, (p, q)) in a.1.iter().zip(&b.1).enumerate() {
+            assert_close(&format!("gru grad {i}"), p, q, gtol);
+        }
+    }
+}
+
+/// The three layers with the shared driver, built over one VarMap.
+enum Net {
+    Lstm(Lstm),
+    Gru(Gru),
+    Elman(Elman),
+}
+
+impl Net {
+    fn new(kind: &str, cfg: RnnConfig, vb: VarBuilder) -> Self {
+        match kind {
+            "lstm" => Net::Lstm(Lstm::new(cfg, vb).unwrap()),
+            "gru" => Net::Gru(Gru::new(cfg, vb).unwrap()),
+            _ => Net::Elman(Elman::new(ElmanConfig { rnn: cfg, nonlinearity: Nonlinearity::Tanh }, vb).unwrap()),
+        }
+    }
+    fn forward(&self, x: &Tensor, lengths: Option<&[usize]>) -> RnnOutput {
+        match self {
+            Net::Lstm(l) => l.forward(x, lengths, None, None),
+            Net::Gru(l) => l.forward(x, lengths, None),
+            Net::Elman(l) => l.forward(x, lengths, None),
+        }
+        .unwrap()
+    }
+    fn set_cell_impl(&mut self, imp: CellImpl) {
+        match self {
+            Net::Lstm(l) => l.set_cell_impl(imp),
+            Net::Gru(l) => l.set_cell_impl(imp),
+            Net::Elman(l) => l.set_cell_impl(imp),
+        }
+    }
+    fn set_training(&self, t: bool) {
+        match self {
+            Net::Lstm(l) => l.set_training(t),
+            Net::Gru(l) => l.set_training(t),
+            Net::Elman(l) => l.set_training(t),
+        }
+    }
+}
+
+const KINDS: [&str; 3] = ["lstm", "gru", "elman"];
+
+fn bidir2(c: usize, h: usize) -> RnnConfig {
+    RnnConfig { num_layers: 2, bidirectional: true, ..RnnConfig::new(c, h) }
+}
+
+/// Σ output ⊙ w + Σ h_n ⊙ w' (+ c_n): reaches every output the layer returns.
+fn loss_of(o: &RnnOutput) -> Tensor {
+    let mut l = (weighted_sum(&o.output, &randn(o.output.dims(), 31, o.output.dtype()))
+        + weighted_sum(&o.h_n, &randn(o.h_n.dims(), 32, o.h_n.dtype())))
+    .unwrap();
+    if let Some(c) = &o.c_n {
+        l = (l + weighted_sum(c, &randn(c.dims(), 33, c.dtype()))).unwrap();
+    }
+    l
+}
+
+#[test]
+fn fused_and_composed_cells_give_the_same_layers() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&randn64(&[3, 6, 4], 41)).unwrap();
+    let lengths = [6, 2, 4];
+    for kind in KINDS {
+        let vm = VarMap::new();
+        let mut net = Net::new(kind, bidir2(4, 5), VarBuilder::from_varmap(&vm, DType::F64, &dev));
+        let mut results = vec![];
+        for imp in [CellImpl::Fused, CellImpl::Reference] {
+            net.set_cell_impl(imp);
+            let o = net.forward(x.as_tensor(), Some(&lengths));
+            let g = loss_of(&o).backward().unwrap();
+            let grads: Vec<Tensor> =
+                varmap_vars(&vm).iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()).collect();
+            results.push((o, grads, g.get(x.as_tensor()).unwrap().clone()));
+        }
+        let (a, b) = (&results[0], &results[1]);
+        assert_close(&format!("{kind} output"), &a.0.output, &b.0.output, F64);
+        assert_close(&format!("{kind} h_n"), &a.0.h_n, &b.0.h_n, F64);
+        assert_close(&format!("{kind} dx"), &a.2, &b.2, F64);
+        for (i, (p, q)) in a.1.iter().zip(&b.1).enumerate() {
+            assert_close(&format!("{kind} parameter gradient {i}"), p, q, F64);
+        }
+    }
+}
+
+#[test]
+fn padding_never_reaches_outputs_states_or_gradients() {
+    let dev = Device::Cpu;
+    let (t, c, h) = (7, 3, 4);
+    let lengths = [7usize, 3, 5];
+    let x = randn64(&[3, t, c], 51);
+    // Padding holds garbage: huge values (NaN would poison the weight gradients through 0·NaN in the input product).
+    let garbage = (randn64(&[3, t, c], 52) * 1e3).unwrap();
+    let valid =
+        Tensor::from_vec((0..3 * t).map(|i| ((i % t) < lengths[i / t]) as u8).collect::<Vec<_>>(), (3, t, 1), &dev)
+            .unwrap()
+            .broadcast_as((3, t, c))
+            .unwrap();
+    let noisy = valid.where_cond(&x, &garbage).unwrap();
+    for kind in KINDS {
+        let vm = VarMap::new();
+        let net = Net::new(kind, bidir2(c, h), VarBuilder::from_varmap(&vm, DType::F64, &dev));
+        let batch = net.forward(&noisy, Some(&lengths));
+        let clean = net.forward(&x, Some(&lengths));
+        assert_close(&format!("{kind}: garbage in padding"), &batch.output, &clean.output, F64);
+        let g_noisy = loss_of(&batch).backward().unwrap();
+        let g_clean = loss_of(&clean).backward().unwrap();
+        for (name, v) in varmap_vars(&vm) {
+            let (a, b) = (g_noisy.get(v.as_tensor()).unwrap(), g_clean.get(v.as_tensor()).unwrap());
+            assert_close(&format!("{kind}: d{name} with garbage in padding"), a, b, F64);
+        }
+        // Each sequence alone, cut to its length, gives its row of the batch and its final states.
+        for (bi, &len) in lengths.iter().enumerate() {
+            let alone = net.forward(&x.narrow(0, bi, 1).unwrap().narrow(1, 0, len).unwrap(), None);
+            let row = batch.output.narrow(0, bi, 1).unwrap();
+            assert_close(&format!("{kind} seq {bi} output"), &row.narrow(1, 0, len).unwrap(), &alone.output, F64);
+            let pad =
+                row.narrow(1, len, t - len).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            assert_eq!(pad, 0.0, "{kind} seq {bi}: padded outputs are zero");
+            assert_close(&format!("{kind} seq {bi} h_n"), &batch.h_n.narrow(1, bi, 1).unwrap(), &alone.h_n, F64);
+            if let (Some(cb), Some(ca)) = (&batch.c_n, &alone.c_n) {
+                assert_close(&format!("{kind} seq {bi} c_n"), &cb.narrow(1, bi, 1).unwrap(), ca, F64);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_parameter_receives_a_gradient() {
+    let dev = Device::Cpu;
+    let x = randn(&[2, 5, 3], 61, DType::F32);
+    for kind in KINDS {
+        let vm = VarMap::new();
+        let net =
+            Net::new(kind, RnnConfig { dropout: 0.2, ..bidir2(3, 4) }, VarBuilder::from_varmap(&vm, DType::F32, &dev));
+        net.set_training(true);
+        let g = loss_of(&net.forward(&x, Some(&[5, 3]))).backward().unwrap();
+        let vars = varmap_vars(&vm);
+        assert_eq!(vars.len(), 16, "{kind}: 2 layers × 2 directions × 4 tensors");
+        assert_all_grads_finite_nonzero(kind, &vars, &g);
+    }
+    let vm = VarMap::new();
+    let cfg = JordanConfig { input_size: 3, hidden_size: 4, output_size: 2 };
+    let j = Jordan::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let o = j.forward(&x, Some(&[5, 3]), None).unwrap();
+    let loss = (weighted_sum(&o.output, &randn(&[2, 5, 2], 62, DType::F32)) + o.h_n.sum_all().unwrap()).unwrap();
+    assert_all_grads_finite_nonzero("jordan", &varmap_vars(&vm), &loss.backward().unwrap());
+}
+
+#[test]
+fn dropout_between_layers_only_while_training() {
+    let dev = Device::Cpu;
+    let x = randn(&[2, 5, 3], 71, DType::F32);
+    let vm = VarMap::new();
+    let cfg = RnnConfig { num_layers: 2, dropout: 0.5, ..RnnConfig::new(3, 6) };
+    let mut lstm = Lstm::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let eval = lstm.forward(&x, None, None, None).unwrap().output;
+    let rng = DropoutRng::new(7);
+    lstm.set_dropout_stream(rng.stream());
+    lstm.set_training(true);
+    let a = lstm.forward(&x, None, None, None).unwrap().output;
+    let b = lstm.forward(&x, None, None, None).unwrap().output;
+    let differs =
+        |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 1e-4;
+    assert!(differs(&eval, &a), "training applies dropout between the layers");
+    assert!(differs(&a, &b), "each call draws its own mask");
+    // One layer: nothing between layers, so training changes nothing.
+    let one = Lstm::new(
+        RnnConfig { dropout: 0.5, ..RnnConfig::new(3, 6) },
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+    )
+    .unwrap();
+    let e = one.forward(&x, None, None, None).unwrap().output;
+    one.set_training(true);
+    assert!(!differs(&e, &one.forward(&x, None, None, None).unwrap().output));
+    lstm.set_training(false);
+    assert!(!differs(&eval, &lstm.forward(&x, None, None, None).unwrap().output));
+}
+
+#[test]
+fn bad_input_is_an_error_naming_shapes() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let lstm = Lstm::new(bidir2(3, 4), VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let x = randn(&[2, 5, 3], 81, DType::F32);
+    let e = lstm.forward(&randn(&[2, 5, 4], 1, DType::F32), None, None, None).unwrap_err().to_string();
+    assert!(e.contains("(2, 5, 4)") && e.contains("C = 3"), "{e}");
+    let e = lstm.forward(&x, Some(&[5, 6]), None, None).unwrap_err().to_string();
+    assert!(e.contains("lengths[1] = 6") && e.contains("T = 5"), "{e}");
+    let e = lstm.forward(&x, None, Some(&randn(&[2, 2, 4], 2, DType::F32)), None).unwrap_err().to_string();
+    assert!(e.contains("h0 (2, 2, 4)") && e.contains("(4, 2, 4)"), "{e}");
+    let e =
+        Lstm::new(RnnConfig { dropout: 1.0, ..RnnConfig::new(3, 4) }, VarBuilder::from_varmap(&vm, DType::F32, &dev))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("dropout"), "{e}");
+}
