@@ -98,6 +98,11 @@ layer_tests! {
     gru_matches_torch => "gru",
     elman_matches_torch => "elman",
     jordan_matches_reference => "jordan",
+    luong_dot_matches_opennmt => "luong-dot",
+    luong_general_matches_opennmt => "luong-general",
+    luong_concat_matches_reference => "luong-concat",
+    bahdanau_matches_opennmt_mlp => "bahdanau",
+    luong_local_p_matches_reference => "luong-local-p",
 }
 
 // ---------------------------------------------------------------------------------------------------------------

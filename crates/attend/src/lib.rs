@@ -25,6 +25,7 @@ pub mod alloc;
 pub mod attention;
 pub mod checkpoint;
 pub mod error;
+pub mod layers;
 pub mod ops;
 pub mod position;
 pub mod rng;

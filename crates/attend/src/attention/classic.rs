@@ -50,10 +50,13 @@ pub enum Normalizer {
     Sparsemax,
     /// `[s/2 − τ]₊²` with `Σ = 1` (Peters et al. 2019): sparse, smoother than sparsemax.
     Entmax15,
+    /// The scores themselves on visible keys, 0 on hidden ones: for mechanisms whose score already is the weight
+    /// (Deep Interest Network keeps the intensity of interest that a softmax would normalise away).
+    None,
 }
 
 impl Normalizer {
-    pub const NAMES: [&'static str; 4] = ["softmax", "sigmoid", "sparsemax", "entmax15"];
+    pub const NAMES: [&'static str; 5] = ["softmax", "sigmoid", "sparsemax", "entmax15", "none"];
 
     /// The normaliser called `name` (one of [`Self::NAMES`]).
     pub fn parse(name: &str) -> Result<Self> {
@@ -62,6 +65,7 @@ impl Normalizer {
             "sigmoid" => Self::Sigmoid,
             "sparsemax" => Self::Sparsemax,
             "entmax15" => Self::Entmax15,
+            "none" => Self::None,
             _ => bail!("normalizer", "unknown normalizer `{name}`; expected one of {}", Self::NAMES.join(", ")),
         })
     }
@@ -73,6 +77,7 @@ impl Normalizer {
             Self::Sigmoid => sigmoid(scores, mask),
             Self::Sparsemax => ops::sparsemax(scores, mask),
             Self::Entmax15 => ops::entmax15(scores, mask),
+            Self::None => identity(scores, mask),
         }
     }
 
@@ -83,6 +88,7 @@ impl Normalizer {
             Self::Sigmoid => sigmoid(scores, mask),
             Self::Sparsemax => ops::sparsemax_reference(scores, mask),
             Self::Entmax15 => ops::entmax15_reference(scores, mask),
+            Self::None => identity(scores, mask),
         }
     }
 }
@@ -93,6 +99,17 @@ fn sigmoid(scores: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor> {
         None => ops::sigmoid(scores),
         Some(m) => ops::sigmoid(&m.apply_to(scores, "sigmoid")?),
     }
+}
+
+/// The scores on visible entries, 0 on hidden ones. Hidden entries arrive as −∞ (the structural masks replace them
+/// before any normaliser) or are hidden by `mask`; `where` keeps them out, gradient included.
+fn identity(scores: &Tensor, mask: Option<&MaskTensor>) -> Result<Tensor> {
+    let masked = match mask {
+        None => scores.clone(),
+        Some(m) => m.apply_to(scores, "identity normalizer")?,
+    };
+    let hidden = masked.eq(f64::NEG_INFINITY)?;
+    Ok(hidden.where_cond(&masked.zeros_like()?, &masked)?)
 }
 
 /// What the classic path returns.

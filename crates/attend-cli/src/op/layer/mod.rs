@@ -4,6 +4,7 @@
 //! Each layer family has an adapter that reads what it needs from a [`Ctx`]; the Ctx records what was read, so a
 //! parameter, input tensor or option that no adapter asked for is an error (a misspelt name never passes silently).
 
+mod global;
 mod normalizers;
 mod recurrent;
 
@@ -27,6 +28,11 @@ const LAYERS: &[(&str, Adapter)] = &[
     ("gru", recurrent::gru),
     ("elman", recurrent::elman),
     ("jordan", recurrent::jordan),
+    ("luong-dot", global::luong_dot),
+    ("luong-general", global::luong_general),
+    ("luong-concat", global::luong_concat),
+    ("bahdanau", global::bahdanau),
+    ("luong-local-p", global::luong_local_p),
 ];
 
 /// Reads a layer's parameters, inputs and options from the context and returns its named outputs.
@@ -39,7 +45,8 @@ d<output> for an output, the gradients of Σ output ⊙ d<output> are written as
 every parameter."
 )]
 pub struct LayerArgs {
-    /// Layer name: sparsemax, entmax15, lstm, gru, elman, jordan.
+    /// Layer name: sparsemax, entmax15, lstm, gru, elman, jordan, luong-dot, luong-general, luong-concat, bahdanau,
+    /// luong-local-p, coattention, han-pool, spatial, din, gat, gatv2.
     #[arg(long, value_name = "NAME")]
     layer: String,
     /// Parameters under the reference implementation's state-dict names (left out: a layer without parameters).
