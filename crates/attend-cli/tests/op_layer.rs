@@ -103,6 +103,10 @@ layer_tests! {
     luong_concat_matches_reference => "luong-concat",
     bahdanau_matches_opennmt_mlp => "bahdanau",
     luong_local_p_matches_reference => "luong-local-p",
+    coattention_matches_reference => "coattention",
+    han_pool_matches_reference => "han-pool",
+    spatial_matches_reference => "spatial",
+    din_matches_reference => "din",
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -119,6 +119,16 @@ impl StrictTensors {
         v
     }
 
+    /// Whether a tensor `name` is present (not recorded as a use).
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.tensors.contains_key(name)
+    }
+
+    /// The tensor `name` if present, not recorded as a use: for reading sizes before a layer loads it.
+    pub fn peek(&self, name: &str) -> Option<Tensor> {
+        self.inner.tensors.get(name).cloned()
+    }
+
     /// The tensor `name` if present (recorded as used), without a shape check.
     pub fn get(&self, name: &str) -> Option<Tensor> {
         let t = self.inner.tensors.get(name)?;

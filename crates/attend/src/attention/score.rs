@@ -457,6 +457,20 @@ impl HanContextScore {
         Ok(Self { proj, context, config: *config })
     }
 
+    /// From an existing projection `W h + b` (weight (A, C)) and context vector `u_w` (A,), for layers that store
+    /// them under other names (the course's `W_omega (C, A)` is this projection's weight transposed).
+    pub fn from_parts(config: &HanContextScoreConfig, proj: Linear, context: Tensor) -> Result<Self> {
+        let HanContextScoreConfig { input_dim, attn_dim } = *config;
+        ensure!(
+            proj.weight().dims() == [attn_dim, input_dim] && context.dims() == [attn_dim],
+            Self::OP,
+            "projection weight {} and context {} do not fit C = {input_dim}, A = {attn_dim}",
+            shape_str(proj.weight()),
+            shape_str(&context)
+        );
+        Ok(Self { proj, context, config: *config })
+    }
+
     pub fn config(&self) -> &HanContextScoreConfig {
         &self.config
     }

@@ -5,6 +5,14 @@
 //! |---|---|---|
 //! | [`global::GlobalAttention`] | Luong et al. 2015 §3.1 (dot, general, concat); Bahdanau et al. 2015 | `global.rs` |
 //! | [`local::LocalAttention`] | Luong et al. 2015 §3.2 (local-m, local-p) | `local.rs` |
+//! | [`coattention::CoAttention`] | bidirectional alignment of sentence pairs (ESIM, decomposable attention) | `coattention.rs` |
+//! | [`han::AttentionPooling`], [`han::HierarchicalEncoder`] | Yang et al. 2016 (HAN) | `han.rs` |
+//! | [`spatial::SpatialAttention`] | Xu et al. 2015 (Show, Attend and Tell) | `spatial.rs` |
+//! | [`din::DinAttention`] | Zhou et al. 2018 (Deep Interest Network) | `din.rs` |
 
+pub mod coattention;
+pub mod din;
 pub mod global;
+pub mod han;
 pub mod local;
+pub mod spatial;

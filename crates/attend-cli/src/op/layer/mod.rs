@@ -6,6 +6,7 @@
 
 mod global;
 mod normalizers;
+mod pooling;
 mod recurrent;
 
 use std::collections::{BTreeSet, HashMap};
@@ -33,6 +34,10 @@ const LAYERS: &[(&str, Adapter)] = &[
     ("luong-concat", global::luong_concat),
     ("bahdanau", global::bahdanau),
     ("luong-local-p", global::luong_local_p),
+    ("coattention", pooling::coattention),
+    ("han-pool", pooling::han_pool),
+    ("spatial", pooling::spatial),
+    ("din", pooling::din),
 ];
 
 /// Reads a layer's parameters, inputs and options from the context and returns its named outputs.
@@ -67,6 +72,7 @@ pub struct LayerArgs {
 pub struct Ctx {
     layer: &'static str,
     params: StrictTensors,
+    param_source: String,
     /// Parameters as variables, for their gradients.
     param_vars: Vec<(String, Tensor)>,
     input_source: String,
@@ -245,6 +251,7 @@ pub fn run(args: LayerArgs) -> Result<()> {
     let mut ctx = Ctx {
         layer,
         params: StrictTensors::new(pmap, param_source.clone()),
+        param_source: param_source.clone(),
         param_vars,
         input_source: input_source.clone(),
         inputs: input_map,
