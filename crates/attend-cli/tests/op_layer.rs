@@ -107,6 +107,22 @@ layer_tests! {
     han_pool_matches_reference => "han-pool",
     spatial_matches_reference => "spatial",
     din_matches_reference => "din",
+    gat_matches_pyg => "gat",
+    gatv2_matches_pyg => "gatv2",
+}
+
+#[test]
+fn every_fixture_layer_is_tested() {
+    let mut layers: Vec<String> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .map(|p| metadata(&p.join("input.safetensors"))["layer"].clone())
+        .collect();
+    layers.sort();
+    layers.dedup();
+    let untested: Vec<&String> = layers.iter().filter(|l| !TESTED.contains(&l.as_str())).collect();
+    assert!(untested.is_empty(), "fixtures of layers without a test: {untested:?}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -201,4 +217,20 @@ fn tested_layers_are_in_the_contract() {
     for l in TESTED {
         assert!(doc.contains(&format!("`{l}`")), "docs/layers.md does not describe `{l}`");
     }
+}
+
+#[test]
+fn error_edge_index_out_of_range_and_float_edges() {
+    let opts = r#"{"heads": 2, "out_channels": 3}"#;
+    let line = fail_with("gat_concat", "gat", opts, &|m| {
+        let ei = m["edge_index"].to_vec2::<i64>().unwrap();
+        let mut rows = ei.clone();
+        rows[1][2] = 40;
+        m.insert("edge_index".into(), candle_core::Tensor::new(rows, &candle_core::Device::Cpu).unwrap());
+    });
+    assert_mentions(&line, &["edge_index[:, 2]", "40", "N = "]);
+    let line = fail_with("gat_concat", "gat", opts, &|m| {
+        m.insert("edge_index".into(), m["edge_index"].to_dtype(candle_core::DType::F32).unwrap());
+    });
+    assert_mentions(&line, &["edge_index", "int64"]);
 }

@@ -9,9 +9,11 @@
 //! | [`han::AttentionPooling`], [`han::HierarchicalEncoder`] | Yang et al. 2016 (HAN) | `han.rs` |
 //! | [`spatial::SpatialAttention`] | Xu et al. 2015 (Show, Attend and Tell) | `spatial.rs` |
 //! | [`din::DinAttention`] | Zhou et al. 2018 (Deep Interest Network) | `din.rs` |
+//! | [`gat::Gat`] | Veličković et al. 2018 (GAT), Brody et al. 2022 (GATv2), on edge lists | `gat.rs` |
 
 pub mod coattention;
 pub mod din;
+pub mod gat;
 pub mod global;
 pub mod han;
 pub mod local;

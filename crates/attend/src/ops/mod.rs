@@ -14,6 +14,7 @@ mod dropout;
 mod gelu;
 mod norm;
 mod rnn_cell;
+mod segment;
 mod softmax;
 mod sparse;
 
@@ -25,6 +26,7 @@ pub use dropout::{dropout, dropout_mask, dropout_reference};
 pub use gelu::{gelu, gelu_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 pub use rnn_cell::{gru_cell, gru_cell_reference, lstm_cell, lstm_cell_reference};
+pub use segment::segment_softmax;
 pub use softmax::{log_softmax, log_softmax_reference, logsumexp_rows, softmax, softmax_reference, MaskTensor};
 pub use sparse::{entmax15, entmax15_reference, sparsemax, sparsemax_reference};
 

@@ -5,6 +5,7 @@
 //! parameter, input tensor or option that no adapter asked for is an error (a misspelt name never passes silently).
 
 mod global;
+mod graph;
 mod normalizers;
 mod pooling;
 mod recurrent;
@@ -38,6 +39,8 @@ const LAYERS: &[(&str, Adapter)] = &[
     ("han-pool", pooling::han_pool),
     ("spatial", pooling::spatial),
     ("din", pooling::din),
+    ("gat", graph::gat),
+    ("gatv2", graph::gatv2),
 ];
 
 /// Reads a layer's parameters, inputs and options from the context and returns its named outputs.
