@@ -24,8 +24,10 @@
 pub mod alloc;
 pub mod attention;
 pub mod checkpoint;
+pub mod decode;
 pub mod error;
 pub mod layers;
+pub mod models;
 pub mod ops;
 pub mod position;
 pub mod rng;

@@ -80,6 +80,45 @@ pub struct GlobalAttentionConfig {
     pub normalizer: Normalizer,
 }
 
+impl GlobalAttentionConfig {
+    pub fn new(dim: usize, kind: GlobalType) -> Self {
+        Self { dim, kind, normalizer: Normalizer::Softmax }
+    }
+}
+
+/// The memory of one batch of source sequences, prepared once for every decoding step: the mask of its lengths and,
+/// for the additive scores, the key half `W_c h_s` of the score.
+#[derive(Clone, Debug)]
+pub struct PreparedMemory {
+    /// `(B, S, C)`
+    pub memory: Tensor,
+    /// `(B, S, C)` for additive scores.
+    keys: Option<Tensor>,
+    lengths: Option<Vec<usize>>,
+}
+
+impl PreparedMemory {
+    /// The rows `indices` of every tensor (beam search reorders and repeats hypotheses).
+    pub fn select(&self, indices: &Tensor, host: &[usize]) -> Result<Self> {
+        Ok(Self {
+            memory: self.memory.index_select(indices, 0)?,
+            keys: self.keys.as_ref().map(|k| k.index_select(indices, 0)).transpose()?,
+            lengths: self.lengths.as_ref().map(|l| host.iter().map(|&i| l[i]).collect()),
+        })
+    }
+
+    pub fn lengths(&self) -> Option<&[usize]> {
+        self.lengths.as_deref()
+    }
+
+    fn mask(&self) -> Mask {
+        match &self.lengths {
+            Some(l) => Mask::none().with_key_lengths(l.clone()),
+            None => Mask::none(),
+        }
+    }
+}
+
 /// The score of a [`GlobalAttention`].
 #[derive(Clone, Debug)]
 enum GlobalScore {
@@ -93,6 +132,8 @@ enum GlobalScore {
 pub struct GlobalAttention {
     score: GlobalScore,
     linear_out: Linear,
+    /// `w_cov` (C ← 1) when built with coverage.
+    linear_cover: Option<Linear>,
     config: GlobalAttentionConfig,
 }
 
@@ -111,7 +152,24 @@ impl GlobalAttention {
     const OP: &'static str = "global attention";
 
     pub fn new(config: GlobalAttentionConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, false, vb)
+    }
+
+    /// With coverage (Tu et al. 2016): the additive score also reads how much each source position was attended so
+    /// far, through `linear_cover.weight` (C, 1).
+    pub fn with_coverage(config: GlobalAttentionConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, true, vb)
+    }
+
+    fn build(config: GlobalAttentionConfig, coverage: bool, vb: VarBuilder) -> Result<Self> {
         let c = config.dim;
+        ensure!(
+            !coverage || matches!(config.kind, GlobalType::Concat | GlobalType::Mlp),
+            Self::OP,
+            "coverage applies to the additive scores (concat, mlp), not {:?}",
+            config.kind
+        );
+        let linear_cover = if coverage { Some(linear_no_bias(1, c, vb.pp("linear_cover"))?) } else { None };
         ensure!(c > 0, Self::OP, "dim must be positive");
         let score = match config.kind {
             GlobalType::Dot => GlobalScore::Dot,
@@ -127,7 +185,7 @@ impl GlobalAttention {
             GlobalType::Mlp => linear(2 * c, c, vb.pp("linear_out"))?,
             _ => linear_no_bias(2 * c, c, vb.pp("linear_out"))?,
         };
-        Ok(Self { score, linear_out, config })
+        Ok(Self { score, linear_out, linear_cover, config })
     }
 
     pub fn config(&self) -> &GlobalAttentionConfig {
@@ -150,25 +208,52 @@ impl GlobalAttention {
         memory_bank: &Tensor,
         memory_lengths: Option<&[usize]>,
     ) -> Result<GlobalOutput> {
-        let mask = match memory_lengths {
-            Some(l) => Mask::none().with_key_lengths(l.to_vec()),
-            None => Mask::none(),
-        };
-        self.forward_masked(source, memory_bank, &mask)
+        self.step(source, &self.prepare(memory_bank, memory_lengths)?, None)
     }
 
-    /// [`Self::forward`] with any [`Mask`] over `(B, T, S)`.
-    pub fn forward_masked(&self, source: &Tensor, memory_bank: &Tensor, mask: &Mask) -> Result<GlobalOutput> {
+    /// Checks the memory and computes what every step reuses.
+    pub fn prepare(&self, memory_bank: &Tensor, memory_lengths: Option<&[usize]>) -> Result<PreparedMemory> {
         let c = self.config.dim;
-        let (ss, ms) = (shape_str(source), shape_str(memory_bank));
         ensure!(
-            source.rank() == 3 && memory_bank.rank() == 3 && source.dim(2)? == c && memory_bank.dim(2)? == c,
+            memory_bank.rank() == 3 && memory_bank.dim(2)? == c,
             Self::OP,
-            "expected source (B, T, C = {c}) and memory_bank (B, S, C = {c}), got source {ss} and memory_bank {ms}"
+            "expected memory_bank (B, S, C = {c}), got {}",
+            shape_str(memory_bank)
         );
-        let scores = self.score(source, memory_bank)?; // (B, T, S)
+        let keys = match &self.score {
+            GlobalScore::Additive(a) => Some(a.project_keys(memory_bank)?), // (B, S, C)
+            _ => None,
+        };
+        Ok(PreparedMemory { memory: memory_bank.clone(), keys, lengths: memory_lengths.map(<[usize]>::to_vec) })
+    }
+
+    /// Attends `source` `(B, T, C)` over prepared memory. With `coverage` `(B, S)` (the sum of earlier steps'
+    /// weights; additive scores only) the score becomes `vᵀ tanh(W_q h + b_q + W_c h_s + w_cov · cov_s)` (Tu et al.
+    /// 2016), so the model can learn not to attend again where it already has.
+    pub fn step(&self, source: &Tensor, memory: &PreparedMemory, coverage: Option<&Tensor>) -> Result<GlobalOutput> {
+        let c = self.config.dim;
+        let (ss, ms) = (shape_str(source), shape_str(&memory.memory));
+        ensure!(
+            source.rank() == 3 && source.dim(2)? == c && source.dim(0)? == memory.memory.dim(0)?,
+            Self::OP,
+            "expected source (B, T, C = {c}) for memory_bank {ms}, got source {ss}"
+        );
+        let scores = match (&self.score, &memory.keys) {
+            (GlobalScore::Additive(a), Some(keys)) => {
+                let keys = match (coverage, &self.linear_cover) {
+                    (None, _) => keys.clone(),
+                    (Some(cov), Some(lin)) => (keys + lin.forward(&cov.unsqueeze(2)?)?)?, // (B, S, C)
+                    (Some(_), None) => bail!(Self::OP, "coverage needs a layer built with coverage"),
+                };
+                a.score_projected(source, &keys)?
+            }
+            _ => {
+                ensure!(coverage.is_none(), Self::OP, "coverage applies to the additive scores (concat, mlp) only");
+                self.score(source, &memory.memory)?
+            }
+        }; // (B, T, S)
         let opts = ClassicOptions { normalizer: self.config.normalizer, reference: false };
-        let out = attend_scores_with(&scores, memory_bank, mask, opts)?;
+        let out = attend_scores_with(&scores, &memory.memory, &memory.mask(), opts)?;
         Ok(GlobalOutput { attn_h: self.combine(&out.context, source)?, align: out.weights, context: out.context })
     }
 
