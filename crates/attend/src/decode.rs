@@ -83,11 +83,11 @@ pub fn beam_search<D: StepDecoder>(model: &D, init: D::State, cfg: &BeamConfig) 
     for _ in 0..cfg.max_len {
         let last: Vec<u32> = alive.iter().map(|(t, _)| *t.last().unwrap_or(&cfg.bos)).collect();
         let (logp, next) = model.step(&last, &state)?;
-        let logp: Vec<Vec<f32>> = logp.to_dtype(DType::F32)?.to_vec2()?;
+        let logp: Vec<Vec<f64>> = logp.to_dtype(DType::F64)?.to_vec2()?;
         // Every extension of every hypothesis, best first; ties keep the earlier hypothesis and the smaller token.
         let mut cands: Vec<(usize, u32, f64)> = Vec::with_capacity(alive.len() * logp[0].len());
         for (k, (_, lp)) in alive.iter().enumerate() {
-            cands.extend(logp[k].iter().enumerate().map(|(v, &l)| (k, v as u32, lp + l as f64)));
+            cands.extend(logp[k].iter().enumerate().map(|(v, &l)| (k, v as u32, lp + l)));
         }
         cands.sort_by(|a, b| b.2.total_cmp(&a.2));
         let mut keep = Vec::new();

@@ -101,8 +101,8 @@ impl PreparedMemory {
     /// The rows `indices` of every tensor (beam search reorders and repeats hypotheses).
     pub fn select(&self, indices: &Tensor, host: &[usize]) -> Result<Self> {
         Ok(Self {
-            memory: self.memory.index_select(indices, 0)?,
-            keys: self.keys.as_ref().map(|k| k.index_select(indices, 0)).transpose()?,
+            memory: self.memory.contiguous()?.index_select(indices, 0)?,
+            keys: self.keys.as_ref().map(|k| k.contiguous()?.index_select(indices, 0)).transpose()?,
             lengths: self.lengths.as_ref().map(|l| host.iter().map(|&i| l[i]).collect()),
         })
     }

@@ -519,10 +519,12 @@ impl StepDecoder for Decoder<'_> {
 
     fn select(&self, s: &DecoderState, indices: &[usize]) -> Result<DecoderState> {
         let idx = Tensor::from_vec(indices.iter().map(|&i| i as u32).collect::<Vec<_>>(), indices.len(), s.h.device())?;
-        let rows = |t: &Tensor| t.index_select(&idx, 0);
+        // index_select reads contiguous tensors only (the bridged states are permuted views).
+        let rows = |t: &Tensor| t.contiguous()?.index_select(&idx, 0);
+        let cols = |t: &Tensor| t.contiguous()?.index_select(&idx, 1);
         Ok(DecoderState {
-            h: s.h.index_select(&idx, 1)?,
-            c: s.c.as_ref().map(|c| c.index_select(&idx, 1)).transpose()?,
+            h: cols(&s.h)?,
+            c: s.c.as_ref().map(cols).transpose()?,
             feed: s.feed.as_ref().map(rows).transpose()?,
             coverage: s.coverage.as_ref().map(rows).transpose()?,
             memory: match &s.memory {
