@@ -142,3 +142,42 @@ impl Clone for TrainingFlag {
         TrainingFlag(AtomicBool::new(self.get()))
     }
 }
+
+/// Counter-based random numbers for sampling layers (hard attention, Gumbel noise, glimpse locations): element `i`
+/// of a draw with seed `s` depends on `(s, i)` only, so a seed from a [`DropoutStream`] reproduces it.
+pub mod sample {
+    use candle_core::{DType, Device, Shape, Tensor};
+
+    use crate::Result;
+
+    /// `U(0, 1)` strictly inside the interval (so `ln u` is finite).
+    fn uniform_at(seed: u64, i: u64) -> f64 {
+        (attend_kernels::dropout::random_bits(seed, i) as f64 + 0.5) / 4_294_967_296.0
+    }
+
+    /// Uniform samples in `(0, 1)`.
+    pub fn uniform(seed: u64, shape: impl Into<Shape>, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f64> = (0..shape.elem_count() as u64).map(|i| uniform_at(seed, i)).collect();
+        Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
+    }
+
+    /// Standard normal samples (Box–Muller on two uniforms per element).
+    pub fn normal(seed: u64, shape: impl Into<Shape>, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f64> = (0..shape.elem_count() as u64)
+            .map(|i| {
+                let (u1, u2) = (uniform_at(seed, 2 * i), uniform_at(seed, 2 * i + 1));
+                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
+    }
+
+    /// Standard Gumbel samples, `−ln(−ln u)`.
+    pub fn gumbel(seed: u64, shape: impl Into<Shape>, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f64> = (0..shape.elem_count() as u64).map(|i| -(-uniform_at(seed, i).ln()).ln()).collect();
+        Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
+    }
+}

@@ -10,11 +10,13 @@
 //! | [`spatial::SpatialAttention`] | Xu et al. 2015 (Show, Attend and Tell) | `spatial.rs` |
 //! | [`din::DinAttention`] | Zhou et al. 2018 (Deep Interest Network) | `din.rs` |
 //! | [`gat::Gat`] | Veličković et al. 2018 (GAT), Brody et al. 2022 (GATv2), on edge lists | `gat.rs` |
+//! | [`hard`]: top-k, sampled (REINFORCE with a baseline), Gumbel-softmax straight-through | Xu et al. 2015 §4.1; Williams 1992; Jang et al. 2017 | `hard.rs` |
 
 pub mod coattention;
 pub mod din;
 pub mod gat;
 pub mod global;
 pub mod han;
+pub mod hard;
 pub mod local;
 pub mod spatial;
