@@ -141,3 +141,48 @@ fn gumbel_softmax_straight_through() {
         assert!((freq[j] - p[j]).abs() < 5.0 * se, "class {j}: {} vs {}", freq[j], p[j]);
     }
 }
+
+#[test]
+fn glimpse_sensor_reads_a_retina() {
+    use attend::models::ram::GlimpseSensor;
+    let dev = Device::Cpu;
+    // An 8 × 8 image whose pixel (y, x) holds 8y + x.
+    let img = Tensor::arange(0f32, 64., &dev).unwrap().reshape((1, 1, 8, 8)).unwrap();
+    let sensor = GlimpseSensor { patch: 2, scales: 2 };
+    let g: Vec<f32> = sensor.read(&img, &[[0.0, 0.0]]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    // Centre (4, 4): the 2 × 2 patch rows 3..5, cols 3..5; the 4 × 4 patch rows 2..6 pooled by 2.
+    assert_eq!(&g[..4], &[27.0, 28.0, 35.0, 36.0]);
+    let pooled = |y: f32, x: f32| (8.0 * y + x) + 4.5; // mean of a 2 × 2 block at (y, x)
+    assert_eq!(&g[4..], &[pooled(2.0, 2.0), pooled(2.0, 4.0), pooled(4.0, 2.0), pooled(4.0, 4.0)]);
+    // At the top-left corner the retina reads zeros outside the image.
+    let corner: Vec<f32> = sensor.read(&img, &[[-1.0, -1.0]]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(&corner[..4], &[0.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn recurrent_attention_model_trains_every_part() {
+    use attend::models::ram::{Ram, RamConfig};
+    use candle_nn::{VarBuilder, VarMap};
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = RamConfig { patch: 4, scales: 2, glimpses: 4, classes: 3, glimpse_hidden: 8, location_hidden: 8, hidden: 16, ..RamConfig::default() };
+    let ram = Ram::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    ram.set_training(true);
+    let images = randn(&[6, 1, 12, 12], 77, DType::F32);
+    let out = ram.forward(&images, 1).unwrap();
+    assert_eq!(out.log_probs.dims(), &[6, 3]);
+    let locs: Vec<f32> = out.locations.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(locs.iter().all(|l| (-1.0..=1.0).contains(l)));
+    // Rewards of 0 and 1 in one batch, so the advantage is not zero everywhere.
+    let labels = out.logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    let mixed: Vec<u32> = labels.iter().enumerate().map(|(i, &l)| if i % 2 == 0 { l } else { (l + 1) % 3 }).collect();
+    let loss = out.loss(&Tensor::new(mixed, &dev).unwrap()).unwrap();
+    assert!((loss.accuracy - 0.5).abs() < 1e-9);
+    assert_all_grads_finite_nonzero("ram", &varmap_vars(&vm), &loss.total.backward().unwrap());
+    // Same seed, same glimpses; evaluation follows the policy's mean deterministically.
+    let again = ram.forward(&images, 1).unwrap();
+    assert_close("reproducible", &again.locations, &out.locations, F32);
+    ram.set_training(false);
+    let (e1, e2) = (ram.forward(&images, 1).unwrap(), ram.forward(&images, 1).unwrap());
+    assert_close("evaluation", &e1.logits, &e2.logits, F32);
+}

@@ -3,5 +3,7 @@
 //! | model | file |
 //! |---|---|
 //! | [`seq2seq::Seq2Seq`]: recurrent encoder–decoder, no attention / Bahdanau / Luong global / local-m / local-p, coverage | `seq2seq.rs` |
+//! | [`ram::Ram`]: recurrent attention model, glimpses and REINFORCE (Mnih et al. 2014) | `ram.rs` |
 
+pub mod ram;
 pub mod seq2seq;
