@@ -165,7 +165,16 @@ fn recurrent_attention_model_trains_every_part() {
     use candle_nn::{VarBuilder, VarMap};
     let dev = Device::Cpu;
     let vm = VarMap::new();
-    let cfg = RamConfig { patch: 4, scales: 2, glimpses: 4, classes: 3, glimpse_hidden: 8, location_hidden: 8, hidden: 16, ..RamConfig::default() };
+    let cfg = RamConfig {
+        patch: 4,
+        scales: 2,
+        glimpses: 4,
+        classes: 3,
+        glimpse_hidden: 8,
+        location_hidden: 8,
+        hidden: 16,
+        ..RamConfig::default()
+    };
     let ram = Ram::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     ram.set_training(true);
     let images = randn(&[6, 1, 12, 12], 77, DType::F32);

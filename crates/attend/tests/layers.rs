@@ -271,3 +271,83 @@ fn regularisers_and_unnormalised_weights_follow_their_definitions() {
     let sums: Vec<f32> = soft.forward(&hist, &tgt, Some(&[5, 2])).unwrap().weights.sum(1).unwrap().to_vec1().unwrap();
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
 }
+
+#[test]
+fn truncated_attention_streams_with_a_bounded_cache() {
+    use attend::attention::MultiHeadAttentionConfig;
+    use attend::layers::truncated::TruncatedSelfAttention;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let x = r64(&[2, 17, 8], 61);
+    for left in [0usize, 1, 4] {
+        let layer = TruncatedSelfAttention::new(
+            &MultiHeadAttentionConfig::new(8, 2),
+            left,
+            0,
+            VarBuilder::from_varmap(&vm, DType::F64, &dev).pp(format!("l{left}")),
+        )
+        .unwrap();
+        let whole = layer.forward(&x).unwrap();
+        for chunk in [1usize, 3, 5, 17] {
+            let mut stream = layer.stream();
+            let mut parts = vec![];
+            let mut at = 0;
+            while at < 17 {
+                let n = chunk.min(17 - at);
+                parts.push(stream.push(&layer, &x.narrow(1, at, n).unwrap()).unwrap());
+                assert!(stream.cached() <= left, "cache holds {} > left = {left}", stream.cached());
+                at += n;
+            }
+            assert_close(&format!("left {left}, chunks of {chunk}"), &Tensor::cat(&parts, 1).unwrap(), &whole, F64);
+        }
+        // Position t is unaffected by anything more than `left` steps back.
+        let changed = x.slice_assign(&[0..2, 0..1, 0..8], &r64(&[2, 1, 8], 62)).unwrap();
+        let after = layer.forward(&changed).unwrap();
+        assert_close(
+            "beyond the look-back",
+            &after.narrow(1, left + 1, 16 - left).unwrap(),
+            &whole.narrow(1, left + 1, 16 - left).unwrap(),
+            F64,
+        );
+    }
+    let two_sided = TruncatedSelfAttention::new(
+        &MultiHeadAttentionConfig::new(8, 2),
+        2,
+        1,
+        VarBuilder::from_varmap(&vm, DType::F64, &dev).pp("two"),
+    )
+    .unwrap();
+    assert!(two_sided.stream().push(&two_sided, &x).unwrap_err().to_string().contains("right = 1"));
+}
+
+#[test]
+fn shared_stacks_reuse_one_set_of_parameters() {
+    use attend::layers::stack::Stack;
+    use candle_nn::{linear, Module};
+    let dev = Device::Cpu;
+    let x = r(&[3, 5], 71);
+    let step = |l: &candle_nn::Linear, h: &Tensor| -> attend::Result<Tensor> { Ok(l.forward(h)?.tanh()?) };
+    let (vm_s, vb) = vm_vb();
+    let shared = Stack::shared(3, |vb| Ok(linear(5, 5, vb)?), vb.pp("block")).unwrap();
+    let (vm_d, vb) = vm_vb();
+    let distinct = Stack::distinct(3, |vb| Ok(linear(5, 5, vb)?), vb.pp("layers")).unwrap();
+    assert_eq!((varmap_vars(&vm_s).len(), varmap_vars(&vm_d).len()), (2, 6));
+    assert!(shared.is_shared() && !distinct.is_shared());
+    let y = shared.forward(&x, step).unwrap();
+    let l = shared.layer(0);
+    let manual = step(l, &step(l, &step(l, &x).unwrap()).unwrap()).unwrap();
+    assert_close("three applications", &y, &manual, F32);
+    // The shared weight's gradient is the sum over its three applications: it equals the gradient of a distinct
+    // stack whose three layers hold the same values, summed over the layers.
+    let g = weighted_sum(&y, &r(&[3, 5], 72)).backward().unwrap();
+    for (name, v) in varmap_vars(&vm_d) {
+        let src =
+            varmap_vars(&vm_s).into_iter().find(|(n, _)| n.ends_with(name.rsplit('.').next().unwrap())).unwrap().1;
+        v.set(src.as_tensor()).unwrap();
+    }
+    let gd = weighted_sum(&distinct.forward(&x, step).unwrap(), &r(&[3, 5], 72)).backward().unwrap();
+    let sum_w =
+        (0..3).map(|i| gd.get(distinct.layer(i).weight()).unwrap().clone()).reduce(|a, b| (a + b).unwrap()).unwrap();
+    assert_close("shared gradient", g.get(shared.layer(0).weight()).unwrap(), &sum_w, F32_GRAD);
+    let _ = dev;
+}

@@ -11,6 +11,8 @@
 //! | [`din::DinAttention`] | Zhou et al. 2018 (Deep Interest Network) | `din.rs` |
 //! | [`gat::Gat`] | Veličković et al. 2018 (GAT), Brody et al. 2022 (GATv2), on edge lists | `gat.rs` |
 //! | [`hard`]: top-k, sampled (REINFORCE with a baseline), Gumbel-softmax straight-through | Xu et al. 2015 §4.1; Williams 1992; Jang et al. 2017 | `hard.rs` |
+//! | [`truncated::TruncatedSelfAttention`]: windowed self-attention, streamed with a bounded cache | streaming speech Transformers | `truncated.rs` |
+//! | [`stack::Stack`]: distinct or shared parameters across depth | ALBERT (Lan et al. 2020), Universal Transformer | `stack.rs` |
 
 pub mod coattention;
 pub mod din;
@@ -20,3 +22,5 @@ pub mod han;
 pub mod hard;
 pub mod local;
 pub mod spatial;
+pub mod stack;
+pub mod truncated;

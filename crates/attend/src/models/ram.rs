@@ -188,10 +188,21 @@ impl Ram {
     const OP: &'static str = "recurrent attention model";
 
     pub fn new(config: RamConfig, vb: VarBuilder) -> Result<Self> {
-        let RamConfig { channels, patch, scales, glimpses, classes, glimpse_hidden, location_hidden, hidden, location_std } =
-            config;
+        let RamConfig {
+            channels,
+            patch,
+            scales,
+            glimpses,
+            classes,
+            glimpse_hidden,
+            location_hidden,
+            hidden,
+            location_std,
+        } = config;
         ensure!(
-            [channels, patch, scales, glimpses, classes, glimpse_hidden, location_hidden, hidden].iter().all(|&x| x > 0),
+            [channels, patch, scales, glimpses, classes, glimpse_hidden, location_hidden, hidden]
+                .iter()
+                .all(|&x| x > 0),
             Self::OP,
             "sizes must be positive, got {config:?}"
         );
@@ -241,7 +252,8 @@ impl Ram {
         let mut h = Tensor::zeros((b, self.config.hidden), dtype, &dev)?;
         let (mut locations, mut log_probs, mut baselines) = (vec![], vec![], vec![]);
         for t in 0..self.config.glimpses {
-            let at: Vec<[f64; 2]> = loc.to_dtype(DType::F64)?.to_vec2::<f64>()?.into_iter().map(|v| [v[0], v[1]]).collect();
+            let at: Vec<[f64; 2]> =
+                loc.to_dtype(DType::F64)?.to_vec2::<f64>()?.into_iter().map(|v| [v[0], v[1]]).collect();
             locations.push(loc.clone());
             let rho = self.sensor.read(images, &at)?; // (B, k·C·g·g)
             let hg = self.fc_g.forward(&rho)?.relu()?;
