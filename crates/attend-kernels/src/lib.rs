@@ -11,10 +11,12 @@
 //! | [`softmax`] | row softmax with an optional additive or boolean mask, log-sum-exp per row | `dx = y ⊙ (dy − ⟨dy, y⟩)` |
 //! | [`softmax::log_softmax_forward`] | `x − lse(x)` | `dx = dy − softmax(x)·Σdy` |
 //! | [`cross_entropy`] | per-row loss with ignore index and label smoothing | `dx = g·(p − (1−ε)·onehot − ε/V)` |
+//! | [`graph`] | weighted sum over an edge list (graph attention), grouped by target node | `dα` per edge, `dx` grouped by source node |
 //! | [`norm`] | layer norm and RMS norm with optional scale | recomputes statistics, `dw` reduced over row blocks |
 //! | [`gelu`] | GELU, tanh and erf forms | analytic derivative |
 //! | [`dropout`] | counter-based keep mask from `(seed, index)` | the same mask, regenerated |
 //! | [`rnn`] | LSTM and GRU cells: all gates of a step in one pass | recomputes the gates, one pass |
+//! | [`rnn_seq`] | LSTM and GRU over a whole sequence: per-step gemm + fused cell, lengths, reverse | reverse walk, one gemm per step, `dW_hh` in one gemm |
 //! | [`sparse`] | sparsemax and 1.5-entmax, exact thresholds by sorting | `dz = w ⊙ dp − (⟨w, dp⟩/Σw)·w`, `w` = support or `√p` |
 
 pub mod cpu;
@@ -22,10 +24,12 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod flash;
 pub mod gelu;
+pub mod graph;
 pub mod norm;
 mod real;
 pub mod rng;
 pub mod rnn;
+pub mod rnn_seq;
 pub mod softmax;
 pub mod sparse;
 

@@ -14,6 +14,11 @@
 //! `N` rows (the batch) of hidden width `H`: LSTM `gates (N, 4H)`, `c (N, H)`, output `[h' | c'] (N, 2H)`; GRU
 //! `gx`, `gh (N, 3H)`, `h (N, H)`, output `h' (N, H)`.
 
+use std::any::TypeId;
+
+use rayon::prelude::*;
+
+use crate::flash::simd::{per_isa, Isa, Simd};
 use crate::Real;
 
 #[inline(always)]
@@ -23,9 +28,44 @@ fn sigmoid<T: Real>(x: T) -> T {
     half * ((x * half).tanh() + T::ONE)
 }
 
+/// Rows per thread of a cell kernel: a step of a recurrence is short (tens of microseconds), so a task gets at
+/// least 64K gate values before waking another thread is worth it.
+fn cell_rows_per_task(width: usize) -> usize {
+    ((1 << 16) / width.max(1)).max(1)
+}
+
+/// `&[T]` as `&[f32]` when `T` is `f32` (the vector paths are written for f32).
+fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (same type, so same size and alignment).
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+}
+
+fn as_f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as `as_f32`.
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
+}
+
 /// LSTM step: from the gate pre-activations `gates (N, 4H)` and the cell `c (N, H)`, writes `[h' | c'] (N, 2H)`.
+/// f32 runs the vector path of the CPU's instruction set, rows split over threads.
 pub fn lstm_cell_forward<T: Real>(gates: &[T], c: &[T], out: &mut [T], h: usize) {
     assert!(h > 0 && gates.len() == 4 * c.len() && out.len() == 2 * c.len() && c.len() % h == 0, "lstm_cell: lengths");
+    if let (Some(g), Some(cf), Some(o)) = (as_f32(gates), as_f32(c), as_f32_mut(out)) {
+        let rows = cell_rows_per_task(4 * h);
+        let isa = Isa::detect();
+        o.par_chunks_mut(2 * h * rows).enumerate().for_each(|(k, ok)| {
+            let r0 = k * rows;
+            let n = ok.len() / (2 * h);
+            // SAFETY: `isa` is supported (detected); the slices hold `n` rows of the lengths the routine reads.
+            unsafe { lstm_forward_isa(isa, &g[r0 * 4 * h..(r0 + n) * 4 * h], &cf[r0 * h..(r0 + n) * h], ok, h) }
+        });
+        return;
+    }
+    lstm_cell_forward_scalar(gates, c, out, h)
+}
+
+fn lstm_cell_forward_scalar<T: Real>(gates: &[T], c: &[T], out: &mut [T], h: usize) {
     for ((g, cr), o) in gates.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(out.chunks_exact_mut(2 * h)) {
         let (hn, cn) = o.split_at_mut(h);
         for j in 0..h {
@@ -48,6 +88,24 @@ pub fn lstm_cell_backward<T: Real>(gates: &[T], c: &[T], dout: &[T], dgates: &mu
         h > 0 && gates.len() == 4 * n && dout.len() == 2 * n && dgates.len() == 4 * n && dc.len() == n && n % h == 0,
         "lstm_cell_backward: lengths"
     );
+    if let (Some(g), Some(cf), Some(d), Some(dg), Some(dcf)) =
+        (as_f32(gates), as_f32(c), as_f32(dout), as_f32_mut(dgates), as_f32_mut(dc))
+    {
+        let rows = cell_rows_per_task(4 * h);
+        let isa = Isa::detect();
+        dg.par_chunks_mut(4 * h * rows).zip(dcf.par_chunks_mut(h * rows)).enumerate().for_each(|(k, (dgk, dck))| {
+            let (r0, m) = (k * rows, dck.len() / h);
+            let (gk, ck, dk) =
+                (&g[r0 * 4 * h..(r0 + m) * 4 * h], &cf[r0 * h..(r0 + m) * h], &d[r0 * 2 * h..(r0 + m) * 2 * h]);
+            // SAFETY: `isa` is supported; the slices hold `m` rows.
+            unsafe { lstm_backward_isa(isa, gk, ck, dk, dgk, dck, h) }
+        });
+        return;
+    }
+    lstm_cell_backward_scalar(gates, c, dout, dgates, dc, h)
+}
+
+fn lstm_cell_backward_scalar<T: Real>(gates: &[T], c: &[T], dout: &[T], dgates: &mut [T], dc: &mut [T], h: usize) {
     let rows = gates.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(dout.chunks_exact(2 * h));
     for (((g, cr), d), (dg, dcr)) in rows.zip(dgates.chunks_exact_mut(4 * h).zip(dc.chunks_exact_mut(h))) {
         let (dh, dc1) = d.split_at(h);
@@ -72,6 +130,23 @@ pub fn lstm_cell_backward<T: Real>(gates: &[T], c: &[T], dout: &[T], dgates: &mu
 pub fn gru_cell_forward<T: Real>(gx: &[T], gh: &[T], hp: &[T], out: &mut [T], h: usize) {
     let n = hp.len();
     assert!(h > 0 && gx.len() == 3 * n && gh.len() == 3 * n && out.len() == n && n % h == 0, "gru_cell: lengths");
+    if let (Some(x), Some(g), Some(hf), Some(o)) = (as_f32(gx), as_f32(gh), as_f32(hp), as_f32_mut(out)) {
+        let rows = cell_rows_per_task(3 * h);
+        let isa = Isa::detect();
+        o.par_chunks_mut(h * rows).enumerate().for_each(|(k, ok)| {
+            let (r0, m) = (k * rows, ok.len() / h);
+            let (xk, gk, hk) =
+                (&x[r0 * 3 * h..(r0 + m) * 3 * h], &g[r0 * 3 * h..(r0 + m) * 3 * h], &hf[r0 * h..(r0 + m) * h]);
+            // SAFETY: `isa` is supported; the slices hold `m` rows.
+            unsafe { gru_forward_isa(isa, xk, gk, hk, ok, h) }
+        });
+        return;
+    }
+    gru_cell_forward_scalar(gx, gh, hp, out, h)
+}
+
+fn gru_cell_forward_scalar<T: Real>(gx: &[T], gh: &[T], hp: &[T], out: &mut [T], h: usize) {
+    let n = hp.len();
     for row in 0..n / h {
         let (x, g) = (&gx[row * 3 * h..(row + 1) * 3 * h], &gh[row * 3 * h..(row + 1) * 3 * h]);
         let (hr, o) = (&hp[row * h..(row + 1) * h], &mut out[row * h..(row + 1) * h]);
@@ -109,6 +184,39 @@ pub fn gru_cell_backward<T: Real>(
             && n % h == 0,
         "gru_cell_backward: lengths"
     );
+    if let (Some(x), Some(g), Some(hf), Some(d), Some(dx), Some(dg), Some(dhf)) =
+        (as_f32(gx), as_f32(gh), as_f32(hp), as_f32(dout), as_f32_mut(dgx), as_f32_mut(dgh), as_f32_mut(dh))
+    {
+        let rows = cell_rows_per_task(3 * h);
+        let isa = Isa::detect();
+        dx.par_chunks_mut(3 * h * rows)
+            .zip(dg.par_chunks_mut(3 * h * rows))
+            .zip(dhf.par_chunks_mut(h * rows))
+            .enumerate()
+            .for_each(|(k, ((dxk, dgk), dhk))| {
+                let (r0, m) = (k * rows, dhk.len() / h);
+                let (a, b) = (r0 * 3 * h, (r0 + m) * 3 * h);
+                let (xk, gk, hk, dk) = (&x[a..b], &g[a..b], &hf[r0 * h..(r0 + m) * h], &d[r0 * h..(r0 + m) * h]);
+                // SAFETY: `isa` is supported; the slices hold `m` rows.
+                unsafe { gru_backward_isa(isa, xk, gk, hk, dk, dxk, dgk, dhk, h) }
+            });
+        return;
+    }
+    gru_cell_backward_scalar(gx, gh, hp, dout, dgx, dgh, dh, h)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gru_cell_backward_scalar<T: Real>(
+    gx: &[T],
+    gh: &[T],
+    hp: &[T],
+    dout: &[T],
+    dgx: &mut [T],
+    dgh: &mut [T],
+    dh: &mut [T],
+    h: usize,
+) {
+    let n = hp.len();
     for row in 0..n / h {
         let (x, g) = (&gx[row * 3 * h..(row + 1) * 3 * h], &gh[row * 3 * h..(row + 1) * 3 * h]);
         let (hr, d) = (&hp[row * h..(row + 1) * h], &dout[row * h..(row + 1) * h]);
@@ -131,6 +239,173 @@ pub fn gru_cell_backward<T: Real>(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// f32 vector paths: the same equations over `S::LANES` hidden units at a time; the tail of a row (H not a multiple
+// of the lanes) runs the scalar code. Transcendentals are the kernel library's vector tanh (relative error ~1e-7),
+// σ(x) = (tanh(x/2) + 1)/2.
+
+#[inline(always)]
+unsafe fn sigmoid_v<S: Simd>(x: S::V) -> S::V {
+    let half = S::splat(0.5);
+    S::fma(S::tanh(S::mul(x, half)), half, half)
+}
+
+/// The vector part of a row: `0..h − h % LANES`.
+#[inline(always)]
+fn vector_len<S: Simd>(h: usize) -> usize {
+    h - h % S::LANES
+}
+
+#[inline(always)]
+unsafe fn lstm_forward_rows<S: Simd>(g: &[f32], c: &[f32], out: &mut [f32], h: usize) {
+    let hv = vector_len::<S>(h);
+    for ((gr, cr), o) in g.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(out.chunks_exact_mut(2 * h)) {
+        let (gp, cp, op) = (gr.as_ptr(), cr.as_ptr(), o.as_mut_ptr());
+        for j in (0..hv).step_by(S::LANES) {
+            let i = sigmoid_v::<S>(S::load(gp.add(j)));
+            let f = sigmoid_v::<S>(S::load(gp.add(h + j)));
+            let gg = S::tanh(S::load(gp.add(2 * h + j)));
+            let og = sigmoid_v::<S>(S::load(gp.add(3 * h + j)));
+            let c1 = S::fma(f, S::load(cp.add(j)), S::mul(i, gg));
+            S::store(op.add(h + j), c1);
+            S::store(op.add(j), S::mul(og, S::tanh(c1)));
+        }
+        if hv < h {
+            let mut tail_g = Vec::with_capacity(4 * (h - hv));
+            (0..4).for_each(|q| tail_g.extend_from_slice(&gr[q * h + hv..(q + 1) * h]));
+            let mut tail_o = vec![0f32; 2 * (h - hv)];
+            lstm_cell_forward_scalar(&tail_g, &cr[hv..], &mut tail_o, h - hv);
+            o[hv..h].copy_from_slice(&tail_o[..h - hv]);
+            o[h + hv..].copy_from_slice(&tail_o[h - hv..]);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn lstm_backward_rows<S: Simd>(g: &[f32], c: &[f32], d: &[f32], dg: &mut [f32], dc: &mut [f32], h: usize) {
+    let hv = vector_len::<S>(h);
+    let one = S::splat(1.0);
+    let rows = g.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(d.chunks_exact(2 * h));
+    for (((gr, cr), dr), (dgr, dcr)) in rows.zip(dg.chunks_exact_mut(4 * h).zip(dc.chunks_exact_mut(h))) {
+        let (gp, cp, dp, dgp, dcp) = (gr.as_ptr(), cr.as_ptr(), dr.as_ptr(), dgr.as_mut_ptr(), dcr.as_mut_ptr());
+        for j in (0..hv).step_by(S::LANES) {
+            let i = sigmoid_v::<S>(S::load(gp.add(j)));
+            let f = sigmoid_v::<S>(S::load(gp.add(h + j)));
+            let gg = S::tanh(S::load(gp.add(2 * h + j)));
+            let og = sigmoid_v::<S>(S::load(gp.add(3 * h + j)));
+            let cprev = S::load(cp.add(j));
+            let tc = S::tanh(S::fma(f, cprev, S::mul(i, gg)));
+            let dh = S::load(dp.add(j));
+            // dc_total = dc' + dh·o·(1 − tanh²c')
+            let dct = S::fma(S::mul(dh, og), S::sub(one, S::mul(tc, tc)), S::load(dp.add(h + j)));
+            S::store(dgp.add(j), S::mul(S::mul(dct, gg), S::mul(i, S::sub(one, i))));
+            S::store(dgp.add(h + j), S::mul(S::mul(dct, cprev), S::mul(f, S::sub(one, f))));
+            S::store(dgp.add(2 * h + j), S::mul(S::mul(dct, i), S::sub(one, S::mul(gg, gg))));
+            S::store(dgp.add(3 * h + j), S::mul(S::mul(dh, tc), S::mul(og, S::sub(one, og))));
+            S::store(dcp.add(j), S::mul(dct, f));
+        }
+        if hv < h {
+            let t = h - hv;
+            let (mut tg, mut td) = (Vec::with_capacity(4 * t), Vec::with_capacity(2 * t));
+            (0..4).for_each(|q| tg.extend_from_slice(&gr[q * h + hv..(q + 1) * h]));
+            (0..2).for_each(|q| td.extend_from_slice(&dr[q * h + hv..(q + 1) * h]));
+            let (mut tdg, mut tdc) = (vec![0f32; 4 * t], vec![0f32; t]);
+            lstm_cell_backward_scalar(&tg, &cr[hv..], &td, &mut tdg, &mut tdc, t);
+            (0..4).for_each(|q| dgr[q * h + hv..(q + 1) * h].copy_from_slice(&tdg[q * t..(q + 1) * t]));
+            dcr[hv..].copy_from_slice(&tdc);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn gru_forward_rows<S: Simd>(x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], h: usize) {
+    let hv = vector_len::<S>(h);
+    for row in 0..hp.len() / h {
+        let (xr, gr) = (&x[row * 3 * h..(row + 1) * 3 * h], &g[row * 3 * h..(row + 1) * 3 * h]);
+        let (hr, o) = (&hp[row * h..(row + 1) * h], &mut out[row * h..(row + 1) * h]);
+        let (xp, gp, hpp, op) = (xr.as_ptr(), gr.as_ptr(), hr.as_ptr(), o.as_mut_ptr());
+        for j in (0..hv).step_by(S::LANES) {
+            let r = sigmoid_v::<S>(S::add(S::load(xp.add(j)), S::load(gp.add(j))));
+            let z = sigmoid_v::<S>(S::add(S::load(xp.add(h + j)), S::load(gp.add(h + j))));
+            let n = S::tanh(S::fma(r, S::load(gp.add(2 * h + j)), S::load(xp.add(2 * h + j))));
+            // h' = n + z (h − n)
+            S::store(op.add(j), S::fma(z, S::sub(S::load(hpp.add(j)), n), n));
+        }
+        if hv < h {
+            let t = h - hv;
+            let (mut tx, mut tg) = (Vec::with_capacity(3 * t), Vec::with_capacity(3 * t));
+            (0..3).for_each(|q| {
+                tx.extend_from_slice(&xr[q * h + hv..(q + 1) * h]);
+                tg.extend_from_slice(&gr[q * h + hv..(q + 1) * h]);
+            });
+            gru_cell_forward_scalar(&tx, &tg, &hr[hv..], &mut o[hv..], t);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gru_backward_rows<S: Simd>(
+    x: &[f32],
+    g: &[f32],
+    hp: &[f32],
+    d: &[f32],
+    dx: &mut [f32],
+    dg: &mut [f32],
+    dh: &mut [f32],
+    h: usize,
+) {
+    let hv = vector_len::<S>(h);
+    let one = S::splat(1.0);
+    for row in 0..hp.len() / h {
+        let (a, b) = (row * 3 * h, (row + 1) * 3 * h);
+        let (xr, gr, hr, dr) = (&x[a..b], &g[a..b], &hp[row * h..(row + 1) * h], &d[row * h..(row + 1) * h]);
+        let (dxr, dgr, dhr) = (&mut dx[a..b], &mut dg[a..b], &mut dh[row * h..(row + 1) * h]);
+        let (xp, gp, hpp, dp) = (xr.as_ptr(), gr.as_ptr(), hr.as_ptr(), dr.as_ptr());
+        let (dxp, dgp, dhp) = (dxr.as_mut_ptr(), dgr.as_mut_ptr(), dhr.as_mut_ptr());
+        for j in (0..hv).step_by(S::LANES) {
+            let ghn = S::load(gp.add(2 * h + j));
+            let r = sigmoid_v::<S>(S::add(S::load(xp.add(j)), S::load(gp.add(j))));
+            let z = sigmoid_v::<S>(S::add(S::load(xp.add(h + j)), S::load(gp.add(h + j))));
+            let n = S::tanh(S::fma(r, ghn, S::load(xp.add(2 * h + j))));
+            let dy = S::load(dp.add(j));
+            let dn = S::mul(S::mul(dy, S::sub(one, z)), S::sub(one, S::mul(n, n)));
+            let dz = S::mul(S::mul(dy, S::sub(S::load(hpp.add(j)), n)), S::mul(z, S::sub(one, z)));
+            let dr_ = S::mul(S::mul(dn, ghn), S::mul(r, S::sub(one, r)));
+            S::store(dxp.add(j), dr_);
+            S::store(dgp.add(j), dr_);
+            S::store(dxp.add(h + j), dz);
+            S::store(dgp.add(h + j), dz);
+            S::store(dxp.add(2 * h + j), dn);
+            S::store(dgp.add(2 * h + j), S::mul(dn, r));
+            S::store(dhp.add(j), S::mul(dy, z));
+        }
+        if hv < h {
+            let t = h - hv;
+            let (mut tx, mut tg) = (Vec::with_capacity(3 * t), Vec::with_capacity(3 * t));
+            (0..3).for_each(|q| {
+                tx.extend_from_slice(&xr[q * h + hv..(q + 1) * h]);
+                tg.extend_from_slice(&gr[q * h + hv..(q + 1) * h]);
+            });
+            let (mut tdx, mut tdg) = (vec![0f32; 3 * t], vec![0f32; 3 * t]);
+            gru_cell_backward_scalar(&tx, &tg, &hr[hv..], &dr[hv..], &mut tdx, &mut tdg, &mut dhr[hv..], t);
+            (0..3).for_each(|q| {
+                dxr[q * h + hv..(q + 1) * h].copy_from_slice(&tdx[q * t..(q + 1) * t]);
+                dgr[q * h + hv..(q + 1) * h].copy_from_slice(&tdg[q * t..(q + 1) * t]);
+            });
+        }
+    }
+}
+
+per_isa!(lstm_forward_isa, lstm_forward_rows, (g: &[f32], c: &[f32], out: &mut [f32], h: usize));
+per_isa!(lstm_backward_isa, lstm_backward_rows, (g: &[f32], c: &[f32], d: &[f32], dg: &mut [f32], dc: &mut [f32], h: usize));
+per_isa!(gru_forward_isa, gru_forward_rows, (x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], h: usize));
+per_isa!(
+    gru_backward_isa,
+    gru_backward_rows,
+    (x: &[f32], g: &[f32], hp: &[f32], d: &[f32], dx: &mut [f32], dg: &mut [f32], dh: &mut [f32], h: usize)
+);
 
 #[cfg(test)]
 mod tests {
@@ -155,6 +430,55 @@ mod tests {
             let lb: f64 = f(&b).iter().zip(&w).map(|(p, q)| p * q).sum();
             let fd = (la - lb) / (2.0 * eps);
             assert!((fd - analytic[k]).abs() < 1e-7, "input {k}: finite difference {fd} vs backward {}", analytic[k]);
+        }
+    }
+
+    /// Every instruction-set path in f32 against the scalar code in f64, with a row tail (H not a multiple of any
+    /// lane count) and a few saturated gates.
+    #[test]
+    fn vector_paths_match_the_scalar_kernels() {
+        let (n, h) = (3, 37);
+        let v = |len: usize, seed: usize| -> Vec<f64> {
+            (0..len).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f64 / 1000.0 - 0.5) * 8.0).collect()
+        };
+        let f32s = |x: &[f64]| -> Vec<f32> { x.iter().map(|&a| a as f32).collect() };
+        let close = |label: &str, got: &[f32], want: &[f64]| {
+            for (k, (&a, &b)) in got.iter().zip(want).enumerate() {
+                assert!((a as f64 - b).abs() <= 2e-6 * (1.0 + b.abs()), "{label}[{k}]: {a} vs {b}");
+            }
+        };
+        let (g, c, d2) = (v(4 * n * h, 1), v(n * h, 2), v(2 * n * h, 3));
+        let (gx, gh, hp, d1) = (v(3 * n * h, 4), v(3 * n * h, 5), v(n * h, 6), v(n * h, 7));
+        // f64 references (scalar paths), on the f32-rounded inputs.
+        let r = |x: &[f64]| -> Vec<f64> { x.iter().map(|&a| a as f32 as f64).collect() };
+        let (g, c, d2, gx, gh, hp, d1) = (r(&g), r(&c), r(&d2), r(&gx), r(&gh), r(&hp), r(&d1));
+        let mut lf = vec![0.0; 2 * n * h];
+        lstm_cell_forward_scalar(&g, &c, &mut lf, h);
+        let (mut ldg, mut ldc) = (vec![0.0; 4 * n * h], vec![0.0; n * h]);
+        lstm_cell_backward_scalar(&g, &c, &d2, &mut ldg, &mut ldc, h);
+        let mut gf = vec![0.0; n * h];
+        gru_cell_forward_scalar(&gx, &gh, &hp, &mut gf, h);
+        let (mut gdx, mut gdg, mut gdh) = (vec![0.0; 3 * n * h], vec![0.0; 3 * n * h], vec![0.0; n * h]);
+        gru_cell_backward_scalar(&gx, &gh, &hp, &d1, &mut gdx, &mut gdg, &mut gdh, h);
+        for isa in Isa::available() {
+            let l = format!("{isa:?}");
+            let mut o = vec![0f32; 2 * n * h];
+            unsafe { lstm_forward_isa(isa, &f32s(&g), &f32s(&c), &mut o, h) };
+            close(&format!("{l} lstm forward"), &o, &lf);
+            let (mut dg, mut dc) = (vec![0f32; 4 * n * h], vec![0f32; n * h]);
+            unsafe { lstm_backward_isa(isa, &f32s(&g), &f32s(&c), &f32s(&d2), &mut dg, &mut dc, h) };
+            close(&format!("{l} lstm dgates"), &dg, &ldg);
+            close(&format!("{l} lstm dc"), &dc, &ldc);
+            let mut o = vec![0f32; n * h];
+            unsafe { gru_forward_isa(isa, &f32s(&gx), &f32s(&gh), &f32s(&hp), &mut o, h) };
+            close(&format!("{l} gru forward"), &o, &gf);
+            let (mut dx, mut dg, mut dh) = (vec![0f32; 3 * n * h], vec![0f32; 3 * n * h], vec![0f32; n * h]);
+            unsafe {
+                gru_backward_isa(isa, &f32s(&gx), &f32s(&gh), &f32s(&hp), &f32s(&d1), &mut dx, &mut dg, &mut dh, h)
+            };
+            close(&format!("{l} gru dgx"), &dx, &gdx);
+            close(&format!("{l} gru dgh"), &dg, &gdg);
+            close(&format!("{l} gru dh"), &dh, &gdh);
         }
     }
 

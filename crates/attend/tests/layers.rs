@@ -351,3 +351,24 @@ fn shared_stacks_reuse_one_set_of_parameters() {
     assert_close("shared gradient", g.get(shared.layer(0).weight()).unwrap(), &sum_w, F32_GRAD);
     let _ = dev;
 }
+
+#[test]
+fn edge_aggregate_equals_its_twin_and_finite_differences() {
+    use attend::ops::{edge_aggregate, edge_aggregate_reference};
+    let (src, dst) = (vec![0u32, 1, 2, 3, 4, 0, 2, 4, 4], vec![1u32, 2, 3, 4, 0, 2, 0, 1, 1]); // a repeated edge too
+    let (x, alpha) = (r64(&[5, 3, 4], 81), r64(&[9, 3], 82));
+    let xv = candle_core::Var::from_tensor(&x).unwrap();
+    let av = candle_core::Var::from_tensor(&alpha).unwrap();
+    let w = r64(&[5, 3, 4], 83);
+    let run = |f: fn(&Tensor, &Tensor, &[u32], &[u32], usize) -> attend::Result<Tensor>| {
+        let out = f(xv.as_tensor(), av.as_tensor(), &src, &dst, 5).unwrap();
+        let g = weighted_sum(&out, &w).backward().unwrap();
+        (out, g.get(xv.as_tensor()).unwrap().clone(), g.get(av.as_tensor()).unwrap().clone())
+    };
+    let (a, b) = (run(edge_aggregate), run(edge_aggregate_reference));
+    assert_close("out", &a.0, &b.0, F64);
+    assert_close("dx", &a.1, &b.1, F64);
+    assert_close("dalpha", &a.2, &b.2, F64);
+    fd_check("edge aggregate dx", x.clone(), |x| edge_aggregate(x, &alpha, &src, &dst, 5).unwrap());
+    fd_check("edge aggregate dalpha", alpha.clone(), |a| edge_aggregate(&x, a, &src, &dst, 5).unwrap());
+}

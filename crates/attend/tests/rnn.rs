@@ -261,3 +261,34 @@ fn bad_input_is_an_error_naming_shapes() {
             .to_string();
     assert!(e.contains("dropout"), "{e}");
 }
+
+#[test]
+fn sequence_ops_match_finite_differences() {
+    // The whole-sequence ops' hand-written backward, with lengths and in both directions.
+    let (b, t, h) = (3, 5, 4);
+    let lengths = [5usize, 2, 4];
+    for reverse in [false, true] {
+        let gx4 = (randn64(&[b, t, 4 * h], 91) * 1.5).unwrap();
+        let w4 = (randn64(&[4 * h, h], 92) * 0.5).unwrap();
+        let (h0, c0) = (randn64(&[b, h], 93), randn64(&[b, h], 94));
+        let lstm = |gx: &Tensor, w: &Tensor, h0: &Tensor, c0: &Tensor| {
+            let (y, hn, cn) = ops::lstm_sequence(gx, w, h0, c0, Some(&lengths), reverse).unwrap();
+            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap(), cn.flatten_all().unwrap()], 0).unwrap()
+        };
+        fd_check(&format!("lstm dgx reverse={reverse}"), gx4.clone(), |x| lstm(x, &w4, &h0, &c0));
+        fd_check(&format!("lstm dw_hh reverse={reverse}"), w4.clone(), |w| lstm(&gx4, w, &h0, &c0));
+        fd_check(&format!("lstm dh0 reverse={reverse}"), h0.clone(), |s| lstm(&gx4, &w4, s, &c0));
+        fd_check(&format!("lstm dc0 reverse={reverse}"), c0.clone(), |s| lstm(&gx4, &w4, &h0, s));
+        let gx3 = (randn64(&[b, t, 3 * h], 95) * 1.5).unwrap();
+        let w3 = (randn64(&[3 * h, h], 96) * 0.5).unwrap();
+        let bh = randn64(&[3 * h], 97);
+        let gru = |gx: &Tensor, w: &Tensor, bh: &Tensor, h0: &Tensor| {
+            let (y, hn) = ops::gru_sequence(gx, w, Some(bh), h0, Some(&lengths), reverse).unwrap();
+            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap()], 0).unwrap()
+        };
+        fd_check(&format!("gru dgx reverse={reverse}"), gx3.clone(), |x| gru(x, &w3, &bh, &h0));
+        fd_check(&format!("gru dw_hh reverse={reverse}"), w3.clone(), |w| gru(&gx3, w, &bh, &h0));
+        fd_check(&format!("gru db_hh reverse={reverse}"), bh.clone(), |v| gru(&gx3, &w3, v, &h0));
+        fd_check(&format!("gru dh0 reverse={reverse}"), h0.clone(), |s| gru(&gx3, &w3, &bh, s));
+    }
+}

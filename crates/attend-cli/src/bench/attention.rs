@@ -36,8 +36,7 @@
 //! The JSON names the CPU (vendor, family/model, brand, micro-architecture, caches), the instruction-set path, the
 //! threads, the kernel's tiles and whether freed memory is kept in the process (`attend::alloc`).
 
-use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use attend::attention::{attention_with, AttentionImpl, AttentionOptions, Mask};
@@ -48,7 +47,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::{available_threads, configure_threads, mem_available_bytes, minor_faults, peak_rss_mb, rss_mb};
+use super::{
+    available_threads, configure_threads, mem_available_bytes, minor_faults, peak_rss_mb, rss_mb, Progress, Times,
+};
 use crate::errors;
 use crate::op::attention::{normal_samples, ImplArg};
 
@@ -437,66 +438,6 @@ fn check_memory(cfg: &Config) -> Result<()> {
 }
 
 /// A progress line on stderr, only on a terminal and only once the run is projected to take more than 2 s.
-struct Progress {
-    start: Instant,
-    total: usize,
-    on: bool,
-    enabled: bool,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        Progress { start: Instant::now(), total, on: false, enabled: std::io::stderr().is_terminal() }
-    }
-
-    /// After iteration `done` (1-based, warmups included) of `total`, which took `last`.
-    fn tick(&mut self, done: usize, warmup: usize, last: Duration) {
-        if !self.enabled {
-            return;
-        }
-        let projected = self.start.elapsed() + last * (self.total - done) as u32;
-        self.on |= projected > Duration::from_secs(2);
-        if self.on {
-            let phase = if done <= warmup {
-                format!("warmup {done}/{warmup}")
-            } else {
-                format!("iteration {}/{}", done - warmup, self.total - warmup)
-            };
-            let mut err = std::io::stderr();
-            let _ = write!(err, "\r\x1b[Kbench attention: {phase}, last {:.1} ms", last.as_secs_f64() * 1e3);
-            let _ = err.flush();
-        }
-    }
-
-    fn finish(&self) {
-        if self.on {
-            let _ = write!(std::io::stderr(), "\r\x1b[K");
-        }
-    }
-}
-
-/// Timing statistics in milliseconds.
-struct Times {
-    median: f64,
-    min: f64,
-    mean: f64,
-    p90: f64,
-}
-
-impl Times {
-    /// `median` is the upper middle element, as in the PyTorch anchor script (`ts[len(ts) // 2]`).
-    fn of(mut ms: Vec<f64>) -> Self {
-        ms.sort_by(f64::total_cmp);
-        let n = ms.len();
-        Times {
-            median: ms[n / 2],
-            min: ms[0],
-            mean: ms.iter().sum::<f64>() / n as f64,
-            p90: ms[((n as f64 * 0.9).ceil() as usize).clamp(1, n) - 1],
-        }
-    }
-}
-
 pub fn run(args: BenchAttentionArgs) -> Result<()> {
     let cfg = Config::from_args(&args)?;
     let threads = args.threads.unwrap_or_else(available_threads);
@@ -517,7 +458,7 @@ pub fn run(args: BenchAttentionArgs) -> Result<()> {
     let (mask, opts) = (cfg.mask(), cfg.options());
 
     // 4. Warmup, then timed iterations. Each pass's tensors are dropped before the next begins.
-    let mut progress = Progress::new(args.warmup + args.iters);
+    let mut progress = Progress::new("bench attention", args.warmup + args.iters);
     let mut ms = Vec::with_capacity(args.iters);
     let mut faults = 0u64;
     for i in 0..args.warmup + args.iters {

@@ -16,6 +16,11 @@
 //! exists; the report includes `get_num_threads()` as candle sees it.
 
 pub mod attention;
+pub mod gat;
+pub mod rnn;
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
@@ -24,11 +29,20 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Time the attention core (forward, or forward+backward through candle's autograd) and report GFLOP/s and RSS.
     Attention(attention::BenchAttentionArgs),
+    /// Time an LSTM (fused cells) over a batch of sequences, forward or forward+backward, in tokens/s.
+    Lstm(rnn::BenchRnnArgs),
+    /// Time a GRU (fused cells), as `lstm`.
+    Gru(rnn::BenchRnnArgs),
+    /// Time graph attention (GAT or GATv2) on a random graph, forward or forward+backward.
+    Gat(gat::BenchGatArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Attention(args) => attention::run(args),
+        BenchCommand::Lstm(args) => rnn::run(args, rnn::Kind::Lstm),
+        BenchCommand::Gru(args) => rnn::run(args, rnn::Kind::Gru),
+        BenchCommand::Gat(args) => gat::run(args),
     }
 }
 
@@ -82,4 +96,96 @@ pub fn mem_available_bytes() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
+}
+
+/// A one-line progress display on stderr (terminal only), shown once a run is projected to take over 2 s.
+pub struct Progress {
+    label: &'static str,
+    start: Instant,
+    total: usize,
+    on: bool,
+    enabled: bool,
+}
+
+impl Progress {
+    pub fn new(label: &'static str, total: usize) -> Self {
+        Progress { label, start: Instant::now(), total, on: false, enabled: std::io::stderr().is_terminal() }
+    }
+
+    /// After iteration `done` (1-based, warmups included) of `total`, which took `last`.
+    pub fn tick(&mut self, done: usize, warmup: usize, last: Duration) {
+        if !self.enabled {
+            return;
+        }
+        let projected = self.start.elapsed() + last * (self.total - done) as u32;
+        self.on |= projected > Duration::from_secs(2);
+        if self.on {
+            let phase = if done <= warmup {
+                format!("warmup {done}/{warmup}")
+            } else {
+                format!("iteration {}/{}", done - warmup, self.total - warmup)
+            };
+            let mut err = std::io::stderr();
+            let _ = write!(err, "\r\x1b[K{}: {phase}, last {:.1} ms", self.label, last.as_secs_f64() * 1e3);
+            let _ = err.flush();
+        }
+    }
+
+    pub fn finish(&self) {
+        if self.on {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+        }
+    }
+}
+
+/// Timing statistics in milliseconds.
+pub struct Times {
+    pub median: f64,
+    pub min: f64,
+    pub mean: f64,
+    pub p90: f64,
+}
+
+impl Times {
+    /// `median` is the upper middle element, as in the PyTorch anchor script (`ts[len(ts) // 2]`).
+    pub fn of(mut ms: Vec<f64>) -> Self {
+        ms.sort_by(f64::total_cmp);
+        let n = ms.len();
+        Times {
+            median: ms[n / 2],
+            min: ms[0],
+            mean: ms.iter().sum::<f64>() / n as f64,
+            p90: ms[((n as f64 * 0.9).ceil() as usize).clamp(1, n) - 1],
+        }
+    }
+}
+
+/// Runs `pass` `warmup + iters` times with a progress line; returns the timed iterations' statistics.
+pub fn time_passes(
+    label: &'static str,
+    warmup: usize,
+    iters: usize,
+    mut pass: impl FnMut() -> Result<()>,
+) -> Result<Times> {
+    let mut progress = Progress::new(label, warmup + iters);
+    let mut ms = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        let start = Instant::now();
+        pass()?;
+        let took = start.elapsed();
+        if i >= warmup {
+            ms.push(took.as_secs_f64() * 1e3);
+        }
+        progress.tick(i + 1, warmup, took);
+    }
+    progress.finish();
+    Ok(Times::of(ms))
+}
+
+/// The CPU as the bench JSON reports it.
+pub fn cpu_json() -> serde_json::Value {
+    let cpu = attend_kernels::cpu::CpuInfo::get();
+    serde_json::json!({"vendor": cpu.vendor, "family": cpu.family, "model": cpu.model, "name": cpu.name,
+                       "microarchitecture": cpu.microarchitecture(), "l1d_kb": cpu.l1d_bytes / 1024,
+                       "l2_kb": cpu.l2_bytes / 1024})
 }

@@ -19,7 +19,7 @@
 mod backward;
 mod bf16;
 mod forward;
-mod gemm;
+pub(crate) mod gemm;
 pub mod masks;
 mod modvec;
 mod rows;

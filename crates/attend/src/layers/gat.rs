@@ -198,21 +198,21 @@ impl Gat {
         let src = Tensor::from_slice(&src_v, e, dev)?;
         let dst = Tensor::from_slice(&dst_v, e, dev)?;
         let slope = self.config.negative_slope;
-        // 1. Scores per edge and head, and the message each edge carries.
-        let (scores, messages) = match &self.weights {
+        // 1. Scores per edge and head; the per-node features each edge's message is read from.
+        let (scores, sources) = match &self.weights {
             Weights::V1 { lin, att_src, att_dst } => {
                 let xw = lin.forward(x)?.reshape((n, h, c))?; // (N, H, C)
                 let a_src = xw.broadcast_mul(att_src)?.sum(2)?; // (N, H)
                 let a_dst = xw.broadcast_mul(att_dst)?.sum(2)?; // (N, H)
                 let s = (a_src.index_select(&src, 0)? + a_dst.index_select(&dst, 0)?)?; // (E, H)
-                (leaky_relu(&s, slope)?, xw.index_select(&src, 0)?) // (E, H), (E, H, C)
+                (leaky_relu(&s, slope)?, xw)
             }
             Weights::V2 { lin_l, lin_r, att } => {
                 let xl = lin_l.forward(x)?.reshape((n, h, c))?; // (N, H, C)
                 let xr = lin_r.forward(x)?.reshape((n, h, c))?;
-                let xj = xl.index_select(&src, 0)?; // (E, H, C)
-                let pair = leaky_relu(&(&xj + xr.index_select(&dst, 0)?)?, slope)?;
-                (pair.broadcast_mul(att)?.sum(2)?, xj) // (E, H), (E, H, C)
+                // GATv2 scores each (source, target) pair through a non-linearity: the (E, H, C) pairs are inherent.
+                let pair = leaky_relu(&(xl.index_select(&src, 0)? + xr.index_select(&dst, 0)?)?, slope)?;
+                (pair.broadcast_mul(att)?.sum(2)?, xl)
             }
         };
         // 2. Normalise over each node's incoming edges.
@@ -223,9 +223,8 @@ impl Gat {
         } else {
             alpha.clone()
         };
-        // 3. Weighted sum of the messages into their targets.
-        let weighted = messages.broadcast_mul(&dropped.unsqueeze(2)?)?; // (E, H, C)
-        let out = Tensor::zeros((n, h, c), x.dtype(), dev)?.index_add(&dst, &weighted, 0)?; // (N, H, C)
+        // 3. Weighted sum of the messages into their targets, without materialising them (E, H, C).
+        let out = ops::edge_aggregate(&sources, &dropped, &src_v, &dst_v, n)?; // (N, H, C)
         let out = if self.config.concat { out.reshape((n, h * c))? } else { out.mean(1)? };
         let out = match &self.bias {
             Some(b) => out.broadcast_add(b)?,

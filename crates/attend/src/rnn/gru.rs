@@ -28,7 +28,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::{recurrent_layer_controls, CellImpl, Recurrence, RnnConfig, RnnOutput, State, Step};
+use super::{recurrent_layer_controls, CellImpl, Direction, Recurrence, RnnConfig, RnnOutput, State, Step};
 use crate::{ops, Result};
 
 struct GruStep;
@@ -41,6 +41,18 @@ impl Step for GruStep {
             CellImpl::Reference => ops::gru_cell_reference(gx, gh, &state.h)?,
         };
         Ok(State { h, c: None })
+    }
+
+    fn sequence(
+        &self,
+        dir: &Direction,
+        gx: &Tensor,
+        init: &State,
+        lengths: Option<&[usize]>,
+        reverse: bool,
+    ) -> Result<Option<(Tensor, State)>> {
+        let (y, h) = ops::gru_sequence(gx, &dir.w_hh, dir.b_hh.as_ref(), &init.h, lengths, reverse)?;
+        Ok(Some((y, State { h, c: None })))
     }
 }
 

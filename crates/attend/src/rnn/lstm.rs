@@ -27,7 +27,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::{recurrent_layer_controls, CellImpl, Recurrence, RnnConfig, RnnOutput, State, Step};
+use super::{recurrent_layer_controls, CellImpl, Direction, Recurrence, RnnConfig, RnnOutput, State, Step};
 use crate::{ops, Result};
 
 struct LstmStep;
@@ -42,6 +42,24 @@ impl Step for LstmStep {
             CellImpl::Reference => ops::lstm_cell_reference(&gates, c)?,
         };
         Ok(State { h, c: Some(c) })
+    }
+
+    fn sequence(
+        &self,
+        dir: &Direction,
+        gx: &Tensor,
+        init: &State,
+        lengths: Option<&[usize]>,
+        reverse: bool,
+    ) -> Result<Option<(Tensor, State)>> {
+        // Both biases add to the gates: fold b_hh into the precomputed input half.
+        let gx = match &dir.b_hh {
+            Some(b) => gx.broadcast_add(b)?,
+            None => gx.clone(),
+        };
+        let c0 = init.c.as_ref().expect("an LSTM state has a cell");
+        let (y, h, c) = ops::lstm_sequence(&gx, &dir.w_hh, &init.h, c0, lengths, reverse)?;
+        Ok(Some((y, State { h, c: Some(c) })))
     }
 }
 

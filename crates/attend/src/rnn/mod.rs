@@ -28,7 +28,7 @@ pub use gru::Gru;
 pub use jordan::{Jordan, JordanConfig, JordanOutput};
 pub use lstm::Lstm;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +105,19 @@ pub(crate) trait Step {
     /// Gate chunks per hidden unit (4 LSTM, 3 GRU, 1 Elman).
     const GATES: usize;
     fn step(&self, gx: &Tensor, gh: &Tensor, state: &State, imp: CellImpl) -> Result<State>;
+
+    /// The whole sequence in one fused op, for cells that have one (`None`: step by step). `gx` is
+    /// `x W_ihᵀ + b_ih` of every step `(B, T, G·H)`.
+    fn sequence(
+        &self,
+        _dir: &Direction,
+        _gx: &Tensor,
+        _init: &State,
+        _lengths: Option<&[usize]>,
+        _reverse: bool,
+    ) -> Result<Option<(Tensor, State)>> {
+        Ok(None)
+    }
 }
 
 /// The parameters of one direction of one layer.
@@ -188,17 +201,24 @@ pub(crate) fn select(keep: &Tensor, new: &Tensor, old: &Tensor) -> Result<Tensor
 }
 
 /// Runs one direction over the sequence: returns the outputs `(B, T, H)` (zero at padding) and the final state.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_direction<C: Step>(
     cell: &C,
     dir: &Direction,
     x: &Tensor,
     init: State,
     keep: Option<&[Tensor]>,
+    lengths: Option<&[usize]>,
     reverse: bool,
     imp: CellImpl,
 ) -> Result<(Tensor, State)> {
     let t = x.dim(1)?;
     let gx = dir.input_gates(x)?; // (B, T, G·H)
+    if imp == CellImpl::Fused && matches!(x.dtype(), DType::F32 | DType::F64) {
+        if let Some(done) = cell.sequence(dir, &gx, &init, lengths, reverse)? {
+            return Ok(done);
+        }
+    }
     let mut state = init;
     let mut outs: Vec<Tensor> = Vec::with_capacity(t);
     let order: Box<dyn Iterator<Item = usize>> = if reverse { Box::new((0..t).rev()) } else { Box::new(0..t) };
@@ -313,7 +333,7 @@ impl Recurrence {
             for (d, dir) in layer.iter().enumerate() {
                 let i = k * dirs + d;
                 let init = State { h: h0.get(i)?, c: c0.as_ref().map(|c| c.get(i)).transpose()? };
-                let (out, last) = run_direction(cell, dir, &input, init, keep.as_deref(), d == 1, self.imp)?;
+                let (out, last) = run_direction(cell, dir, &input, init, keep.as_deref(), lengths, d == 1, self.imp)?;
                 outs.push(out);
                 hs.push(last.h);
                 cs.extend(last.c);

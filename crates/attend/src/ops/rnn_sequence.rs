@@ -1,0 +1,333 @@
+//! Whole-sequence LSTM and GRU ops (one direction of one layer): the recurrence of every step in one candle op
+//! with a hand-written backward (`attend_kernels::rnn_seq`), instead of a graph of per-step ops whose backward
+//! allocates and adds a weight gradient per step. The input half of the gates, `x W_ihᵀ + b`, stays a candle matmul
+//! outside (one large product, autograd as usual).
+//!
+//! The composed twin of these ops is the per-step path over [`super::lstm_cell_reference`] and
+//! [`super::gru_cell_reference`] (`CellImpl::Reference` of the recurrent layers); the tests compare both.
+//!
+//! # Shapes
+//! - LSTM: `gx (B, T, 4H)`, `w_hh (4H, H)`, `h0`, `c0 (B, H)` → `y (B, T, H)`, `h_n`, `c_n (B, H)`
+//! - GRU: `gx (B, T, 3H)`, `w_hh (3H, H)`, `b_hh (3H)`, `h0 (B, H)` → `y (B, T, H)`, `h_n (B, H)`
+
+use std::sync::Mutex;
+
+use attend_kernels::rnn_seq::{self as k, SeqDims, SeqSaved};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+
+use super::custom::{contiguous, KernelFloat};
+use crate::error::shape_str;
+use crate::{bail, ensure, Result};
+
+/// The forward's saved activations, in the op's dtype.
+#[derive(Debug)]
+enum Saved {
+    F32(SeqSaved<f32>),
+    F64(SeqSaved<f64>),
+}
+
+trait SavedOf: Sized {
+    fn wrap(s: SeqSaved<Self>) -> Saved;
+    fn unwrap(s: &Saved) -> Option<&SeqSaved<Self>>;
+}
+
+impl SavedOf for f32 {
+    fn wrap(s: SeqSaved<f32>) -> Saved {
+        Saved::F32(s)
+    }
+    fn unwrap(s: &Saved) -> Option<&SeqSaved<f32>> {
+        match s {
+            Saved::F32(x) => Some(x),
+            _ => None,
+        }
+    }
+}
+
+impl SavedOf for f64 {
+    fn wrap(s: SeqSaved<f64>) -> Saved {
+        Saved::F64(s)
+    }
+    fn unwrap(s: &Saved) -> Option<&SeqSaved<f64>> {
+        match s {
+            Saved::F64(x) => Some(x),
+            _ => None,
+        }
+    }
+}
+
+/// Which recurrence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cell {
+    Lstm,
+    Gru,
+}
+
+struct Sequence {
+    cell: Cell,
+    dims: SeqDims,
+    lengths: Vec<usize>,
+    saved: Mutex<Option<Saved>>,
+}
+
+fn vec_of<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<T>()
+}
+
+impl Sequence {
+    fn forward<T: KernelFloat + SavedOf>(
+        &self,
+        gx: &[T],
+        w: &[T],
+        state: &[T],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let SeqDims { b, t, h, .. } = self.dims;
+        let mut saved = SeqSaved::default();
+        let mut y = vec![T::ZERO; b * t * h];
+        // Output rows per sequence: T steps, then h_n (and c_n).
+        let extra = if self.cell == Cell::Lstm { 2 } else { 1 };
+        let mut hs: Vec<T> = (0..b).flat_map(|r| state[r * extra * h..r * extra * h + h].to_vec()).collect();
+        match self.cell {
+            Cell::Lstm => {
+                let mut cs: Vec<T> = (0..b).flat_map(|r| state[r * 2 * h + h..(r + 1) * 2 * h].to_vec()).collect();
+                k::lstm_sequence_forward(self.dims, gx, w, &self.lengths, &mut hs, &mut cs, &mut y, &mut saved);
+                let mut out = Vec::with_capacity(b * (t + 2) * h);
+                for r in 0..b {
+                    out.extend_from_slice(&y[r * t * h..(r + 1) * t * h]);
+                    out.extend_from_slice(&hs[r * h..(r + 1) * h]);
+                    out.extend_from_slice(&cs[r * h..(r + 1) * h]);
+                }
+                *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
+                Ok((T::storage(out), Shape::from((b, t + 2, h))))
+            }
+            Cell::Gru => {
+                // The GRU's weight operand carries b_hh as an extra column: (3H, H + 1).
+                let (wm, bias) = split_bias(w, h);
+                k::gru_sequence_forward(self.dims, gx, &wm, &bias, &self.lengths, &mut hs, &mut y, &mut saved);
+                let mut out = Vec::with_capacity(b * (t + 1) * h);
+                for r in 0..b {
+                    out.extend_from_slice(&y[r * t * h..(r + 1) * t * h]);
+                    out.extend_from_slice(&hs[r * h..(r + 1) * h]);
+                }
+                *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
+                Ok((T::storage(out), Shape::from((b, t + 1, h))))
+            }
+        }
+    }
+
+    fn backward<T: KernelFloat + SavedOf>(
+        &self,
+        gx: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let SeqDims { b, t, h, .. } = self.dims;
+        let guard = self.saved.lock().expect("saved activations");
+        let Some(saved) = guard.as_ref().and_then(T::unwrap) else {
+            candle_core::bail!("rnn sequence backward: the forward's activations are missing")
+        };
+        let g: Vec<T> = vec_of(grad)?;
+        let extra = if self.cell == Cell::Lstm { 2 } else { 1 };
+        let row = (t + extra) * h;
+        let dy: Vec<T> = (0..b).flat_map(|r| g[r * row..r * row + t * h].to_vec()).collect();
+        let mut dh: Vec<T> = (0..b).flat_map(|r| g[r * row + t * h..r * row + (t + 1) * h].to_vec()).collect();
+        let dev = gx.device();
+        match self.cell {
+            Cell::Lstm => {
+                let mut dc: Vec<T> = (0..b).flat_map(|r| g[r * row + (t + 1) * h..(r + 1) * row].to_vec()).collect();
+                let (mut dgx, mut dw) = (vec![T::ZERO; b * t * 4 * h], vec![T::ZERO; 4 * h * h]);
+                let wv: Vec<T> = vec_of(w)?;
+                k::lstm_sequence_backward(
+                    self.dims,
+                    &wv,
+                    &self.lengths,
+                    saved,
+                    &dy,
+                    &mut dh,
+                    &mut dc,
+                    &mut dgx,
+                    &mut dw,
+                );
+                let dstate: Vec<T> =
+                    (0..b).flat_map(|r| [&dh[r * h..(r + 1) * h], &dc[r * h..(r + 1) * h]].concat()).collect();
+                Ok((
+                    Tensor::from_vec(dgx, (b, t, 4 * h), dev)?,
+                    Tensor::from_vec(dw, (4 * h, h), dev)?,
+                    Tensor::from_vec(dstate, (b, 2 * h), dev)?,
+                ))
+            }
+            Cell::Gru => {
+                let (wm, _) = split_bias(&vec_of::<T>(w)?, h);
+                let gxv: Vec<T> = vec_of(gx)?;
+                let (mut dgx, mut dw, mut db) =
+                    (vec![T::ZERO; b * t * 3 * h], vec![T::ZERO; 3 * h * h], vec![T::ZERO; 3 * h]);
+                k::gru_sequence_backward(
+                    self.dims,
+                    &gxv,
+                    &wm,
+                    &self.lengths,
+                    saved,
+                    &dy,
+                    &mut dh,
+                    &mut dgx,
+                    &mut dw,
+                    &mut db,
+                );
+                // Back into the (3H, H + 1) operand layout.
+                let dwb: Vec<T> = (0..3 * h).flat_map(|r| [&dw[r * h..(r + 1) * h], &db[r..r + 1]].concat()).collect();
+                Ok((
+                    Tensor::from_vec(dgx, (b, t, 3 * h), dev)?,
+                    Tensor::from_vec(dwb, (3 * h, h + 1), dev)?,
+                    Tensor::from_vec(dh, (b, h), dev)?,
+                ))
+            }
+        }
+    }
+}
+
+/// `(3H, H + 1)` → `W (3H, H)`, `b (3H)`.
+fn split_bias<T: Copy>(w: &[T], h: usize) -> (Vec<T>, Vec<T>) {
+    let mut wm = Vec::with_capacity(3 * h * h);
+    let mut b = Vec::with_capacity(3 * h);
+    for row in w.chunks_exact(h + 1) {
+        wm.extend_from_slice(&row[..h]);
+        b.push(row[h]);
+    }
+    (wm, b)
+}
+
+impl CustomOp3 for Sequence {
+    fn name(&self) -> &'static str {
+        match self.cell {
+            Cell::Lstm => "attend-lstm-sequence",
+            Cell::Gru => "attend-gru-sequence",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => {
+                let (a, b, c) = (
+                    contiguous(f32::slice(s1)?, l1, "gx")?,
+                    contiguous(f32::slice(s2)?, l2, "w_hh")?,
+                    contiguous(f32::slice(s3)?, l3, "state")?,
+                );
+                self.forward::<f32>(a, b, c)
+            }
+            DType::F64 => {
+                let (a, b, c) = (
+                    contiguous(f64::slice(s1)?, l1, "gx")?,
+                    contiguous(f64::slice(s2)?, l2, "w_hh")?,
+                    contiguous(f64::slice(s3)?, l3, "state")?,
+                );
+                self.forward::<f64>(a, b, c)
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        gx: &Tensor,
+        w: &Tensor,
+        _state: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b, c) = match gx.dtype() {
+            DType::F32 => self.backward::<f32>(gx, w, grad)?,
+            DType::F64 => self.backward::<f64>(gx, w, grad)?,
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
+        };
+        Ok((Some(a), Some(b), Some(c)))
+    }
+}
+
+fn check(
+    op: &'static str,
+    gx: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    g: usize,
+    lengths: Option<&[usize]>,
+) -> Result<(SeqDims, Vec<usize>)> {
+    ensure!(
+        gx.rank() == 3 && h0.rank() == 2,
+        op,
+        "expected gx (B, T, {g}H) and h0 (B, H), got gx {} and h0 {}",
+        shape_str(gx),
+        shape_str(h0)
+    );
+    let (b, t, gh) = gx.dims3()?;
+    let h = h0.dim(1)?;
+    ensure!(
+        gh == g * h && h0.dim(0)? == b && w_hh.dims() == [g * h, h],
+        op,
+        "gx {}, w_hh {} and h0 {} do not fit H = {h}",
+        shape_str(gx),
+        shape_str(w_hh),
+        shape_str(h0)
+    );
+    ensure!(matches!(gx.dtype(), DType::F32 | DType::F64), op, "runs in f32 or f64, got {:?}", gx.dtype());
+    let lengths = match lengths {
+        None => vec![t; b],
+        Some(l) => {
+            ensure!(l.len() == b, op, "lengths has {} entries for B = {b}", l.len());
+            if let Some((i, &x)) = l.iter().enumerate().find(|(_, &x)| x > t) {
+                bail!(op, "lengths[{i}] = {x} exceeds T = {t}");
+            }
+            l.to_vec()
+        }
+    };
+    Ok((SeqDims { b, t, h, reverse: false }, lengths))
+}
+
+/// A whole LSTM direction; `reverse` walks the steps backwards (from each sequence's last valid step).
+pub fn lstm_sequence(
+    gx: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+    lengths: Option<&[usize]>,
+    reverse: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dims, lengths) = check("lstm sequence", gx, w_hh, h0, 4, lengths)?;
+    ensure!(c0.dims() == h0.dims(), "lstm sequence", "c0 {} must match h0 {}", shape_str(c0), shape_str(h0));
+    let t = dims.t;
+    let dtype = gx.dtype();
+    let state = Tensor::cat(&[h0.to_dtype(dtype)?, c0.to_dtype(dtype)?], 1)?.contiguous()?; // (B, 2H)
+    let op = Sequence { cell: Cell::Lstm, dims: SeqDims { reverse, ..dims }, lengths, saved: Mutex::new(None) };
+    let out = gx.contiguous()?.apply_op3(&w_hh.to_dtype(dtype)?.contiguous()?, &state, op)?; // (B, T + 2, H)
+    Ok((out.narrow(1, 0, t)?, out.narrow(1, t, 1)?.squeeze(1)?, out.narrow(1, t + 1, 1)?.squeeze(1)?))
+}
+
+/// A whole GRU direction (`b_hh` added inside the reset gate's product, as PyTorch does).
+pub fn gru_sequence(
+    gx: &Tensor,
+    w_hh: &Tensor,
+    b_hh: Option<&Tensor>,
+    h0: &Tensor,
+    lengths: Option<&[usize]>,
+    reverse: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (dims, lengths) = check("gru sequence", gx, w_hh, h0, 3, lengths)?;
+    let SeqDims { t, h, .. } = dims;
+    let dtype = gx.dtype();
+    let bias = match b_hh {
+        Some(b) => b.to_dtype(dtype)?,
+        None => Tensor::zeros(3 * h, dtype, gx.device())?,
+    };
+    // Four operands for a three-operand op: b_hh travels as an extra column of W_hh.
+    let wb = Tensor::cat(&[w_hh.to_dtype(dtype)?, bias.unsqueeze(1)?], 1)?.contiguous()?; // (3H, H + 1)
+    let op = Sequence { cell: Cell::Gru, dims: SeqDims { reverse, ..dims }, lengths, saved: Mutex::new(None) };
+    let out = gx.contiguous()?.apply_op3(&wb, &h0.to_dtype(dtype)?.contiguous()?, op)?; // (B, T + 1, H)
+    Ok((out.narrow(1, 0, t)?, out.narrow(1, t, 1)?.squeeze(1)?))
+}
