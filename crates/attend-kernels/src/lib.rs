@@ -29,6 +29,7 @@ pub mod norm;
 mod real;
 pub mod rng;
 pub mod rnn;
+mod rnn_par;
 pub mod rnn_seq;
 pub mod softmax;
 pub mod sparse;

@@ -25,6 +25,28 @@ use crate::flash::SyncPtr;
 use crate::rnn::{gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward};
 use crate::Real;
 
+/// `&mut [T]` as `&mut [f32]` when `T` is f32.
+fn f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: T is f32.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
+}
+
+fn f32_ref<T: 'static>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+}
+
+/// The saved activations as f32 when `T` is f32.
+fn saved_f32<T: 'static>(s: &mut SeqSaved<T>) -> Option<&mut SeqSaved<f32>> {
+    // SAFETY: T is f32, so the types are the same.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { &mut *(s as *mut SeqSaved<T> as *mut SeqSaved<f32>) })
+}
+
+fn saved_f32_ref<T: 'static>(s: &SeqSaved<T>) -> Option<&SeqSaved<f32>> {
+    // SAFETY: as `saved_f32`.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { &*(s as *const SeqSaved<T> as *const SeqSaved<f32>) })
+}
+
 /// Sizes of one sequence call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SeqDims {
@@ -230,6 +252,10 @@ pub fn lstm_sequence_forward<T: Real>(
     saved.c_prev = vec![T::ZERO; tt * b * hw];
     saved.gates = vec![T::ZERO; tt * b * 4 * hw];
     y.iter_mut().for_each(|v| *v = T::ZERO);
+    if let (Some(gx), Some(w), Some(h), Some(c), Some(y), Some(sv)) = (f32_ref(gx), f32_ref(w_hh), f32_mut(h), f32_mut(c), f32_mut(y), saved_f32(saved)) {
+        crate::rnn_par::lstm_forward(d, gx, w, lengths, h, c, y, sv);
+        return;
+    }
     let mut hc = vec![T::ZERO; b * 2 * hw];
     let (rec, mut scratch) = (Recurrent::new(w_hh, true, 4 * hw, hw), Vec::new());
     for t in d.order() {
@@ -268,6 +294,26 @@ pub fn lstm_sequence_backward<T: Real>(
         dy.len() == b * tt * hw && dgx.len() == b * tt * 4 * hw && dw_hh.len() == 4 * hw * hw,
         "lstm backward: lengths"
     );
+    let dgates = match (f32_ref(w_hh), saved_f32_ref(saved), f32_ref(dy), f32_mut(dh), f32_mut(dc)) {
+        (Some(w), Some(sv), Some(dyf), Some(dhf), Some(dcf)) => {
+            let g = crate::rnn_par::lstm_backward(d, w, lengths, sv, dyf, dhf, dcf);
+            // SAFETY: T is f32 here.
+            unsafe { std::mem::transmute::<Vec<f32>, Vec<T>>(g) }
+        }
+        _ => lstm_backward_steps(d, w_hh, lengths, saved, dy, dh, dc),
+    };
+    // dW_hh += Σ_t dgates_tᵀ h_{t−1}: (4H × T·B) · (T·B × H) in one product.
+    gemm(4 * hw, hw, tt * b, dw_hh, hw, &dgates, 1, 4 * hw, &saved.h_prev, hw, 1, true);
+    for r in 0..b {
+        for t in 0..tt {
+            dgx[(r * tt + t) * 4 * hw..(r * tt + t + 1) * 4 * hw].copy_from_slice(&dgates[(t * b + r) * 4 * hw..(t * b + r + 1) * 4 * hw]);
+        }
+    }
+}
+
+/// The step-by-step walk of [`lstm_sequence_backward`] (f64): the gate gradients `(T, B, 4H)`.
+fn lstm_backward_steps<T: Real>(d: SeqDims, w_hh: &[T], lengths: &[usize], saved: &SeqSaved<T>, dy: &[T], dh: &mut [T], dc: &mut [T]) -> Vec<T> {
+    let SeqDims { b, t: tt, h: hw, .. } = d;
     let mut dgates = vec![T::ZERO; tt * b * 4 * hw]; // (T, B, 4H)
     let mut dout = vec![T::ZERO; b * 2 * hw];
     let mut dcp = vec![T::ZERO; b * hw];
@@ -307,14 +353,7 @@ pub fn lstm_sequence_backward<T: Real>(
         dh.copy_from_slice(&dhp);
         dc.copy_from_slice(&dcp);
     }
-    // dW_hh += Σ_t dgates_tᵀ h_{t−1}: (4H × T·B) · (T·B × H) in one product.
-    gemm(4 * hw, hw, tt * b, dw_hh, hw, &dgates, 1, 4 * hw, &saved.h_prev, hw, 1, true);
-    for r in 0..b {
-        for t in 0..tt {
-            dgx[(r * tt + t) * 4 * hw..(r * tt + t + 1) * 4 * hw]
-                .copy_from_slice(&dgates[(t * b + r) * 4 * hw..(t * b + r + 1) * 4 * hw]);
-        }
-    }
+    dgates
 }
 
 /// GRU forward over the sequence; `b_hh (3H)` is added to the recurrent gates. Writes `y (B, T, H)` and the final
@@ -337,6 +376,10 @@ pub fn gru_sequence_forward<T: Real>(
     saved.gates = vec![T::ZERO; tt * b * 3 * hw];
     saved.c_prev.clear();
     y.iter_mut().for_each(|v| *v = T::ZERO);
+    if let (Some(gx), Some(w), Some(bh), Some(h), Some(y), Some(sv)) = (f32_ref(gx), f32_ref(w_hh), f32_ref(b_hh), f32_mut(h), f32_mut(y), saved_f32(saved)) {
+        crate::rnn_par::gru_forward(d, gx, w, bh, lengths, h, y, sv);
+        return;
+    }
     let (mut gxt, mut hn) = (vec![T::ZERO; b * 3 * hw], vec![T::ZERO; b * hw]);
     let (rec, mut scratch) = (Recurrent::new(w_hh, true, 3 * hw, hw), Vec::new());
     for t in d.order() {
@@ -377,6 +420,27 @@ pub fn gru_sequence_backward<T: Real>(
         dy.len() == b * tt * hw && dgx.len() == b * tt * 3 * hw && dw_hh.len() == 3 * hw * hw && db_hh.len() == 3 * hw,
         "gru backward: lengths"
     );
+    let dghs = match (f32_ref(gx), f32_ref(w_hh), saved_f32_ref(saved), f32_ref(dy), f32_mut(dh), f32_mut(dgx)) {
+        (Some(gxf), Some(w), Some(sv), Some(dyf), Some(dhf), Some(dgxf)) => {
+            let g = crate::rnn_par::gru_backward(d, gxf, w, lengths, sv, dyf, dhf, dgxf);
+            // SAFETY: T is f32 here.
+            unsafe { std::mem::transmute::<Vec<f32>, Vec<T>>(g) }
+        }
+        _ => gru_backward_steps(d, gx, w_hh, lengths, saved, dy, dh, dgx),
+    };
+    gemm(3 * hw, hw, tt * b, dw_hh, hw, &dghs, 1, 3 * hw, &saved.h_prev, hw, 1, true);
+    for row in dghs.chunks_exact(3 * hw) {
+        for (a, &g) in db_hh.iter_mut().zip(row) {
+            *a += g;
+        }
+    }
+}
+
+/// The step-by-step walk of [`gru_sequence_backward`] (f64): writes `dgx`, returns the recurrent gate gradients
+/// `(T, B, 3H)`.
+#[allow(clippy::too_many_arguments)]
+fn gru_backward_steps<T: Real>(d: SeqDims, gx: &[T], w_hh: &[T], lengths: &[usize], saved: &SeqSaved<T>, dy: &[T], dh: &mut [T], dgx: &mut [T]) -> Vec<T> {
+    let SeqDims { b, t: tt, h: hw, .. } = d;
     let mut dghs = vec![T::ZERO; tt * b * 3 * hw]; // (T, B, 3H)
     let (mut gxt, mut dgxt) = (vec![T::ZERO; b * 3 * hw], vec![T::ZERO; b * 3 * hw]);
     let (mut dyt, mut ddirect, mut dhp) = (vec![T::ZERO; b * hw], vec![T::ZERO; b * hw], vec![T::ZERO; b * hw]);
@@ -419,10 +483,5 @@ pub fn gru_sequence_backward<T: Real>(
         }
         dh.copy_from_slice(&dhp);
     }
-    gemm(3 * hw, hw, tt * b, dw_hh, hw, &dghs, 1, 3 * hw, &saved.h_prev, hw, 1, true);
-    for row in dghs.chunks_exact(3 * hw) {
-        for (a, &g) in db_hh.iter_mut().zip(row) {
-            *a += g;
-        }
-    }
+    dghs
 }

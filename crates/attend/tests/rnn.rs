@@ -292,3 +292,32 @@ fn sequence_ops_match_finite_differences() {
         fd_check(&format!("gru dh0 reverse={reverse}"), h0.clone(), |s| gru(&gx3, &w3, &bh, s));
     }
 }
+
+#[test]
+fn f32_sequence_path_equals_the_composed_cells() {
+    // The f32 path runs the recurrence on persistent threads with packed weights; an odd hidden width splits
+    // unevenly between threads and leaves row tails for the vector cells.
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&randn(&[5, 6, 7], 101, DType::F32)).unwrap();
+    let lengths = [6, 1, 4, 6, 3];
+    for kind in ["lstm", "gru"] {
+        let vm = VarMap::new();
+        let mut net = Net::new(kind, bidir2(7, 37), VarBuilder::from_varmap(&vm, DType::F32, &dev));
+        let mut results = vec![];
+        for imp in [CellImpl::Fused, CellImpl::Reference] {
+            net.set_cell_impl(imp);
+            let o = net.forward(x.as_tensor(), Some(&lengths));
+            let g = loss_of(&o).backward().unwrap();
+            let grads: Vec<Tensor> = varmap_vars(&vm).iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()).collect();
+            results.push((o, grads, g.get(x.as_tensor()).unwrap().clone()));
+        }
+        let (a, b) = (&results[0], &results[1]);
+        let tol = Tol { atol: 2e-5, rtol: 2e-4 };
+        assert_close(&format!("{kind} f32 output"), &a.0.output, &b.0.output, tol);
+        assert_close(&format!("{kind} f32 h_n"), &a.0.h_n, &b.0.h_n, tol);
+        assert_close(&format!("{kind} f32 dx"), &a.2, &b.2, tol);
+        for (i, (p, q)) in a.1.iter().zip(&b.1).enumerate() {
+            assert_close(&format!("{kind} f32 parameter gradient {i}"), p, q, tol);
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! The f32 recurrences of [`crate::rnn_seq`] on persistent threads: every thread of the pool owns a slice of the
+//! hidden units for the whole sequence (its columns of `W_hh`, packed once, stay in its cache) and the threads meet
+//! at one spin barrier per step, where a task per step would pay a wake-up per step (a step is tens of
+//! microseconds). This is llm.c's `#pragma omp parallel` structure, on rayon's `broadcast`.
+//!
+//! Forward step: each thread forms the gates of its units, `gx_t + h_{t−1} W_hhᵀ[:, units]` (register-blocked
+//! kernel on its packed weights), applies the cell to them, writes its columns of `h_t`; barrier. Backward step:
+//! each thread back-propagates its units through the cell into the step's gate gradients; barrier; then forms its
+//! columns of `dh_{t−1} = dgates_t W_hh[:, units]` (its own columns only, so no second barrier).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::flash::gemm::{gemm_strided, QUANTUM};
+use crate::flash::simd::Isa;
+use crate::flash::SyncPtr;
+use crate::rnn::{gru_backward_isa, gru_forward_isa, lstm_backward_isa, lstm_forward_isa};
+use crate::rnn_seq::{SeqDims, SeqSaved};
+
+/// A barrier for the threads of one broadcast: spins (a step is short), yielding after a while so an
+/// oversubscribed machine still makes progress.
+struct SpinBarrier {
+    waiting: AtomicUsize,
+    generation: AtomicUsize,
+    n: usize,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> Self {
+        Self { waiting: AtomicUsize::new(0), generation: AtomicUsize::new(0), n }
+    }
+
+    fn wait(&self) {
+        if self.n == 1 {
+            return;
+        }
+        let gen = self.generation.load(Ordering::Acquire);
+        if self.waiting.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.waiting.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == gen {
+            if spins < 20_000 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// The hidden units of thread `p` of `threads`: contiguous, multiples of 4 (so 4 gate chunks fill whole
+/// micro-kernel quanta where possible).
+fn units(h: usize, threads: usize, p: usize) -> std::ops::Range<usize> {
+    let per = h.div_ceil(threads).div_ceil(4) * 4;
+    (p * per).min(h)..((p + 1) * per).min(h)
+}
+
+/// Threads for a recurrence of `h` units: at most one per 16 units, and the pool's size.
+fn threads_for(h: usize) -> usize {
+    rayon::current_num_threads().min(h.div_ceil(16)).max(1)
+}
+
+/// `W_hh` rows `q·H + units` for each gate chunk `q`, as the B operand of `h · Wᵀ`: row-major `(H × np)` with
+/// column `q·u + j` = `W_hh[q·H + a + j][·]`, zero-padded to `np`.
+fn pack_forward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Vec<f32>, usize) {
+    let width = g * u.len();
+    let np = width.div_ceil(QUANTUM) * QUANTUM;
+    let mut out = vec![0f32; h * np];
+    for q in 0..g {
+        for (j, unit) in u.clone().enumerate() {
+            let row = &w[(q * h + unit) * h..(q * h + unit + 1) * h];
+            for (k, &x) in row.iter().enumerate() {
+                out[k * np + q * u.len() + j] = x;
+            }
+        }
+    }
+    (out, np)
+}
+
+/// `W_hh[:, units]` as the B operand of `dgates · W_hh`: row-major `(G·H × up)`, zero-padded.
+fn pack_backward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Vec<f32>, usize) {
+    let up = u.len().div_ceil(QUANTUM) * QUANTUM;
+    let mut out = vec![0f32; g * h * up];
+    for r in 0..g * h {
+        out[r * up..r * up + u.len()].copy_from_slice(&w[r * h + u.start..r * h + u.end]);
+    }
+    (out, up)
+}
+
+/// Shared buffers addressed by column ranges that no two threads share within a phase.
+#[derive(Clone, Copy)]
+struct Shared(SyncPtr<f32>);
+
+impl Shared {
+    fn of(v: &mut [f32]) -> Self {
+        Shared(SyncPtr(v.as_mut_ptr()))
+    }
+    /// # Safety
+    /// `[at, at + len)` lies in the buffer and no other thread touches it in this phase.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.get().add(at), len)
+    }
+}
+
+/// LSTM forward; see `rnn_seq::lstm_sequence_forward` (same contract, f32).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lstm_forward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize], h: &mut [f32], c: &mut [f32], y: &mut [f32], saved: &mut SeqSaved<f32>) {
+    let SeqDims { b, t: tt, h: hw, .. } = d;
+    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
+    let p_n = threads_for(hw);
+    let barrier = SpinBarrier::new(p_n);
+    let isa = Isa::detect();
+    let mut hb = [h.to_vec(), vec![0f32; b * hw]];
+    let (h0, h1) = hb.split_at_mut(1);
+    let hs = [Shared::of(&mut h0[0]), Shared::of(&mut h1[0])];
+    let (cs, ys) = (Shared::of(c), Shared::of(y));
+    let (sg, sh, sc) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.h_prev), Shared::of(&mut saved.c_prev));
+    rayon::broadcast(|ctx| {
+        let (p, np_threads) = (ctx.index(), ctx.num_threads());
+        // Threads beyond p_n still arrive at every barrier (the barrier counts p_n), so they must not wait.
+        if p >= p_n || np_threads < p_n {
+            return;
+        }
+        let u = units(hw, p_n, p);
+        let un = u.len();
+        let (wp, np) = pack_forward(w, 4, hw, u.clone());
+        // SAFETY: this thread's units of the initial cell, read before anyone writes the final one.
+        let mut cp: Vec<f32> = (0..b).flat_map(|r| unsafe { cs.slice(r * hw + u.start, un).to_vec() }).collect();
+        let (mut gates, mut hc) = (vec![0f32; b * np], vec![0f32; 2 * un]);
+        for (s, &t) in order.iter().enumerate() {
+            let (cur, next) = (hs[s % 2], hs[(s + 1) % 2]);
+            // SAFETY: the current state is only read in this phase (written in the previous one, behind the barrier).
+            let hcur = unsafe { cur.slice(0, b * hw) as &[f32] };
+            for r in 0..b {
+                for q in 0..4 {
+                    let src = &gx[(r * tt + t) * 4 * hw + q * hw + u.start..(r * tt + t) * 4 * hw + q * hw + u.end];
+                    gates[r * np + q * un..r * np + (q + 1) * un].copy_from_slice(src);
+                }
+            }
+            if un > 0 {
+                // SAFETY: `isa` detected; np is a multiple of QUANTUM; the buffers hold the rows and columns named.
+                unsafe { gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gates.as_mut_ptr(), np, true) };
+            }
+            for r in 0..b {
+                // SAFETY: this thread's units of step t's rows; nobody else writes them.
+                unsafe {
+                    let g = sg.slice((t * b + r) * 4 * hw, 4 * hw);
+                    for q in 0..4 {
+                        g[q * hw + u.start..q * hw + u.end].copy_from_slice(&gates[r * np + q * un..r * np + (q + 1) * un]);
+                    }
+                    sh.slice((t * b + r) * hw + u.start, un).copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
+                    sc.slice((t * b + r) * hw + u.start, un).copy_from_slice(&cp[r * un..(r + 1) * un]);
+                }
+                let hn = unsafe { next.slice(r * hw + u.start, un) };
+                if t < lengths[r] && un > 0 {
+                    // SAFETY: as above; one row of this thread's gates and cells.
+                    unsafe { lstm_forward_isa(isa, &gates[r * np..r * np + 4 * un], &cp[r * un..(r + 1) * un], &mut hc, un) };
+                    hn.copy_from_slice(&hc[..un]);
+                    cp[r * un..(r + 1) * un].copy_from_slice(&hc[un..]);
+                    unsafe { ys.slice((r * tt + t) * hw + u.start, un).copy_from_slice(&hc[..un]) };
+                } else {
+                    hn.copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
+                }
+            }
+            barrier.wait();
+        }
+        for r in 0..b {
+            // SAFETY: this thread's units.
+            unsafe { cs.slice(r * hw + u.start, un).copy_from_slice(&cp[r * un..(r + 1) * un]) };
+        }
+    });
+    h.copy_from_slice(&hb[order.len() % 2]);
+}
+
+/// LSTM backward; see `rnn_seq::lstm_sequence_backward` (f32). Returns the gate gradients `(T, B, 4H)`; `dh`, `dc`
+/// become the initial state's gradients.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lstm_backward(d: SeqDims, w: &[f32], lengths: &[usize], saved: &SeqSaved<f32>, dy: &[f32], dh: &mut [f32], dc: &mut [f32]) -> Vec<f32> {
+    let SeqDims { b, t: tt, h: hw, .. } = d;
+    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
+    let p_n = threads_for(hw);
+    let barrier = SpinBarrier::new(p_n);
+    let isa = Isa::detect();
+    let mut dgates = vec![0f32; tt * b * 4 * hw];
+    let dgs = Shared::of(&mut dgates);
+    let (dhs, dcs) = (Shared::of(dh), Shared::of(dc));
+    rayon::broadcast(|ctx| {
+        let p = ctx.index();
+        if p >= p_n || ctx.num_threads() < p_n {
+            return;
+        }
+        let u = units(hw, p_n, p);
+        let un = u.len();
+        let (wp, up) = pack_backward(w, 4, hw, u.clone());
+        // This thread's columns of dh and dc, for the whole walk.
+        let mut dhp: Vec<f32> = (0..b).flat_map(|r| unsafe { dhs.slice(r * hw + u.start, un).to_vec() }).collect();
+        let mut dcp: Vec<f32> = (0..b).flat_map(|r| unsafe { dcs.slice(r * hw + u.start, un).to_vec() }).collect();
+        let (mut g, mut cprev, mut dout, mut dg, mut dcn) = (vec![0f32; 4 * un], vec![0f32; un], vec![0f32; 2 * un], vec![0f32; 4 * un], vec![0f32; un]);
+        let mut prod = vec![0f32; b * up];
+        for &t in order.iter().rev() {
+            for r in 0..b {
+                // SAFETY: this thread's units of step t, row r.
+                let dgr = unsafe { dgs.slice((t * b + r) * 4 * hw, 4 * hw) };
+                if t >= lengths[r] || un == 0 {
+                    (0..4).for_each(|q| dgr[q * hw + u.start..q * hw + u.end].iter_mut().for_each(|v| *v = 0.0));
+                    continue;
+                }
+                let gs = &saved.gates[(t * b + r) * 4 * hw..(t * b + r + 1) * 4 * hw];
+                (0..4).for_each(|q| g[q * un..(q + 1) * un].copy_from_slice(&gs[q * hw + u.start..q * hw + u.end]));
+                cprev.copy_from_slice(&saved.c_prev[(t * b + r) * hw + u.start..(t * b + r) * hw + u.end]);
+                for j in 0..un {
+                    dout[j] = dhp[r * un + j] + dy[(r * tt + t) * hw + u.start + j];
+                    dout[un + j] = dcp[r * un + j];
+                }
+                // SAFETY: `isa` detected; one row of this thread's units.
+                unsafe { lstm_backward_isa(isa, &g, &cprev, &dout, &mut dg, &mut dcn, un) };
+                (0..4).for_each(|q| dgr[q * hw + u.start..q * hw + u.end].copy_from_slice(&dg[q * un..(q + 1) * un]));
+                dcp[r * un..(r + 1) * un].copy_from_slice(&dcn);
+            }
+            barrier.wait();
+            // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now.
+            let dgt = unsafe { dgs.slice(t * b * 4 * hw, b * 4 * hw) as &[f32] };
+            if un > 0 {
+                // SAFETY: as in the forward.
+                unsafe { gemm_strided(isa, b, up, 4 * hw, dgt.as_ptr(), (4 * hw, 1), wp.as_ptr(), up, prod.as_mut_ptr(), up, false) };
+            }
+            for r in 0..b {
+                if t < lengths[r] {
+                    dhp[r * un..(r + 1) * un].copy_from_slice(&prod[r * up..r * up + un]);
+                }
+            }
+        }
+        for r in 0..b {
+            // SAFETY: this thread's units.
+            unsafe {
+                dhs.slice(r * hw + u.start, un).copy_from_slice(&dhp[r * un..(r + 1) * un]);
+                dcs.slice(r * hw + u.start, un).copy_from_slice(&dcp[r * un..(r + 1) * un]);
+            }
+        }
+    });
+    dgates
+}
+
+/// GRU forward; see `rnn_seq::gru_sequence_forward` (f32).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gru_forward(d: SeqDims, gx: &[f32], w: &[f32], b_hh: &[f32], lengths: &[usize], h: &mut [f32], y: &mut [f32], saved: &mut SeqSaved<f32>) {
+    let SeqDims { b, t: tt, h: hw, .. } = d;
+    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
+    let p_n = threads_for(hw);
+    let barrier = SpinBarrier::new(p_n);
+    let isa = Isa::detect();
+    let mut hb = [h.to_vec(), vec![0f32; b * hw]];
+    let (h0, h1) = hb.split_at_mut(1);
+    let hs = [Shared::of(&mut h0[0]), Shared::of(&mut h1[0])];
+    let ys = Shared::of(y);
+    let (sg, sh) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.h_prev));
+    rayon::broadcast(|ctx| {
+        let p = ctx.index();
+        if p >= p_n || ctx.num_threads() < p_n {
+            return;
+        }
+        let u = units(hw, p_n, p);
+        let un = u.len();
+        let (wp, np) = pack_forward(w, 3, hw, u.clone());
+        let bias: Vec<f32> = (0..3).flat_map(|q| b_hh[q * hw + u.start..q * hw + u.end].to_vec()).collect();
+        let (mut gh, mut xg, mut hn) = (vec![0f32; b * np], vec![0f32; 3 * un], vec![0f32; un]);
+        for (s, &t) in order.iter().enumerate() {
+            let (cur, next) = (hs[s % 2], hs[(s + 1) % 2]);
+            // SAFETY: read-only in this phase.
+            let hcur = unsafe { cur.slice(0, b * hw) as &[f32] };
+            for r in 0..b {
+                gh[r * np..r * np + 3 * un].copy_from_slice(&bias);
+            }
+            if un > 0 {
+                // SAFETY: as in the LSTM.
+                unsafe { gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gh.as_mut_ptr(), np, true) };
+            }
+            for r in 0..b {
+                // SAFETY: this thread's units of step t.
+                unsafe {
+                    let sgr = sg.slice((t * b + r) * 3 * hw, 3 * hw);
+                    (0..3).for_each(|q| sgr[q * hw + u.start..q * hw + u.end].copy_from_slice(&gh[r * np + q * un..r * np + (q + 1) * un]));
+                    sh.slice((t * b + r) * hw + u.start, un).copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
+                }
+                let out = unsafe { next.slice(r * hw + u.start, un) };
+                if t < lengths[r] && un > 0 {
+                    let base = (r * tt + t) * 3 * hw;
+                    (0..3).for_each(|q| xg[q * un..(q + 1) * un].copy_from_slice(&gx[base + q * hw + u.start..base + q * hw + u.end]));
+                    // SAFETY: `isa` detected; one row.
+                    unsafe { gru_forward_isa(isa, &xg, &gh[r * np..r * np + 3 * un], &hcur[r * hw + u.start..r * hw + u.end], &mut hn, un) };
+                    out.copy_from_slice(&hn);
+                    unsafe { ys.slice((r * tt + t) * hw + u.start, un).copy_from_slice(&hn) };
+                } else {
+                    out.copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
+                }
+            }
+            barrier.wait();
+        }
+    });
+    h.copy_from_slice(&hb[order.len() % 2]);
+}
+
+/// GRU backward; see `rnn_seq::gru_sequence_backward` (f32). Writes `dgx`; returns the recurrent gate gradients
+/// `(T, B, 3H)`; `dh` becomes the initial state's gradient.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gru_backward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize], saved: &SeqSaved<f32>, dy: &[f32], dh: &mut [f32], dgx: &mut [f32]) -> Vec<f32> {
+    let SeqDims { b, t: tt, h: hw, .. } = d;
+    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
+    let p_n = threads_for(hw);
+    let barrier = SpinBarrier::new(p_n);
+    let isa = Isa::detect();
+    let mut dghs = vec![0f32; tt * b * 3 * hw];
+    let (dgs, dhs, dxs) = (Shared::of(&mut dghs), Shared::of(dh), Shared::of(dgx));
+    rayon::broadcast(|ctx| {
+        let p = ctx.index();
+        if p >= p_n || ctx.num_threads() < p_n {
+            return;
+        }
+        let u = units(hw, p_n, p);
+        let un = u.len();
+        let (wp, up) = pack_backward(w, 3, hw, u.clone());
+        let mut dhp: Vec<f32> = (0..b).flat_map(|r| unsafe { dhs.slice(r * hw + u.start, un).to_vec() }).collect();
+        let mut direct = vec![0f32; b * un];
+        let (mut xg, mut gg, mut dyt) = (vec![0f32; 3 * un], vec![0f32; 3 * un], vec![0f32; un]);
+        let (mut dxg, mut dgg, mut dd) = (vec![0f32; 3 * un], vec![0f32; 3 * un], vec![0f32; un]);
+        let mut prod = vec![0f32; b * up];
+        for &t in order.iter().rev() {
+            for r in 0..b {
+                // SAFETY: this thread's units of step t, row r.
+                let (dgr, dxr) = unsafe { (dgs.slice((t * b + r) * 3 * hw, 3 * hw), dxs.slice((r * tt + t) * 3 * hw, 3 * hw)) };
+                if t >= lengths[r] || un == 0 {
+                    (0..3).for_each(|q| {
+                        dgr[q * hw + u.start..q * hw + u.end].iter_mut().for_each(|v| *v = 0.0);
+                        dxr[q * hw + u.start..q * hw + u.end].iter_mut().for_each(|v| *v = 0.0);
+                    });
+                    continue;
+                }
+                let base = (r * tt + t) * 3 * hw;
+                let gs = &saved.gates[(t * b + r) * 3 * hw..(t * b + r + 1) * 3 * hw];
+                (0..3).for_each(|q| {
+                    xg[q * un..(q + 1) * un].copy_from_slice(&gx[base + q * hw + u.start..base + q * hw + u.end]);
+                    gg[q * un..(q + 1) * un].copy_from_slice(&gs[q * hw + u.start..q * hw + u.end]);
+                });
+                for j in 0..un {
+                    dyt[j] = dhp[r * un + j] + dy[(r * tt + t) * hw + u.start + j];
+                }
+                let hp = &saved.h_prev[(t * b + r) * hw + u.start..(t * b + r) * hw + u.end];
+                // SAFETY: `isa` detected; one row.
+                unsafe { gru_backward_isa(isa, &xg, &gg, hp, &dyt, &mut dxg, &mut dgg, &mut dd, un) };
+                (0..3).for_each(|q| {
+                    dgr[q * hw + u.start..q * hw + u.end].copy_from_slice(&dgg[q * un..(q + 1) * un]);
+                    dxr[q * hw + u.start..q * hw + u.end].copy_from_slice(&dxg[q * un..(q + 1) * un]);
+                });
+                direct[r * un..(r + 1) * un].copy_from_slice(&dd);
+            }
+            barrier.wait();
+            // SAFETY: step t's recurrent gate gradients are complete (barrier) and only read now.
+            let dgt = unsafe { dgs.slice(t * b * 3 * hw, b * 3 * hw) as &[f32] };
+            if un > 0 {
+                // SAFETY: as in the forward.
+                unsafe { gemm_strided(isa, b, up, 3 * hw, dgt.as_ptr(), (3 * hw, 1), wp.as_ptr(), up, prod.as_mut_ptr(), up, false) };
+            }
+            for r in 0..b {
+                if t < lengths[r] {
+                    for j in 0..un {
+                        dhp[r * un + j] = direct[r * un + j] + prod[r * up + j];
+                    }
+                }
+            }
+        }
+        for r in 0..b {
+            // SAFETY: this thread's units.
+            unsafe { dhs.slice(r * hw + u.start, un).copy_from_slice(&dhp[r * un..(r + 1) * un]) };
+        }
+    });
+    dghs
+}
