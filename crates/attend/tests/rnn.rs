@@ -271,8 +271,13 @@ fn sequence_ops_match_finite_differences() {
         let gx4 = (randn64(&[b, t, 4 * h], 91) * 1.5).unwrap();
         let w4 = (randn64(&[4 * h, h], 92) * 0.5).unwrap();
         let (h0, c0) = (randn64(&[b, h], 93), randn64(&[b, h], 94));
+        let bl = randn64(&[4 * h], 98);
+        fd_check(&format!("lstm dbias reverse={reverse}"), bl.clone(), |v| {
+            let (y, hn, cn) = ops::lstm_sequence(&gx4, &w4, Some(v), &h0, &c0, Some(&lengths), reverse).unwrap();
+            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap(), cn.flatten_all().unwrap()], 0).unwrap()
+        });
         let lstm = |gx: &Tensor, w: &Tensor, h0: &Tensor, c0: &Tensor| {
-            let (y, hn, cn) = ops::lstm_sequence(gx, w, h0, c0, Some(&lengths), reverse).unwrap();
+            let (y, hn, cn) = ops::lstm_sequence(gx, w, Some(&bl), h0, c0, Some(&lengths), reverse).unwrap();
             Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap(), cn.flatten_all().unwrap()], 0).unwrap()
         };
         fd_check(&format!("lstm dgx reverse={reverse}"), gx4.clone(), |x| lstm(x, &w4, &h0, &c0));
@@ -282,8 +287,13 @@ fn sequence_ops_match_finite_differences() {
         let gx3 = (randn64(&[b, t, 3 * h], 95) * 1.5).unwrap();
         let w3 = (randn64(&[3 * h, h], 96) * 0.5).unwrap();
         let bh = randn64(&[3 * h], 97);
+        let bi = randn64(&[3 * h], 99);
+        fd_check(&format!("gru db_ih reverse={reverse}"), bi.clone(), |v| {
+            let (y, hn) = ops::gru_sequence(&gx3, &w3, Some(v), Some(&bh), &h0, Some(&lengths), reverse).unwrap();
+            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap()], 0).unwrap()
+        });
         let gru = |gx: &Tensor, w: &Tensor, bh: &Tensor, h0: &Tensor| {
-            let (y, hn) = ops::gru_sequence(gx, w, Some(bh), h0, Some(&lengths), reverse).unwrap();
+            let (y, hn) = ops::gru_sequence(gx, w, Some(&bi), Some(bh), h0, Some(&lengths), reverse).unwrap();
             Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap()], 0).unwrap()
         };
         fd_check(&format!("gru dgx reverse={reverse}"), gx3.clone(), |x| gru(x, &w3, &bh, &h0));

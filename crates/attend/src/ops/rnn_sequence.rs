@@ -7,8 +7,8 @@
 //! [`super::gru_cell_reference`] (`CellImpl::Reference` of the recurrent layers); the tests compare both.
 //!
 //! # Shapes
-//! - LSTM: `gx (B, T, 4H)`, `w_hh (4H, H)`, `h0`, `c0 (B, H)` → `y (B, T, H)`, `h_n`, `c_n (B, H)`
-//! - GRU: `gx (B, T, 3H)`, `w_hh (3H, H)`, `b_hh (3H)`, `h0 (B, H)` → `y (B, T, H)`, `h_n (B, H)`
+//! - LSTM: `gx (B, T, 4H)`, `w_hh (4H, H)`, `bias (4H)`, `h0`, `c0 (B, H)` → `y (B, T, H)`, `h_n`, `c_n (B, H)`
+//! - GRU: `gx (B, T, 3H)`, `w_hh (3H, H)`, `b_ih`, `b_hh (3H)`, `h0 (B, H)` → `y (B, T, H)`, `h_n (B, H)`
 
 use std::sync::Mutex;
 
@@ -82,6 +82,8 @@ impl Sequence {
         state: &[T],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let SeqDims { b, t, h, .. } = self.dims;
+        let (wm, biases) = split_columns(w, h, self.extra_columns());
+        let gx = &with_bias(gx, &biases[self.input_bias()]);
         let mut saved = SeqSaved::default();
         let mut y = vec![T::ZERO; b * t * h];
         // Output rows per sequence: T steps, then h_n (and c_n).
@@ -90,7 +92,7 @@ impl Sequence {
         match self.cell {
             Cell::Lstm => {
                 let mut cs: Vec<T> = (0..b).flat_map(|r| state[r * 2 * h + h..(r + 1) * 2 * h].to_vec()).collect();
-                k::lstm_sequence_forward(self.dims, gx, w, &self.lengths, &mut hs, &mut cs, &mut y, &mut saved);
+                k::lstm_sequence_forward(self.dims, gx, &wm, &self.lengths, &mut hs, &mut cs, &mut y, &mut saved);
                 let mut out = Vec::with_capacity(b * (t + 2) * h);
                 for r in 0..b {
                     out.extend_from_slice(&y[r * t * h..(r + 1) * t * h]);
@@ -101,9 +103,7 @@ impl Sequence {
                 Ok((T::storage(out), Shape::from((b, t + 2, h))))
             }
             Cell::Gru => {
-                // The GRU's weight operand carries b_hh as an extra column: (3H, H + 1).
-                let (wm, bias) = split_bias(w, h);
-                k::gru_sequence_forward(self.dims, gx, &wm, &bias, &self.lengths, &mut hs, &mut y, &mut saved);
+                k::gru_sequence_forward(self.dims, gx, &wm, &biases[0], &self.lengths, &mut hs, &mut y, &mut saved);
                 let mut out = Vec::with_capacity(b * (t + 1) * h);
                 for r in 0..b {
                     out.extend_from_slice(&y[r * t * h..(r + 1) * t * h]);
@@ -132,52 +132,30 @@ impl Sequence {
         let dy: Vec<T> = (0..b).flat_map(|r| g[r * row..r * row + t * h].to_vec()).collect();
         let mut dh: Vec<T> = (0..b).flat_map(|r| g[r * row + t * h..r * row + (t + 1) * h].to_vec()).collect();
         let dev = gx.device();
+        let (wm, biases) = split_columns(&vec_of::<T>(w)?, h, self.extra_columns());
         match self.cell {
             Cell::Lstm => {
                 let mut dc: Vec<T> = (0..b).flat_map(|r| g[r * row + (t + 1) * h..(r + 1) * row].to_vec()).collect();
                 let (mut dgx, mut dw) = (vec![T::ZERO; b * t * 4 * h], vec![T::ZERO; 4 * h * h]);
-                let wv: Vec<T> = vec_of(w)?;
-                k::lstm_sequence_backward(
-                    self.dims,
-                    &wv,
-                    &self.lengths,
-                    saved,
-                    &dy,
-                    &mut dh,
-                    &mut dc,
-                    &mut dgx,
-                    &mut dw,
-                );
+                k::lstm_sequence_backward(self.dims, &wm, &self.lengths, saved, &dy, &mut dh, &mut dc, &mut dgx, &mut dw);
                 let dstate: Vec<T> =
                     (0..b).flat_map(|r| [&dh[r * h..(r + 1) * h], &dc[r * h..(r + 1) * h]].concat()).collect();
+                let db = column_sums(&dgx, 4 * h);
                 Ok((
                     Tensor::from_vec(dgx, (b, t, 4 * h), dev)?,
-                    Tensor::from_vec(dw, (4 * h, h), dev)?,
+                    Tensor::from_vec(join_columns(&dw, h, &[&db]), (4 * h, h + 1), dev)?,
                     Tensor::from_vec(dstate, (b, 2 * h), dev)?,
                 ))
             }
             Cell::Gru => {
-                let (wm, _) = split_bias(&vec_of::<T>(w)?, h);
-                let gxv: Vec<T> = vec_of(gx)?;
+                let gxv = with_bias(&vec_of::<T>(gx)?, &biases[1]);
                 let (mut dgx, mut dw, mut db) =
                     (vec![T::ZERO; b * t * 3 * h], vec![T::ZERO; 3 * h * h], vec![T::ZERO; 3 * h]);
-                k::gru_sequence_backward(
-                    self.dims,
-                    &gxv,
-                    &wm,
-                    &self.lengths,
-                    saved,
-                    &dy,
-                    &mut dh,
-                    &mut dgx,
-                    &mut dw,
-                    &mut db,
-                );
-                // Back into the (3H, H + 1) operand layout.
-                let dwb: Vec<T> = (0..3 * h).flat_map(|r| [&dw[r * h..(r + 1) * h], &db[r..r + 1]].concat()).collect();
+                k::gru_sequence_backward(self.dims, &gxv, &wm, &self.lengths, saved, &dy, &mut dh, &mut dgx, &mut dw, &mut db);
+                let db_ih = column_sums(&dgx, 3 * h);
                 Ok((
                     Tensor::from_vec(dgx, (b, t, 3 * h), dev)?,
-                    Tensor::from_vec(dwb, (3 * h, h + 1), dev)?,
+                    Tensor::from_vec(join_columns(&dw, h, &[&db, &db_ih]), (3 * h, h + 2), dev)?,
                     Tensor::from_vec(dh, (b, h), dev)?,
                 ))
             }
@@ -185,15 +163,62 @@ impl Sequence {
     }
 }
 
-/// `(3H, H + 1)` → `W (3H, H)`, `b (3H)`.
-fn split_bias<T: Copy>(w: &[T], h: usize) -> (Vec<T>, Vec<T>) {
-    let mut wm = Vec::with_capacity(3 * h * h);
-    let mut b = Vec::with_capacity(3 * h);
-    for row in w.chunks_exact(h + 1) {
-        wm.extend_from_slice(&row[..h]);
-        b.push(row[h]);
+impl Sequence {
+    /// Bias columns the weight operand carries: LSTM `[W_hh | b_ih + b_hh]`, GRU `[W_hh | b_hh | b_ih]`.
+    fn extra_columns(&self) -> usize {
+        match self.cell {
+            Cell::Lstm => 1,
+            Cell::Gru => 2,
+        }
     }
-    (wm, b)
+
+    /// Which bias column is added to the input half of the gates.
+    fn input_bias(&self) -> usize {
+        match self.cell {
+            Cell::Lstm => 0,
+            Cell::Gru => 1,
+        }
+    }
+}
+
+/// `(R, H + e)` → `W (R, H)` and the `e` columns after it.
+fn split_columns<T: Copy>(w: &[T], h: usize, e: usize) -> (Vec<T>, Vec<Vec<T>>) {
+    let rows = w.len() / (h + e);
+    let mut wm = Vec::with_capacity(rows * h);
+    let mut cols = vec![Vec::with_capacity(rows); e];
+    for row in w.chunks_exact(h + e) {
+        wm.extend_from_slice(&row[..h]);
+        cols.iter_mut().enumerate().for_each(|(i, c)| c.push(row[h + i]));
+    }
+    (wm, cols)
+}
+
+/// `W (R, H)` with columns appended: `(R, H + e)`.
+fn join_columns<T: Copy>(w: &[T], h: usize, cols: &[&[T]]) -> Vec<T> {
+    let mut out = Vec::with_capacity(w.len() + cols.len() * w.len() / h);
+    for (r, row) in w.chunks_exact(h).enumerate() {
+        out.extend_from_slice(row);
+        out.extend(cols.iter().map(|c| c[r]));
+    }
+    out
+}
+
+/// Every row of width `bias.len()` plus `bias`.
+fn with_bias<T: KernelFloat>(x: &[T], bias: &[T]) -> Vec<T> {
+    let mut out = x.to_vec();
+    for row in out.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
+    }
+    out
+}
+
+/// The sum of the rows of width `w` (the gradient of a bias added to every row).
+fn column_sums<T: KernelFloat>(x: &[T], w: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; w];
+    for row in x.chunks_exact(w) {
+        out.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+    }
+    out
 }
 
 impl CustomOp3 for Sequence {
@@ -290,10 +315,24 @@ fn check(
     Ok((SeqDims { b, t, h, reverse: false }, lengths))
 }
 
-/// A whole LSTM direction; `reverse` walks the steps backwards (from each sequence's last valid step).
+/// The bias column of a weight operand: `b`, or zeros.
+fn bias_column(b: Option<&Tensor>, rows: usize, like: &Tensor) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => {
+            ensure!(b.dims() == [rows], "rnn sequence", "bias {} must be ({rows})", shape_str(b));
+            b.to_dtype(like.dtype())?.unsqueeze(1)?
+        }
+        None => Tensor::zeros((rows, 1), like.dtype(), like.device())?,
+    })
+}
+
+/// A whole LSTM direction from `gx = x W_ihᵀ` (no bias); `bias` is `b_ih + b_hh` (4H), added inside the op (and
+/// its gradient formed there, not by reducing a `(B, T, 4H)` tensor in the graph). `reverse` walks the steps
+/// backwards (from each sequence's last valid step).
 pub fn lstm_sequence(
     gx: &Tensor,
     w_hh: &Tensor,
+    bias: Option<&Tensor>,
     h0: &Tensor,
     c0: &Tensor,
     lengths: Option<&[usize]>,
@@ -301,18 +340,21 @@ pub fn lstm_sequence(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (dims, lengths) = check("lstm sequence", gx, w_hh, h0, 4, lengths)?;
     ensure!(c0.dims() == h0.dims(), "lstm sequence", "c0 {} must match h0 {}", shape_str(c0), shape_str(h0));
-    let t = dims.t;
+    let (t, h) = (dims.t, dims.h);
     let dtype = gx.dtype();
     let state = Tensor::cat(&[h0.to_dtype(dtype)?, c0.to_dtype(dtype)?], 1)?.contiguous()?; // (B, 2H)
+    let wb = Tensor::cat(&[w_hh.to_dtype(dtype)?, bias_column(bias, 4 * h, gx)?], 1)?.contiguous()?; // (4H, H + 1)
     let op = Sequence { cell: Cell::Lstm, dims: SeqDims { reverse, ..dims }, lengths, saved: Mutex::new(None) };
-    let out = gx.contiguous()?.apply_op3(&w_hh.to_dtype(dtype)?.contiguous()?, &state, op)?; // (B, T + 2, H)
+    let out = gx.contiguous()?.apply_op3(&wb, &state, op)?; // (B, T + 2, H)
     Ok((out.narrow(1, 0, t)?, out.narrow(1, t, 1)?.squeeze(1)?, out.narrow(1, t + 1, 1)?.squeeze(1)?))
 }
 
-/// A whole GRU direction (`b_hh` added inside the reset gate's product, as PyTorch does).
+/// A whole GRU direction from `gx = x W_ihᵀ` (no bias); `b_ih` is added to it and `b_hh` inside the reset gate's
+/// product, as PyTorch does, both inside the op.
 pub fn gru_sequence(
     gx: &Tensor,
     w_hh: &Tensor,
+    b_ih: Option<&Tensor>,
     b_hh: Option<&Tensor>,
     h0: &Tensor,
     lengths: Option<&[usize]>,
@@ -321,12 +363,9 @@ pub fn gru_sequence(
     let (dims, lengths) = check("gru sequence", gx, w_hh, h0, 3, lengths)?;
     let SeqDims { t, h, .. } = dims;
     let dtype = gx.dtype();
-    let bias = match b_hh {
-        Some(b) => b.to_dtype(dtype)?,
-        None => Tensor::zeros(3 * h, dtype, gx.device())?,
-    };
-    // Four operands for a three-operand op: b_hh travels as an extra column of W_hh.
-    let wb = Tensor::cat(&[w_hh.to_dtype(dtype)?, bias.unsqueeze(1)?], 1)?.contiguous()?; // (3H, H + 1)
+    // More operands than a three-operand op has: the biases travel as extra columns of W_hh.
+    let columns = [w_hh.to_dtype(dtype)?, bias_column(b_hh, 3 * h, gx)?, bias_column(b_ih, 3 * h, gx)?];
+    let wb = Tensor::cat(&columns, 1)?.contiguous()?; // (3H, H + 2)
     let op = Sequence { cell: Cell::Gru, dims: SeqDims { reverse, ..dims }, lengths, saved: Mutex::new(None) };
     let out = gx.contiguous()?.apply_op3(&wb, &h0.to_dtype(dtype)?.contiguous()?, op)?; // (B, T + 1, H)
     Ok((out.narrow(1, 0, t)?, out.narrow(1, t, 1)?.squeeze(1)?))

@@ -51,7 +51,7 @@ impl Step for GruStep {
         lengths: Option<&[usize]>,
         reverse: bool,
     ) -> Result<Option<(Tensor, State)>> {
-        let (y, h) = ops::gru_sequence(gx, &dir.w_hh, dir.b_hh.as_ref(), &init.h, lengths, reverse)?;
+        let (y, h) = ops::gru_sequence(gx, &dir.w_hh, dir.b_ih.as_ref(), dir.b_hh.as_ref(), &init.h, lengths, reverse)?;
         Ok(Some((y, State { h, c: None })))
     }
 }

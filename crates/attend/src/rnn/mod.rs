@@ -152,15 +152,19 @@ impl Direction {
         })
     }
 
+    /// `x W_ihᵀ` for every step, no bias: `(B, T, C) → (B, T, G·H)`.
+    pub fn input_product(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        Ok(x.reshape((b * t, c))?.matmul(&self.w_ih.t()?)?.reshape((b, t, ()))?) // (B, T, G·H)
+    }
+
     /// `x W_ihᵀ + b_ih` for every step: `(B, T, C) → (B, T, G·H)`.
     pub fn input_gates(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let gx = x.reshape((b * t, c))?.matmul(&self.w_ih.t()?)?; // (B·T, G·H)
-        let gx = match &self.b_ih {
+        let gx = self.input_product(x)?;
+        Ok(match &self.b_ih {
             Some(bias) => gx.broadcast_add(bias)?,
             None => gx,
-        };
-        Ok(gx.reshape((b, t, ()))?) // (B, T, G·H)
+        })
     }
 
     /// `h W_hhᵀ + b_hh`: `(B, H) → (B, G·H)`.
@@ -213,12 +217,12 @@ pub(crate) fn run_direction<C: Step>(
     imp: CellImpl,
 ) -> Result<(Tensor, State)> {
     let t = x.dim(1)?;
-    let gx = dir.input_gates(x)?; // (B, T, G·H)
     if imp == CellImpl::Fused && matches!(x.dtype(), DType::F32 | DType::F64) {
-        if let Some(done) = cell.sequence(dir, &gx, &init, lengths, reverse)? {
+        if let Some(done) = cell.sequence(dir, &dir.input_product(x)?, &init, lengths, reverse)? {
             return Ok(done);
         }
     }
+    let gx = dir.input_gates(x)?; // (B, T, G·H)
     let mut state = init;
     let mut outs: Vec<Tensor> = Vec::with_capacity(t);
     let order: Box<dyn Iterator<Item = usize>> = if reverse { Box::new((0..t).rev()) } else { Box::new(0..t) };
