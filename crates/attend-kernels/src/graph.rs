@@ -109,3 +109,84 @@ pub fn edge_aggregate_backward<T: Real>(
         }
     });
 }
+
+/// GATv2 scores, `s[e, h] = Σ_c a[h, c] · LeakyReLU(xl[src(e), h, c] + xr[dst(e), h, c])`, without materialising
+/// the `(E, H, C)` pairs.
+#[allow(clippy::too_many_arguments)]
+pub fn pair_scores_forward<T: Real>(xl: &[T], xr: &[T], att: &[T], src: &[u32], dst: &[u32], h: usize, c: usize, slope: T, out: &mut [T]) {
+    let hc = h * c;
+    assert!(att.len() == hc && out.len() == src.len() * h && dst.len() == src.len(), "pair_scores: lengths");
+    out.par_chunks_mut(h).enumerate().with_min_len(256).for_each(|(e, o)| {
+        let (a, b) = (src[e] as usize * hc, dst[e] as usize * hc);
+        for (hh, s) in o.iter_mut().enumerate() {
+            let mut acc = T::ZERO;
+            for k in hh * c..(hh + 1) * c {
+                let z = xl[a + k] + xr[b + k];
+                acc += att[k] * if z > T::ZERO { z } else { slope * z };
+            }
+            *s = acc;
+        }
+    });
+}
+
+/// Backward of [`pair_scores_forward`] from `ds (E, H)`: writes `dxl`, `dxr (N, H, C)` and `datt (H, C)`.
+#[allow(clippy::too_many_arguments)]
+pub fn pair_scores_backward<T: Real>(
+    xl: &[T],
+    xr: &[T],
+    att: &[T],
+    src: &[u32],
+    dst: &[u32],
+    h: usize,
+    c: usize,
+    slope: T,
+    ds: &[T],
+    dxl: &mut [T],
+    dxr: &mut [T],
+    datt: &mut [T],
+) {
+    let hc = h * c;
+    let n = dxl.len() / hc;
+    // d xl[src] and d xr[dst] grouped by node: one writer per row, sums in input order.
+    let grad_rows = |key: &[u32], out: &mut [T]| {
+        let (start, order) = group_by(key, n);
+        out.par_chunks_mut(hc).enumerate().with_min_len(nodes_per_task(hc)).for_each(|(v, d)| {
+            d.iter_mut().for_each(|x| *x = T::ZERO);
+            for &e in &order[start[v]..start[v + 1]] {
+                let (a, b) = (src[e] as usize * hc, dst[e] as usize * hc);
+                for hh in 0..h {
+                    let g = ds[e * h + hh];
+                    for k in hh * c..(hh + 1) * c {
+                        let z = xl[a + k] + xr[b + k];
+                        d[k] += g * att[k] * if z > T::ZERO { T::ONE } else { slope };
+                    }
+                }
+            }
+        });
+    };
+    grad_rows(src, dxl);
+    grad_rows(dst, dxr);
+    // d att: per-task partial sums over edge blocks, then added in block order (deterministic).
+    let block = 4096;
+    let partials: Vec<Vec<T>> = (0..src.len().div_ceil(block))
+        .into_par_iter()
+        .map(|bi| {
+            let mut p = vec![T::ZERO; hc];
+            for e in bi * block..((bi + 1) * block).min(src.len()) {
+                let (a, b) = (src[e] as usize * hc, dst[e] as usize * hc);
+                for hh in 0..h {
+                    let g = ds[e * h + hh];
+                    for k in hh * c..(hh + 1) * c {
+                        let z = xl[a + k] + xr[b + k];
+                        p[k] += g * if z > T::ZERO { z } else { slope * z };
+                    }
+                }
+            }
+            p
+        })
+        .collect();
+    datt.iter_mut().for_each(|x| *x = T::ZERO);
+    for p in partials {
+        datt.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+}

@@ -372,3 +372,25 @@ fn edge_aggregate_equals_its_twin_and_finite_differences() {
     fd_check("edge aggregate dx", x.clone(), |x| edge_aggregate(x, &alpha, &src, &dst, 5).unwrap());
     fd_check("edge aggregate dalpha", alpha.clone(), |a| edge_aggregate(&x, a, &src, &dst, 5).unwrap());
 }
+
+#[test]
+fn gatv2_scores_equal_their_twin_and_finite_differences() {
+    use attend::ops::{gatv2_scores, gatv2_scores_reference};
+    let (src, dst) = (vec![0u32, 1, 2, 3, 4, 0, 2, 4, 4], vec![1u32, 2, 3, 4, 0, 2, 0, 1, 1]);
+    let (xl, xr, att) = (r64(&[5, 3, 4], 91), r64(&[5, 3, 4], 92), r64(&[1, 3, 4], 93));
+    let vars: Vec<candle_core::Var> = [&xl, &xr, &att].iter().map(|t| candle_core::Var::from_tensor(t).unwrap()).collect();
+    let w = r64(&[9, 3], 94);
+    let run = |f: fn(&Tensor, &Tensor, &Tensor, &[u32], &[u32], f64) -> attend::Result<Tensor>| {
+        let s = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), &src, &dst, 0.2).unwrap();
+        let g = weighted_sum(&s, &w).backward().unwrap();
+        (s, vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect::<Vec<_>>())
+    };
+    let (a, b) = (run(gatv2_scores), run(gatv2_scores_reference));
+    assert_close("scores", &a.0, &b.0, F64);
+    for (i, (p, q)) in a.1.iter().zip(&b.1).enumerate() {
+        assert_close(&format!("gradient {i}"), p, q, F64);
+    }
+    fd_check("gatv2 dxl", xl.clone(), |x| gatv2_scores(x, &xr, &att, &src, &dst, 0.2).unwrap());
+    fd_check("gatv2 dxr", xr.clone(), |x| gatv2_scores(&xl, x, &att, &src, &dst, 0.2).unwrap());
+    fd_check("gatv2 datt", att.clone(), |a| gatv2_scores(&xl, &xr, a, &src, &dst, 0.2).unwrap());
+}

@@ -210,9 +210,8 @@ impl Gat {
             Weights::V2 { lin_l, lin_r, att } => {
                 let xl = lin_l.forward(x)?.reshape((n, h, c))?; // (N, H, C)
                 let xr = lin_r.forward(x)?.reshape((n, h, c))?;
-                // GATv2 scores each (source, target) pair through a non-linearity: the (E, H, C) pairs are inherent.
-                let pair = leaky_relu(&(xl.index_select(&src, 0)? + xr.index_select(&dst, 0)?)?, slope)?;
-                (pair.broadcast_mul(att)?.sum(2)?, xl)
+                // Each (source, target) pair through the non-linearity, fused: no (E, H, C) pairs in memory.
+                (ops::gatv2_scores(&xl, &xr, att, &src_v, &dst_v, slope)?, xl)
             }
         };
         // 2. Normalise over each node's incoming edges.

@@ -111,3 +111,89 @@ pub fn edge_aggregate_reference(x: &Tensor, alpha: &Tensor, src: &[u32], dst: &[
     let messages = x.index_select(&s, 0)?.broadcast_mul(&alpha.unsqueeze(2)?)?; // (E, H, C)
     Ok(Tensor::zeros((m, h, c), x.dtype(), dev)?.index_add(&d, &messages, 0)?)
 }
+
+struct PairScores {
+    src: Vec<u32>,
+    dst: Vec<u32>,
+    slope: f64,
+}
+
+impl candle_core::CustomOp3 for PairScores {
+    fn name(&self) -> &'static str {
+        "attend-gatv2-pair-scores"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, h, c) = l1.shape().dims3()?;
+        dispatch_float!(s1.dtype(), self.name(), |T| {
+            let (xl, xr) = (contiguous(T::slice(s1)?, l1, "xl")?, contiguous(T::slice(s2)?, l2, "xr")?);
+            let att = contiguous(T::slice(s3)?, l3, "att")?;
+            let mut out = vec![0 as T; self.src.len() * h];
+            k::pair_scores_forward(xl, xr, att, &self.src, &self.dst, h, c, self.slope as T, &mut out);
+            Ok((T::storage(out), Shape::from((self.src.len(), h))))
+        })
+    }
+    fn bwd(
+        &self,
+        xl: &Tensor,
+        xr: &Tensor,
+        att: &Tensor,
+        _out: &Tensor,
+        ds: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, h, c) = xl.dims3()?;
+        let dev = xl.device();
+        macro_rules! run {
+            ($t:ty) => {{
+                let v = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<$t>();
+                let (a, b, w, g) = (v(xl)?, v(xr)?, v(att)?, v(ds)?);
+                let (mut dl, mut dr, mut da) = (vec![0 as $t; n * h * c], vec![0 as $t; n * h * c], vec![0 as $t; h * c]);
+                k::pair_scores_backward(&a, &b, &w, &self.src, &self.dst, h, c, self.slope as $t, &g, &mut dl, &mut dr, &mut da);
+                (
+                    Tensor::from_vec(dl, (n, h, c), dev)?,
+                    Tensor::from_vec(dr, (n, h, c), dev)?,
+                    Tensor::from_vec(da, att.shape(), dev)?,
+                )
+            }};
+        }
+        let (a, b, w) = match xl.dtype() {
+            candle_core::DType::F32 => run!(f32),
+            candle_core::DType::F64 => run!(f64),
+            dt => candle_core::bail!("gatv2 scores: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(a), Some(b), Some(w)))
+    }
+}
+
+/// GATv2's scores `s[e, h] = Σ_c a[h, c] · LeakyReLU(xl[src(e), h, c] + xr[dst(e), h, c])`, fused (no `(E, H, C)`
+/// pairs), with a hand-written backward.
+///
+/// # Shapes
+/// `xl`, `xr (N, H, C)`, `att` with `H · C` elements → `(E, H)`
+pub fn gatv2_scores(xl: &Tensor, xr: &Tensor, att: &Tensor, src: &[u32], dst: &[u32], slope: f64) -> Result<Tensor> {
+    const OP: &str = "gatv2 scores";
+    ensure!(xl.rank() == 3 && xl.dims() == xr.dims(), OP, "xl {} and xr {} must be (N, H, C) alike", shape_str(xl), shape_str(xr));
+    let (n, h, c) = xl.dims3()?;
+    ensure!(att.elem_count() == h * c, OP, "att {} does not hold H·C = {} values", shape_str(att), h * c);
+    ensure!(src.len() == dst.len() && src.iter().chain(dst).all(|&v| (v as usize) < n), OP, "an edge index is out of range for N = {n}");
+    let op = PairScores { src: src.to_vec(), dst: dst.to_vec(), slope };
+    Ok(xl.contiguous()?.apply_op3(&xr.contiguous()?, &att.to_dtype(xl.dtype())?.contiguous()?, op)?)
+}
+
+/// [`gatv2_scores`] composed from plain candle ops (materialises the pairs).
+pub fn gatv2_scores_reference(xl: &Tensor, xr: &Tensor, att: &Tensor, src: &[u32], dst: &[u32], slope: f64) -> Result<Tensor> {
+    let dev = xl.device();
+    let (_, h, c) = xl.dims3()?;
+    let (s, d) = (Tensor::from_slice(src, src.len(), dev)?, Tensor::from_slice(dst, dst.len(), dev)?);
+    let z = (xl.index_select(&s, 0)? + xr.index_select(&d, 0)?)?; // (E, H, C)
+    let r = z.relu()?;
+    let leaky = (&r + ((&z - &r)? * slope)?)?;
+    Ok(leaky.broadcast_mul(&att.reshape((1, h, c))?)?.sum(2)?)
+}

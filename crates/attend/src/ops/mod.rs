@@ -26,7 +26,7 @@ pub use attend_kernels::norm::NormKind;
 pub use cross_entropy::{cross_entropy, cross_entropy_reference, Reduction};
 pub use dropout::{dropout, dropout_mask, dropout_reference};
 pub use gelu::{gelu, gelu_reference};
-pub use graph::{edge_aggregate, edge_aggregate_reference};
+pub use graph::{edge_aggregate, edge_aggregate_reference, gatv2_scores, gatv2_scores_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 pub use rnn_cell::{gru_cell, gru_cell_reference, lstm_cell, lstm_cell_reference};
 pub use rnn_sequence::{gru_sequence, lstm_sequence};
