@@ -113,7 +113,17 @@ pub fn edge_aggregate_backward<T: Real>(
 /// GATv2 scores, `s[e, h] = Σ_c a[h, c] · LeakyReLU(xl[src(e), h, c] + xr[dst(e), h, c])`, without materialising
 /// the `(E, H, C)` pairs.
 #[allow(clippy::too_many_arguments)]
-pub fn pair_scores_forward<T: Real>(xl: &[T], xr: &[T], att: &[T], src: &[u32], dst: &[u32], h: usize, c: usize, slope: T, out: &mut [T]) {
+pub fn pair_scores_forward<T: Real>(
+    xl: &[T],
+    xr: &[T],
+    att: &[T],
+    src: &[u32],
+    dst: &[u32],
+    h: usize,
+    c: usize,
+    slope: T,
+    out: &mut [T],
+) {
     let hc = h * c;
     assert!(att.len() == hc && out.len() == src.len() * h && dst.len() == src.len(), "pair_scores: lengths");
     out.par_chunks_mut(h).enumerate().with_min_len(256).for_each(|(e, o)| {
@@ -130,6 +140,9 @@ pub fn pair_scores_forward<T: Real>(xl: &[T], xr: &[T], att: &[T], src: &[u32], 
 }
 
 /// Backward of [`pair_scores_forward`] from `ds (E, H)`: writes `dxl`, `dxr (N, H, C)` and `datt (H, C)`.
+///
+/// Two passes over the edges: grouped by source (`dxl`, and `datt` as per-task partial sums added in task order,
+/// so the result does not depend on the thread count), then grouped by target (`dxr`).
 #[allow(clippy::too_many_arguments)]
 pub fn pair_scores_backward<T: Real>(
     xl: &[T],
@@ -147,38 +160,31 @@ pub fn pair_scores_backward<T: Real>(
 ) {
     let hc = h * c;
     let n = dxl.len() / hc;
-    // d xl[src] and d xr[dst] grouped by node: one writer per row, sums in input order.
-    let grad_rows = |key: &[u32], out: &mut [T]| {
-        let (start, order) = group_by(key, n);
-        out.par_chunks_mut(hc).enumerate().with_min_len(nodes_per_task(hc)).for_each(|(v, d)| {
-            d.iter_mut().for_each(|x| *x = T::ZERO);
-            for &e in &order[start[v]..start[v + 1]] {
-                let (a, b) = (src[e] as usize * hc, dst[e] as usize * hc);
-                for hh in 0..h {
-                    let g = ds[e * h + hh];
-                    for k in hh * c..(hh + 1) * c {
-                        let z = xl[a + k] + xr[b + k];
-                        d[k] += g * att[k] * if z > T::ZERO { T::ONE } else { slope };
-                    }
-                }
-            }
-        });
+    let per = nodes_per_task(hc);
+    // Branch-free LeakyReLU and its derivative, so the inner loops vectorise.
+    let leaky = |z: T| -> (T, T) {
+        let pos = if z > T::ZERO { T::ONE } else { T::ZERO };
+        let d = pos + (T::ONE - pos) * slope;
+        (z * d, d)
     };
-    grad_rows(src, dxl);
-    grad_rows(dst, dxr);
-    // d att: per-task partial sums over edge blocks, then added in block order (deterministic).
-    let block = 4096;
-    let partials: Vec<Vec<T>> = (0..src.len().div_ceil(block))
-        .into_par_iter()
-        .map(|bi| {
+    let (start, order) = group_by(src, n);
+    let partials: Vec<Vec<T>> = dxl
+        .par_chunks_mut(hc * per)
+        .enumerate()
+        .map(|(task, rows)| {
             let mut p = vec![T::ZERO; hc];
-            for e in bi * block..((bi + 1) * block).min(src.len()) {
-                let (a, b) = (src[e] as usize * hc, dst[e] as usize * hc);
-                for hh in 0..h {
-                    let g = ds[e * h + hh];
-                    for k in hh * c..(hh + 1) * c {
-                        let z = xl[a + k] + xr[b + k];
-                        p[k] += g * if z > T::ZERO { z } else { slope * z };
+            for (i, d) in rows.chunks_exact_mut(hc).enumerate() {
+                let v = task * per + i;
+                d.iter_mut().for_each(|x| *x = T::ZERO);
+                for &e in &order[start[v]..start[v + 1]] {
+                    let (a, b) = (v * hc, dst[e] as usize * hc);
+                    for hh in 0..h {
+                        let g = ds[e * h + hh];
+                        for k in hh * c..(hh + 1) * c {
+                            let (f, df) = leaky(xl[a + k] + xr[b + k]);
+                            d[k] += g * att[k] * df;
+                            p[k] += g * f;
+                        }
                     }
                 }
             }
@@ -189,4 +195,17 @@ pub fn pair_scores_backward<T: Real>(
     for p in partials {
         datt.iter_mut().zip(p).for_each(|(a, v)| *a += v);
     }
+    let (start, order) = group_by(dst, n);
+    dxr.par_chunks_mut(hc).enumerate().with_min_len(per).for_each(|(v, d)| {
+        d.iter_mut().for_each(|x| *x = T::ZERO);
+        for &e in &order[start[v]..start[v + 1]] {
+            let (a, b) = (src[e] as usize * hc, v * hc);
+            for hh in 0..h {
+                let g = ds[e * h + hh];
+                for k in hh * c..(hh + 1) * c {
+                    d[k] += g * att[k] * leaky(xl[a + k] + xr[b + k]).1;
+                }
+            }
+        }
+    });
 }

@@ -108,7 +108,16 @@ impl Shared {
 
 /// LSTM forward; see `rnn_seq::lstm_sequence_forward` (same contract, f32).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn lstm_forward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize], h: &mut [f32], c: &mut [f32], y: &mut [f32], saved: &mut SeqSaved<f32>) {
+pub(crate) fn lstm_forward(
+    d: SeqDims,
+    gx: &[f32],
+    w: &[f32],
+    lengths: &[usize],
+    h: &mut [f32],
+    c: &mut [f32],
+    y: &mut [f32],
+    saved: &mut SeqSaved<f32>,
+) {
     let SeqDims { b, t: tt, h: hw, .. } = d;
     let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
     let p_n = threads_for(hw);
@@ -143,14 +152,17 @@ pub(crate) fn lstm_forward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize],
             }
             if un > 0 {
                 // SAFETY: `isa` detected; np is a multiple of QUANTUM; the buffers hold the rows and columns named.
-                unsafe { gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gates.as_mut_ptr(), np, true) };
+                unsafe {
+                    gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gates.as_mut_ptr(), np, true)
+                };
             }
             for r in 0..b {
                 // SAFETY: this thread's units of step t's rows; nobody else writes them.
                 unsafe {
                     let g = sg.slice((t * b + r) * 4 * hw, 4 * hw);
                     for q in 0..4 {
-                        g[q * hw + u.start..q * hw + u.end].copy_from_slice(&gates[r * np + q * un..r * np + (q + 1) * un]);
+                        g[q * hw + u.start..q * hw + u.end]
+                            .copy_from_slice(&gates[r * np + q * un..r * np + (q + 1) * un]);
                     }
                     sh.slice((t * b + r) * hw + u.start, un).copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
                     sc.slice((t * b + r) * hw + u.start, un).copy_from_slice(&cp[r * un..(r + 1) * un]);
@@ -158,7 +170,9 @@ pub(crate) fn lstm_forward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize],
                 let hn = unsafe { next.slice(r * hw + u.start, un) };
                 if t < lengths[r] && un > 0 {
                     // SAFETY: as above; one row of this thread's gates and cells.
-                    unsafe { lstm_forward_isa(isa, &gates[r * np..r * np + 4 * un], &cp[r * un..(r + 1) * un], &mut hc, un) };
+                    unsafe {
+                        lstm_forward_isa(isa, &gates[r * np..r * np + 4 * un], &cp[r * un..(r + 1) * un], &mut hc, un)
+                    };
                     hn.copy_from_slice(&hc[..un]);
                     cp[r * un..(r + 1) * un].copy_from_slice(&hc[un..]);
                     unsafe { ys.slice((r * tt + t) * hw + u.start, un).copy_from_slice(&hc[..un]) };
@@ -179,7 +193,15 @@ pub(crate) fn lstm_forward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize],
 /// LSTM backward; see `rnn_seq::lstm_sequence_backward` (f32). Returns the gate gradients `(T, B, 4H)`; `dh`, `dc`
 /// become the initial state's gradients.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn lstm_backward(d: SeqDims, w: &[f32], lengths: &[usize], saved: &SeqSaved<f32>, dy: &[f32], dh: &mut [f32], dc: &mut [f32]) -> Vec<f32> {
+pub(crate) fn lstm_backward(
+    d: SeqDims,
+    w: &[f32],
+    lengths: &[usize],
+    saved: &SeqSaved<f32>,
+    dy: &[f32],
+    dh: &mut [f32],
+    dc: &mut [f32],
+) -> Vec<f32> {
     let SeqDims { b, t: tt, h: hw, .. } = d;
     let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
     let p_n = threads_for(hw);
@@ -199,7 +221,8 @@ pub(crate) fn lstm_backward(d: SeqDims, w: &[f32], lengths: &[usize], saved: &Se
         // This thread's columns of dh and dc, for the whole walk.
         let mut dhp: Vec<f32> = (0..b).flat_map(|r| unsafe { dhs.slice(r * hw + u.start, un).to_vec() }).collect();
         let mut dcp: Vec<f32> = (0..b).flat_map(|r| unsafe { dcs.slice(r * hw + u.start, un).to_vec() }).collect();
-        let (mut g, mut cprev, mut dout, mut dg, mut dcn) = (vec![0f32; 4 * un], vec![0f32; un], vec![0f32; 2 * un], vec![0f32; 4 * un], vec![0f32; un]);
+        let (mut g, mut cprev, mut dout, mut dg, mut dcn) =
+            (vec![0f32; 4 * un], vec![0f32; un], vec![0f32; 2 * un], vec![0f32; 4 * un], vec![0f32; un]);
         let mut prod = vec![0f32; b * up];
         for &t in order.iter().rev() {
             for r in 0..b {
@@ -226,7 +249,21 @@ pub(crate) fn lstm_backward(d: SeqDims, w: &[f32], lengths: &[usize], saved: &Se
             let dgt = unsafe { dgs.slice(t * b * 4 * hw, b * 4 * hw) as &[f32] };
             if un > 0 {
                 // SAFETY: as in the forward.
-                unsafe { gemm_strided(isa, b, up, 4 * hw, dgt.as_ptr(), (4 * hw, 1), wp.as_ptr(), up, prod.as_mut_ptr(), up, false) };
+                unsafe {
+                    gemm_strided(
+                        isa,
+                        b,
+                        up,
+                        4 * hw,
+                        dgt.as_ptr(),
+                        (4 * hw, 1),
+                        wp.as_ptr(),
+                        up,
+                        prod.as_mut_ptr(),
+                        up,
+                        false,
+                    )
+                };
             }
             for r in 0..b {
                 if t < lengths[r] {
@@ -247,7 +284,16 @@ pub(crate) fn lstm_backward(d: SeqDims, w: &[f32], lengths: &[usize], saved: &Se
 
 /// GRU forward; see `rnn_seq::gru_sequence_forward` (f32).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gru_forward(d: SeqDims, gx: &[f32], w: &[f32], b_hh: &[f32], lengths: &[usize], h: &mut [f32], y: &mut [f32], saved: &mut SeqSaved<f32>) {
+pub(crate) fn gru_forward(
+    d: SeqDims,
+    gx: &[f32],
+    w: &[f32],
+    b_hh: &[f32],
+    lengths: &[usize],
+    h: &mut [f32],
+    y: &mut [f32],
+    saved: &mut SeqSaved<f32>,
+) {
     let SeqDims { b, t: tt, h: hw, .. } = d;
     let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
     let p_n = threads_for(hw);
@@ -277,21 +323,37 @@ pub(crate) fn gru_forward(d: SeqDims, gx: &[f32], w: &[f32], b_hh: &[f32], lengt
             }
             if un > 0 {
                 // SAFETY: as in the LSTM.
-                unsafe { gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gh.as_mut_ptr(), np, true) };
+                unsafe {
+                    gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gh.as_mut_ptr(), np, true)
+                };
             }
             for r in 0..b {
                 // SAFETY: this thread's units of step t.
                 unsafe {
                     let sgr = sg.slice((t * b + r) * 3 * hw, 3 * hw);
-                    (0..3).for_each(|q| sgr[q * hw + u.start..q * hw + u.end].copy_from_slice(&gh[r * np + q * un..r * np + (q + 1) * un]));
+                    (0..3).for_each(|q| {
+                        sgr[q * hw + u.start..q * hw + u.end]
+                            .copy_from_slice(&gh[r * np + q * un..r * np + (q + 1) * un])
+                    });
                     sh.slice((t * b + r) * hw + u.start, un).copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
                 }
                 let out = unsafe { next.slice(r * hw + u.start, un) };
                 if t < lengths[r] && un > 0 {
                     let base = (r * tt + t) * 3 * hw;
-                    (0..3).for_each(|q| xg[q * un..(q + 1) * un].copy_from_slice(&gx[base + q * hw + u.start..base + q * hw + u.end]));
+                    (0..3).for_each(|q| {
+                        xg[q * un..(q + 1) * un].copy_from_slice(&gx[base + q * hw + u.start..base + q * hw + u.end])
+                    });
                     // SAFETY: `isa` detected; one row.
-                    unsafe { gru_forward_isa(isa, &xg, &gh[r * np..r * np + 3 * un], &hcur[r * hw + u.start..r * hw + u.end], &mut hn, un) };
+                    unsafe {
+                        gru_forward_isa(
+                            isa,
+                            &xg,
+                            &gh[r * np..r * np + 3 * un],
+                            &hcur[r * hw + u.start..r * hw + u.end],
+                            &mut hn,
+                            un,
+                        )
+                    };
                     out.copy_from_slice(&hn);
                     unsafe { ys.slice((r * tt + t) * hw + u.start, un).copy_from_slice(&hn) };
                 } else {
@@ -307,7 +369,16 @@ pub(crate) fn gru_forward(d: SeqDims, gx: &[f32], w: &[f32], b_hh: &[f32], lengt
 /// GRU backward; see `rnn_seq::gru_sequence_backward` (f32). Writes `dgx`; returns the recurrent gate gradients
 /// `(T, B, 3H)`; `dh` becomes the initial state's gradient.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gru_backward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize], saved: &SeqSaved<f32>, dy: &[f32], dh: &mut [f32], dgx: &mut [f32]) -> Vec<f32> {
+pub(crate) fn gru_backward(
+    d: SeqDims,
+    gx: &[f32],
+    w: &[f32],
+    lengths: &[usize],
+    saved: &SeqSaved<f32>,
+    dy: &[f32],
+    dh: &mut [f32],
+    dgx: &mut [f32],
+) -> Vec<f32> {
     let SeqDims { b, t: tt, h: hw, .. } = d;
     let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
     let p_n = threads_for(hw);
@@ -331,7 +402,8 @@ pub(crate) fn gru_backward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize],
         for &t in order.iter().rev() {
             for r in 0..b {
                 // SAFETY: this thread's units of step t, row r.
-                let (dgr, dxr) = unsafe { (dgs.slice((t * b + r) * 3 * hw, 3 * hw), dxs.slice((r * tt + t) * 3 * hw, 3 * hw)) };
+                let (dgr, dxr) =
+                    unsafe { (dgs.slice((t * b + r) * 3 * hw, 3 * hw), dxs.slice((r * tt + t) * 3 * hw, 3 * hw)) };
                 if t >= lengths[r] || un == 0 {
                     (0..3).for_each(|q| {
                         dgr[q * hw + u.start..q * hw + u.end].iter_mut().for_each(|v| *v = 0.0);
@@ -362,7 +434,21 @@ pub(crate) fn gru_backward(d: SeqDims, gx: &[f32], w: &[f32], lengths: &[usize],
             let dgt = unsafe { dgs.slice(t * b * 3 * hw, b * 3 * hw) as &[f32] };
             if un > 0 {
                 // SAFETY: as in the forward.
-                unsafe { gemm_strided(isa, b, up, 3 * hw, dgt.as_ptr(), (3 * hw, 1), wp.as_ptr(), up, prod.as_mut_ptr(), up, false) };
+                unsafe {
+                    gemm_strided(
+                        isa,
+                        b,
+                        up,
+                        3 * hw,
+                        dgt.as_ptr(),
+                        (3 * hw, 1),
+                        wp.as_ptr(),
+                        up,
+                        prod.as_mut_ptr(),
+                        up,
+                        false,
+                    )
+                };
             }
             for r in 0..b {
                 if t < lengths[r] {

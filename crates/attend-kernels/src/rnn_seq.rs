@@ -28,12 +28,14 @@ use crate::Real;
 /// `&mut [T]` as `&mut [f32]` when `T` is f32.
 fn f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
     // SAFETY: T is f32.
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
 }
 
 fn f32_ref<T: 'static>(x: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32.
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
 }
 
 /// The saved activations as f32 when `T` is f32.
@@ -252,7 +254,9 @@ pub fn lstm_sequence_forward<T: Real>(
     saved.c_prev = vec![T::ZERO; tt * b * hw];
     saved.gates = vec![T::ZERO; tt * b * 4 * hw];
     y.iter_mut().for_each(|v| *v = T::ZERO);
-    if let (Some(gx), Some(w), Some(h), Some(c), Some(y), Some(sv)) = (f32_ref(gx), f32_ref(w_hh), f32_mut(h), f32_mut(c), f32_mut(y), saved_f32(saved)) {
+    if let (Some(gx), Some(w), Some(h), Some(c), Some(y), Some(sv)) =
+        (f32_ref(gx), f32_ref(w_hh), f32_mut(h), f32_mut(c), f32_mut(y), saved_f32(saved))
+    {
         crate::rnn_par::lstm_forward(d, gx, w, lengths, h, c, y, sv);
         return;
     }
@@ -306,13 +310,22 @@ pub fn lstm_sequence_backward<T: Real>(
     gemm(4 * hw, hw, tt * b, dw_hh, hw, &dgates, 1, 4 * hw, &saved.h_prev, hw, 1, true);
     for r in 0..b {
         for t in 0..tt {
-            dgx[(r * tt + t) * 4 * hw..(r * tt + t + 1) * 4 * hw].copy_from_slice(&dgates[(t * b + r) * 4 * hw..(t * b + r + 1) * 4 * hw]);
+            dgx[(r * tt + t) * 4 * hw..(r * tt + t + 1) * 4 * hw]
+                .copy_from_slice(&dgates[(t * b + r) * 4 * hw..(t * b + r + 1) * 4 * hw]);
         }
     }
 }
 
 /// The step-by-step walk of [`lstm_sequence_backward`] (f64): the gate gradients `(T, B, 4H)`.
-fn lstm_backward_steps<T: Real>(d: SeqDims, w_hh: &[T], lengths: &[usize], saved: &SeqSaved<T>, dy: &[T], dh: &mut [T], dc: &mut [T]) -> Vec<T> {
+fn lstm_backward_steps<T: Real>(
+    d: SeqDims,
+    w_hh: &[T],
+    lengths: &[usize],
+    saved: &SeqSaved<T>,
+    dy: &[T],
+    dh: &mut [T],
+    dc: &mut [T],
+) -> Vec<T> {
     let SeqDims { b, t: tt, h: hw, .. } = d;
     let mut dgates = vec![T::ZERO; tt * b * 4 * hw]; // (T, B, 4H)
     let mut dout = vec![T::ZERO; b * 2 * hw];
@@ -376,7 +389,9 @@ pub fn gru_sequence_forward<T: Real>(
     saved.gates = vec![T::ZERO; tt * b * 3 * hw];
     saved.c_prev.clear();
     y.iter_mut().for_each(|v| *v = T::ZERO);
-    if let (Some(gx), Some(w), Some(bh), Some(h), Some(y), Some(sv)) = (f32_ref(gx), f32_ref(w_hh), f32_ref(b_hh), f32_mut(h), f32_mut(y), saved_f32(saved)) {
+    if let (Some(gx), Some(w), Some(bh), Some(h), Some(y), Some(sv)) =
+        (f32_ref(gx), f32_ref(w_hh), f32_ref(b_hh), f32_mut(h), f32_mut(y), saved_f32(saved))
+    {
         crate::rnn_par::gru_forward(d, gx, w, bh, lengths, h, y, sv);
         return;
     }
@@ -439,7 +454,16 @@ pub fn gru_sequence_backward<T: Real>(
 /// The step-by-step walk of [`gru_sequence_backward`] (f64): writes `dgx`, returns the recurrent gate gradients
 /// `(T, B, 3H)`.
 #[allow(clippy::too_many_arguments)]
-fn gru_backward_steps<T: Real>(d: SeqDims, gx: &[T], w_hh: &[T], lengths: &[usize], saved: &SeqSaved<T>, dy: &[T], dh: &mut [T], dgx: &mut [T]) -> Vec<T> {
+fn gru_backward_steps<T: Real>(
+    d: SeqDims,
+    gx: &[T],
+    w_hh: &[T],
+    lengths: &[usize],
+    saved: &SeqSaved<T>,
+    dy: &[T],
+    dh: &mut [T],
+    dgx: &mut [T],
+) -> Vec<T> {
     let SeqDims { b, t: tt, h: hw, .. } = d;
     let mut dghs = vec![T::ZERO; tt * b * 3 * hw]; // (T, B, 3H)
     let (mut gxt, mut dgxt) = (vec![T::ZERO; b * 3 * hw], vec![T::ZERO; b * 3 * hw]);

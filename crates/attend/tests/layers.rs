@@ -378,7 +378,8 @@ fn gatv2_scores_equal_their_twin_and_finite_differences() {
     use attend::ops::{gatv2_scores, gatv2_scores_reference};
     let (src, dst) = (vec![0u32, 1, 2, 3, 4, 0, 2, 4, 4], vec![1u32, 2, 3, 4, 0, 2, 0, 1, 1]);
     let (xl, xr, att) = (r64(&[5, 3, 4], 91), r64(&[5, 3, 4], 92), r64(&[1, 3, 4], 93));
-    let vars: Vec<candle_core::Var> = [&xl, &xr, &att].iter().map(|t| candle_core::Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<candle_core::Var> =
+        [&xl, &xr, &att].iter().map(|t| candle_core::Var::from_tensor(t).unwrap()).collect();
     let w = r64(&[9, 3], 94);
     let run = |f: fn(&Tensor, &Tensor, &Tensor, &[u32], &[u32], f64) -> attend::Result<Tensor>| {
         let s = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), &src, &dst, 0.2).unwrap();

@@ -318,7 +318,8 @@ fn f32_sequence_path_equals_the_composed_cells() {
             net.set_cell_impl(imp);
             let o = net.forward(x.as_tensor(), Some(&lengths));
             let g = loss_of(&o).backward().unwrap();
-            let grads: Vec<Tensor> = varmap_vars(&vm).iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()).collect();
+            let grads: Vec<Tensor> =
+                varmap_vars(&vm).iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()).collect();
             results.push((o, grads, g.get(x.as_tensor()).unwrap().clone()));
         }
         let (a, b) = (&results[0], &results[1]);

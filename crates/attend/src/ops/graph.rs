@@ -154,8 +154,22 @@ impl candle_core::CustomOp3 for PairScores {
             ($t:ty) => {{
                 let v = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<$t>();
                 let (a, b, w, g) = (v(xl)?, v(xr)?, v(att)?, v(ds)?);
-                let (mut dl, mut dr, mut da) = (vec![0 as $t; n * h * c], vec![0 as $t; n * h * c], vec![0 as $t; h * c]);
-                k::pair_scores_backward(&a, &b, &w, &self.src, &self.dst, h, c, self.slope as $t, &g, &mut dl, &mut dr, &mut da);
+                let (mut dl, mut dr, mut da) =
+                    (vec![0 as $t; n * h * c], vec![0 as $t; n * h * c], vec![0 as $t; h * c]);
+                k::pair_scores_backward(
+                    &a,
+                    &b,
+                    &w,
+                    &self.src,
+                    &self.dst,
+                    h,
+                    c,
+                    self.slope as $t,
+                    &g,
+                    &mut dl,
+                    &mut dr,
+                    &mut da,
+                );
                 (
                     Tensor::from_vec(dl, (n, h, c), dev)?,
                     Tensor::from_vec(dr, (n, h, c), dev)?,
@@ -179,16 +193,33 @@ impl candle_core::CustomOp3 for PairScores {
 /// `xl`, `xr (N, H, C)`, `att` with `H · C` elements → `(E, H)`
 pub fn gatv2_scores(xl: &Tensor, xr: &Tensor, att: &Tensor, src: &[u32], dst: &[u32], slope: f64) -> Result<Tensor> {
     const OP: &str = "gatv2 scores";
-    ensure!(xl.rank() == 3 && xl.dims() == xr.dims(), OP, "xl {} and xr {} must be (N, H, C) alike", shape_str(xl), shape_str(xr));
+    ensure!(
+        xl.rank() == 3 && xl.dims() == xr.dims(),
+        OP,
+        "xl {} and xr {} must be (N, H, C) alike",
+        shape_str(xl),
+        shape_str(xr)
+    );
     let (n, h, c) = xl.dims3()?;
     ensure!(att.elem_count() == h * c, OP, "att {} does not hold H·C = {} values", shape_str(att), h * c);
-    ensure!(src.len() == dst.len() && src.iter().chain(dst).all(|&v| (v as usize) < n), OP, "an edge index is out of range for N = {n}");
+    ensure!(
+        src.len() == dst.len() && src.iter().chain(dst).all(|&v| (v as usize) < n),
+        OP,
+        "an edge index is out of range for N = {n}"
+    );
     let op = PairScores { src: src.to_vec(), dst: dst.to_vec(), slope };
     Ok(xl.contiguous()?.apply_op3(&xr.contiguous()?, &att.to_dtype(xl.dtype())?.contiguous()?, op)?)
 }
 
 /// [`gatv2_scores`] composed from plain candle ops (materialises the pairs).
-pub fn gatv2_scores_reference(xl: &Tensor, xr: &Tensor, att: &Tensor, src: &[u32], dst: &[u32], slope: f64) -> Result<Tensor> {
+pub fn gatv2_scores_reference(
+    xl: &Tensor,
+    xr: &Tensor,
+    att: &Tensor,
+    src: &[u32],
+    dst: &[u32],
+    slope: f64,
+) -> Result<Tensor> {
     let dev = xl.device();
     let (_, h, c) = xl.dims3()?;
     let (s, d) = (Tensor::from_slice(src, src.len(), dev)?, Tensor::from_slice(dst, dst.len(), dev)?);

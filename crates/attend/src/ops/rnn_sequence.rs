@@ -137,7 +137,17 @@ impl Sequence {
             Cell::Lstm => {
                 let mut dc: Vec<T> = (0..b).flat_map(|r| g[r * row + (t + 1) * h..(r + 1) * row].to_vec()).collect();
                 let (mut dgx, mut dw) = (vec![T::ZERO; b * t * 4 * h], vec![T::ZERO; 4 * h * h]);
-                k::lstm_sequence_backward(self.dims, &wm, &self.lengths, saved, &dy, &mut dh, &mut dc, &mut dgx, &mut dw);
+                k::lstm_sequence_backward(
+                    self.dims,
+                    &wm,
+                    &self.lengths,
+                    saved,
+                    &dy,
+                    &mut dh,
+                    &mut dc,
+                    &mut dgx,
+                    &mut dw,
+                );
                 let dstate: Vec<T> =
                     (0..b).flat_map(|r| [&dh[r * h..(r + 1) * h], &dc[r * h..(r + 1) * h]].concat()).collect();
                 let db = column_sums(&dgx, 4 * h);
@@ -151,7 +161,18 @@ impl Sequence {
                 let gxv = with_bias(&vec_of::<T>(gx)?, &biases[1]);
                 let (mut dgx, mut dw, mut db) =
                     (vec![T::ZERO; b * t * 3 * h], vec![T::ZERO; 3 * h * h], vec![T::ZERO; 3 * h]);
-                k::gru_sequence_backward(self.dims, &gxv, &wm, &self.lengths, saved, &dy, &mut dh, &mut dgx, &mut dw, &mut db);
+                k::gru_sequence_backward(
+                    self.dims,
+                    &gxv,
+                    &wm,
+                    &self.lengths,
+                    saved,
+                    &dy,
+                    &mut dh,
+                    &mut dgx,
+                    &mut dw,
+                    &mut db,
+                );
                 let db_ih = column_sums(&dgx, 3 * h);
                 Ok((
                     Tensor::from_vec(dgx, (b, t, 3 * h), dev)?,

@@ -155,7 +155,8 @@ impl Direction {
     /// `x W_ihᵀ` for every step, no bias: `(B, T, C) → (B, T, G·H)`.
     pub fn input_product(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        Ok(x.reshape((b * t, c))?.matmul(&self.w_ih.t()?)?.reshape((b, t, ()))?) // (B, T, G·H)
+        Ok(x.reshape((b * t, c))?.matmul(&self.w_ih.t()?)?.reshape((b, t, ()))?)
+        // (B, T, G·H)
     }
 
     /// `x W_ihᵀ + b_ih` for every step: `(B, T, C) → (B, T, G·H)`.
