@@ -51,6 +51,32 @@ impl SpinBarrier {
     }
 }
 
+/// The threads of one recurrence, the order they walk the steps in, and their barrier.
+struct Team {
+    order: Vec<usize>,
+    threads: usize,
+    barrier: SpinBarrier,
+    isa: Isa,
+}
+
+impl Team {
+    fn new(d: &SeqDims) -> Self {
+        let order: Vec<usize> = if d.reverse { (0..d.t).rev().collect() } else { (0..d.t).collect() };
+        let threads = threads_for(d.h);
+        Self { order, threads, barrier: SpinBarrier::new(threads), isa: Isa::detect() }
+    }
+
+    /// Runs `work(units)` on `threads` pool threads at once, each with its hidden units. Threads of the pool beyond
+    /// those return at once (the barrier counts only the team).
+    fn run(&self, h: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
+        rayon::broadcast(|ctx| {
+            if ctx.index() < self.threads && ctx.num_threads() >= self.threads {
+                work(units(h, self.threads, ctx.index()))
+            }
+        });
+    }
+}
+
 /// The hidden units of thread `p` of `threads`: contiguous, multiples of 4 (so 4 gate chunks fill whole
 /// micro-kernel quanta where possible).
 fn units(h: usize, threads: usize, p: usize) -> std::ops::Range<usize> {
@@ -119,22 +145,14 @@ pub(crate) fn lstm_forward(
     saved: &mut SeqSaved<f32>,
 ) {
     let SeqDims { b, t: tt, h: hw, .. } = d;
-    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
-    let p_n = threads_for(hw);
-    let barrier = SpinBarrier::new(p_n);
-    let isa = Isa::detect();
+    let team = Team::new(&d);
+    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
     let mut hb = [h.to_vec(), vec![0f32; b * hw]];
     let (h0, h1) = hb.split_at_mut(1);
     let hs = [Shared::of(&mut h0[0]), Shared::of(&mut h1[0])];
     let (cs, ys) = (Shared::of(c), Shared::of(y));
     let (sg, sh, sc) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.h_prev), Shared::of(&mut saved.c_prev));
-    rayon::broadcast(|ctx| {
-        let (p, np_threads) = (ctx.index(), ctx.num_threads());
-        // Threads beyond p_n still arrive at every barrier (the barrier counts p_n), so they must not wait.
-        if p >= p_n || np_threads < p_n {
-            return;
-        }
-        let u = units(hw, p_n, p);
+    team.run(hw, |u| {
         let un = u.len();
         let (wp, np) = pack_forward(w, 4, hw, u.clone());
         // SAFETY: this thread's units of the initial cell, read before anyone writes the final one.
@@ -203,19 +221,12 @@ pub(crate) fn lstm_backward(
     dc: &mut [f32],
 ) -> Vec<f32> {
     let SeqDims { b, t: tt, h: hw, .. } = d;
-    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
-    let p_n = threads_for(hw);
-    let barrier = SpinBarrier::new(p_n);
-    let isa = Isa::detect();
+    let team = Team::new(&d);
+    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
     let mut dgates = vec![0f32; tt * b * 4 * hw];
     let dgs = Shared::of(&mut dgates);
     let (dhs, dcs) = (Shared::of(dh), Shared::of(dc));
-    rayon::broadcast(|ctx| {
-        let p = ctx.index();
-        if p >= p_n || ctx.num_threads() < p_n {
-            return;
-        }
-        let u = units(hw, p_n, p);
+    team.run(hw, |u| {
         let un = u.len();
         let (wp, up) = pack_backward(w, 4, hw, u.clone());
         // This thread's columns of dh and dc, for the whole walk.
@@ -295,21 +306,14 @@ pub(crate) fn gru_forward(
     saved: &mut SeqSaved<f32>,
 ) {
     let SeqDims { b, t: tt, h: hw, .. } = d;
-    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
-    let p_n = threads_for(hw);
-    let barrier = SpinBarrier::new(p_n);
-    let isa = Isa::detect();
+    let team = Team::new(&d);
+    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
     let mut hb = [h.to_vec(), vec![0f32; b * hw]];
     let (h0, h1) = hb.split_at_mut(1);
     let hs = [Shared::of(&mut h0[0]), Shared::of(&mut h1[0])];
     let ys = Shared::of(y);
     let (sg, sh) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.h_prev));
-    rayon::broadcast(|ctx| {
-        let p = ctx.index();
-        if p >= p_n || ctx.num_threads() < p_n {
-            return;
-        }
-        let u = units(hw, p_n, p);
+    team.run(hw, |u| {
         let un = u.len();
         let (wp, np) = pack_forward(w, 3, hw, u.clone());
         let bias: Vec<f32> = (0..3).flat_map(|q| b_hh[q * hw + u.start..q * hw + u.end].to_vec()).collect();
@@ -380,18 +384,11 @@ pub(crate) fn gru_backward(
     dgx: &mut [f32],
 ) -> Vec<f32> {
     let SeqDims { b, t: tt, h: hw, .. } = d;
-    let order: Vec<usize> = if d.reverse { (0..tt).rev().collect() } else { (0..tt).collect() };
-    let p_n = threads_for(hw);
-    let barrier = SpinBarrier::new(p_n);
-    let isa = Isa::detect();
+    let team = Team::new(&d);
+    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
     let mut dghs = vec![0f32; tt * b * 3 * hw];
     let (dgs, dhs, dxs) = (Shared::of(&mut dghs), Shared::of(dh), Shared::of(dgx));
-    rayon::broadcast(|ctx| {
-        let p = ctx.index();
-        if p >= p_n || ctx.num_threads() < p_n {
-            return;
-        }
-        let u = units(hw, p_n, p);
+    team.run(hw, |u| {
         let un = u.len();
         let (wp, up) = pack_backward(w, 3, hw, u.clone());
         let mut dhp: Vec<f32> = (0..b).flat_map(|r| unsafe { dhs.slice(r * hw + u.start, un).to_vec() }).collect();
