@@ -89,31 +89,79 @@ fn threads_for(h: usize) -> usize {
     rayon::current_num_threads().min(h.div_ceil(16)).max(1)
 }
 
-/// `W_hh` rows `q·H + units` for each gate chunk `q`, as the B operand of `h · Wᵀ`: row-major `(H × np)` with
-/// column `q·u + j` = `W_hh[q·H + a + j][·]`, zero-padded to `np`.
-fn pack_forward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Vec<f32>, usize) {
-    let width = g * u.len();
-    let np = width.div_ceil(QUANTUM) * QUANTUM;
-    let mut out = vec![0f32; h * np];
-    for q in 0..g {
-        for (j, unit) in u.clone().enumerate() {
-            let row = &w[(q * h + unit) * h..(q * h + unit + 1) * h];
-            for (k, &x) in row.iter().enumerate() {
-                out[k * np + q * u.len() + j] = x;
-            }
-        }
-    }
-    (out, np)
+/// Columns per panel of a packed operand: one AVX-512 micro-tile wide.
+const PANEL: usize = 64;
+
+/// A row-major `(k × n)` B operand stored as contiguous column panels of [`PANEL`] columns (the last narrower, a
+/// multiple of the micro-kernel's quantum). A panel's rows are 256 B apart instead of `4n` B: streaming it does not
+/// alias in L1 (rows 4 KiB apart all map to one set), and each panel stays in L2 across the steps.
+struct Panels {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
 }
 
-/// `W_hh[:, units]` as the B operand of `dgates · W_hh`: row-major `(G·H × up)`, zero-padded.
-fn pack_backward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Vec<f32>, usize) {
-    let up = u.len().div_ceil(QUANTUM) * QUANTUM;
-    let mut out = vec![0f32; g * h * up];
-    for r in 0..g * h {
-        out[r * up..r * up + u.len()].copy_from_slice(&w[r * h + u.start..r * h + u.end]);
+impl Panels {
+    /// Element `(p, j)` from `f`, `n` padded to a multiple of the quantum (padding columns are `f`'s too).
+    fn from_fn(k: usize, n: usize, f: impl Fn(usize, usize) -> f32) -> Self {
+        let n = n.div_ceil(QUANTUM) * QUANTUM;
+        let mut data = vec![0f32; k * n];
+        for j0 in (0..n).step_by(PANEL) {
+            let w = PANEL.min(n - j0);
+            for p in 0..k {
+                for j in 0..w {
+                    data[j0 * k + p * w + j] = f(p, j0 + j);
+                }
+            }
+        }
+        Self { data, k, n }
     }
-    (out, up)
+
+    /// `c (m × n, ldc) (+)= a (m × k, lda) · self`.
+    ///
+    /// # Safety
+    /// `a` and `c` address the rows and columns named; `isa` is supported.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(&self, isa: Isa, m: usize, a: *const f32, lda: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+        for j0 in (0..self.n).step_by(PANEL) {
+            let w = PANEL.min(self.n - j0);
+            gemm_strided(
+                isa,
+                m,
+                w,
+                self.k,
+                a,
+                (lda, 1),
+                self.data.as_ptr().add(j0 * self.k),
+                w,
+                c.add(j0),
+                ldc,
+                accumulate,
+            );
+        }
+    }
+}
+
+/// `W_hh` rows `q·H + units` for each gate chunk `q`, as the B operand of `h · Wᵀ`: `(H × G·u)` with column
+/// `q·u + j` = `W_hh[q·H + a + j][·]`, zero-padded.
+fn pack_forward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Panels, usize) {
+    let un = u.len();
+    let panels =
+        Panels::from_fn(
+            h,
+            g * un,
+            |k, col| if col < g * un { w[((col / un) * h + u.start + col % un) * h + k] } else { 0.0 },
+        );
+    let n = panels.n;
+    (panels, n)
+}
+
+/// `W_hh[:, units]` as the B operand of `dgates · W_hh`: `(G·H × u)`, zero-padded.
+fn pack_backward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Panels, usize) {
+    let un = u.len();
+    let panels = Panels::from_fn(g * h, un, |r, col| if col < un { w[r * h + u.start + col] } else { 0.0 });
+    let n = panels.n;
+    (panels, n)
 }
 
 /// Shared buffers addressed by column ranges that no two threads share within a phase.
@@ -170,9 +218,7 @@ pub(crate) fn lstm_forward(
             }
             if un > 0 {
                 // SAFETY: `isa` detected; np is a multiple of QUANTUM; the buffers hold the rows and columns named.
-                unsafe {
-                    gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gates.as_mut_ptr(), np, true)
-                };
+                unsafe { wp.product(isa, b, hcur.as_ptr(), hw, gates.as_mut_ptr(), np, true) };
             }
             for r in 0..b {
                 // SAFETY: this thread's units of step t's rows; nobody else writes them.
@@ -260,21 +306,7 @@ pub(crate) fn lstm_backward(
             let dgt = unsafe { dgs.slice(t * b * 4 * hw, b * 4 * hw) as &[f32] };
             if un > 0 {
                 // SAFETY: as in the forward.
-                unsafe {
-                    gemm_strided(
-                        isa,
-                        b,
-                        up,
-                        4 * hw,
-                        dgt.as_ptr(),
-                        (4 * hw, 1),
-                        wp.as_ptr(),
-                        up,
-                        prod.as_mut_ptr(),
-                        up,
-                        false,
-                    )
-                };
+                unsafe { wp.product(isa, b, dgt.as_ptr(), 4 * hw, prod.as_mut_ptr(), up, false) };
             }
             for r in 0..b {
                 if t < lengths[r] {
@@ -327,9 +359,7 @@ pub(crate) fn gru_forward(
             }
             if un > 0 {
                 // SAFETY: as in the LSTM.
-                unsafe {
-                    gemm_strided(isa, b, np, hw, hcur.as_ptr(), (hw, 1), wp.as_ptr(), np, gh.as_mut_ptr(), np, true)
-                };
+                unsafe { wp.product(isa, b, hcur.as_ptr(), hw, gh.as_mut_ptr(), np, true) };
             }
             for r in 0..b {
                 // SAFETY: this thread's units of step t.
@@ -431,21 +461,7 @@ pub(crate) fn gru_backward(
             let dgt = unsafe { dgs.slice(t * b * 3 * hw, b * 3 * hw) as &[f32] };
             if un > 0 {
                 // SAFETY: as in the forward.
-                unsafe {
-                    gemm_strided(
-                        isa,
-                        b,
-                        up,
-                        3 * hw,
-                        dgt.as_ptr(),
-                        (3 * hw, 1),
-                        wp.as_ptr(),
-                        up,
-                        prod.as_mut_ptr(),
-                        up,
-                        false,
-                    )
-                };
+                unsafe { wp.product(isa, b, dgt.as_ptr(), 3 * hw, prod.as_mut_ptr(), up, false) };
             }
             for r in 0..b {
                 if t < lengths[r] {
