@@ -62,13 +62,19 @@ struct Team {
 impl Team {
     fn new(d: &SeqDims) -> Self {
         let order: Vec<usize> = if d.reverse { (0..d.t).rev().collect() } else { (0..d.t).collect() };
-        let threads = threads_for(d.h);
+        // Called from inside the pool (a layer run within a rayon task), the team is this thread alone: its members
+        // spin at the barrier without taking other work, so two teams broadcast from two busy workers could each
+        // wait for a thread that is spinning in the other.
+        let threads = if rayon::current_thread_index().is_some() { 1 } else { threads_for(d.h) };
         Self { order, threads, barrier: SpinBarrier::new(threads), isa: Isa::detect() }
     }
 
-    /// Runs `work(units)` on `threads` pool threads at once, each with its hidden units. Threads of the pool beyond
-    /// those return at once (the barrier counts only the team).
+    /// Runs `work(units)` on `threads` pool threads at once, each with its hidden units (on this thread alone for a
+    /// team of one). Threads of the pool beyond the team return at once (the barrier counts only the team).
     fn run(&self, h: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
+        if self.threads == 1 {
+            return work(0..h);
+        }
         rayon::broadcast(|ctx| {
             if ctx.index() < self.threads && ctx.num_threads() >= self.threads {
                 work(units(h, self.threads, ctx.index()))

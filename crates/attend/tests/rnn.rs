@@ -332,3 +332,20 @@ fn f32_sequence_path_equals_the_composed_cells() {
         }
     }
 }
+
+#[test]
+fn layers_run_inside_rayon_tasks_without_deadlock() {
+    // Two recurrent layers at once, each inside a task of the pool (a user batching models with rayon): the
+    // persistent-thread recurrence runs on the calling thread alone there, and gives the same numbers.
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let lstm = Lstm::new(RnnConfig::new(5, 40), VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let x = randn(&[3, 6, 5], 111, DType::F32);
+    let outside = lstm.forward(&x, Some(&[6, 2, 5]), None, None).unwrap().output;
+    let (a, b) = rayon::join(
+        || lstm.forward(&x, Some(&[6, 2, 5]), None, None).unwrap().output,
+        || lstm.forward(&x, Some(&[6, 2, 5]), None, None).unwrap().output,
+    );
+    assert_close("inside a task", &a, &outside, Tol { atol: 1e-6, rtol: 1e-5 });
+    assert_close("the other task", &b, &outside, Tol { atol: 1e-6, rtol: 1e-5 });
+}
