@@ -176,6 +176,7 @@ fn recurrent_attention_model_trains_every_part() {
         ..RamConfig::default()
     };
     let ram = Ram::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    reseed(&vm, 9, 0.5);
     ram.set_training(true);
     let images = randn(&[6, 1, 12, 12], 77, DType::F32);
     let out = ram.forward(&images, 1).unwrap();

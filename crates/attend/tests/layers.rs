@@ -48,6 +48,7 @@ fn every_parameter_of_every_layer_receives_a_gradient() {
             let cfg = GlobalAttentionConfig::new(6, kind);
             let a =
                 if coverage { GlobalAttention::with_coverage(cfg, vb) } else { GlobalAttention::new(cfg, vb) }.unwrap();
+            reseed(&vm, 1, 0.5);
             let prepared = a.prepare(&mem, Some(&[5, 3])).unwrap();
             let cov = r(&[2, 5], 3).abs().unwrap();
             let o = a.step(&src, &prepared, coverage.then_some(&cov)).unwrap();
@@ -65,6 +66,7 @@ fn every_parameter_of_every_layer_receives_a_gradient() {
     for mode in [LocalMode::Monotonic, LocalMode::Predictive] {
         let (vm, vb) = vm_vb();
         let a = LocalAttention::new(LocalAttentionConfig { dim: 6, window: 2, mode }, vb).unwrap();
+        reseed(&vm, 2, 0.5);
         let o = a.forward(&src, &mem, Some(&[5, 4]), 1).unwrap();
         assert_all_grads_finite_nonzero(
             &format!("local {mode:?}"),
@@ -73,29 +75,34 @@ fn every_parameter_of_every_layer_receives_a_gradient() {
         );
     }
     let (vm, vb) = vm_vb();
-    let co = CoAttention::bilinear(6, vb).unwrap().forward(&src, &mem, Some(&[3, 2]), Some(&[5, 4])).unwrap();
+    let co = CoAttention::bilinear(6, vb).unwrap();
+    reseed(&vm, 3, 0.5);
+    let co = co.forward(&src, &mem, Some(&[3, 2]), Some(&[5, 4])).unwrap();
     assert_all_grads_finite_nonzero(
         "coattention",
         &varmap_vars(&vm),
         &loss(&[&co.attended1, &co.attended2]).backward().unwrap(),
     );
     let (vm, vb) = vm_vb();
-    let p = AttentionPooling::new(6, 4, vb).unwrap().forward(&mem, Some(&[5, 2])).unwrap();
+    let p = AttentionPooling::new(6, 4, vb).unwrap();
+    reseed(&vm, 4, 0.5);
+    let p = p.forward(&mem, Some(&[5, 2])).unwrap();
     assert_all_grads_finite_nonzero("han pooling", &varmap_vars(&vm), &loss(&[&p.pooled]).backward().unwrap());
     let (vm, vb) = vm_vb();
     let cfg = HanConfig { input_size: 6, word_hidden: 3, sentence_hidden: 4, word_attn: 5, sentence_attn: 5 };
-    let doc = HierarchicalEncoder::new(cfg, vb)
-        .unwrap()
-        .forward(&r(&[2, 3, 4, 6], 4), Some(&[vec![4, 2, 3], vec![1, 3, 0]]))
-        .unwrap();
+    let han = HierarchicalEncoder::new(cfg, vb).unwrap();
+    reseed(&vm, 5, 0.5);
+    let doc = han.forward(&r(&[2, 3, 4, 6], 4), Some(&[vec![4, 2, 3], vec![1, 3, 0]])).unwrap();
     assert_all_grads_finite_nonzero("han encoder", &varmap_vars(&vm), &loss(&[&doc.document]).backward().unwrap());
     let (vm, vb) = vm_vb();
     let sp = SpatialAttention::new(SpatialConfig { encoder_dim: 6, decoder_dim: 4, attention_dim: 5 }, vb).unwrap();
+    reseed(&vm, 6, 0.5);
     let o = sp.forward(&mem, &r(&[2, 4], 5)).unwrap();
     assert_all_grads_finite_nonzero("spatial", &varmap_vars(&vm), &loss(&[&o.context]).backward().unwrap());
     for activation in [Activation::Sigmoid, Activation::Relu] {
         let (vm, vb) = vm_vb();
         let din = DinAttention::new(6, DinScore::Mlp { hidden: vec![8, 4], activation }, vb).unwrap();
+        reseed(&vm, 7, 0.5);
         let o = din.forward(&mem, &r(&[2, 6], 6), Some(&[5, 3])).unwrap();
         assert_all_grads_finite_nonzero(
             &format!("din {activation:?}"),
@@ -107,6 +114,7 @@ fn every_parameter_of_every_layer_receives_a_gradient() {
         let (vm, vb) = vm_vb();
         let gat = Gat::new(GatConfig { heads: 3, ..GatConfig::new(6, 4, version) }, vb).unwrap();
         let edges = Tensor::new(&[[0i64, 1, 2, 3, 4, 0], [1, 2, 3, 4, 0, 2]], &Device::Cpu).unwrap();
+        reseed(&vm, 8, 0.5);
         let o = gat.forward(&r(&[5, 6], 7), &edges).unwrap();
         assert_all_grads_finite_nonzero(
             &format!("gat {version:?}"),

@@ -80,6 +80,7 @@ fn every_parameter_trains_with_every_attention() {
                 continue;
             }
             let (vm, m) = model(a, RnnKind::Gru, coverage, DType::F32);
+            reseed(&vm, 12, 0.5);
             let out = m.forward(&src, Some(&[5, 3]), &tgt, 1.0).unwrap();
             let mut l = weighted_sum(&out.logits, &randn(out.logits.dims(), 3, DType::F32));
             if let Some(c) = &out.coverage_loss {
@@ -158,6 +159,7 @@ fn attention_learns_to_reverse_where_the_bottleneck_struggles() {
         let vm = VarMap::new();
         let cfg = Seq2SeqConfig { embed_dim: 12, ..Seq2SeqConfig::new(12, 12, 24, a) };
         let m = Seq2Seq::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        reseed(&vm, 13, 0.3);
         let mut opt =
             candle_nn::AdamW::new(vm.all_vars(), candle_nn::ParamsAdamW { lr: 0.02, ..Default::default() }).unwrap();
         let mut first = 0.0;

@@ -260,3 +260,14 @@ pub fn note_bf16_path(test: &str) {
         let _ = writeln!(std::io::stderr(), "SKIP {test} (bf16 dot products): {why}; checking the f32 path instead");
     }
 }
+
+/// Overwrites every parameter of `vm` with seeded normal values scaled by `scale`: candle's own initialisers draw
+/// from an unseeded generator, and a test that asserts on gradients (a ReLU unit can be dead on a small batch for
+/// one draw and not another) must see the same numbers on every run.
+pub fn reseed(vm: &candle_nn::VarMap, seed: u64, scale: f64) {
+    for (i, (_, v)) in varmap_vars(vm).iter().enumerate() {
+        let t =
+            (randn(v.as_tensor().dims(), seed.wrapping_mul(1000) + i as u64, v.as_tensor().dtype()) * scale).unwrap();
+        v.set(&t).unwrap();
+    }
+}
