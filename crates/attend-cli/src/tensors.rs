@@ -25,13 +25,24 @@ impl TensorFile {
     /// Reads `path` and loads the tensors in `wanted` that it holds (others are left on disk). PyTorch `bool`
     /// tensors are loaded as `u8`.
     pub fn open(path: &Path, wanted: &[&str], device: &Device) -> Result<Self> {
+        Self::read(path, Some(wanted), device)
+    }
+
+    /// Reads every tensor of `path`.
+    pub fn open_all(path: &Path, device: &Device) -> Result<Self> {
+        Self::read(path, None, device)
+    }
+
+    /// The tensors of `path` named in `wanted`, or all of them.
+    fn read(path: &Path, wanted: Option<&[&str]>, device: &Device) -> Result<Self> {
         let shown = path.display();
         let bytes = fs::read(path).map_err(|e| anyhow!("{shown}: cannot read: {e}"))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{shown}: not a safetensors file: {e}"))?;
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         names.sort();
         let mut tensors = HashMap::new();
-        for &name in wanted {
+        let all: Vec<&str> = names.iter().map(String::as_str).collect();
+        for &name in wanted.unwrap_or(&all) {
             let Ok(view) = st.tensor(name) else { continue };
             let t = if view.dtype() == Dtype::BOOL {
                 Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), device)
@@ -49,20 +60,6 @@ impl TensorFile {
             tensors.insert(name.to_string(), t);
         }
         Ok(Self { path: path.to_path_buf(), names, tensors })
-    }
-
-    /// Reads every tensor of `path`.
-    pub fn open_all(path: &Path, device: &Device) -> Result<Self> {
-        let shown = path.display();
-        let bytes = fs::read(path).map_err(|e| anyhow!("{shown}: cannot read: {e}"))?;
-        let names: Vec<String> = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("{shown}: not a safetensors file: {e}"))?
-            .names()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
-        Self::open(path, &wanted, device)
     }
 
     /// Every name in the file, sorted.

@@ -35,13 +35,13 @@ fn cell_rows_per_task(width: usize) -> usize {
 }
 
 /// `&[T]` as `&[f32]` when `T` is `f32` (the vector paths are written for f32).
-fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
+pub(crate) fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32 (same type, so same size and alignment).
     (TypeId::of::<T>() == TypeId::of::<f32>())
         .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
 }
 
-fn as_f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
+pub(crate) fn as_f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
     // SAFETY: as `as_f32`.
     (TypeId::of::<T>() == TypeId::of::<f32>())
         .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })

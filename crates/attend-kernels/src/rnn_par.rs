@@ -61,7 +61,7 @@ struct Team {
 
 impl Team {
     fn new(d: &SeqDims) -> Self {
-        let order: Vec<usize> = if d.reverse { (0..d.t).rev().collect() } else { (0..d.t).collect() };
+        let order = d.order();
         // Called from inside the pool (a layer run within a rayon task), the team is this thread alone: its members
         // spin at the barrier without taking other work, so two teams broadcast from two busy workers could each
         // wait for a thread that is spinning in the other.

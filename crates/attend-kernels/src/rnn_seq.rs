@@ -2,7 +2,8 @@
 //! the way llm.c and cuDNN run recurrences rather than as a graph of per-step ops.
 //!
 //! The caller computes the input half of the gates for all steps at once (`gx = x W_ihᵀ + b`, one large matrix
-//! product). Per step, this kernel does the recurrent product `h W_hhᵀ` (gemm) and the fused cell. The backward
+//! product). Per step, this kernel does the recurrent product `h W_hhᵀ` (gemm) and the fused cell. In f32 the steps
+//! run on persistent threads over packed weights (`rnn_par`); the step loops here serve f64, the checking dtype. The backward
 //! walks the steps in reverse with one gemm per step (`dh_{t−1} = dgates_t W_hh`) and then forms the weight
 //! gradient of all steps in **one** gemm (`dW_hh = Σ_t dgates_tᵀ h_{t−1}`), where a per-step autograd graph would
 //! allocate and add a `(G·H, H)` gradient per step.
@@ -17,26 +18,8 @@
 
 use std::any::TypeId;
 
-use rayon::prelude::*;
-
-use crate::flash::gemm::{gemm_strided, QUANTUM};
-use crate::flash::simd::Isa;
-use crate::flash::SyncPtr;
-use crate::rnn::{gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward};
+use crate::rnn::{as_f32, as_f32_mut, gru_cell_backward, gru_cell_forward, lstm_cell_backward, lstm_cell_forward};
 use crate::Real;
-
-/// `&mut [T]` as `&mut [f32]` when `T` is f32.
-fn f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
-    // SAFETY: T is f32.
-    (TypeId::of::<T>() == TypeId::of::<f32>())
-        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
-}
-
-fn f32_ref<T: 'static>(x: &[T]) -> Option<&[f32]> {
-    // SAFETY: T is f32.
-    (TypeId::of::<T>() == TypeId::of::<f32>())
-        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
-}
 
 /// The saved activations as f32 when `T` is f32.
 fn saved_f32<T: 'static>(s: &mut SeqSaved<T>) -> Option<&mut SeqSaved<f32>> {
@@ -60,11 +43,11 @@ pub struct SeqDims {
 
 impl SeqDims {
     /// Step indices in processing order.
-    fn order(&self) -> Box<dyn Iterator<Item = usize>> {
+    pub(crate) fn order(&self) -> Vec<usize> {
         if self.reverse {
-            Box::new((0..self.t).rev())
+            (0..self.t).rev().collect()
         } else {
-            Box::new(0..self.t)
+            (0..self.t).collect()
         }
     }
 }
@@ -130,95 +113,6 @@ fn gemm<T: Real>(
     }
 }
 
-/// The recurrent product of every step, `out (B × n) (+)= lhs (B × k) · M` with `M = Wᵀ` (`W` row-major `n × k`)
-/// or `M = W` (`W` row-major `k × n`). In f32 `M` is copied once per sequence into a row-major, zero-padded
-/// `k × n'` block (`n'` a multiple of the micro-kernel's width) and every step runs the register-blocked kernel on
-/// it, columns split over threads, with no per-step packing; f64 (the checking dtype) goes through `gemm`.
-struct Recurrent<'a, T> {
-    w: &'a [T],
-    transpose: bool,
-    n: usize,
-    k: usize,
-    /// `M` padded, for f32.
-    packed: Vec<f32>,
-    np: usize,
-    isa: Isa,
-}
-
-impl<'a, T: Real> Recurrent<'a, T> {
-    fn new(w: &'a [T], transpose: bool, n: usize, k: usize) -> Self {
-        let np = n.div_ceil(QUANTUM) * QUANTUM;
-        let mut packed = Vec::new();
-        if TypeId::of::<T>() == TypeId::of::<f32>() {
-            packed = vec![0f32; k * np];
-            for p in 0..k {
-                for j in 0..n {
-                    let x = if transpose { w[j * k + p] } else { w[p * n + j] };
-                    packed[p * np + j] = x.to_f64() as f32;
-                }
-            }
-        }
-        Self { w, transpose, n, k, packed, np, isa: Isa::detect() }
-    }
-
-    /// `out (b × n)`, row-major with leading dimension `n`.
-    fn apply(&self, lhs: &[T], b: usize, out: &mut [T], accumulate: bool, scratch: &mut Vec<f32>) {
-        let (n, k, np) = (self.n, self.k, self.np);
-        if self.packed.is_empty() {
-            let (rs, cs) = if self.transpose { (1, k) } else { (n, 1) };
-            gemm(b, n, k, out, n, lhs, k, 1, self.w, rs, cs, accumulate);
-            return;
-        }
-        // SAFETY: T is f32 here (packed is only filled for f32).
-        let (lhs, out) = unsafe {
-            (
-                std::slice::from_raw_parts(lhs.as_ptr() as *const f32, lhs.len()),
-                std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()),
-            )
-        };
-        scratch.resize(b * np, 0.0);
-        if accumulate {
-            for r in 0..b {
-                scratch[r * np..r * np + n].copy_from_slice(&out[r * n..(r + 1) * n]);
-            }
-        }
-        // Column blocks of 64 (one AVX-512 micro-tile wide), a few per thread.
-        let block = 64usize.min(np);
-        let blocks = np.div_ceil(block);
-        let tasks = if b * np * k >= 1 << 17 { rayon::current_num_threads().min(blocks) } else { 1 };
-        let per = blocks.div_ceil(tasks) * block;
-        let (cp, isa) = (SyncPtr(scratch.as_mut_ptr()), self.isa);
-        let (bp, ap) = (self.packed.as_ptr() as usize, lhs.as_ptr() as usize);
-        (0..tasks).into_par_iter().for_each(|task| {
-            let c0 = task * per;
-            if c0 >= np {
-                return;
-            }
-            let width = per.min(np - c0);
-            // SAFETY: each task writes columns c0..c0 + width of the scratch, disjoint from the others; widths are
-            // multiples of QUANTUM; `isa` was detected.
-            unsafe {
-                gemm_strided(
-                    isa,
-                    b,
-                    width,
-                    k,
-                    ap as *const f32,
-                    (k, 1),
-                    (bp as *const f32).add(c0),
-                    np,
-                    cp.get().add(c0),
-                    np,
-                    accumulate,
-                )
-            }
-        });
-        for r in 0..b {
-            out[r * n..(r + 1) * n].copy_from_slice(&scratch[r * np..r * np + n]);
-        }
-    }
-}
-
 fn check<T>(d: &SeqDims, g: usize, gx: &[T], w_hh: &[T], lengths: &[usize]) {
     let SeqDims { b, t, h, .. } = *d;
     assert!(
@@ -255,17 +149,17 @@ pub fn lstm_sequence_forward<T: Real>(
     saved.gates = vec![T::ZERO; tt * b * 4 * hw];
     y.iter_mut().for_each(|v| *v = T::ZERO);
     if let (Some(gx), Some(w), Some(h), Some(c), Some(y), Some(sv)) =
-        (f32_ref(gx), f32_ref(w_hh), f32_mut(h), f32_mut(c), f32_mut(y), saved_f32(saved))
+        (as_f32(gx), as_f32(w_hh), as_f32_mut(h), as_f32_mut(c), as_f32_mut(y), saved_f32(saved))
     {
         crate::rnn_par::lstm_forward(d, gx, w, lengths, h, c, y, sv);
         return;
     }
     let mut hc = vec![T::ZERO; b * 2 * hw];
-    let (rec, mut scratch) = (Recurrent::new(w_hh, true, 4 * hw, hw), Vec::new());
     for t in d.order() {
         let gates = &mut saved.gates[t * b * 4 * hw..(t + 1) * b * 4 * hw];
         step_rows(gx, t, tt, 4 * hw, gates);
-        rec.apply(h, b, gates, true, &mut scratch); // gates += h W_hhᵀ
+        // gates += h W_hhᵀ: W_hhᵀ (H × 4H) read with row stride 1, column stride H.
+        gemm(b, 4 * hw, hw, gates, 4 * hw, h, hw, 1, w_hh, 1, hw, true);
         saved.h_prev[t * b * hw..(t + 1) * b * hw].copy_from_slice(h);
         saved.c_prev[t * b * hw..(t + 1) * b * hw].copy_from_slice(c);
         lstm_cell_forward(gates, c, &mut hc, hw);
@@ -298,7 +192,7 @@ pub fn lstm_sequence_backward<T: Real>(
         dy.len() == b * tt * hw && dgx.len() == b * tt * 4 * hw && dw_hh.len() == 4 * hw * hw,
         "lstm backward: lengths"
     );
-    let dgates = match (f32_ref(w_hh), saved_f32_ref(saved), f32_ref(dy), f32_mut(dh), f32_mut(dc)) {
+    let dgates = match (as_f32(w_hh), saved_f32_ref(saved), as_f32(dy), as_f32_mut(dh), as_f32_mut(dc)) {
         (Some(w), Some(sv), Some(dyf), Some(dhf), Some(dcf)) => {
             let g = crate::rnn_par::lstm_backward(d, w, lengths, sv, dyf, dhf, dcf);
             // SAFETY: T is f32 here.
@@ -331,8 +225,7 @@ fn lstm_backward_steps<T: Real>(
     let mut dout = vec![T::ZERO; b * 2 * hw];
     let mut dcp = vec![T::ZERO; b * hw];
     let mut dhp = vec![T::ZERO; b * hw];
-    let (rec, mut scratch) = (Recurrent::new(w_hh, false, hw, 4 * hw), Vec::new());
-    let order: Vec<usize> = d.order().collect();
+    let order: Vec<usize> = d.order();
     for &t in order.iter().rev() {
         for r in 0..b {
             for j in 0..hw {
@@ -357,7 +250,7 @@ fn lstm_backward_steps<T: Real>(
                 dcp[r * hw..(r + 1) * hw].copy_from_slice(&dc[r * hw..(r + 1) * hw]);
             }
         }
-        rec.apply(dg, b, &mut dhp, false, &mut scratch); // dh_{t−1} = dgates_t W_hh
+        gemm(b, hw, 4 * hw, &mut dhp, hw, dg, 4 * hw, 1, w_hh, hw, 1, false); // dh_{t−1} = dgates_t W_hh
         for r in 0..b {
             if t >= lengths[r] {
                 dhp[r * hw..(r + 1) * hw].copy_from_slice(&dh[r * hw..(r + 1) * hw]);
@@ -390,19 +283,18 @@ pub fn gru_sequence_forward<T: Real>(
     saved.c_prev.clear();
     y.iter_mut().for_each(|v| *v = T::ZERO);
     if let (Some(gx), Some(w), Some(bh), Some(h), Some(y), Some(sv)) =
-        (f32_ref(gx), f32_ref(w_hh), f32_ref(b_hh), f32_mut(h), f32_mut(y), saved_f32(saved))
+        (as_f32(gx), as_f32(w_hh), as_f32(b_hh), as_f32_mut(h), as_f32_mut(y), saved_f32(saved))
     {
         crate::rnn_par::gru_forward(d, gx, w, bh, lengths, h, y, sv);
         return;
     }
     let (mut gxt, mut hn) = (vec![T::ZERO; b * 3 * hw], vec![T::ZERO; b * hw]);
-    let (rec, mut scratch) = (Recurrent::new(w_hh, true, 3 * hw, hw), Vec::new());
     for t in d.order() {
         let gh = &mut saved.gates[t * b * 3 * hw..(t + 1) * b * 3 * hw];
         for row in gh.chunks_exact_mut(3 * hw) {
             row.copy_from_slice(b_hh);
         }
-        rec.apply(h, b, gh, true, &mut scratch); // gh = b_hh + h W_hhᵀ
+        gemm(b, 3 * hw, hw, gh, 3 * hw, h, hw, 1, w_hh, 1, hw, true); // gh = b_hh + h W_hhᵀ
         step_rows(gx, t, tt, 3 * hw, &mut gxt);
         saved.h_prev[t * b * hw..(t + 1) * b * hw].copy_from_slice(h);
         gru_cell_forward(&gxt, gh, h, &mut hn, hw);
@@ -435,7 +327,7 @@ pub fn gru_sequence_backward<T: Real>(
         dy.len() == b * tt * hw && dgx.len() == b * tt * 3 * hw && dw_hh.len() == 3 * hw * hw && db_hh.len() == 3 * hw,
         "gru backward: lengths"
     );
-    let dghs = match (f32_ref(gx), f32_ref(w_hh), saved_f32_ref(saved), f32_ref(dy), f32_mut(dh), f32_mut(dgx)) {
+    let dghs = match (as_f32(gx), as_f32(w_hh), saved_f32_ref(saved), as_f32(dy), as_f32_mut(dh), as_f32_mut(dgx)) {
         (Some(gxf), Some(w), Some(sv), Some(dyf), Some(dhf), Some(dgxf)) => {
             let g = crate::rnn_par::gru_backward(d, gxf, w, lengths, sv, dyf, dhf, dgxf);
             // SAFETY: T is f32 here.
@@ -468,8 +360,7 @@ fn gru_backward_steps<T: Real>(
     let mut dghs = vec![T::ZERO; tt * b * 3 * hw]; // (T, B, 3H)
     let (mut gxt, mut dgxt) = (vec![T::ZERO; b * 3 * hw], vec![T::ZERO; b * 3 * hw]);
     let (mut dyt, mut ddirect, mut dhp) = (vec![T::ZERO; b * hw], vec![T::ZERO; b * hw], vec![T::ZERO; b * hw]);
-    let (rec, mut scratch) = (Recurrent::new(w_hh, false, hw, 3 * hw), Vec::new());
-    let order: Vec<usize> = d.order().collect();
+    let order: Vec<usize> = d.order();
     for &t in order.iter().rev() {
         for r in 0..b {
             let valid = t < lengths[r];
@@ -498,7 +389,7 @@ fn gru_backward_steps<T: Real>(
         }
         // dh_{t−1} = direct part + dgh_t W_hh.
         dhp.copy_from_slice(&ddirect);
-        rec.apply(dgh, b, &mut dhp, true, &mut scratch); // + dgh_t W_hh
+        gemm(b, hw, 3 * hw, &mut dhp, hw, dgh, 3 * hw, 1, w_hh, hw, 1, true); // + dgh_t W_hh
         for r in 0..b {
             if t >= lengths[r] {
                 dhp[r * hw..(r + 1) * hw].copy_from_slice(&dh[r * hw..(r + 1) * hw]);

@@ -324,8 +324,8 @@ impl Seq2Seq {
             shape_str(ids),
             ids.dtype()
         );
-        let max = ids.to_dtype(DType::I64)?.flatten_all()?.max(0)?.to_scalar::<i64>()?;
-        let min = ids.to_dtype(DType::I64)?.flatten_all()?.min(0)?.to_scalar::<i64>()?;
+        let flat = ids.to_dtype(DType::I64)?.flatten_all()?;
+        let (max, min) = (flat.max(0)?.to_scalar::<i64>()?, flat.min(0)?.to_scalar::<i64>()?);
         ensure!(
             min >= 0 && (max as usize) < vocab,
             Self::OP,

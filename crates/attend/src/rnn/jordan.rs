@@ -28,7 +28,7 @@ use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{select, step_masks};
+use super::{select, StepMasks};
 use crate::error::shape_str;
 use crate::{ensure, Result};
 
@@ -93,7 +93,8 @@ impl Jordan {
         ensure!(x.rank() == 3 && x.dim(2)? == c, Self::OP, "expected x (B, T, C = {c}), got x {}", shape_str(x));
         let (b, t, _) = x.dims3()?;
         ensure!(t > 0, Self::OP, "x {} has no time steps", shape_str(x));
-        let keep = step_masks(lengths, b, t, x.device(), Self::OP)?;
+        let steps = StepMasks::new(lengths, b, t, x.device(), Self::OP)?;
+        let keep = steps.masks()?;
         let mut y = match h0 {
             None => Tensor::zeros((b, o), x.dtype(), x.device())?,
             Some(s) => {

@@ -178,26 +178,52 @@ impl Direction {
     }
 }
 
-/// The per-step keep masks of a batch with lengths: `keep[t]` is `(B, 1)` u8, 1 where step `t` is valid.
-pub(crate) fn step_masks(
-    lengths: Option<&[usize]>,
+/// The lengths of a batch, checked once; their per-step keep masks (`keep[t]`: `(B, 1)` u8, 1 where step `t` is
+/// valid) are built only when a step-by-step path asks for them (the fused sequence ops take the lengths as they are).
+pub(crate) struct StepMasks<'a> {
+    lengths: Option<&'a [usize]>,
     b: usize,
     t: usize,
-    dev: &Device,
-    op: &'static str,
-) -> Result<Option<Vec<Tensor>>> {
-    let Some(lengths) = lengths else { return Ok(None) };
-    ensure!(lengths.len() == b, op, "lengths has {} entries for batch size B = {b}", lengths.len());
-    if let Some((i, &l)) = lengths.iter().enumerate().find(|(_, &l)| l > t) {
-        crate::bail!(op, "lengths[{i}] = {l} exceeds the sequence length T = {t}");
+    dev: Device,
+    masks: std::cell::OnceCell<Option<Vec<Tensor>>>,
+}
+
+impl<'a> StepMasks<'a> {
+    pub fn new(lengths: Option<&'a [usize]>, b: usize, t: usize, dev: &Device, op: &'static str) -> Result<Self> {
+        if let Some(l) = lengths {
+            ensure!(l.len() == b, op, "lengths has {} entries for batch size B = {b}", l.len());
+            if let Some((i, &x)) = l.iter().enumerate().find(|(_, &x)| x > t) {
+                crate::bail!(op, "lengths[{i}] = {x} exceeds the sequence length T = {t}");
+            }
+        }
+        Ok(Self { lengths, b, t, dev: dev.clone(), masks: std::cell::OnceCell::new() })
     }
-    if lengths.iter().all(|&l| l == t) {
-        return Ok(None);
+
+    pub fn lengths(&self) -> Option<&'a [usize]> {
+        self.lengths
     }
-    (0..t)
-        .map(|s| Ok(Tensor::from_vec(lengths.iter().map(|&l| (s < l) as u8).collect::<Vec<_>>(), (b, 1), dev)?))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+
+    /// The keep masks, or `None` when every sequence is full length.
+    pub fn masks(&self) -> Result<Option<&[Tensor]>> {
+        if self.masks.get().is_none() {
+            let built = match self.lengths {
+                Some(l) if l.iter().any(|&x| x < self.t) => Some(
+                    (0..self.t)
+                        .map(|s| {
+                            Ok(Tensor::from_vec(
+                                l.iter().map(|&x| (s < x) as u8).collect::<Vec<_>>(),
+                                (self.b, 1),
+                                &self.dev,
+                            )?)
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                ),
+                _ => None,
+            };
+            let _ = self.masks.set(built);
+        }
+        Ok(self.masks.get().and_then(|m| m.as_deref()))
+    }
 }
 
 /// `keep ? new : old`, broadcasting the `(B, 1)` mask.
@@ -212,17 +238,17 @@ pub(crate) fn run_direction<C: Step>(
     dir: &Direction,
     x: &Tensor,
     init: State,
-    keep: Option<&[Tensor]>,
-    lengths: Option<&[usize]>,
+    steps: &StepMasks,
     reverse: bool,
     imp: CellImpl,
 ) -> Result<(Tensor, State)> {
     let t = x.dim(1)?;
     if imp == CellImpl::Fused && matches!(x.dtype(), DType::F32 | DType::F64) {
-        if let Some(done) = cell.sequence(dir, &dir.input_product(x)?, &init, lengths, reverse)? {
+        if let Some(done) = cell.sequence(dir, &dir.input_product(x)?, &init, steps.lengths(), reverse)? {
             return Ok(done);
         }
     }
+    let keep = steps.masks()?;
     let gx = dir.input_gates(x)?; // (B, T, G·H)
     let mut state = init;
     let mut outs: Vec<Tensor> = Vec::with_capacity(t);
@@ -326,7 +352,7 @@ impl Recurrence {
         );
         let (b, t, _) = x.dims3()?;
         ensure!(t > 0, op, "x {} has no time steps", shape_str(x));
-        let keep = step_masks(lengths, b, t, x.device(), op)?;
+        let steps = StepMasks::new(lengths, b, t, x.device(), op)?;
         let lstm = C::GATES == 4;
         let h0 = self.initial(x, h0, "h0", op)?;
         let c0 = if lstm { Some(self.initial(x, c0, "c0", op)?) } else { None };
@@ -338,7 +364,7 @@ impl Recurrence {
             for (d, dir) in layer.iter().enumerate() {
                 let i = k * dirs + d;
                 let init = State { h: h0.get(i)?, c: c0.as_ref().map(|c| c.get(i)).transpose()? };
-                let (out, last) = run_direction(cell, dir, &input, init, keep.as_deref(), lengths, d == 1, self.imp)?;
+                let (out, last) = run_direction(cell, dir, &input, init, &steps, d == 1, self.imp)?;
                 outs.push(out);
                 hs.push(last.h);
                 cs.extend(last.c);
