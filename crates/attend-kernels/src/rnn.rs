@@ -65,7 +65,7 @@ pub fn lstm_cell_forward<T: Real>(gates: &[T], c: &[T], out: &mut [T], h: usize)
     lstm_cell_forward_scalar(gates, c, out, h)
 }
 
-fn lstm_cell_forward_scalar<T: Real>(gates: &[T], c: &[T], out: &mut [T], h: usize) {
+pub(crate) fn lstm_cell_forward_scalar<T: Real>(gates: &[T], c: &[T], out: &mut [T], h: usize) {
     for ((g, cr), o) in gates.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(out.chunks_exact_mut(2 * h)) {
         let (hn, cn) = o.split_at_mut(h);
         for j in 0..h {
@@ -105,7 +105,14 @@ pub fn lstm_cell_backward<T: Real>(gates: &[T], c: &[T], dout: &[T], dgates: &mu
     lstm_cell_backward_scalar(gates, c, dout, dgates, dc, h)
 }
 
-fn lstm_cell_backward_scalar<T: Real>(gates: &[T], c: &[T], dout: &[T], dgates: &mut [T], dc: &mut [T], h: usize) {
+pub(crate) fn lstm_cell_backward_scalar<T: Real>(
+    gates: &[T],
+    c: &[T],
+    dout: &[T],
+    dgates: &mut [T],
+    dc: &mut [T],
+    h: usize,
+) {
     let rows = gates.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(dout.chunks_exact(2 * h));
     for (((g, cr), d), (dg, dcr)) in rows.zip(dgates.chunks_exact_mut(4 * h).zip(dc.chunks_exact_mut(h))) {
         let (dh, dc1) = d.split_at(h);
@@ -145,7 +152,7 @@ pub fn gru_cell_forward<T: Real>(gx: &[T], gh: &[T], hp: &[T], out: &mut [T], h:
     gru_cell_forward_scalar(gx, gh, hp, out, h)
 }
 
-fn gru_cell_forward_scalar<T: Real>(gx: &[T], gh: &[T], hp: &[T], out: &mut [T], h: usize) {
+pub(crate) fn gru_cell_forward_scalar<T: Real>(gx: &[T], gh: &[T], hp: &[T], out: &mut [T], h: usize) {
     let n = hp.len();
     for row in 0..n / h {
         let (x, g) = (&gx[row * 3 * h..(row + 1) * 3 * h], &gh[row * 3 * h..(row + 1) * 3 * h]);
@@ -206,7 +213,7 @@ pub fn gru_cell_backward<T: Real>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gru_cell_backward_scalar<T: Real>(
+pub(crate) fn gru_cell_backward_scalar<T: Real>(
     gx: &[T],
     gh: &[T],
     hp: &[T],

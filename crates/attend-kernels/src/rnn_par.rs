@@ -1,20 +1,67 @@
-//! The f32 recurrences of [`crate::rnn_seq`] on persistent threads: every thread of the pool owns a slice of the
-//! hidden units for the whole sequence (its columns of `W_hh`, packed once, stay in its cache) and the threads meet
-//! at one spin barrier per step, where a task per step would pay a wake-up per step (a step is tens of
-//! microseconds). This is llm.c's `#pragma omp parallel` structure, on rayon's `broadcast`.
+//! The step walks of [`crate::rnn_seq`] on persistent threads: every thread of the pool owns a slice of the hidden
+//! units for the whole sequence (its columns of `W_hh`, packed once, stay in its cache) and the threads meet at one
+//! spin barrier per step, where a task per step would pay a wake-up per step (a step is tens of microseconds). This
+//! is llm.c's `#pragma omp parallel` structure, on rayon's `broadcast`.
 //!
-//! Forward step: each thread forms the gates of its units, `gx_t + h_{t−1} W_hhᵀ[:, units]` (register-blocked
-//! kernel on its packed weights), applies the cell to them, writes its columns of `h_t`; barrier. Backward step:
-//! each thread back-propagates its units through the cell into the step's gate gradients; barrier; then forms its
-//! columns of `dh_{t−1} = dgates_t W_hh[:, units]` (its own columns only, so no second barrier).
+//! Forward step: each thread adds its columns of `h_{t−1} W_hhᵀ` **in place** into the step's rows of the gate
+//! buffer (which already holds `x W_ihᵀ`: the buffer is both the product's accumulator and the saved activations,
+//! so nothing is gathered or scattered per step), applies the cell to its units and writes their new state into
+//! the slot the next step reads; barrier. Backward step: each thread back-propagates its units through the cell into
+//! the step's gate gradients; barrier; then forms its units of `dh_{t−1} = dgates_t W_hh` (its own units only, so
+//! no second barrier).
+//!
+//! The gate columns are **blocked** ([`Blocks`]): units in blocks of [`BLOCK`], each block holding its `G` gate
+//! chunks side by side, so a thread's units own one contiguous run of columns and one cell call covers a block.
+//! The layout does not depend on the thread count (a forward and its backward may run on different teams).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::flash::gemm::{gemm_strided, QUANTUM};
 use crate::flash::simd::Isa;
 use crate::flash::SyncPtr;
-use crate::rnn::{gru_backward_isa, gru_forward_isa, lstm_backward_isa, lstm_forward_isa};
-use crate::rnn_seq::{SeqDims, SeqSaved};
+use crate::rnn::{
+    gru_backward_isa, gru_cell_backward_scalar, gru_cell_forward_scalar, gru_forward_isa, lstm_backward_isa,
+    lstm_cell_backward_scalar, lstm_cell_forward_scalar, lstm_forward_isa,
+};
+use crate::rnn_seq::{Cell, SeqDims, SeqSaved};
+use crate::Real;
+
+/// Hidden units per block of the gate layout: one AVX-512 vector of f32.
+pub const BLOCK: usize = 16;
+
+/// The blocked order of the `G·H` gate columns: block `k` holds units `k·BLOCK ..` (width `w ≤ BLOCK`, the last
+/// block narrower when `BLOCK ∤ H`) as `[gate 0 (w) | gate 1 (w) | … ]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blocks {
+    pub g: usize,
+    pub h: usize,
+}
+
+impl Blocks {
+    /// Units in block `k`.
+    #[inline]
+    pub fn width(&self, k: usize) -> usize {
+        BLOCK.min(self.h - k * BLOCK)
+    }
+
+    /// The first column of block `k`.
+    #[inline]
+    pub fn start(&self, k: usize) -> usize {
+        self.g * BLOCK * k
+    }
+
+    /// The PyTorch row `q·H + j` (gate `q`, unit `j`) of blocked column `col`.
+    pub fn natural(&self, col: usize) -> usize {
+        let k = col / (self.g * BLOCK);
+        let (w, within) = (self.width(k), col % (self.g * BLOCK));
+        (within / w) * self.h + k * BLOCK + within % w
+    }
+
+    /// The blocks of units `u` (whose start is a multiple of [`BLOCK`]).
+    fn of(&self, u: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        u.start / BLOCK..u.end.div_ceil(BLOCK)
+    }
+}
 
 /// A barrier for the threads of one broadcast: spins (a step is short), yielding after a while so an
 /// oversubscribed machine still makes progress.
@@ -83,404 +130,549 @@ impl Team {
     }
 }
 
-/// The hidden units of thread `p` of `threads`: contiguous, multiples of 4 (so 4 gate chunks fill whole
-/// micro-kernel quanta where possible).
+/// The hidden units of thread `p` of `threads`: contiguous whole blocks (possibly none).
 fn units(h: usize, threads: usize, p: usize) -> std::ops::Range<usize> {
-    let per = h.div_ceil(threads).div_ceil(4) * 4;
+    let per = h.div_ceil(threads).div_ceil(BLOCK) * BLOCK;
     (p * per).min(h)..((p + 1) * per).min(h)
 }
 
-/// Threads for a recurrence of `h` units: at most one per 16 units, and the pool's size.
+/// Threads for a recurrence of `h` units: at most one per block, and the pool's size.
 fn threads_for(h: usize) -> usize {
-    rayon::current_num_threads().min(h.div_ceil(16)).max(1)
+    rayon::current_num_threads().min(h.div_ceil(BLOCK)).max(1)
 }
 
-/// Columns per panel of a packed operand: one AVX-512 micro-tile wide.
+/// Columns per panel of a packed f32 operand: one AVX-512 micro-tile wide.
 const PANEL: usize = 64;
 
-/// A row-major `(k × n)` B operand stored as contiguous column panels of [`PANEL`] columns (the last narrower, a
-/// multiple of the micro-kernel's quantum). A panel's rows are 256 B apart instead of `4n` B: streaming it does not
-/// alias in L1 (rows 4 KiB apart all map to one set), and each panel stays in L2 across the steps.
-struct Panels {
-    data: Vec<f32>,
+/// Rows of a panel per pass of the f32 product: a `KC × PANEL` block (32 KiB) stays in L1 while every row tile of
+/// A streams past it, where the whole panel (`k × PANEL`) would be re-read from L2 by each row tile.
+const KC: usize = 128;
+
+/// A row-major `(k × n)` B operand, packed for repeated products with a small A. f32: contiguous column panels of
+/// [`PANEL`] columns (the last narrower, `n` padded to the micro-kernel's quantum), whose rows are 256 B apart
+/// instead of `4n` B (rows 4 KiB apart all map to one L1 set) and which stay in L2 across the steps. f64 (the
+/// checking dtype): plain row-major, for the `gemm` crate.
+#[doc(hidden)]
+pub struct Panels<T> {
+    data: Vec<T>,
     k: usize,
+    /// Columns stored (padded).
     n: usize,
+    /// Columns of the operand (the product writes only these).
+    cols: usize,
 }
 
-impl Panels {
-    /// Element `(p, j)` from `f`, `n` padded to a multiple of the quantum (padding columns are `f`'s too).
-    fn from_fn(k: usize, n: usize, f: impl Fn(usize, usize) -> f32) -> Self {
-        let n = n.div_ceil(QUANTUM) * QUANTUM;
-        let mut data = vec![0f32; k * n];
-        for j0 in (0..n).step_by(PANEL) {
-            let w = PANEL.min(n - j0);
-            for p in 0..k {
-                for j in 0..w {
-                    data[j0 * k + p * w + j] = f(p, j0 + j);
-                }
-            }
-        }
-        Self { data, k, n }
-    }
+/// The dtypes the walks run in: their products and cells.
+pub trait SeqFloat: Real {
+    /// Column padding of a packed operand.
+    const PAD: usize;
+    /// Panel width of a packed operand.
+    const PANEL: usize;
 
-    /// `c (m × n, ldc) (+)= a (m × k, lda) · self`.
+    /// `c (m × p.cols, ldc) (+)= a (m × p.k, lda) · p`: only the operand's own columns of `c` are written.
     ///
     /// # Safety
     /// `a` and `c` address the rows and columns named; `isa` is supported.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn product(&self, isa: Isa, m: usize, a: *const f32, lda: usize, c: *mut f32, ldc: usize, accumulate: bool) {
-        for j0 in (0..self.n).step_by(PANEL) {
-            let w = PANEL.min(self.n - j0);
-            gemm_strided(
-                isa,
-                m,
-                w,
-                self.k,
-                a,
-                (lda, 1),
-                self.data.as_ptr().add(j0 * self.k),
-                w,
-                c.add(j0),
-                ldc,
-                accumulate,
-            );
+    unsafe fn product(
+        p: &Panels<Self>,
+        isa: Isa,
+        m: usize,
+        a: *const Self,
+        lda: usize,
+        c: *mut Self,
+        ldc: usize,
+        acc: bool,
+    );
+
+    /// One row of an LSTM cell over `w` units (see `rnn::lstm_cell_forward`).
+    ///
+    /// # Safety
+    /// `isa` is supported.
+    unsafe fn lstm_fwd(isa: Isa, g: &[Self], c: &[Self], out: &mut [Self], w: usize);
+    /// # Safety
+    /// `isa` is supported.
+    unsafe fn lstm_bwd(isa: Isa, g: &[Self], c: &[Self], d: &[Self], dg: &mut [Self], dc: &mut [Self], w: usize);
+    /// # Safety
+    /// `isa` is supported.
+    unsafe fn gru_fwd(isa: Isa, x: &[Self], g: &[Self], hp: &[Self], out: &mut [Self], w: usize);
+    /// # Safety
+    /// `isa` is supported.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gru_bwd(
+        isa: Isa,
+        x: &[Self],
+        g: &[Self],
+        hp: &[Self],
+        d: &[Self],
+        dx: &mut [Self],
+        dg: &mut [Self],
+        dh: &mut [Self],
+        w: usize,
+    );
+}
+
+impl SeqFloat for f32 {
+    const PAD: usize = QUANTUM;
+    const PANEL: usize = PANEL;
+
+    unsafe fn product(
+        p: &Panels<f32>,
+        isa: Isa,
+        m: usize,
+        a: *const f32,
+        lda: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
+        for j0 in (0..p.n).step_by(PANEL) {
+            let w = PANEL.min(p.n - j0);
+            let panel = p.data.as_ptr().add(j0 * p.k);
+            let real = p.cols.saturating_sub(j0).min(w);
+            if real == w {
+                for k0 in (0..p.k).step_by(KC) {
+                    let kc = KC.min(p.k - k0);
+                    let first = acc || k0 > 0;
+                    gemm_strided(isa, m, w, kc, a.add(k0), (lda, 1), panel.add(k0 * w), w, c.add(j0), ldc, first);
+                }
+                continue;
+            }
+            // The padded tail panel: C's columns past `cols` belong to someone else (another thread's gates, or
+            // lie past the buffer), so its rows go through a scratch tile.
+            const ROWS: usize = 16;
+            let mut tile = [0f32; ROWS * PANEL];
+            for r0 in (0..m).step_by(ROWS) {
+                let mr = ROWS.min(m - r0);
+                gemm_strided(isa, mr, w, p.k, a.add(r0 * lda), (lda, 1), panel, w, tile.as_mut_ptr(), w, false);
+                for r in 0..mr {
+                    let dst = std::slice::from_raw_parts_mut(c.add((r0 + r) * ldc + j0), real);
+                    for (d, &v) in dst.iter_mut().zip(&tile[r * w..r * w + real]) {
+                        *d = if acc { *d + v } else { v };
+                    }
+                }
+            }
         }
+    }
+
+    unsafe fn lstm_fwd(isa: Isa, g: &[f32], c: &[f32], out: &mut [f32], w: usize) {
+        lstm_forward_isa(isa, g, c, out, w)
+    }
+    unsafe fn lstm_bwd(isa: Isa, g: &[f32], c: &[f32], d: &[f32], dg: &mut [f32], dc: &mut [f32], w: usize) {
+        lstm_backward_isa(isa, g, c, d, dg, dc, w)
+    }
+    unsafe fn gru_fwd(isa: Isa, x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], w: usize) {
+        gru_forward_isa(isa, x, g, hp, out, w)
+    }
+    unsafe fn gru_bwd(
+        isa: Isa,
+        x: &[f32],
+        g: &[f32],
+        hp: &[f32],
+        d: &[f32],
+        dx: &mut [f32],
+        dg: &mut [f32],
+        dh: &mut [f32],
+        w: usize,
+    ) {
+        gru_backward_isa(isa, x, g, hp, d, dx, dg, dh, w)
     }
 }
 
-/// `W_hh` rows `q·H + units` for each gate chunk `q`, as the B operand of `h · Wᵀ`: `(H × G·u)` with column
-/// `q·u + j` = `W_hh[q·H + a + j][·]`, zero-padded.
-fn pack_forward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Panels, usize) {
-    let un = u.len();
-    let panels =
-        Panels::from_fn(
-            h,
-            g * un,
-            |k, col| if col < g * un { w[((col / un) * h + u.start + col % un) * h + k] } else { 0.0 },
-        );
-    let n = panels.n;
-    (panels, n)
+impl SeqFloat for f64 {
+    const PAD: usize = 1;
+    const PANEL: usize = usize::MAX;
+
+    unsafe fn product(
+        p: &Panels<f64>,
+        _: Isa,
+        m: usize,
+        a: *const f64,
+        lda: usize,
+        c: *mut f64,
+        ldc: usize,
+        acc: bool,
+    ) {
+        if m == 0 || p.n == 0 {
+            return;
+        }
+        gemm::gemm(
+            m,
+            p.n,
+            p.k,
+            c,
+            1,
+            ldc as isize,
+            acc,
+            a,
+            1,
+            lda as isize,
+            p.data.as_ptr(),
+            1,
+            p.n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+
+    unsafe fn lstm_fwd(_: Isa, g: &[f64], c: &[f64], out: &mut [f64], w: usize) {
+        lstm_cell_forward_scalar(g, c, out, w)
+    }
+    unsafe fn lstm_bwd(_: Isa, g: &[f64], c: &[f64], d: &[f64], dg: &mut [f64], dc: &mut [f64], w: usize) {
+        lstm_cell_backward_scalar(g, c, d, dg, dc, w)
+    }
+    unsafe fn gru_fwd(_: Isa, x: &[f64], g: &[f64], hp: &[f64], out: &mut [f64], w: usize) {
+        gru_cell_forward_scalar(x, g, hp, out, w)
+    }
+    unsafe fn gru_bwd(
+        _: Isa,
+        x: &[f64],
+        g: &[f64],
+        hp: &[f64],
+        d: &[f64],
+        dx: &mut [f64],
+        dg: &mut [f64],
+        dh: &mut [f64],
+        w: usize,
+    ) {
+        gru_cell_backward_scalar(x, g, hp, d, dx, dg, dh, w)
+    }
 }
 
-/// `W_hh[:, units]` as the B operand of `dgates · W_hh`: `(G·H × u)`, zero-padded.
-fn pack_backward(w: &[f32], g: usize, h: usize, u: std::ops::Range<usize>) -> (Panels, usize) {
-    let un = u.len();
-    let panels = Panels::from_fn(g * h, un, |r, col| if col < un { w[r * h + u.start + col] } else { 0.0 });
-    let n = panels.n;
-    (panels, n)
+impl<T: SeqFloat> Panels<T> {
+    /// Element `(p, j)` from `f` for `j < n`; padding columns are zero.
+    fn from_fn(k: usize, n: usize, f: impl Fn(usize, usize) -> T) -> Self {
+        let np = n.div_ceil(T::PAD) * T::PAD;
+        let mut data = vec![T::ZERO; k * np];
+        for j0 in (0..np).step_by(T::PANEL.min(np.max(1))) {
+            let w = T::PANEL.min(np - j0);
+            for p in 0..k {
+                for j in 0..w.min(n.saturating_sub(j0)) {
+                    data[j0 * k + p * w + j] = f(p, j0 + j);
+                }
+            }
+        }
+        Self { data, k, n: np, cols: n }
+    }
 }
 
-/// Shared buffers addressed by column ranges that no two threads share within a phase.
+/// Shared buffers addressed by ranges that no two threads share within a phase.
 #[derive(Clone, Copy)]
-struct Shared(SyncPtr<f32>);
+struct Shared<T>(SyncPtr<T>);
 
-impl Shared {
-    fn of(v: &mut [f32]) -> Self {
+impl<T: Send> Shared<T> {
+    fn of(v: &mut [T]) -> Self {
         Shared(SyncPtr(v.as_mut_ptr()))
     }
     /// # Safety
-    /// `[at, at + len)` lies in the buffer and no other thread touches it in this phase.
+    /// `[at, at + len)` lies in the buffer and no other thread writes it in this phase.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+    unsafe fn at(&self, at: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.get().add(at), len)
+    }
+    /// A pointer `at` elements in (wrapping: only dereferenced where it lies in the buffer).
+    fn ptr(&self, at: usize) -> *mut T {
+        self.0.get().wrapping_add(at)
     }
 }
 
-/// LSTM forward; see `rnn_seq::lstm_sequence_forward` (same contract, f32).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn lstm_forward(
-    d: SeqDims,
-    gx: &[f32],
-    w: &[f32],
-    lengths: &[usize],
-    h: &mut [f32],
-    c: &mut [f32],
-    y: &mut [f32],
-    saved: &mut SeqSaved<f32>,
-) {
-    let SeqDims { b, t: tt, h: hw, .. } = d;
-    let team = Team::new(&d);
-    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
-    let mut hb = [h.to_vec(), vec![0f32; b * hw]];
-    let (h0, h1) = hb.split_at_mut(1);
-    let hs = [Shared::of(&mut h0[0]), Shared::of(&mut h1[0])];
-    let (cs, ys) = (Shared::of(c), Shared::of(y));
-    let (sg, sh, sc) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.h_prev), Shared::of(&mut saved.c_prev));
-    team.run(hw, |u| {
-        let un = u.len();
-        let (wp, np) = pack_forward(w, 4, hw, u.clone());
-        // SAFETY: this thread's units of the initial cell, read before anyone writes the final one.
-        let mut cp: Vec<f32> = (0..b).flat_map(|r| unsafe { cs.slice(r * hw + u.start, un).to_vec() }).collect();
-        let (mut gates, mut hc) = (vec![0f32; b * np], vec![0f32; 2 * un]);
-        for (s, &t) in order.iter().enumerate() {
-            let (cur, next) = (hs[s % 2], hs[(s + 1) % 2]);
-            // SAFETY: the current state is only read in this phase (written in the previous one, behind the barrier).
-            let hcur = unsafe { cur.slice(0, b * hw) as &[f32] };
-            for r in 0..b {
-                for q in 0..4 {
-                    let src = &gx[(r * tt + t) * 4 * hw + q * hw + u.start..(r * tt + t) * 4 * hw + q * hw + u.end];
-                    gates[r * np + q * un..r * np + (q + 1) * un].copy_from_slice(src);
-                }
-            }
-            if un > 0 {
-                // SAFETY: `isa` detected; np is a multiple of QUANTUM; the buffers hold the rows and columns named.
-                unsafe { wp.product(isa, b, hcur.as_ptr(), hw, gates.as_mut_ptr(), np, true) };
-            }
-            for r in 0..b {
-                // SAFETY: this thread's units of step t's rows; nobody else writes them.
-                unsafe {
-                    let g = sg.slice((t * b + r) * 4 * hw, 4 * hw);
-                    for q in 0..4 {
-                        g[q * hw + u.start..q * hw + u.end]
-                            .copy_from_slice(&gates[r * np + q * un..r * np + (q + 1) * un]);
-                    }
-                    sh.slice((t * b + r) * hw + u.start, un).copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
-                    sc.slice((t * b + r) * hw + u.start, un).copy_from_slice(&cp[r * un..(r + 1) * un]);
-                }
-                let hn = unsafe { next.slice(r * hw + u.start, un) };
-                if t < lengths[r] && un > 0 {
-                    // SAFETY: as above; one row of this thread's gates and cells.
-                    unsafe {
-                        lstm_forward_isa(isa, &gates[r * np..r * np + 4 * un], &cp[r * un..(r + 1) * un], &mut hc, un)
-                    };
-                    hn.copy_from_slice(&hc[..un]);
-                    cp[r * un..(r + 1) * un].copy_from_slice(&hc[un..]);
-                    unsafe { ys.slice((r * tt + t) * hw + u.start, un).copy_from_slice(&hc[..un]) };
-                } else {
-                    hn.copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
-                }
-            }
-            barrier.wait();
-        }
-        for r in 0..b {
-            // SAFETY: this thread's units.
-            unsafe { cs.slice(r * hw + u.start, un).copy_from_slice(&cp[r * un..(r + 1) * un]) };
-        }
-    });
-    h.copy_from_slice(&hb[order.len() % 2]);
+/// What a walk reads and writes besides the saved activations.
+pub(crate) struct Walk<'a, T> {
+    pub cell: Cell,
+    pub d: SeqDims,
+    pub lengths: &'a [usize],
+    /// `W_hh (G·H, H)` with its rows in blocked order.
+    pub w_hh: &'a [T],
+    /// Blocked `(G·H)`: the LSTM's `b_ih + b_hh`, the GRU's `b_ih`.
+    pub bias: &'a [T],
+    /// Blocked `(G·H)`: the GRU's `b_hh` (unused by the LSTM).
+    pub b_hh: &'a [T],
 }
 
-/// LSTM backward; see `rnn_seq::lstm_sequence_backward` (f32). Returns the gate gradients `(T, B, 4H)`; `dh`, `dc`
-/// become the initial state's gradients.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn lstm_backward(
-    d: SeqDims,
-    w: &[f32],
-    lengths: &[usize],
-    saved: &SeqSaved<f32>,
-    dy: &[f32],
-    dh: &mut [f32],
-    dc: &mut [f32],
-) -> Vec<f32> {
-    let SeqDims { b, t: tt, h: hw, .. } = d;
-    let team = Team::new(&d);
-    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
-    let mut dgates = vec![0f32; tt * b * 4 * hw];
-    let dgs = Shared::of(&mut dgates);
-    let (dhs, dcs) = (Shared::of(dh), Shared::of(dc));
-    team.run(hw, |u| {
-        let un = u.len();
-        let (wp, up) = pack_backward(w, 4, hw, u.clone());
-        // This thread's columns of dh and dc, for the whole walk.
-        let mut dhp: Vec<f32> = (0..b).flat_map(|r| unsafe { dhs.slice(r * hw + u.start, un).to_vec() }).collect();
-        let mut dcp: Vec<f32> = (0..b).flat_map(|r| unsafe { dcs.slice(r * hw + u.start, un).to_vec() }).collect();
-        let (mut g, mut cprev, mut dout, mut dg, mut dcn) =
-            (vec![0f32; 4 * un], vec![0f32; un], vec![0f32; 2 * un], vec![0f32; 4 * un], vec![0f32; un]);
-        let mut prod = vec![0f32; b * up];
-        for &t in order.iter().rev() {
+impl<T: SeqFloat> Walk<'_, T> {
+    /// The forward walk. On entry `saved.gates` (LSTM) or `saved.gx` (GRU) hold `x W_ihᵀ` in blocked order and
+    /// step `order[0]`'s slots of `saved.h_prev` / `saved.c_prev` the initial state. Writes `out`: the
+    /// outputs `(B, T, H)`, then `h_n` (and `c_n`), each `(B, H)`.
+    pub fn forward(&self, saved: &mut SeqSaved<T>, out: &mut [T]) {
+        let (cell, lengths) = (self.cell, self.lengths);
+        let SeqDims { b, t: tt, h: hw, .. } = self.d;
+        let g = cell.gates();
+        let (gw, blocks) = (g * hw, Blocks { g, h: hw });
+        let team = Team::new(&self.d);
+        let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
+        let (gates, gx) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.gx));
+        let (hs, cs, os) = (Shared::of(&mut saved.h_prev), Shared::of(&mut saved.c_prev), Shared::of(out));
+        team.run(hw, |u| {
+            let cols = g * u.start..g * u.end;
+            let nc = cols.len();
+            let wp = Panels::<T>::from_fn(hw, nc, |k, j| self.w_hh[(cols.start + j) * hw + k]);
+            let mut hc = [T::ZERO; 2 * BLOCK];
+            for (s, &t) in order.iter().enumerate() {
+                let next = order.get(s + 1).copied();
+                // This step's gate rows (one per sequence, T·G·H apart): add the bias, then h_{t−1} W_hhᵀ.
+                for r in 0..b {
+                    let at = (t * b + r) * gw + cols.start;
+                    // SAFETY: this thread's columns of step t; nobody else touches them.
+                    unsafe {
+                        match cell {
+                            Cell::Lstm => add(gates.at(at, nc), &self.bias[cols.clone()]),
+                            Cell::Gru => {
+                                add(gx.at(at, nc), &self.bias[cols.clone()]);
+                                gates.at(at, nc).copy_from_slice(&self.b_hh[cols.clone()]);
+                            }
+                        }
+                    }
+                }
+                if nc > 0 {
+                    // SAFETY: h_{t−1} (every unit) is complete behind the last barrier and only read in this phase;
+                    // C is this thread's columns of step t's rows; `isa` detected.
+                    unsafe {
+                        T::product(&wp, isa, b, hs.ptr(t * b * hw), hw, gates.ptr(t * b * gw + cols.start), gw, true)
+                    };
+                }
+                for r in 0..b {
+                    let valid = t < lengths[r];
+                    let row = t * b + r;
+                    for k in blocks.of(&u) {
+                        let (w, j0, c0) = (blocks.width(k), k * BLOCK, blocks.start(k));
+                        // SAFETY: this thread's units of row r: the step's state (read), the next step's slot or the
+                        // final state, and the output (written), which no other thread touches.
+                        unsafe {
+                            let hp = hs.at(row * hw + j0, w) as &[T];
+                            let (hn, cn) = match next {
+                                Some(tn) => (hs.at((tn * b + r) * hw + j0, w), cs.ptr((tn * b + r) * hw + j0)),
+                                None => (os.at((b * tt + r) * hw + j0, w), os.ptr((b * tt + b + r) * hw + j0)),
+                            };
+                            // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
+                            let cn = || std::slice::from_raw_parts_mut(cn, w);
+                            match (cell, valid) {
+                                (Cell::Lstm, true) => {
+                                    let cp = cs.at(row * hw + j0, w) as &[T];
+                                    T::lstm_fwd(isa, gates.at(row * gw + c0, 4 * w), cp, &mut hc[..2 * w], w);
+                                    hn.copy_from_slice(&hc[..w]);
+                                    cn().copy_from_slice(&hc[w..2 * w]);
+                                }
+                                (Cell::Gru, true) => {
+                                    let (xg, gg) = (gx.at(row * gw + c0, 3 * w), gates.at(row * gw + c0, 3 * w));
+                                    T::gru_fwd(isa, xg, gg, hp, &mut hc[..w], w);
+                                    hn.copy_from_slice(&hc[..w]);
+                                }
+                                (_, false) => {
+                                    // Past its length a sequence carries its state.
+                                    hn.copy_from_slice(hp);
+                                    if cell == Cell::Lstm {
+                                        cn().copy_from_slice(cs.at(row * hw + j0, w));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                barrier.wait();
+            }
+            // The outputs, from the state history (each step's new state is the next step's saved one): written
+            // here, sequence by sequence, rather than per step into rows T·H apart.
             for r in 0..b {
-                // SAFETY: this thread's units of step t, row r.
-                let dgr = unsafe { dgs.slice((t * b + r) * 4 * hw, 4 * hw) };
-                if t >= lengths[r] || un == 0 {
-                    (0..4).for_each(|q| dgr[q * hw + u.start..q * hw + u.end].iter_mut().for_each(|v| *v = 0.0));
-                    continue;
-                }
-                let gs = &saved.gates[(t * b + r) * 4 * hw..(t * b + r + 1) * 4 * hw];
-                (0..4).for_each(|q| g[q * un..(q + 1) * un].copy_from_slice(&gs[q * hw + u.start..q * hw + u.end]));
-                cprev.copy_from_slice(&saved.c_prev[(t * b + r) * hw + u.start..(t * b + r) * hw + u.end]);
-                for j in 0..un {
-                    dout[j] = dhp[r * un + j] + dy[(r * tt + t) * hw + u.start + j];
-                    dout[un + j] = dcp[r * un + j];
-                }
-                // SAFETY: `isa` detected; one row of this thread's units.
-                unsafe { lstm_backward_isa(isa, &g, &cprev, &dout, &mut dg, &mut dcn, un) };
-                (0..4).for_each(|q| dgr[q * hw + u.start..q * hw + u.end].copy_from_slice(&dg[q * un..(q + 1) * un]));
-                dcp[r * un..(r + 1) * un].copy_from_slice(&dcn);
-            }
-            barrier.wait();
-            // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now.
-            let dgt = unsafe { dgs.slice(t * b * 4 * hw, b * 4 * hw) as &[f32] };
-            if un > 0 {
-                // SAFETY: as in the forward.
-                unsafe { wp.product(isa, b, dgt.as_ptr(), 4 * hw, prod.as_mut_ptr(), up, false) };
-            }
-            for r in 0..b {
-                if t < lengths[r] {
-                    dhp[r * un..(r + 1) * un].copy_from_slice(&prod[r * up..r * up + un]);
+                for (s, &t) in order.iter().enumerate() {
+                    // SAFETY: this thread's units of row r of `out`, and of the history (complete: own units only).
+                    unsafe {
+                        let y = os.at((r * tt + t) * hw + u.start, u.len());
+                        if t < lengths[r] {
+                            let from = match order.get(s + 1) {
+                                Some(&tn) => hs.at((tn * b + r) * hw + u.start, u.len()),
+                                None => os.at((b * tt + r) * hw + u.start, u.len()),
+                            };
+                            y.copy_from_slice(from);
+                        } else {
+                            y.iter_mut().for_each(|v| *v = T::ZERO);
+                        }
+                    }
                 }
             }
-        }
-        for r in 0..b {
-            // SAFETY: this thread's units.
+        });
+    }
+
+    /// The backward walk. `dout` (laid out as `out`) is the gradient of the forward's `out`. Returns the gate gradients
+    /// `(B, T, G·H)` in blocked order (the GRU's recurrent ones `dgh`; its input ones go to `dgx`), their column sums
+    /// (`db`, and the GRU's `dgx` sums in `db_x`), and writes the initial state's gradients into `dh0` (and `dc0`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        saved: &SeqSaved<T>,
+        dout: &[T],
+        dgx: &mut [T],
+        db: &mut [T],
+        db_x: &mut [T],
+        dh0: &mut [T],
+        dc0: &mut [T],
+    ) -> Vec<T> {
+        let (cell, lengths) = (self.cell, self.lengths);
+        let SeqDims { b, t: tt, h: hw, .. } = self.d;
+        let g = cell.gates();
+        let (gw, blocks) = (g * hw, Blocks { g, h: hw });
+        let team = Team::new(&self.d);
+        let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
+        let mut dgates = vec![T::ZERO; b * tt * gw];
+        let (dgs, dxs) = (Shared::of(&mut dgates), Shared::of(dgx));
+        let (dbs, dbxs, dhs, dcs) = (Shared::of(db), Shared::of(db_x), Shared::of(dh0), Shared::of(dc0));
+        team.run(hw, |u| {
+            let (un, cols) = (u.len(), g * u.start..g * u.end);
+            let nc = cols.len();
+            let wp = Panels::<T>::from_fn(gw, un, |k, j| self.w_hh[k * hw + u.start + j]);
+            let np = wp.n;
+            // This thread's units of dh and dc (gradients of the state after the step being walked), per sequence.
+            let final_row = |r: usize, q: usize| (b * tt + q * b + r) * hw + u.start;
+            let mut dh: Vec<T> = (0..b).flat_map(|r| dout[final_row(r, 0)..final_row(r, 0) + un].to_vec()).collect();
+            let mut dc: Vec<T> = match cell {
+                Cell::Lstm => (0..b).flat_map(|r| dout[final_row(r, 1)..final_row(r, 1) + un].to_vec()).collect(),
+                Cell::Gru => vec![],
+            };
+            let (mut sums, mut sums_x) = (vec![T::ZERO; nc], vec![T::ZERO; nc]);
+            let mut direct = vec![T::ZERO; b * un];
+            let (mut d, mut dcn) = ([T::ZERO; 2 * BLOCK], [T::ZERO; BLOCK]);
+            let mut prod = vec![T::ZERO; b * np];
+            for &t in order.iter().rev() {
+                for r in 0..b {
+                    let row = t * b + r;
+                    // SAFETY: this thread's columns of step t; nobody else touches them.
+                    let dgr = unsafe { dgs.at(row * gw + cols.start, nc) };
+                    let dxr = unsafe {
+                        if cell == Cell::Gru {
+                            dxs.at(row * gw + cols.start, nc)
+                        } else {
+                            &mut []
+                        }
+                    };
+                    if t >= lengths[r] {
+                        dgr.iter_mut().chain(dxr.iter_mut()).for_each(|v| *v = T::ZERO);
+                        continue;
+                    }
+                    for k in blocks.of(&u) {
+                        let (w, j0, c0) = (blocks.width(k), k * BLOCK, blocks.start(k));
+                        let (l0, lc) = (r * un + j0 - u.start, c0 - cols.start);
+                        let dy = &dout[(r * tt + t) * hw + j0..][..w];
+                        for j in 0..w {
+                            d[j] = dh[l0 + j] + dy[j];
+                        }
+                        // SAFETY: `isa` detected; the block's slices of row r.
+                        unsafe {
+                            match cell {
+                                Cell::Lstm => {
+                                    d[w..2 * w].copy_from_slice(&dc[l0..l0 + w]);
+                                    let (gr, cp) =
+                                        (&saved.gates[row * gw + c0..][..4 * w], &saved.c_prev[row * hw + j0..][..w]);
+                                    T::lstm_bwd(isa, gr, cp, &d[..2 * w], &mut dgr[lc..lc + 4 * w], &mut dcn[..w], w);
+                                    dc[l0..l0 + w].copy_from_slice(&dcn[..w]);
+                                }
+                                Cell::Gru => {
+                                    let (xg, gg) =
+                                        (&saved.gx[row * gw + c0..][..3 * w], &saved.gates[row * gw + c0..][..3 * w]);
+                                    let hp = &saved.h_prev[row * hw + j0..][..w];
+                                    let (dxb, dgb) = (&mut dxr[lc..lc + 3 * w], &mut dgr[lc..lc + 3 * w]);
+                                    T::gru_bwd(isa, xg, gg, hp, &d[..w], dxb, dgb, &mut direct[l0..l0 + w], w);
+                                }
+                            }
+                        }
+                    }
+                    sums.iter_mut().zip(dgr.iter()).for_each(|(a, &v)| *a += v);
+                    sums_x.iter_mut().zip(dxr.iter()).for_each(|(a, &v)| *a += v);
+                }
+                barrier.wait();
+                if un > 0 {
+                    // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now.
+                    unsafe { T::product(&wp, isa, b, dgs.ptr(t * b * gw), gw, prod.as_mut_ptr(), np, false) };
+                }
+                for r in 0..b {
+                    if t < lengths[r] {
+                        for j in 0..un {
+                            dh[r * un + j] =
+                                prod[r * np + j] + if cell == Cell::Gru { direct[r * un + j] } else { T::ZERO };
+                        }
+                    }
+                }
+            }
+            // SAFETY: this thread's columns and units.
             unsafe {
-                dhs.slice(r * hw + u.start, un).copy_from_slice(&dhp[r * un..(r + 1) * un]);
-                dcs.slice(r * hw + u.start, un).copy_from_slice(&dcp[r * un..(r + 1) * un]);
-            }
-        }
-    });
-    dgates
-}
-
-/// GRU forward; see `rnn_seq::gru_sequence_forward` (f32).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gru_forward(
-    d: SeqDims,
-    gx: &[f32],
-    w: &[f32],
-    b_hh: &[f32],
-    lengths: &[usize],
-    h: &mut [f32],
-    y: &mut [f32],
-    saved: &mut SeqSaved<f32>,
-) {
-    let SeqDims { b, t: tt, h: hw, .. } = d;
-    let team = Team::new(&d);
-    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
-    let mut hb = [h.to_vec(), vec![0f32; b * hw]];
-    let (h0, h1) = hb.split_at_mut(1);
-    let hs = [Shared::of(&mut h0[0]), Shared::of(&mut h1[0])];
-    let ys = Shared::of(y);
-    let (sg, sh) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.h_prev));
-    team.run(hw, |u| {
-        let un = u.len();
-        let (wp, np) = pack_forward(w, 3, hw, u.clone());
-        let bias: Vec<f32> = (0..3).flat_map(|q| b_hh[q * hw + u.start..q * hw + u.end].to_vec()).collect();
-        let (mut gh, mut xg, mut hn) = (vec![0f32; b * np], vec![0f32; 3 * un], vec![0f32; un]);
-        for (s, &t) in order.iter().enumerate() {
-            let (cur, next) = (hs[s % 2], hs[(s + 1) % 2]);
-            // SAFETY: read-only in this phase.
-            let hcur = unsafe { cur.slice(0, b * hw) as &[f32] };
-            for r in 0..b {
-                gh[r * np..r * np + 3 * un].copy_from_slice(&bias);
-            }
-            if un > 0 {
-                // SAFETY: as in the LSTM.
-                unsafe { wp.product(isa, b, hcur.as_ptr(), hw, gh.as_mut_ptr(), np, true) };
-            }
-            for r in 0..b {
-                // SAFETY: this thread's units of step t.
-                unsafe {
-                    let sgr = sg.slice((t * b + r) * 3 * hw, 3 * hw);
-                    (0..3).for_each(|q| {
-                        sgr[q * hw + u.start..q * hw + u.end]
-                            .copy_from_slice(&gh[r * np + q * un..r * np + (q + 1) * un])
-                    });
-                    sh.slice((t * b + r) * hw + u.start, un).copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
+                dbs.at(cols.start, nc).copy_from_slice(&sums);
+                if cell == Cell::Gru {
+                    dbxs.at(cols.start, nc).copy_from_slice(&sums_x);
                 }
-                let out = unsafe { next.slice(r * hw + u.start, un) };
-                if t < lengths[r] && un > 0 {
-                    let base = (r * tt + t) * 3 * hw;
-                    (0..3).for_each(|q| {
-                        xg[q * un..(q + 1) * un].copy_from_slice(&gx[base + q * hw + u.start..base + q * hw + u.end])
-                    });
-                    // SAFETY: `isa` detected; one row.
-                    unsafe {
-                        gru_forward_isa(
-                            isa,
-                            &xg,
-                            &gh[r * np..r * np + 3 * un],
-                            &hcur[r * hw + u.start..r * hw + u.end],
-                            &mut hn,
-                            un,
-                        )
-                    };
-                    out.copy_from_slice(&hn);
-                    unsafe { ys.slice((r * tt + t) * hw + u.start, un).copy_from_slice(&hn) };
-                } else {
-                    out.copy_from_slice(&hcur[r * hw + u.start..r * hw + u.end]);
-                }
-            }
-            barrier.wait();
-        }
-    });
-    h.copy_from_slice(&hb[order.len() % 2]);
-}
-
-/// GRU backward; see `rnn_seq::gru_sequence_backward` (f32). Writes `dgx`; returns the recurrent gate gradients
-/// `(T, B, 3H)`; `dh` becomes the initial state's gradient.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gru_backward(
-    d: SeqDims,
-    gx: &[f32],
-    w: &[f32],
-    lengths: &[usize],
-    saved: &SeqSaved<f32>,
-    dy: &[f32],
-    dh: &mut [f32],
-    dgx: &mut [f32],
-) -> Vec<f32> {
-    let SeqDims { b, t: tt, h: hw, .. } = d;
-    let team = Team::new(&d);
-    let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
-    let mut dghs = vec![0f32; tt * b * 3 * hw];
-    let (dgs, dhs, dxs) = (Shared::of(&mut dghs), Shared::of(dh), Shared::of(dgx));
-    team.run(hw, |u| {
-        let un = u.len();
-        let (wp, up) = pack_backward(w, 3, hw, u.clone());
-        let mut dhp: Vec<f32> = (0..b).flat_map(|r| unsafe { dhs.slice(r * hw + u.start, un).to_vec() }).collect();
-        let mut direct = vec![0f32; b * un];
-        let (mut xg, mut gg, mut dyt) = (vec![0f32; 3 * un], vec![0f32; 3 * un], vec![0f32; un]);
-        let (mut dxg, mut dgg, mut dd) = (vec![0f32; 3 * un], vec![0f32; 3 * un], vec![0f32; un]);
-        let mut prod = vec![0f32; b * up];
-        for &t in order.iter().rev() {
-            for r in 0..b {
-                // SAFETY: this thread's units of step t, row r.
-                let (dgr, dxr) =
-                    unsafe { (dgs.slice((t * b + r) * 3 * hw, 3 * hw), dxs.slice((r * tt + t) * 3 * hw, 3 * hw)) };
-                if t >= lengths[r] || un == 0 {
-                    (0..3).for_each(|q| {
-                        dgr[q * hw + u.start..q * hw + u.end].iter_mut().for_each(|v| *v = 0.0);
-                        dxr[q * hw + u.start..q * hw + u.end].iter_mut().for_each(|v| *v = 0.0);
-                    });
-                    continue;
-                }
-                let base = (r * tt + t) * 3 * hw;
-                let gs = &saved.gates[(t * b + r) * 3 * hw..(t * b + r + 1) * 3 * hw];
-                (0..3).for_each(|q| {
-                    xg[q * un..(q + 1) * un].copy_from_slice(&gx[base + q * hw + u.start..base + q * hw + u.end]);
-                    gg[q * un..(q + 1) * un].copy_from_slice(&gs[q * hw + u.start..q * hw + u.end]);
-                });
-                for j in 0..un {
-                    dyt[j] = dhp[r * un + j] + dy[(r * tt + t) * hw + u.start + j];
-                }
-                let hp = &saved.h_prev[(t * b + r) * hw + u.start..(t * b + r) * hw + u.end];
-                // SAFETY: `isa` detected; one row.
-                unsafe { gru_backward_isa(isa, &xg, &gg, hp, &dyt, &mut dxg, &mut dgg, &mut dd, un) };
-                (0..3).for_each(|q| {
-                    dgr[q * hw + u.start..q * hw + u.end].copy_from_slice(&dgg[q * un..(q + 1) * un]);
-                    dxr[q * hw + u.start..q * hw + u.end].copy_from_slice(&dxg[q * un..(q + 1) * un]);
-                });
-                direct[r * un..(r + 1) * un].copy_from_slice(&dd);
-            }
-            barrier.wait();
-            // SAFETY: step t's recurrent gate gradients are complete (barrier) and only read now.
-            let dgt = unsafe { dgs.slice(t * b * 3 * hw, b * 3 * hw) as &[f32] };
-            if un > 0 {
-                // SAFETY: as in the forward.
-                unsafe { wp.product(isa, b, dgt.as_ptr(), 3 * hw, prod.as_mut_ptr(), up, false) };
-            }
-            for r in 0..b {
-                if t < lengths[r] {
-                    for j in 0..un {
-                        dhp[r * un + j] = direct[r * un + j] + prod[r * up + j];
+                for r in 0..b {
+                    dhs.at(r * hw + u.start, un).copy_from_slice(&dh[r * un..(r + 1) * un]);
+                    if cell == Cell::Lstm {
+                        dcs.at(r * hw + u.start, un).copy_from_slice(&dc[r * un..(r + 1) * un]);
                     }
                 }
             }
+        });
+        dgates
+    }
+}
+
+/// `x += y` elementwise.
+fn add<T: Real>(x: &mut [T], y: &[T]) {
+    x.iter_mut().zip(y).for_each(|(a, &b)| *a += b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_products_write_only_their_own_columns() {
+        // A thread's gate columns end mid-quantum when BLOCK ∤ H; the columns after them belong to the next
+        // thread (or lie past the buffer) and must not be touched, read-modify-write included.
+        let (m, k, cols, ldc) = (19, 150, 20, 37);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+        let w = |p: usize, j: usize| ((p * 3 + j * 5) % 11) as f32 / 10.0 - 0.5;
+        let p = Panels::<f32>::from_fn(k, cols, w);
+        for acc in [false, true] {
+            let mut c = vec![f32::NAN; m * ldc];
+            for r in 0..m {
+                c[r * ldc..r * ldc + cols].iter_mut().for_each(|v| *v = 1.0);
+            }
+            // SAFETY: buffers hold the rows and columns named; `isa` detected.
+            unsafe { f32::product(&p, Isa::detect(), m, a.as_ptr(), k, c.as_mut_ptr(), ldc, acc) };
+            for r in 0..m {
+                for j in 0..ldc {
+                    let v = c[r * ldc + j];
+                    if j >= cols {
+                        assert!(v.is_nan(), "column {j} of row {r} was written");
+                        continue;
+                    }
+                    let want: f64 = (0..k).map(|q| a[r * k + q] as f64 * w(q, j) as f64).sum::<f64>()
+                        + if acc { 1.0 } else { 0.0 };
+                    assert!((v as f64 - want).abs() < 1e-4, "({r}, {j}): {v} vs {want}");
+                }
+            }
         }
-        for r in 0..b {
-            // SAFETY: this thread's units.
-            unsafe { dhs.slice(r * hw + u.start, un).copy_from_slice(&dhp[r * un..(r + 1) * un]) };
+    }
+
+    #[test]
+    fn blocked_columns_are_a_permutation_and_threads_own_contiguous_runs() {
+        for (g, h) in [(4, 37), (3, 16), (4, 5), (3, 50)] {
+            let bl = Blocks { g, h };
+            let mut seen: Vec<usize> = (0..g * h).map(|c| bl.natural(c)).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..g * h).collect::<Vec<_>>(), "g {g} h {h}");
+            for threads in 1..4 {
+                let mut next = 0;
+                for p in 0..threads {
+                    let u = units(h, threads, p);
+                    assert!(u.start % BLOCK == 0 || u.is_empty());
+                    // The run of columns [G·start, G·end) holds exactly the gates of these units.
+                    for col in g * u.start..g * u.end {
+                        let j = bl.natural(col) % h;
+                        assert!(u.contains(&j), "g {g} h {h} threads {threads}: column {col} unit {j} not in {u:?}");
+                    }
+                    next = next.max(u.end);
+                }
+                assert_eq!(next, h);
+            }
         }
-    });
-    dghs
+    }
 }

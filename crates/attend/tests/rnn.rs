@@ -266,42 +266,40 @@ fn bad_input_is_an_error_naming_shapes() {
 
 #[test]
 fn sequence_ops_match_finite_differences() {
-    // The whole-sequence ops' hand-written backward, with lengths and in both directions.
-    let (b, t, h) = (3, 5, 4);
-    let lengths = [5usize, 2, 4];
+    // The whole-sequence ops' hand-written backward (input product included), with lengths, in both directions,
+    // and a hidden width of two blocks, the second partial (the blocked gate layout's edge).
+    let (b, t, c, h) = (3, 4, 3, 20);
+    let lengths = [4usize, 2, 3];
+    let x = randn64(&[b, t, c], 90);
+    let (h0, c0) = (randn64(&[b, h], 93), randn64(&[b, h], 94));
     for reverse in [false, true] {
-        let gx4 = (randn64(&[b, t, 4 * h], 91) * 1.5).unwrap();
-        let w4 = (randn64(&[4 * h, h], 92) * 0.5).unwrap();
-        let (h0, c0) = (randn64(&[b, h], 93), randn64(&[b, h], 94));
-        let bl = randn64(&[4 * h], 98);
-        fd_check(&format!("lstm dbias reverse={reverse}"), bl.clone(), |v| {
-            let (y, hn, cn) = ops::lstm_sequence(&gx4, &w4, Some(v), &h0, &c0, Some(&lengths), reverse).unwrap();
-            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap(), cn.flatten_all().unwrap()], 0).unwrap()
-        });
-        let lstm = |gx: &Tensor, w: &Tensor, h0: &Tensor, c0: &Tensor| {
-            let (y, hn, cn) = ops::lstm_sequence(gx, w, Some(&bl), h0, c0, Some(&lengths), reverse).unwrap();
-            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap(), cn.flatten_all().unwrap()], 0).unwrap()
-        };
-        fd_check(&format!("lstm dgx reverse={reverse}"), gx4.clone(), |x| lstm(x, &w4, &h0, &c0));
-        fd_check(&format!("lstm dw_hh reverse={reverse}"), w4.clone(), |w| lstm(&gx4, w, &h0, &c0));
-        fd_check(&format!("lstm dh0 reverse={reverse}"), h0.clone(), |s| lstm(&gx4, &w4, s, &c0));
-        fd_check(&format!("lstm dc0 reverse={reverse}"), c0.clone(), |s| lstm(&gx4, &w4, &h0, s));
-        let gx3 = (randn64(&[b, t, 3 * h], 95) * 1.5).unwrap();
-        let w3 = (randn64(&[3 * h, h], 96) * 0.5).unwrap();
-        let bh = randn64(&[3 * h], 97);
-        let bi = randn64(&[3 * h], 99);
-        fd_check(&format!("gru db_ih reverse={reverse}"), bi.clone(), |v| {
-            let (y, hn) = ops::gru_sequence(&gx3, &w3, Some(v), Some(&bh), &h0, Some(&lengths), reverse).unwrap();
-            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap()], 0).unwrap()
-        });
-        let gru = |gx: &Tensor, w: &Tensor, bh: &Tensor, h0: &Tensor| {
-            let (y, hn) = ops::gru_sequence(gx, w, Some(&bi), Some(bh), h0, Some(&lengths), reverse).unwrap();
-            Tensor::cat(&[y.flatten_all().unwrap(), hn.flatten_all().unwrap()], 0).unwrap()
-        };
-        fd_check(&format!("gru dgx reverse={reverse}"), gx3.clone(), |x| gru(x, &w3, &bh, &h0));
-        fd_check(&format!("gru dw_hh reverse={reverse}"), w3.clone(), |w| gru(&gx3, w, &bh, &h0));
-        fd_check(&format!("gru db_hh reverse={reverse}"), bh.clone(), |v| gru(&gx3, &w3, v, &h0));
-        fd_check(&format!("gru dh0 reverse={reverse}"), h0.clone(), |s| gru(&gx3, &w3, &bh, s));
+        for (g, kind) in [(4, "lstm"), (3, "gru")] {
+            let w_ih = (randn64(&[g * h, c], 91) * 0.7).unwrap();
+            let w_hh = (randn64(&[g * h, h], 92) * 0.3).unwrap();
+            let (b_ih, b_hh) = (randn64(&[g * h], 98), randn64(&[g * h], 99));
+            let run =
+                |x: &Tensor, w_ih: &Tensor, w_hh: &Tensor, b_ih: &Tensor, b_hh: &Tensor, h0: &Tensor, c0: &Tensor| {
+                    let p = ops::SequenceParams { w_ih, w_hh, b_ih: Some(b_ih), b_hh: Some(b_hh) };
+                    let parts = if g == 4 {
+                        let (y, hn, cn) = ops::lstm_sequence(x, p, h0, c0, Some(&lengths), reverse).unwrap();
+                        vec![y, hn, cn]
+                    } else {
+                        let (y, hn) = ops::gru_sequence(x, p, h0, Some(&lengths), reverse).unwrap();
+                        vec![y, hn]
+                    };
+                    Tensor::cat(&parts.iter().map(|p| p.flatten_all().unwrap()).collect::<Vec<_>>(), 0).unwrap()
+                };
+            let name = |what: &str| format!("{kind} {what} reverse={reverse}");
+            fd_check(&name("dx"), x.clone(), |v| run(v, &w_ih, &w_hh, &b_ih, &b_hh, &h0, &c0));
+            fd_check(&name("dw_ih"), w_ih.clone(), |v| run(&x, v, &w_hh, &b_ih, &b_hh, &h0, &c0));
+            fd_check(&name("dw_hh"), w_hh.clone(), |v| run(&x, &w_ih, v, &b_ih, &b_hh, &h0, &c0));
+            fd_check(&name("db_ih"), b_ih.clone(), |v| run(&x, &w_ih, &w_hh, v, &b_hh, &h0, &c0));
+            fd_check(&name("db_hh"), b_hh.clone(), |v| run(&x, &w_ih, &w_hh, &b_ih, v, &h0, &c0));
+            fd_check(&name("dh0"), h0.clone(), |v| run(&x, &w_ih, &w_hh, &b_ih, &b_hh, v, &c0));
+            if g == 4 {
+                fd_check(&name("dc0"), c0.clone(), |v| run(&x, &w_ih, &w_hh, &b_ih, &b_hh, &h0, v));
+            }
+        }
     }
 }
 

@@ -29,7 +29,7 @@ pub use gelu::{gelu, gelu_reference};
 pub use graph::{edge_aggregate, edge_aggregate_reference, gatv2_scores, gatv2_scores_reference};
 pub use norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 pub use rnn_cell::{gru_cell, gru_cell_reference, lstm_cell, lstm_cell_reference};
-pub use rnn_sequence::{gru_sequence, lstm_sequence};
+pub use rnn_sequence::{gru_sequence, lstm_sequence, SequenceParams};
 pub use segment::segment_softmax;
 pub use softmax::{log_softmax, log_softmax_reference, logsumexp_rows, softmax, softmax_reference, MaskTensor};
 pub use sparse::{entmax15, entmax15_reference, sparsemax, sparsemax_reference};

@@ -1,18 +1,18 @@
-//! Whole-sequence LSTM and GRU ops (one direction of one layer): the recurrence of every step in one candle op
-//! with a hand-written backward (`attend_kernels::rnn_seq`), instead of a graph of per-step ops whose backward
-//! allocates and adds a weight gradient per step. The input half of the gates, `x W_ihᵀ + b`, stays a candle matmul
-//! outside (one large product, autograd as usual).
+//! Whole-sequence LSTM and GRU ops (one direction of one layer): input product, recurrence and cell of every step
+//! in one candle op with a hand-written backward (`attend_kernels::rnn_seq`), as cuDNN and oneDNN run a layer,
+//! instead of a graph of per-step ops whose backward allocates and adds a weight gradient per step.
 //!
 //! The composed twin of these ops is the per-step path over [`super::lstm_cell_reference`] and
 //! [`super::gru_cell_reference`] (`CellImpl::Reference` of the recurrent layers); the tests compare both.
 //!
 //! # Shapes
-//! - LSTM: `gx (B, T, 4H)`, `w_hh (4H, H)`, `bias (4H)`, `h0`, `c0 (B, H)` → `y (B, T, H)`, `h_n`, `c_n (B, H)`
-//! - GRU: `gx (B, T, 3H)`, `w_hh (3H, H)`, `b_ih`, `b_hh (3H)`, `h0 (B, H)` → `y (B, T, H)`, `h_n (B, H)`
+//! - LSTM: `x (B, T, C)`, `w_ih (4H, C)`, `w_hh (4H, H)`, `b_ih`, `b_hh (4H)`, `h0`, `c0 (B, H)` →
+//!   `y (B, T, H)`, `h_n`, `c_n (B, H)`
+//! - GRU: the same with `3H` gate rows and no `c`.
 
 use std::sync::Mutex;
 
-use attend_kernels::rnn_seq::{self as k, SeqDims, SeqSaved};
+use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqSaved, SeqWeights};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
@@ -27,7 +27,7 @@ enum Saved {
     F64(SeqSaved<f64>),
 }
 
-trait SavedOf: Sized {
+trait SavedOf: KernelFloat + SeqFloat {
     fn wrap(s: SeqSaved<Self>) -> Saved;
     fn unwrap(s: &Saved) -> Option<&SeqSaved<Self>>;
 }
@@ -56,13 +56,8 @@ impl SavedOf for f64 {
     }
 }
 
-/// Which recurrence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Cell {
-    Lstm,
-    Gru,
-}
-
+/// The op's operands: `x (B, T, C)`, the parameters as one `(G·H, C + H + 2)` matrix `[W_ih | W_hh | b_ih | b_hh]`
+/// (a custom op takes three operands), and the initial state `(B, E·H)`: `[h0 | c0]` (LSTM, E = 2) or `h0`.
 struct Sequence {
     cell: Cell,
     dims: SeqDims,
@@ -74,172 +69,79 @@ fn vec_of<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
+/// The columns of `[W_ih | W_hh | b_ih | b_hh]`, split.
+fn split_params<T: Copy>(p: &[T], c: usize, h: usize) -> [Vec<T>; 4] {
+    let rows = p.len() / (c + h + 2);
+    let mut out = [Vec::with_capacity(rows * c), Vec::with_capacity(rows * h), vec![], vec![]];
+    for row in p.chunks_exact(c + h + 2) {
+        out[0].extend_from_slice(&row[..c]);
+        out[1].extend_from_slice(&row[c..c + h]);
+        out[2].push(row[c + h]);
+        out[3].push(row[c + h + 1]);
+    }
+    out
+}
+
+/// The inverse of [`split_params`].
+fn join_params<T: Copy>(w_ih: &[T], w_hh: &[T], b_ih: &[T], b_hh: &[T], c: usize, h: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(b_ih.len() * (c + h + 2));
+    for r in 0..b_ih.len() {
+        out.extend_from_slice(&w_ih[r * c..(r + 1) * c]);
+        out.extend_from_slice(&w_hh[r * h..(r + 1) * h]);
+        out.push(b_ih[r]);
+        out.push(b_hh[r]);
+    }
+    out
+}
+
 impl Sequence {
-    fn forward<T: KernelFloat + SavedOf>(
-        &self,
-        gx: &[T],
-        w: &[T],
-        state: &[T],
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let SeqDims { b, t, h, .. } = self.dims;
-        let (wm, biases) = split_columns(w, h, self.extra_columns());
-        let gx = &with_bias(gx, &biases[self.input_bias()]);
-        let mut saved = SeqSaved::default();
-        let mut y = vec![T::ZERO; b * t * h];
-        // Output rows per sequence: T steps, then h_n (and c_n).
-        let extra = if self.cell == Cell::Lstm { 2 } else { 1 };
-        let mut hs: Vec<T> = (0..b).flat_map(|r| state[r * extra * h..r * extra * h + h].to_vec()).collect();
-        match self.cell {
-            Cell::Lstm => {
-                let mut cs: Vec<T> = (0..b).flat_map(|r| state[r * 2 * h + h..(r + 1) * 2 * h].to_vec()).collect();
-                k::lstm_sequence_forward(self.dims, gx, &wm, &self.lengths, &mut hs, &mut cs, &mut y, &mut saved);
-                let mut out = Vec::with_capacity(b * (t + 2) * h);
-                for r in 0..b {
-                    out.extend_from_slice(&y[r * t * h..(r + 1) * t * h]);
-                    out.extend_from_slice(&hs[r * h..(r + 1) * h]);
-                    out.extend_from_slice(&cs[r * h..(r + 1) * h]);
-                }
-                *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
-                Ok((T::storage(out), Shape::from((b, t + 2, h))))
-            }
-            Cell::Gru => {
-                k::gru_sequence_forward(self.dims, gx, &wm, &biases[0], &self.lengths, &mut hs, &mut y, &mut saved);
-                let mut out = Vec::with_capacity(b * (t + 1) * h);
-                for r in 0..b {
-                    out.extend_from_slice(&y[r * t * h..(r + 1) * t * h]);
-                    out.extend_from_slice(&hs[r * h..(r + 1) * h]);
-                }
-                *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
-                Ok((T::storage(out), Shape::from((b, t + 1, h))))
-            }
-        }
+    fn forward<T: SavedOf>(&self, x: &[T], params: &[T], state: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
+        let SeqDims { b, t, c, h, .. } = self.dims;
+        let [w_ih, w_hh, b_ih, b_hh] = split_params(params, c, h);
+        let (h0, c0): (Vec<T>, Vec<T>) = match self.cell {
+            Cell::Lstm => (
+                (0..b).flat_map(|r| state[r * 2 * h..r * 2 * h + h].to_vec()).collect(),
+                (0..b).flat_map(|r| state[r * 2 * h + h..(r + 1) * 2 * h].to_vec()).collect(),
+            ),
+            Cell::Gru => (state.to_vec(), vec![]),
+        };
+        let e = self.cell.extra_rows();
+        let out_len = (b * t + e * b) * h;
+        let mut out = vec![T::ZERO; out_len];
+        let w = SeqWeights { w_ih: &w_ih, w_hh: &w_hh, b_ih: &b_ih, b_hh: &b_hh };
+        let saved = k::sequence_forward(self.cell, self.dims, x, w, &self.lengths, &h0, &c0, &mut out);
+        *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
+        Ok((T::storage(out), Shape::from(out_len)))
     }
 
-    fn backward<T: KernelFloat + SavedOf>(
+    fn backward<T: SavedOf>(
         &self,
-        gx: &Tensor,
-        w: &Tensor,
+        x: &Tensor,
+        params: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let SeqDims { b, t, h, .. } = self.dims;
+        let SeqDims { b, t, c, h, .. } = self.dims;
         let guard = self.saved.lock().expect("saved activations");
         let Some(saved) = guard.as_ref().and_then(T::unwrap) else {
             candle_core::bail!("rnn sequence backward: the forward's activations are missing")
         };
-        let g: Vec<T> = vec_of(grad)?;
-        let extra = if self.cell == Cell::Lstm { 2 } else { 1 };
-        let row = (t + extra) * h;
-        let dy: Vec<T> = (0..b).flat_map(|r| g[r * row..r * row + t * h].to_vec()).collect();
-        let mut dh: Vec<T> = (0..b).flat_map(|r| g[r * row + t * h..r * row + (t + 1) * h].to_vec()).collect();
-        let dev = gx.device();
-        let (wm, biases) = split_columns(&vec_of::<T>(w)?, h, self.extra_columns());
-        match self.cell {
+        let [w_ih, w_hh, b_ih, b_hh] = split_params(&vec_of::<T>(params)?, c, h);
+        let w = SeqWeights { w_ih: &w_ih, w_hh: &w_hh, b_ih: &b_ih, b_hh: &b_hh };
+        let g = k::sequence_backward(self.cell, self.dims, &vec_of::<T>(x)?, w, &self.lengths, saved, &vec_of(grad)?);
+        let dstate: Vec<T> = match self.cell {
             Cell::Lstm => {
-                let mut dc: Vec<T> = (0..b).flat_map(|r| g[r * row + (t + 1) * h..(r + 1) * row].to_vec()).collect();
-                let (mut dgx, mut dw) = (vec![T::ZERO; b * t * 4 * h], vec![T::ZERO; 4 * h * h]);
-                k::lstm_sequence_backward(
-                    self.dims,
-                    &wm,
-                    &self.lengths,
-                    saved,
-                    &dy,
-                    &mut dh,
-                    &mut dc,
-                    &mut dgx,
-                    &mut dw,
-                );
-                let dstate: Vec<T> =
-                    (0..b).flat_map(|r| [&dh[r * h..(r + 1) * h], &dc[r * h..(r + 1) * h]].concat()).collect();
-                let db = column_sums(&dgx, 4 * h);
-                Ok((
-                    Tensor::from_vec(dgx, (b, t, 4 * h), dev)?,
-                    Tensor::from_vec(join_columns(&dw, h, &[&db]), (4 * h, h + 1), dev)?,
-                    Tensor::from_vec(dstate, (b, 2 * h), dev)?,
-                ))
+                (0..b).flat_map(|r| [&g.dh0[r * h..(r + 1) * h], &g.dc0[r * h..(r + 1) * h]].concat()).collect()
             }
-            Cell::Gru => {
-                let gxv = with_bias(&vec_of::<T>(gx)?, &biases[1]);
-                let (mut dgx, mut dw, mut db) =
-                    (vec![T::ZERO; b * t * 3 * h], vec![T::ZERO; 3 * h * h], vec![T::ZERO; 3 * h]);
-                k::gru_sequence_backward(
-                    self.dims,
-                    &gxv,
-                    &wm,
-                    &self.lengths,
-                    saved,
-                    &dy,
-                    &mut dh,
-                    &mut dgx,
-                    &mut dw,
-                    &mut db,
-                );
-                let db_ih = column_sums(&dgx, 3 * h);
-                Ok((
-                    Tensor::from_vec(dgx, (b, t, 3 * h), dev)?,
-                    Tensor::from_vec(join_columns(&dw, h, &[&db, &db_ih]), (3 * h, h + 2), dev)?,
-                    Tensor::from_vec(dh, (b, h), dev)?,
-                ))
-            }
-        }
+            Cell::Gru => g.dh0,
+        };
+        let dev = x.device();
+        let gw = self.cell.gates() * h;
+        Ok((
+            Tensor::from_vec(g.dx, (b, t, c), dev)?,
+            Tensor::from_vec(join_params(&g.dw_ih, &g.dw_hh, &g.db_ih, &g.db_hh, c, h), (gw, c + h + 2), dev)?,
+            Tensor::from_vec(dstate, (b, self.cell.extra_rows() * h), dev)?,
+        ))
     }
-}
-
-impl Sequence {
-    /// Bias columns the weight operand carries: LSTM `[W_hh | b_ih + b_hh]`, GRU `[W_hh | b_hh | b_ih]`.
-    fn extra_columns(&self) -> usize {
-        match self.cell {
-            Cell::Lstm => 1,
-            Cell::Gru => 2,
-        }
-    }
-
-    /// Which bias column is added to the input half of the gates.
-    fn input_bias(&self) -> usize {
-        match self.cell {
-            Cell::Lstm => 0,
-            Cell::Gru => 1,
-        }
-    }
-}
-
-/// `(R, H + e)` → `W (R, H)` and the `e` columns after it.
-fn split_columns<T: Copy>(w: &[T], h: usize, e: usize) -> (Vec<T>, Vec<Vec<T>>) {
-    let rows = w.len() / (h + e);
-    let mut wm = Vec::with_capacity(rows * h);
-    let mut cols = vec![Vec::with_capacity(rows); e];
-    for row in w.chunks_exact(h + e) {
-        wm.extend_from_slice(&row[..h]);
-        cols.iter_mut().enumerate().for_each(|(i, c)| c.push(row[h + i]));
-    }
-    (wm, cols)
-}
-
-/// `W (R, H)` with columns appended: `(R, H + e)`.
-fn join_columns<T: Copy>(w: &[T], h: usize, cols: &[&[T]]) -> Vec<T> {
-    let mut out = Vec::with_capacity(w.len() + cols.len() * w.len() / h);
-    for (r, row) in w.chunks_exact(h).enumerate() {
-        out.extend_from_slice(row);
-        out.extend(cols.iter().map(|c| c[r]));
-    }
-    out
-}
-
-/// Every row of width `bias.len()` plus `bias`.
-fn with_bias<T: KernelFloat>(x: &[T], bias: &[T]) -> Vec<T> {
-    let mut out = x.to_vec();
-    for row in out.chunks_exact_mut(bias.len()) {
-        row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
-    }
-    out
-}
-
-/// The sum of the rows of width `w` (the gradient of a bias added to every row).
-fn column_sums<T: KernelFloat>(x: &[T], w: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; w];
-    for row in x.chunks_exact(w) {
-        out.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
-    }
-    out
 }
 
 impl CustomOp3 for Sequence {
@@ -262,16 +164,16 @@ impl CustomOp3 for Sequence {
         match s1.dtype() {
             DType::F32 => {
                 let (a, b, c) = (
-                    contiguous(f32::slice(s1)?, l1, "gx")?,
-                    contiguous(f32::slice(s2)?, l2, "w_hh")?,
+                    contiguous(f32::slice(s1)?, l1, "x")?,
+                    contiguous(f32::slice(s2)?, l2, "params")?,
                     contiguous(f32::slice(s3)?, l3, "state")?,
                 );
                 self.forward::<f32>(a, b, c)
             }
             DType::F64 => {
                 let (a, b, c) = (
-                    contiguous(f64::slice(s1)?, l1, "gx")?,
-                    contiguous(f64::slice(s2)?, l2, "w_hh")?,
+                    contiguous(f64::slice(s1)?, l1, "x")?,
+                    contiguous(f64::slice(s2)?, l2, "params")?,
                     contiguous(f64::slice(s3)?, l3, "state")?,
                 );
                 self.forward::<f64>(a, b, c)
@@ -282,47 +184,56 @@ impl CustomOp3 for Sequence {
 
     fn bwd(
         &self,
-        gx: &Tensor,
-        w: &Tensor,
+        x: &Tensor,
+        params: &Tensor,
         _state: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b, c) = match gx.dtype() {
-            DType::F32 => self.backward::<f32>(gx, w, grad)?,
-            DType::F64 => self.backward::<f64>(gx, w, grad)?,
+        let (a, b, c) = match x.dtype() {
+            DType::F32 => self.backward::<f32>(x, params, grad)?,
+            DType::F64 => self.backward::<f64>(x, params, grad)?,
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
         Ok((Some(a), Some(b), Some(c)))
     }
 }
 
-fn check(
+/// The parameters of one direction, as PyTorch names them (biases optional).
+#[derive(Clone, Copy, Debug)]
+pub struct SequenceParams<'a> {
+    pub w_ih: &'a Tensor,
+    pub w_hh: &'a Tensor,
+    pub b_ih: Option<&'a Tensor>,
+    pub b_hh: Option<&'a Tensor>,
+}
+
+/// Checks the shapes and runs the op: `out (B·(T + E)·H)`, flat: `y (B, T, H)`, `h_n (B, H)` [, `c_n (B, H)`].
+fn run(
+    cell: Cell,
     op: &'static str,
-    gx: &Tensor,
-    w_hh: &Tensor,
-    h0: &Tensor,
-    g: usize,
+    x: &Tensor,
+    p: SequenceParams,
+    state: &[&Tensor],
     lengths: Option<&[usize]>,
-) -> Result<(SeqDims, Vec<usize>)> {
+    reverse: bool,
+) -> Result<Tensor> {
+    ensure!(x.rank() == 3, op, "expected x (B, T, C), got {}", shape_str(x));
+    let (b, t, c) = x.dims3()?;
+    let gw = p.w_hh.dim(0)?;
+    let (g, h) = (cell.gates(), gw / cell.gates());
     ensure!(
-        gx.rank() == 3 && h0.rank() == 2,
+        gw == g * h && h > 0 && p.w_hh.dims() == [g * h, h] && p.w_ih.dims() == [g * h, c],
         op,
-        "expected gx (B, T, {g}H) and h0 (B, H), got gx {} and h0 {}",
-        shape_str(gx),
-        shape_str(h0)
+        "w_ih {} and w_hh {} do not fit x {} ({g} gates: expected ({g}H, C) and ({g}H, H))",
+        shape_str(p.w_ih),
+        shape_str(p.w_hh),
+        shape_str(x)
     );
-    let (b, t, gh) = gx.dims3()?;
-    let h = h0.dim(1)?;
-    ensure!(
-        gh == g * h && h0.dim(0)? == b && w_hh.dims() == [g * h, h],
-        op,
-        "gx {}, w_hh {} and h0 {} do not fit H = {h}",
-        shape_str(gx),
-        shape_str(w_hh),
-        shape_str(h0)
-    );
-    ensure!(matches!(gx.dtype(), DType::F32 | DType::F64), op, "runs in f32 or f64, got {:?}", gx.dtype());
+    for s in state {
+        ensure!(s.dims() == [b, h], op, "initial state {} must be (B, H) = ({b}, {h})", shape_str(s));
+    }
+    ensure!(matches!(x.dtype(), DType::F32 | DType::F64), op, "runs in f32 or f64, got {:?}", x.dtype());
     let lengths = match lengths {
         None => vec![t; b],
         Some(l) => {
@@ -333,61 +244,57 @@ fn check(
             l.to_vec()
         }
     };
-    Ok((SeqDims { b, t, h, reverse: false }, lengths))
+    let dtype = x.dtype();
+    let bias = |v: Option<&Tensor>| -> Result<Tensor> {
+        Ok(match v {
+            Some(v) => {
+                ensure!(v.dims() == [g * h], op, "bias {} must be ({})", shape_str(v), g * h);
+                v.to_dtype(dtype)?.unsqueeze(1)?
+            }
+            None => Tensor::zeros((g * h, 1), dtype, x.device())?,
+        })
+    };
+    let columns = [p.w_ih.to_dtype(dtype)?, p.w_hh.to_dtype(dtype)?, bias(p.b_ih)?, bias(p.b_hh)?];
+    let params = Tensor::cat(&columns, 1)?.contiguous()?; // (G·H, C + H + 2)
+    let state = Tensor::cat(&state.iter().map(|s| s.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?, 1)?
+        .contiguous()?; // (B, E·H)
+    let op = Sequence { cell, dims: SeqDims { b, t, c, h, reverse }, lengths, saved: Mutex::new(None) };
+    Ok(x.contiguous()?.apply_op3(&params, &state, op)?) // (B·(T + E)·H)
 }
 
-/// The bias column of a weight operand: `b`, or zeros.
-fn bias_column(b: Option<&Tensor>, rows: usize, like: &Tensor) -> Result<Tensor> {
-    Ok(match b {
-        Some(b) => {
-            ensure!(b.dims() == [rows], "rnn sequence", "bias {} must be ({rows})", shape_str(b));
-            b.to_dtype(like.dtype())?.unsqueeze(1)?
-        }
-        None => Tensor::zeros((rows, 1), like.dtype(), like.device())?,
-    })
-}
-
-/// A whole LSTM direction from `gx = x W_ihᵀ` (no bias); `bias` is `b_ih + b_hh` (4H), added inside the op (and
-/// its gradient formed there, not by reducing a `(B, T, 4H)` tensor in the graph). `reverse` walks the steps
-/// backwards (from each sequence's last valid step).
+/// A whole LSTM direction over `x`; `reverse` walks the steps backwards (from each sequence's last valid step).
+/// Returns `y (B, T, H)`, `h_n`, `c_n`.
 pub fn lstm_sequence(
-    gx: &Tensor,
-    w_hh: &Tensor,
-    bias: Option<&Tensor>,
+    x: &Tensor,
+    p: SequenceParams,
     h0: &Tensor,
     c0: &Tensor,
     lengths: Option<&[usize]>,
     reverse: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (dims, lengths) = check("lstm sequence", gx, w_hh, h0, 4, lengths)?;
-    ensure!(c0.dims() == h0.dims(), "lstm sequence", "c0 {} must match h0 {}", shape_str(c0), shape_str(h0));
-    let (t, h) = (dims.t, dims.h);
-    let dtype = gx.dtype();
-    let state = Tensor::cat(&[h0.to_dtype(dtype)?, c0.to_dtype(dtype)?], 1)?.contiguous()?; // (B, 2H)
-    let wb = Tensor::cat(&[w_hh.to_dtype(dtype)?, bias_column(bias, 4 * h, gx)?], 1)?.contiguous()?; // (4H, H + 1)
-    let op = Sequence { cell: Cell::Lstm, dims: SeqDims { reverse, ..dims }, lengths, saved: Mutex::new(None) };
-    let out = gx.contiguous()?.apply_op3(&wb, &state, op)?; // (B, T + 2, H)
-    Ok((out.narrow(1, 0, t)?, out.narrow(1, t, 1)?.squeeze(1)?, out.narrow(1, t + 1, 1)?.squeeze(1)?))
+    let out = run(Cell::Lstm, "lstm sequence", x, p, &[h0, c0], lengths, reverse)?;
+    let (y, states) = split_out(&out, x, p.w_hh.dim(1)?, 2)?;
+    Ok((y, states[0].clone(), states[1].clone()))
 }
 
-/// A whole GRU direction from `gx = x W_ihᵀ` (no bias); `b_ih` is added to it and `b_hh` inside the reset gate's
-/// product, as PyTorch does, both inside the op.
+/// A whole GRU direction over `x` (`b_hh` inside the reset gate's product, as PyTorch). Returns `y (B, T, H)`, `h_n`.
 pub fn gru_sequence(
-    gx: &Tensor,
-    w_hh: &Tensor,
-    b_ih: Option<&Tensor>,
-    b_hh: Option<&Tensor>,
+    x: &Tensor,
+    p: SequenceParams,
     h0: &Tensor,
     lengths: Option<&[usize]>,
     reverse: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let (dims, lengths) = check("gru sequence", gx, w_hh, h0, 3, lengths)?;
-    let SeqDims { t, h, .. } = dims;
-    let dtype = gx.dtype();
-    // More operands than a three-operand op has: the biases travel as extra columns of W_hh.
-    let columns = [w_hh.to_dtype(dtype)?, bias_column(b_hh, 3 * h, gx)?, bias_column(b_ih, 3 * h, gx)?];
-    let wb = Tensor::cat(&columns, 1)?.contiguous()?; // (3H, H + 2)
-    let op = Sequence { cell: Cell::Gru, dims: SeqDims { reverse, ..dims }, lengths, saved: Mutex::new(None) };
-    let out = gx.contiguous()?.apply_op3(&wb, &h0.to_dtype(dtype)?.contiguous()?, op)?; // (B, T + 1, H)
-    Ok((out.narrow(1, 0, t)?, out.narrow(1, t, 1)?.squeeze(1)?))
+    let out = run(Cell::Gru, "gru sequence", x, p, &[h0], lengths, reverse)?;
+    let (y, states) = split_out(&out, x, p.w_hh.dim(1)?, 1)?;
+    Ok((y, states[0].clone()))
+}
+
+/// The flat output of the op as `y (B, T, H)` and `e` states `(B, H)`, contiguous views.
+fn split_out(out: &Tensor, x: &Tensor, h: usize, e: usize) -> Result<(Tensor, Vec<Tensor>)> {
+    let (b, t, _) = x.dims3()?;
+    let y = out.narrow(0, 0, b * t * h)?.reshape((b, t, h))?;
+    let states =
+        (0..e).map(|q| Ok(out.narrow(0, (b * t + q * b) * h, b * h)?.reshape((b, h))?)).collect::<Result<Vec<_>>>()?;
+    Ok((y, states))
 }

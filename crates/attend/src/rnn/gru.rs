@@ -46,12 +46,12 @@ impl Step for GruStep {
     fn sequence(
         &self,
         dir: &Direction,
-        gx: &Tensor,
+        x: &Tensor,
         init: &State,
         lengths: Option<&[usize]>,
         reverse: bool,
     ) -> Result<Option<(Tensor, State)>> {
-        let (y, h) = ops::gru_sequence(gx, &dir.w_hh, dir.b_ih.as_ref(), dir.b_hh.as_ref(), &init.h, lengths, reverse)?;
+        let (y, h) = ops::gru_sequence(x, dir.params(), &init.h, lengths, reverse)?;
         Ok(Some((y, State { h, c: None })))
     }
 }

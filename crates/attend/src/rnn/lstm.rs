@@ -47,18 +47,13 @@ impl Step for LstmStep {
     fn sequence(
         &self,
         dir: &Direction,
-        gx: &Tensor,
+        x: &Tensor,
         init: &State,
         lengths: Option<&[usize]>,
         reverse: bool,
     ) -> Result<Option<(Tensor, State)>> {
-        // Both biases add to the gates: one bias vector for the op.
-        let bias = match (&dir.b_ih, &dir.b_hh) {
-            (Some(a), Some(b)) => Some((a + b)?),
-            (a, b) => a.clone().or(b.clone()),
-        };
         let c0 = init.c.as_ref().expect("an LSTM state has a cell");
-        let (y, h, c) = ops::lstm_sequence(gx, &dir.w_hh, bias.as_ref(), &init.h, c0, lengths, reverse)?;
+        let (y, h, c) = ops::lstm_sequence(x, dir.params(), &init.h, c0, lengths, reverse)?;
         Ok(Some((y, State { h, c: Some(c) })))
     }
 }

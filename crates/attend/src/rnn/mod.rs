@@ -106,12 +106,11 @@ pub(crate) trait Step {
     const GATES: usize;
     fn step(&self, gx: &Tensor, gh: &Tensor, state: &State, imp: CellImpl) -> Result<State>;
 
-    /// The whole sequence in one fused op, for cells that have one (`None`: step by step). `gx` is
-    /// `x W_ihᵀ + b_ih` of every step `(B, T, G·H)`.
+    /// The whole sequence over `x (B, T, C)` in one fused op, for cells that have one (`None`: step by step).
     fn sequence(
         &self,
         _dir: &Direction,
-        _gx: &Tensor,
+        _x: &Tensor,
         _init: &State,
         _lengths: Option<&[usize]>,
         _reverse: bool,
@@ -152,16 +151,15 @@ impl Direction {
         })
     }
 
-    /// `x W_ihᵀ` for every step, no bias: `(B, T, C) → (B, T, G·H)`.
-    pub fn input_product(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        Ok(x.reshape((b * t, c))?.matmul(&self.w_ih.t()?)?.reshape((b, t, ()))?)
-        // (B, T, G·H)
+    /// The parameters as the fused sequence ops take them.
+    pub fn params(&self) -> ops::SequenceParams<'_> {
+        ops::SequenceParams { w_ih: &self.w_ih, w_hh: &self.w_hh, b_ih: self.b_ih.as_ref(), b_hh: self.b_hh.as_ref() }
     }
 
     /// `x W_ihᵀ + b_ih` for every step: `(B, T, C) → (B, T, G·H)`.
     pub fn input_gates(&self, x: &Tensor) -> Result<Tensor> {
-        let gx = self.input_product(x)?;
+        let (b, t, c) = x.dims3()?;
+        let gx = x.reshape((b * t, c))?.matmul(&self.w_ih.t()?)?.reshape((b, t, ()))?; // (B, T, G·H)
         Ok(match &self.b_ih {
             Some(bias) => gx.broadcast_add(bias)?,
             None => gx,
@@ -244,7 +242,7 @@ pub(crate) fn run_direction<C: Step>(
 ) -> Result<(Tensor, State)> {
     let t = x.dim(1)?;
     if imp == CellImpl::Fused && matches!(x.dtype(), DType::F32 | DType::F64) {
-        if let Some(done) = cell.sequence(dir, &dir.input_product(x)?, &init, steps.lengths(), reverse)? {
+        if let Some(done) = cell.sequence(dir, x, &init, steps.lengths(), reverse)? {
             return Ok(done);
         }
     }
