@@ -4,6 +4,7 @@ measured alternately on this machine and printed as a markdown table of median m
 (PyTorch time / attend time: above 1 means attend is faster).
 
 Usage: scripts/.venv/bin/python scripts/bench_classic.py [--rounds 3] [--threads 2] [--attend target/release/attend]
+       [--only lstm|gru|gat ...]
 
 Shapes (those of the shared anchor /work/shared/bench/torch_rnn_anchor.py): LSTM and GRU with B 32, T 64, C 256,
 H 256, forward and forward+backward (loss = sum of the outputs); GAT on 10^4 nodes and 2*10^5 uniform random edges,
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attend", default="target/release/attend")
+    ap.add_argument("--only", choices=["lstm", "gru", "gat"], action="append", help="rows to run (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t = ["--threads", str(a.threads)]
@@ -80,6 +82,8 @@ def main():
     cpu = None
     print("| shape | PyTorch ms | attend ms | ratio (PyTorch / attend) |")
     print("|---|---:|---:|---:|")
+    if a.only:
+        rows = [r for r in rows if r[2][0] in a.only]
     for name, torch_f, args in rows:
         tb, ab = float("inf"), float("inf")
         for _ in range(a.rounds):

@@ -3,12 +3,11 @@
 //! spin barrier per step, where a task per step would pay a wake-up per step (a step is tens of microseconds). This
 //! is llm.c's `#pragma omp parallel` structure, on rayon's `broadcast`.
 //!
-//! Forward step: each thread adds its columns of `h_{t−1} W_hhᵀ` **in place** into the step's rows of the gate
-//! buffer (which already holds `x W_ihᵀ`: the buffer is both the product's accumulator and the saved activations,
-//! so nothing is gathered or scattered per step), applies the cell to its units and writes their new state into
-//! the slot the next step reads; barrier. Backward step: each thread back-propagates its units through the cell into
-//! the step's gate gradients; barrier; then forms its units of `dh_{t−1} = dgates_t W_hh` (its own units only, so
-//! no second barrier).
+//! Forward step: each thread forms its columns of the step's gates, `b + x_t W_ihᵀ + h_{t−1} W_hhᵀ`, in a tile of its
+//! own (no gathers or scatters per step), applies the cell to its units and writes their new state into the slot the
+//! next step reads; barrier. Backward step: each thread back-propagates its units through the cell into the step's
+//! gate gradients; barrier; then forms its units of `dh_{t−1} = dgates_t W_hh` (its own units only, so no second
+//! barrier).
 //!
 //! The gate columns are **blocked** ([`Blocks`]): units in blocks of [`BLOCK`], each block holding its `G` gate
 //! chunks side by side, so a thread's units own one contiguous run of columns and one cell call covers a block.
@@ -385,7 +384,8 @@ pub(crate) struct Walk<'a, T> {
     pub cell: Cell,
     pub d: SeqDims,
     pub lengths: &'a [usize],
-    /// `W_hh (G·H, H)` with its rows in blocked order.
+    /// `W_ih (G·H, C)` and `W_hh (G·H, H)` with their rows in blocked order.
+    pub w_ih: &'a [T],
     pub w_hh: &'a [T],
     /// Blocked `(G·H)`: the LSTM's `b_ih + b_hh`, the GRU's `b_ih`.
     pub bias: &'a [T],
@@ -394,45 +394,63 @@ pub(crate) struct Walk<'a, T> {
 }
 
 impl<T: SeqFloat> Walk<'_, T> {
-    /// The forward walk. On entry `saved.gates` (LSTM) or `saved.gx` (GRU) hold `x W_ihᵀ` in blocked order and
-    /// step `order[0]`'s slots of `saved.h_prev` / `saved.c_prev` the initial state. Writes `out`: the
+    /// The forward walk over `x (B, T, C)`. On entry step `order[0]`'s slots of `saved.h_prev` / `saved.c_prev`
+    /// hold the initial state; `saved.gates` (and the GRU's `saved.gx`) are filled if they have room (when a
+    /// backward will follow), else left empty. Writes `out`: the
     /// outputs `(B, T, H)`, then `h_n` (and `c_n`), each `(B, H)`.
-    pub fn forward(&self, saved: &mut SeqSaved<T>, out: &mut [T]) {
+    pub fn forward(&self, x: &[T], saved: &mut SeqSaved<T>, out: &mut [T]) {
         let (cell, lengths) = (self.cell, self.lengths);
-        let SeqDims { b, t: tt, h: hw, .. } = self.d;
+        let SeqDims { b, t: tt, c, h: hw, .. } = self.d;
         let g = cell.gates();
         let (gw, blocks) = (g * hw, Blocks { g, h: hw });
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
+        let save = !saved.gates.is_empty();
         let (gates, gx) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.gx));
         let (hs, cs, os) = (Shared::of(&mut saved.h_prev), Shared::of(&mut saved.c_prev), Shared::of(out));
         team.run(hw, |u| {
             let cols = g * u.start..g * u.end;
             let nc = cols.len();
-            let wp = Panels::<T>::from_fn(hw, nc, |k, j| self.w_hh[(cols.start + j) * hw + k]);
+            let wx = Panels::<T>::from_fn(c, nc, |k, j| self.w_ih[(cols.start + j) * c + k]);
+            let wh = Panels::<T>::from_fn(hw, nc, |k, j| self.w_hh[(cols.start + j) * hw + k]);
+            let np = wh.n;
+            // This thread's columns of the step's gates (LSTM) or `gh` (GRU), and the GRU's `gx`: a tile that stays
+            // in cache, copied out to the saved activations only when a backward will want them.
+            let mut sg = vec![T::ZERO; b * np];
+            let mut sx = vec![T::ZERO; if cell == Cell::Gru { b * np } else { 0 }];
             let mut hc = [T::ZERO; 2 * BLOCK];
             for (s, &t) in order.iter().enumerate() {
                 let next = order.get(s + 1).copied();
-                // This step's gate rows (one per sequence, T·G·H apart): add the bias, then h_{t−1} W_hhᵀ.
+                // bias + x_t W_ihᵀ + h_{t−1} W_hhᵀ (the GRU keeps its input and recurrent halves apart).
                 for r in 0..b {
-                    let at = (t * b + r) * gw + cols.start;
-                    // SAFETY: this thread's columns of step t; nobody else touches them.
-                    unsafe {
-                        match cell {
-                            Cell::Lstm => add(gates.at(at, nc), &self.bias[cols.clone()]),
-                            Cell::Gru => {
-                                add(gx.at(at, nc), &self.bias[cols.clone()]);
-                                gates.at(at, nc).copy_from_slice(&self.b_hh[cols.clone()]);
-                            }
+                    match cell {
+                        Cell::Lstm => sg[r * np..r * np + nc].copy_from_slice(&self.bias[cols.clone()]),
+                        Cell::Gru => {
+                            sx[r * np..r * np + nc].copy_from_slice(&self.bias[cols.clone()]);
+                            sg[r * np..r * np + nc].copy_from_slice(&self.b_hh[cols.clone()]);
                         }
                     }
                 }
                 if nc > 0 {
-                    // SAFETY: h_{t−1} (every unit) is complete behind the last barrier and only read in this phase;
-                    // C is this thread's columns of step t's rows; `isa` detected.
+                    let into_x = if cell == Cell::Lstm { sg.as_mut_ptr() } else { sx.as_mut_ptr() };
+                    // SAFETY: x_t's rows are T·C apart; h_{t−1} (every unit) is complete behind the last barrier and
+                    // only read in this phase; the tiles hold b rows of np columns; `isa` detected.
                     unsafe {
-                        T::product(&wp, isa, b, hs.ptr(t * b * hw), hw, gates.ptr(t * b * gw + cols.start), gw, true)
-                    };
+                        T::product(&wx, isa, b, x.as_ptr().add(t * c), tt * c, into_x, np, true);
+                        T::product(&wh, isa, b, hs.ptr(t * b * hw), hw, sg.as_mut_ptr(), np, true);
+                    }
+                }
+                if save {
+                    for r in 0..b {
+                        let at = (t * b + r) * gw + cols.start;
+                        // SAFETY: this thread's columns of step t; nobody else touches them.
+                        unsafe {
+                            gates.at(at, nc).copy_from_slice(&sg[r * np..r * np + nc]);
+                            if cell == Cell::Gru {
+                                gx.at(at, nc).copy_from_slice(&sx[r * np..r * np + nc]);
+                            }
+                        }
+                    }
                 }
                 for r in 0..b {
                     let valid = t < lengths[r];
@@ -449,15 +467,16 @@ impl<T: SeqFloat> Walk<'_, T> {
                             };
                             // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
                             let cn = || std::slice::from_raw_parts_mut(cn, w);
+                            let tile = r * np + c0 - cols.start;
                             match (cell, valid) {
                                 (Cell::Lstm, true) => {
                                     let cp = cs.at(row * hw + j0, w) as &[T];
-                                    T::lstm_fwd(isa, gates.at(row * gw + c0, 4 * w), cp, &mut hc[..2 * w], w);
+                                    T::lstm_fwd(isa, &sg[tile..tile + 4 * w], cp, &mut hc[..2 * w], w);
                                     hn.copy_from_slice(&hc[..w]);
                                     cn().copy_from_slice(&hc[w..2 * w]);
                                 }
                                 (Cell::Gru, true) => {
-                                    let (xg, gg) = (gx.at(row * gw + c0, 3 * w), gates.at(row * gw + c0, 3 * w));
+                                    let (xg, gg) = (&sx[tile..tile + 3 * w], &sg[tile..tile + 3 * w]);
                                     T::gru_fwd(isa, xg, gg, hp, &mut hc[..w], w);
                                     hn.copy_from_slice(&hc[..w]);
                                 }
@@ -613,11 +632,6 @@ impl<T: SeqFloat> Walk<'_, T> {
     }
 }
 
-/// `x += y` elementwise.
-fn add<T: Real>(x: &mut [T], y: &[T]) {
-    x.iter_mut().zip(y).for_each(|(a, &b)| *a += b);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,8 +658,8 @@ mod tests {
                         assert!(v.is_nan(), "column {j} of row {r} was written");
                         continue;
                     }
-                    let want: f64 = (0..k).map(|q| a[r * k + q] as f64 * w(q, j) as f64).sum::<f64>()
-                        + if acc { 1.0 } else { 0.0 };
+                    let want: f64 =
+                        (0..k).map(|q| a[r * k + q] as f64 * w(q, j) as f64).sum::<f64>() + if acc { 1.0 } else { 0.0 };
                     assert!((v as f64 - want).abs() < 1e-4, "({r}, {j}): {v} vs {want}");
                 }
             }
@@ -673,6 +687,28 @@ mod tests {
                 }
                 assert_eq!(next, h);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn product_speed() {
+        let (m, k, n) = (32, 256, 512);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let p = Panels::<f32>::from_fn(k, n, |p, j| ((p + j) % 5) as f32 * 0.1);
+        let mut c = vec![0f32; m * n];
+        let isa = Isa::detect();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..640 {
+                unsafe { f32::product(&p, isa, m, a.as_ptr(), k, c.as_mut_ptr(), n, true) };
+            }
+            let s = t.elapsed().as_secs_f64();
+            println!("product {:.1} GF/s", 640.0 * 2.0 * (m * n * k) as f64 / s / 1e9);
         }
     }
 }

@@ -1,12 +1,14 @@
 //! Whole-sequence LSTM and GRU: every time step of one direction of one layer in one call, input product included,
 //! forward and backward, the way cuDNN, oneDNN and llm.c run recurrences rather than as a graph of per-step ops.
 //!
-//! Forward: one large product forms the input half of every step's gates, `x W_ihᵀ`, straight into the gate
-//! buffer (in the blocked column order of [`Blocks`]); then the step walk (`rnn_par`, persistent threads) adds each
-//! step's `h_{t−1} W_hhᵀ` and bias into it in place and applies the fused cell. The gate buffer is kept as the
-//! saved activations. Backward: the walk in reverse produces the gate gradients of every step (one product per
-//! step, `dh_{t−1} = dgates_t W_hh`), then three large products give `dx = dgates W_ih`, `dW_ih = dgatesᵀ x` and
-//! `dW_hh = dgatesᵀ h_prev` for all steps at once, where a per-step autograd graph would allocate and add a weight
+//! Forward: the step walk (`rnn_par`, persistent threads, each owning a slice of the hidden units and their
+//! packed rows of `W_ih` and `W_hh`) forms each step's gates `b + x_t W_ihᵀ + h_{t−1} W_hhᵀ` in a tile that stays in
+//! cache (the input half inside the walk too: a separate product for all steps would write the gates to memory and
+//! read them back), applies the fused cell, and copies the tile to the saved activations (blocked column order,
+//! [`Blocks`]) only when a backward will follow. Backward: the walk in reverse produces the gate gradients of every
+//! step (one product per step, `dh_{t−1} = dgates_t W_hh`), then three large products give `dx = dgates W_ih`,
+//! `dW_ih = dgatesᵀ x` and `dW_hh = dgatesᵀ h_prev` for all steps at once, where a per-step autograd graph would
+//! allocate and add a weight
 //! gradient per step. f64, the checking dtype, runs the same walk and layout.
 //!
 //! Lengths: a row `b` processes steps `t < len[b]` only; past its length its state is carried unchanged and its
@@ -224,7 +226,8 @@ fn check<T>(cell: Cell, d: &SeqDims, x: &[T], w: &SeqWeights<T>, lengths: &[usiz
 }
 
 /// One direction of an LSTM or GRU layer over the sequence: writes `out (B·(T + E)·H)` (see the module
-/// documentation) and returns what the backward needs. `c0` is empty for the GRU.
+/// documentation) and returns what the backward needs (the gate activations only with `save`: inference skips
+/// them). `c0` is empty for the GRU.
 #[allow(clippy::too_many_arguments)]
 pub fn sequence_forward<T: SeqFloat>(
     cell: Cell,
@@ -235,16 +238,18 @@ pub fn sequence_forward<T: SeqFloat>(
     h0: &[T],
     c0: &[T],
     out: &mut [T],
+    save: bool,
 ) -> SeqSaved<T> {
     check(cell, &d, x, &w, lengths, h0, c0);
-    let SeqDims { b, t: tt, c, h, .. } = d;
+    let SeqDims { b, t: tt, h, .. } = d;
     let (gw, e) = (cell.gates() * h, cell.extra_rows());
     assert!(out.len() == b * (tt + e) * h, "rnn sequence: out length");
     let bw = Blocked::new(cell, &d, &w);
     let lstm = cell == Cell::Lstm;
+    let gates = if save { b * tt * gw } else { 0 };
     let mut saved = SeqSaved {
-        gates: vec![T::ZERO; b * tt * gw],
-        gx: if lstm { vec![] } else { vec![T::ZERO; b * tt * gw] },
+        gates: vec![T::ZERO; gates],
+        gx: vec![T::ZERO; if lstm { 0 } else { gates }],
         h_prev: vec![T::ZERO; b * tt * h],
         c_prev: if lstm { vec![T::ZERO; b * tt * h] } else { vec![] },
     };
@@ -257,10 +262,6 @@ pub fn sequence_forward<T: SeqFloat>(
         }
         return saved;
     }
-    // x W_ihᵀ for every step, into the buffer the walk accumulates in, step-major (a step's rows are contiguous):
-    // (T·B × C) · W_ihᵀ (C × G·H), W_ihᵀ read with column stride C.
-    let input = if lstm { &mut saved.gates } else { &mut saved.gx };
-    gemm(b * tt, gw, c, input, gw, &step_major(x, b, tt, c), c, 1, &bw.w_ih, 1, c, false);
     let first = d.order()[0];
     for r in 0..b {
         let (at, from) = ((first * b + r) * h, r * h);
@@ -269,8 +270,8 @@ pub fn sequence_forward<T: SeqFloat>(
             saved.c_prev[at..at + h].copy_from_slice(&c0[from..from + h]);
         }
     }
-    let walk = Walk { cell, d, lengths, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
-    walk.forward(&mut saved, out);
+    let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
+    walk.forward(x, &mut saved, out);
     saved
 }
 
@@ -311,7 +312,7 @@ pub fn sequence_backward<T: SeqFloat>(
         return g;
     }
     let bw = Blocked::new(cell, &d, &w);
-    let walk = Walk { cell, d, lengths, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
+    let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
     let mut dgx = vec![T::ZERO; if lstm { 0 } else { b * tt * gw }];
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
     let dgates = walk.backward(saved, dout, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);

@@ -349,3 +349,25 @@ fn layers_run_inside_rayon_tasks_without_deadlock() {
     assert_close("inside a task", &a, &outside, Tol { atol: 1e-6, rtol: 1e-5 });
     assert_close("the other task", &b, &outside, Tol { atol: 1e-6, rtol: 1e-5 });
 }
+
+#[test]
+fn inference_without_gradients_equals_the_training_forward() {
+    // Weights and input that track no gradient (a loaded checkpoint) run the sequence ops without keeping gate
+    // activations; the numbers must not change.
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&randn(&[5, 6, 7], 121, DType::F32)).unwrap();
+    let lengths = [6, 1, 4, 6, 3];
+    for kind in ["lstm", "gru"] {
+        let vm = VarMap::new();
+        let net = Net::new(kind, bidir2(7, 37), VarBuilder::from_varmap(&vm, DType::F32, &dev));
+        let train = net.forward(x.as_tensor(), Some(&lengths));
+        let weights: std::collections::HashMap<String, Tensor> =
+            varmap_vars(&vm).into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
+        let frozen = Net::new(kind, bidir2(7, 37), VarBuilder::from_tensors(weights, DType::F32, &dev));
+        let infer = frozen.forward(&x.as_tensor().detach(), Some(&lengths));
+        assert!(!infer.output.track_op(), "{kind}: inference output tracks gradients");
+        let tol = Tol { atol: 0.0, rtol: 0.0 };
+        assert_close(&format!("{kind} output"), &infer.output, &train.output, tol);
+        assert_close(&format!("{kind} h_n"), &infer.h_n, &train.h_n, tol);
+    }
+}

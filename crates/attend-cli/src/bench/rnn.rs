@@ -2,6 +2,8 @@
 //! (`/work/shared/bench/torch_rnn_anchor.py`: median ms, tokens/s), validated before timing (fused cells against
 //! their composed twins on the timed shape).
 
+use std::collections::HashMap;
+
 use anyhow::{anyhow, bail, Result};
 use attend::rnn::{CellImpl, Gru, Lstm, RnnConfig};
 use candle_core::{DType, Device, Tensor, Var};
@@ -97,25 +99,25 @@ pub fn run(args: BenchRnnArgs, kind: Kind) -> Result<()> {
         ..RnnConfig::new(args.input, args.hidden)
     };
     let mut layer = match kind {
-        Kind::Lstm => Layer::Lstm(Lstm::new(cfg, vb).map_err(at)?),
-        Kind::Gru => Layer::Gru(Gru::new(cfg, vb).map_err(at)?),
+        Kind::Lstm => Layer::Lstm(Lstm::new(cfg.clone(), vb).map_err(at)?),
+        Kind::Gru => Layer::Gru(Gru::new(cfg.clone(), vb).map_err(at)?),
     };
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (args.batch, args.seq, args.input), &dev)?)?;
 
     // Validate on the timed shape: fused cells against the composed twins, forward and input gradient.
-    let pass = |layer: &Layer| -> Result<(Tensor, Option<Tensor>)> {
-        let y = layer.run(x.as_tensor()).map_err(at)?;
+    let pass = |layer: &Layer, x: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
+        let y = layer.run(x).map_err(at)?;
         let g = if args.backward {
-            Some(y.sum_all()?.backward()?.get(x.as_tensor()).cloned().ok_or_else(|| anyhow!("no gradient"))?)
+            Some(y.sum_all()?.backward()?.get(x).cloned().ok_or_else(|| anyhow!("no gradient"))?)
         } else {
             None
         };
         Ok((y, g))
     };
     layer.set_impl(CellImpl::Reference);
-    let (yr, gr) = pass(&layer)?;
+    let (yr, gr) = pass(&layer, x.as_tensor())?;
     layer.set_impl(CellImpl::Fused);
-    let (yf, gf) = pass(&layer)?;
+    let (yf, gf) = pass(&layer, x.as_tensor())?;
     let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
         Ok((a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     };
@@ -129,10 +131,29 @@ pub fn run(args: BenchRnnArgs, kind: Kind) -> Result<()> {
     if args.reference {
         layer.set_impl(CellImpl::Reference);
     }
+    // A forward-only run is inference, as the anchor's `torch.no_grad()`: weights and input that track no gradient
+    // (as loaded from a checkpoint), so the layer keeps no activations for a backward.
+    let input = if args.backward { x.as_tensor().clone() } else { x.as_tensor().detach() };
+    if !args.backward {
+        let weights: HashMap<String, Tensor> = vm
+            .data()
+            .lock()
+            .map_err(|_| anyhow!("parameters"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let imp = if args.reference { CellImpl::Reference } else { CellImpl::Fused };
+        layer = match kind {
+            Kind::Lstm => Layer::Lstm(Lstm::new(cfg, vb).map_err(at)?),
+            Kind::Gru => Layer::Gru(Gru::new(cfg, vb).map_err(at)?),
+        };
+        layer.set_impl(imp);
+    }
 
     let times =
         time_passes(if kind == Kind::Lstm { "bench lstm" } else { "bench gru" }, args.warmup, args.iters, || {
-            pass(&layer).map(drop)
+            pass(&layer, &input).map(drop)
         })?;
     let tokens_per_s = (args.batch * args.seq) as f64 / times.median * 1e3;
     if args.json {

@@ -62,6 +62,8 @@ struct Sequence {
     cell: Cell,
     dims: SeqDims,
     lengths: Vec<usize>,
+    /// Whether a backward can follow (an operand tracks gradients): inference keeps no gate activations.
+    save: bool,
     saved: Mutex<Option<Saved>>,
 }
 
@@ -109,7 +111,7 @@ impl Sequence {
         let out_len = (b * t + e * b) * h;
         let mut out = vec![T::ZERO; out_len];
         let w = SeqWeights { w_ih: &w_ih, w_hh: &w_hh, b_ih: &b_ih, b_hh: &b_hh };
-        let saved = k::sequence_forward(self.cell, self.dims, x, w, &self.lengths, &h0, &c0, &mut out);
+        let saved = k::sequence_forward(self.cell, self.dims, x, w, &self.lengths, &h0, &c0, &mut out, self.save);
         *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
         Ok((T::storage(out), Shape::from(out_len)))
     }
@@ -258,8 +260,10 @@ fn run(
     let params = Tensor::cat(&columns, 1)?.contiguous()?; // (G·H, C + H + 2)
     let state = Tensor::cat(&state.iter().map(|s| s.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?, 1)?
         .contiguous()?; // (B, E·H)
-    let op = Sequence { cell, dims: SeqDims { b, t, c, h, reverse }, lengths, saved: Mutex::new(None) };
-    Ok(x.contiguous()?.apply_op3(&params, &state, op)?) // (B·(T + E)·H)
+    let x = x.contiguous()?;
+    let save = x.track_op() || params.track_op() || state.track_op();
+    let op = Sequence { cell, dims: SeqDims { b, t, c, h, reverse }, lengths, save, saved: Mutex::new(None) };
+    Ok(x.apply_op3(&params, &state, op)?) // (B·(T + E)·H)
 }
 
 /// A whole LSTM direction over `x`; `reverse` walks the steps backwards (from each sequence's last valid step).
