@@ -94,6 +94,10 @@ pub struct SeqSaved<T> {
     pub h_prev: Vec<T>,
     /// `(T, B, H)`: `c_{t−1}` (LSTM; empty for the GRU).
     pub c_prev: Vec<T>,
+    /// `(T, B, C)`: the input, step-major like the gates (for `dW_ih`).
+    pub x: Vec<T>,
+    /// The parameters as the forward ran them.
+    blocked: Blocked<T>,
 }
 
 /// The gradients of one direction.
@@ -159,6 +163,7 @@ fn gemm<T: Real>(
 }
 
 /// The weights with their rows in blocked order, and the biases the walk adds.
+#[derive(Clone, Debug, Default)]
 struct Blocked<T> {
     perm: Vec<usize>,
     w_ih: Vec<T>,
@@ -252,6 +257,8 @@ pub fn sequence_forward<T: SeqFloat>(
         gx: vec![T::ZERO; if lstm { 0 } else { gates }],
         h_prev: vec![T::ZERO; b * tt * h],
         c_prev: if lstm { vec![T::ZERO; b * tt * h] } else { vec![] },
+        x: if save { step_major(x, b, tt, d.c) } else { vec![] },
+        blocked: Blocked::default(),
     };
     if tt == 0 {
         for r in 0..b {
@@ -272,16 +279,16 @@ pub fn sequence_forward<T: SeqFloat>(
     }
     let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
     walk.forward(x, &mut saved, out);
+    if save {
+        saved.blocked = bw;
+    }
     saved
 }
 
-/// The backward of [`sequence_forward`]: `dout (B·(T + E)·H)` is the gradient of its `out`.
-#[allow(clippy::too_many_arguments)]
+/// The backward of [`sequence_forward`] (run with `save`): `dout (B·(T + E)·H)` is the gradient of its `out`.
 pub fn sequence_backward<T: SeqFloat>(
     cell: Cell,
     d: SeqDims,
-    x: &[T],
-    w: SeqWeights<T>,
     lengths: &[usize],
     saved: &SeqSaved<T>,
     dout: &[T],
@@ -311,7 +318,11 @@ pub fn sequence_backward<T: SeqFloat>(
         }
         return g;
     }
-    let bw = Blocked::new(cell, &d, &w);
+    let bw = &saved.blocked;
+    assert!(
+        bw.perm.len() == gw && saved.x.len() == b * tt * c,
+        "rnn sequence backward: the forward kept no activations"
+    );
     let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
     let mut dgx = vec![T::ZERO; if lstm { 0 } else { b * tt * gw }];
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
@@ -327,7 +338,7 @@ pub fn sequence_backward<T: SeqFloat>(
     }
     // dW_ih = dgxᵀ x: (G·H × T·B) · (T·B × C); dW_hh = dgatesᵀ h_prev: (G·H × T·B) · (T·B × H).
     let mut dw = vec![T::ZERO; gw * c];
-    gemm(gw, c, b * tt, &mut dw, c, dgx, 1, gw, &step_major(x, b, tt, c), c, 1, false);
+    gemm(gw, c, b * tt, &mut dw, c, dgx, 1, gw, &saved.x, c, 1, false);
     g.dw_ih = bw.unpermute(&dw, c);
     let mut dw = vec![T::ZERO; gw * h];
     gemm(gw, h, b * tt, &mut dw, h, &dgates, 1, gw, &saved.h_prev, h, 1, false);

@@ -116,20 +116,13 @@ impl Sequence {
         Ok((T::storage(out), Shape::from(out_len)))
     }
 
-    fn backward<T: SavedOf>(
-        &self,
-        x: &Tensor,
-        params: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    fn backward<T: SavedOf>(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let SeqDims { b, t, c, h, .. } = self.dims;
         let guard = self.saved.lock().expect("saved activations");
         let Some(saved) = guard.as_ref().and_then(T::unwrap) else {
             candle_core::bail!("rnn sequence backward: the forward's activations are missing")
         };
-        let [w_ih, w_hh, b_ih, b_hh] = split_params(&vec_of::<T>(params)?, c, h);
-        let w = SeqWeights { w_ih: &w_ih, w_hh: &w_hh, b_ih: &b_ih, b_hh: &b_hh };
-        let g = k::sequence_backward(self.cell, self.dims, &vec_of::<T>(x)?, w, &self.lengths, saved, &vec_of(grad)?);
+        let g = k::sequence_backward(self.cell, self.dims, &self.lengths, saved, &vec_of(grad)?);
         let dstate: Vec<T> = match self.cell {
             Cell::Lstm => {
                 (0..b).flat_map(|r| [&g.dh0[r * h..(r + 1) * h], &g.dc0[r * h..(r + 1) * h]].concat()).collect()
@@ -187,14 +180,14 @@ impl CustomOp3 for Sequence {
     fn bwd(
         &self,
         x: &Tensor,
-        params: &Tensor,
+        _params: &Tensor,
         _state: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (a, b, c) = match x.dtype() {
-            DType::F32 => self.backward::<f32>(x, params, grad)?,
-            DType::F64 => self.backward::<f64>(x, params, grad)?,
+            DType::F32 => self.backward::<f32>(x, grad)?,
+            DType::F64 => self.backward::<f64>(x, grad)?,
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
         Ok((Some(a), Some(b), Some(c)))
