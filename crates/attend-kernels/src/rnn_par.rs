@@ -690,25 +690,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn product_speed() {
-        let (m, k, n) = (32, 256, 512);
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let p = Panels::<f32>::from_fn(k, n, |p, j| ((p + j) % 5) as f32 * 0.1);
-        let mut c = vec![0f32; m * n];
-        let isa = Isa::detect();
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            for _ in 0..640 {
-                unsafe { f32::product(&p, isa, m, a.as_ptr(), k, c.as_mut_ptr(), n, true) };
-            }
-            let s = t.elapsed().as_secs_f64();
-            println!("product {:.1} GF/s", 640.0 * 2.0 * (m * n * k) as f64 / s / 1e9);
-        }
-    }
-}
