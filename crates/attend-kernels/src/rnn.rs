@@ -19,6 +19,7 @@ use std::any::TypeId;
 use rayon::prelude::*;
 
 use crate::flash::simd::{per_isa, Isa, Simd};
+use crate::rnn_par::{Blocks, BLOCK};
 use crate::Real;
 
 #[inline(always)]
@@ -264,19 +265,94 @@ fn vector_len<S: Simd>(h: usize) -> usize {
     h - h % S::LANES
 }
 
+/// One vector of LSTM units: gate chunks `stride` apart from `g` (i f g o), the cell `c` → `h'`, `c'`.
+#[inline(always)]
+unsafe fn lstm_forward_v<S: Simd>(g: *const f32, stride: usize, c: *const f32, hn: *mut f32, cn: *mut f32) {
+    let i = sigmoid_v::<S>(S::load(g));
+    let f = sigmoid_v::<S>(S::load(g.add(stride)));
+    let gg = S::tanh(S::load(g.add(2 * stride)));
+    let og = sigmoid_v::<S>(S::load(g.add(3 * stride)));
+    let c1 = S::fma(f, S::load(c), S::mul(i, gg));
+    S::store(cn, c1);
+    S::store(hn, S::mul(og, S::tanh(c1)));
+}
+
+/// One vector of the LSTM backward: `dh` (total) and `dc` (from the next step) → gate gradients, `dc` of `c`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn lstm_backward_v<S: Simd>(
+    g: *const f32,
+    stride: usize,
+    c: *const f32,
+    dh: S::V,
+    dc: S::V,
+    dg: *mut f32,
+    dg_stride: usize,
+    dc_out: *mut f32,
+) {
+    let one = S::splat(1.0);
+    let i = sigmoid_v::<S>(S::load(g));
+    let f = sigmoid_v::<S>(S::load(g.add(stride)));
+    let gg = S::tanh(S::load(g.add(2 * stride)));
+    let og = sigmoid_v::<S>(S::load(g.add(3 * stride)));
+    let cprev = S::load(c);
+    let tc = S::tanh(S::fma(f, cprev, S::mul(i, gg)));
+    // dc_total = dc' + dh·o·(1 − tanh²c')
+    let dct = S::fma(S::mul(dh, og), S::sub(one, S::mul(tc, tc)), dc);
+    S::store(dg, S::mul(S::mul(dct, gg), S::mul(i, S::sub(one, i))));
+    S::store(dg.add(dg_stride), S::mul(S::mul(dct, cprev), S::mul(f, S::sub(one, f))));
+    S::store(dg.add(2 * dg_stride), S::mul(S::mul(dct, i), S::sub(one, S::mul(gg, gg))));
+    S::store(dg.add(3 * dg_stride), S::mul(S::mul(dh, tc), S::mul(og, S::sub(one, og))));
+    S::store(dc_out, S::mul(dct, f));
+}
+
+/// One vector of GRU units: `x`, `g` chunks (r z n) `stride` apart, `h` → `h'`.
+#[inline(always)]
+unsafe fn gru_forward_v<S: Simd>(x: *const f32, g: *const f32, stride: usize, hp: *const f32, out: *mut f32) {
+    let r = sigmoid_v::<S>(S::add(S::load(x), S::load(g)));
+    let z = sigmoid_v::<S>(S::add(S::load(x.add(stride)), S::load(g.add(stride))));
+    let n = S::tanh(S::fma(r, S::load(g.add(2 * stride)), S::load(x.add(2 * stride))));
+    // h' = n + z (h − n)
+    S::store(out, S::fma(z, S::sub(S::load(hp), n), n));
+}
+
+/// One vector of the GRU backward: `dy` (total) → input and recurrent gate gradients, the direct part of `dh`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gru_backward_v<S: Simd>(
+    x: *const f32,
+    g: *const f32,
+    stride: usize,
+    hp: *const f32,
+    dy: S::V,
+    dx: *mut f32,
+    dg: *mut f32,
+    dh: *mut f32,
+) {
+    let one = S::splat(1.0);
+    let ghn = S::load(g.add(2 * stride));
+    let r = sigmoid_v::<S>(S::add(S::load(x), S::load(g)));
+    let z = sigmoid_v::<S>(S::add(S::load(x.add(stride)), S::load(g.add(stride))));
+    let n = S::tanh(S::fma(r, ghn, S::load(x.add(2 * stride))));
+    let dn = S::mul(S::mul(dy, S::sub(one, z)), S::sub(one, S::mul(n, n)));
+    let dz = S::mul(S::mul(dy, S::sub(S::load(hp), n)), S::mul(z, S::sub(one, z)));
+    let dr = S::mul(S::mul(dn, ghn), S::mul(r, S::sub(one, r)));
+    S::store(dx, dr);
+    S::store(dg, dr);
+    S::store(dx.add(stride), dz);
+    S::store(dg.add(stride), dz);
+    S::store(dx.add(2 * stride), dn);
+    S::store(dg.add(2 * stride), S::mul(dn, r));
+    S::store(dh, S::mul(dy, z));
+}
+
 #[inline(always)]
 unsafe fn lstm_forward_rows<S: Simd>(g: &[f32], c: &[f32], out: &mut [f32], h: usize) {
     let hv = vector_len::<S>(h);
     for ((gr, cr), o) in g.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(out.chunks_exact_mut(2 * h)) {
         let (gp, cp, op) = (gr.as_ptr(), cr.as_ptr(), o.as_mut_ptr());
         for j in (0..hv).step_by(S::LANES) {
-            let i = sigmoid_v::<S>(S::load(gp.add(j)));
-            let f = sigmoid_v::<S>(S::load(gp.add(h + j)));
-            let gg = S::tanh(S::load(gp.add(2 * h + j)));
-            let og = sigmoid_v::<S>(S::load(gp.add(3 * h + j)));
-            let c1 = S::fma(f, S::load(cp.add(j)), S::mul(i, gg));
-            S::store(op.add(h + j), c1);
-            S::store(op.add(j), S::mul(og, S::tanh(c1)));
+            lstm_forward_v::<S>(gp.add(j), h, cp.add(j), op.add(j), op.add(h + j));
         }
         if hv < h {
             let mut tail_g = Vec::with_capacity(4 * (h - hv));
@@ -292,25 +368,12 @@ unsafe fn lstm_forward_rows<S: Simd>(g: &[f32], c: &[f32], out: &mut [f32], h: u
 #[inline(always)]
 unsafe fn lstm_backward_rows<S: Simd>(g: &[f32], c: &[f32], d: &[f32], dg: &mut [f32], dc: &mut [f32], h: usize) {
     let hv = vector_len::<S>(h);
-    let one = S::splat(1.0);
     let rows = g.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(d.chunks_exact(2 * h));
     for (((gr, cr), dr), (dgr, dcr)) in rows.zip(dg.chunks_exact_mut(4 * h).zip(dc.chunks_exact_mut(h))) {
         let (gp, cp, dp, dgp, dcp) = (gr.as_ptr(), cr.as_ptr(), dr.as_ptr(), dgr.as_mut_ptr(), dcr.as_mut_ptr());
         for j in (0..hv).step_by(S::LANES) {
-            let i = sigmoid_v::<S>(S::load(gp.add(j)));
-            let f = sigmoid_v::<S>(S::load(gp.add(h + j)));
-            let gg = S::tanh(S::load(gp.add(2 * h + j)));
-            let og = sigmoid_v::<S>(S::load(gp.add(3 * h + j)));
-            let cprev = S::load(cp.add(j));
-            let tc = S::tanh(S::fma(f, cprev, S::mul(i, gg)));
-            let dh = S::load(dp.add(j));
-            // dc_total = dc' + dh·o·(1 − tanh²c')
-            let dct = S::fma(S::mul(dh, og), S::sub(one, S::mul(tc, tc)), S::load(dp.add(h + j)));
-            S::store(dgp.add(j), S::mul(S::mul(dct, gg), S::mul(i, S::sub(one, i))));
-            S::store(dgp.add(h + j), S::mul(S::mul(dct, cprev), S::mul(f, S::sub(one, f))));
-            S::store(dgp.add(2 * h + j), S::mul(S::mul(dct, i), S::sub(one, S::mul(gg, gg))));
-            S::store(dgp.add(3 * h + j), S::mul(S::mul(dh, tc), S::mul(og, S::sub(one, og))));
-            S::store(dcp.add(j), S::mul(dct, f));
+            let (dh, dc) = (S::load(dp.add(j)), S::load(dp.add(h + j)));
+            lstm_backward_v::<S>(gp.add(j), h, cp.add(j), dh, dc, dgp.add(j), h, dcp.add(j));
         }
         if hv < h {
             let t = h - hv;
@@ -333,11 +396,7 @@ unsafe fn gru_forward_rows<S: Simd>(x: &[f32], g: &[f32], hp: &[f32], out: &mut 
         let (hr, o) = (&hp[row * h..(row + 1) * h], &mut out[row * h..(row + 1) * h]);
         let (xp, gp, hpp, op) = (xr.as_ptr(), gr.as_ptr(), hr.as_ptr(), o.as_mut_ptr());
         for j in (0..hv).step_by(S::LANES) {
-            let r = sigmoid_v::<S>(S::add(S::load(xp.add(j)), S::load(gp.add(j))));
-            let z = sigmoid_v::<S>(S::add(S::load(xp.add(h + j)), S::load(gp.add(h + j))));
-            let n = S::tanh(S::fma(r, S::load(gp.add(2 * h + j)), S::load(xp.add(2 * h + j))));
-            // h' = n + z (h − n)
-            S::store(op.add(j), S::fma(z, S::sub(S::load(hpp.add(j)), n), n));
+            gru_forward_v::<S>(xp.add(j), gp.add(j), h, hpp.add(j), op.add(j));
         }
         if hv < h {
             let t = h - hv;
@@ -364,7 +423,6 @@ unsafe fn gru_backward_rows<S: Simd>(
     h: usize,
 ) {
     let hv = vector_len::<S>(h);
-    let one = S::splat(1.0);
     for row in 0..hp.len() / h {
         let (a, b) = (row * 3 * h, (row + 1) * 3 * h);
         let (xr, gr, hr, dr) = (&x[a..b], &g[a..b], &hp[row * h..(row + 1) * h], &d[row * h..(row + 1) * h]);
@@ -372,21 +430,8 @@ unsafe fn gru_backward_rows<S: Simd>(
         let (xp, gp, hpp, dp) = (xr.as_ptr(), gr.as_ptr(), hr.as_ptr(), dr.as_ptr());
         let (dxp, dgp, dhp) = (dxr.as_mut_ptr(), dgr.as_mut_ptr(), dhr.as_mut_ptr());
         for j in (0..hv).step_by(S::LANES) {
-            let ghn = S::load(gp.add(2 * h + j));
-            let r = sigmoid_v::<S>(S::add(S::load(xp.add(j)), S::load(gp.add(j))));
-            let z = sigmoid_v::<S>(S::add(S::load(xp.add(h + j)), S::load(gp.add(h + j))));
-            let n = S::tanh(S::fma(r, ghn, S::load(xp.add(2 * h + j))));
             let dy = S::load(dp.add(j));
-            let dn = S::mul(S::mul(dy, S::sub(one, z)), S::sub(one, S::mul(n, n)));
-            let dz = S::mul(S::mul(dy, S::sub(S::load(hpp.add(j)), n)), S::mul(z, S::sub(one, z)));
-            let dr_ = S::mul(S::mul(dn, ghn), S::mul(r, S::sub(one, r)));
-            S::store(dxp.add(j), dr_);
-            S::store(dgp.add(j), dr_);
-            S::store(dxp.add(h + j), dz);
-            S::store(dgp.add(h + j), dz);
-            S::store(dxp.add(2 * h + j), dn);
-            S::store(dgp.add(2 * h + j), S::mul(dn, r));
-            S::store(dhp.add(j), S::mul(dy, z));
+            gru_backward_v::<S>(xp.add(j), gp.add(j), h, hpp.add(j), dy, dxp.add(j), dgp.add(j), dhp.add(j));
         }
         if hv < h {
             let t = h - hv;
@@ -404,6 +449,255 @@ unsafe fn gru_backward_rows<S: Simd>(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Blocked rows: one row of a thread's units in the whole-sequence walk's gate layout (`rnn_par::Blocks`): blocks of
+// `BLOCK` units, block `k`'s gate chunks side by side from column `G·BLOCK·k`, each chunk as wide as the block. One
+// call per row, where a call per block paid the dispatch 16 units at a time.
+
+/// The blocks of a row of `un` units with `g` gates: (width, first gate column, first unit).
+#[inline(always)]
+fn blocks(un: usize, g: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    Blocks { g, h: un }.iter()
+}
+
+/// One LSTM block of width `w` (scalar): gates `4w`, `c (w)` → `h'`, `c'`.
+fn lstm_forward_block<T: Real>(g: &[T], c: &[T], hn: &mut [T], cn: &mut [T], w: usize) {
+    let mut o = [T::ZERO; 2 * BLOCK];
+    lstm_cell_forward_scalar(g, c, &mut o[..2 * w], w);
+    hn.copy_from_slice(&o[..w]);
+    cn.copy_from_slice(&o[w..2 * w]);
+}
+
+/// One LSTM backward block (scalar): `dc` is updated in place (from the next step's to this step's input cell).
+fn lstm_backward_block<T: Real>(g: &[T], c: &[T], dh: &[T], dy: &[T], dc: &mut [T], dg: &mut [T], w: usize) {
+    let (mut d, mut dcn) = ([T::ZERO; 2 * BLOCK], [T::ZERO; BLOCK]);
+    for j in 0..w {
+        d[j] = dh[j] + dy[j];
+        d[w + j] = dc[j];
+    }
+    lstm_cell_backward_scalar(g, c, &d[..2 * w], dg, &mut dcn[..w], w);
+    dc.copy_from_slice(&dcn[..w]);
+}
+
+/// One GRU backward block (scalar).
+#[allow(clippy::too_many_arguments)]
+fn gru_backward_block<T: Real>(
+    x: &[T],
+    g: &[T],
+    hp: &[T],
+    dh: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    dg: &mut [T],
+    direct: &mut [T],
+    w: usize,
+) {
+    let mut d = [T::ZERO; BLOCK];
+    for j in 0..w {
+        d[j] = dh[j] + dy[j];
+    }
+    gru_cell_backward_scalar(x, g, hp, &d[..w], dx, dg, direct, w);
+}
+
+/// LSTM over a blocked row of `un` units: gates `(4·un)`, `c (un)` → `h' (un)`, `c' (un)`. Scalar (any float).
+pub(crate) fn lstm_forward_blocked<T: Real>(g: &[T], c: &[T], hn: &mut [T], cn: &mut [T], un: usize) {
+    for (w, go, uo) in blocks(un, 4) {
+        lstm_forward_block(&g[go..go + 4 * w], &c[uo..uo + w], &mut hn[uo..uo + w], &mut cn[uo..uo + w], w);
+    }
+}
+
+/// LSTM backward over a blocked row: the total `dh + dy`, the cell gradient `dc` (updated in place) → `dg (4·un)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lstm_backward_blocked<T: Real>(
+    g: &[T],
+    c: &[T],
+    dh: &[T],
+    dy: &[T],
+    dc: &mut [T],
+    dg: &mut [T],
+    un: usize,
+) {
+    for (w, go, uo) in blocks(un, 4) {
+        let u = uo..uo + w;
+        lstm_backward_block(
+            &g[go..go + 4 * w],
+            &c[u.clone()],
+            &dh[u.clone()],
+            &dy[u.clone()],
+            &mut dc[u],
+            &mut dg[go..go + 4 * w],
+            w,
+        );
+    }
+}
+
+/// GRU over a blocked row: `gx`, `gh (3·un)`, `h (un)` → `h' (un)`.
+pub(crate) fn gru_forward_blocked<T: Real>(x: &[T], g: &[T], hp: &[T], out: &mut [T], un: usize) {
+    for (w, go, uo) in blocks(un, 3) {
+        gru_cell_forward_scalar(&x[go..go + 3 * w], &g[go..go + 3 * w], &hp[uo..uo + w], &mut out[uo..uo + w], w);
+    }
+}
+
+/// GRU backward over a blocked row: the total `dh + dy` → `dgx`, `dgh (3·un)` and the direct part of `dh (un)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gru_backward_blocked<T: Real>(
+    x: &[T],
+    g: &[T],
+    hp: &[T],
+    dh: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    dg: &mut [T],
+    direct: &mut [T],
+    un: usize,
+) {
+    for (w, go, uo) in blocks(un, 3) {
+        let (gs, u) = (go..go + 3 * w, uo..uo + w);
+        gru_backward_block(
+            &x[gs.clone()],
+            &g[gs.clone()],
+            &hp[u.clone()],
+            &dh[u.clone()],
+            &dy[u.clone()],
+            &mut dx[gs.clone()],
+            &mut dg[gs],
+            &mut direct[u],
+            w,
+        );
+    }
+}
+
+#[inline(always)]
+unsafe fn lstm_forward_blocked_v<S: Simd>(g: &[f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
+    for (w, go, uo) in blocks(un, 4) {
+        if w % S::LANES != 0 {
+            lstm_forward_block(&g[go..go + 4 * w], &c[uo..uo + w], &mut hn[uo..uo + w], &mut cn[uo..uo + w], w);
+            continue;
+        }
+        for j in (0..w).step_by(S::LANES) {
+            let (gp, cp) = (g.as_ptr().add(go + j), c.as_ptr().add(uo + j));
+            lstm_forward_v::<S>(gp, w, cp, hn.as_mut_ptr().add(uo + j), cn.as_mut_ptr().add(uo + j));
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn lstm_backward_blocked_v<S: Simd>(
+    g: &[f32],
+    c: &[f32],
+    dh: &[f32],
+    dy: &[f32],
+    dc: &mut [f32],
+    dg: &mut [f32],
+    un: usize,
+) {
+    for (w, go, uo) in blocks(un, 4) {
+        if w % S::LANES != 0 {
+            let u = uo..uo + w;
+            lstm_backward_block(
+                &g[go..go + 4 * w],
+                &c[u.clone()],
+                &dh[u.clone()],
+                &dy[u.clone()],
+                &mut dc[u],
+                &mut dg[go..go + 4 * w],
+                w,
+            );
+            continue;
+        }
+        for j in (0..w).step_by(S::LANES) {
+            let (k, gk) = (uo + j, go + j);
+            let dht = S::add(S::load(dh.as_ptr().add(k)), S::load(dy.as_ptr().add(k)));
+            let dcp = dc.as_mut_ptr().add(k);
+            lstm_backward_v::<S>(
+                g.as_ptr().add(gk),
+                w,
+                c.as_ptr().add(k),
+                dht,
+                S::load(dcp),
+                dg.as_mut_ptr().add(gk),
+                w,
+                dcp,
+            );
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn gru_forward_blocked_v<S: Simd>(x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], un: usize) {
+    for (w, go, uo) in blocks(un, 3) {
+        if w % S::LANES != 0 {
+            gru_cell_forward_scalar(&x[go..go + 3 * w], &g[go..go + 3 * w], &hp[uo..uo + w], &mut out[uo..uo + w], w);
+            continue;
+        }
+        for j in (0..w).step_by(S::LANES) {
+            let (gk, k) = (go + j, uo + j);
+            gru_forward_v::<S>(x.as_ptr().add(gk), g.as_ptr().add(gk), w, hp.as_ptr().add(k), out.as_mut_ptr().add(k));
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gru_backward_blocked_v<S: Simd>(
+    x: &[f32],
+    g: &[f32],
+    hp: &[f32],
+    dh: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dg: &mut [f32],
+    direct: &mut [f32],
+    un: usize,
+) {
+    for (w, go, uo) in blocks(un, 3) {
+        if w % S::LANES != 0 {
+            let (gs, u) = (go..go + 3 * w, uo..uo + w);
+            gru_backward_block(
+                &x[gs.clone()],
+                &g[gs.clone()],
+                &hp[u.clone()],
+                &dh[u.clone()],
+                &dy[u.clone()],
+                &mut dx[gs.clone()],
+                &mut dg[gs],
+                &mut direct[u],
+                w,
+            );
+            continue;
+        }
+        for j in (0..w).step_by(S::LANES) {
+            let (gk, k) = (go + j, uo + j);
+            let dyt = S::add(S::load(dh.as_ptr().add(k)), S::load(dy.as_ptr().add(k)));
+            let (xp, gp, hpp) = (x.as_ptr().add(gk), g.as_ptr().add(gk), hp.as_ptr().add(k));
+            gru_backward_v::<S>(
+                xp,
+                gp,
+                w,
+                hpp,
+                dyt,
+                dx.as_mut_ptr().add(gk),
+                dg.as_mut_ptr().add(gk),
+                direct.as_mut_ptr().add(k),
+            );
+        }
+    }
+}
+
+per_isa!(lstm_forward_blocked_isa, lstm_forward_blocked_v, (g: &[f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize));
+per_isa!(
+    lstm_backward_blocked_isa,
+    lstm_backward_blocked_v,
+    (g: &[f32], c: &[f32], dh: &[f32], dy: &[f32], dc: &mut [f32], dg: &mut [f32], un: usize)
+);
+per_isa!(gru_forward_blocked_isa, gru_forward_blocked_v, (x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], un: usize));
+per_isa!(
+    gru_backward_blocked_isa,
+    gru_backward_blocked_v,
+    (x: &[f32], g: &[f32], hp: &[f32], dh: &[f32], dy: &[f32], dx: &mut [f32], dg: &mut [f32], direct: &mut [f32], un: usize)
+);
 
 per_isa!(lstm_forward_isa, lstm_forward_rows, (g: &[f32], c: &[f32], out: &mut [f32], h: usize));
 per_isa!(lstm_backward_isa, lstm_backward_rows, (g: &[f32], c: &[f32], d: &[f32], dg: &mut [f32], dc: &mut [f32], h: usize));

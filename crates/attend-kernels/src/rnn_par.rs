@@ -19,8 +19,8 @@ use crate::flash::gemm::{gemm_strided, QUANTUM};
 use crate::flash::simd::Isa;
 use crate::flash::SyncPtr;
 use crate::rnn::{
-    gru_backward_isa, gru_cell_backward_scalar, gru_cell_forward_scalar, gru_forward_isa, lstm_backward_isa,
-    lstm_cell_backward_scalar, lstm_cell_forward_scalar, lstm_forward_isa,
+    gru_backward_blocked, gru_backward_blocked_isa, gru_forward_blocked, gru_forward_blocked_isa,
+    lstm_backward_blocked, lstm_backward_blocked_isa, lstm_forward_blocked, lstm_forward_blocked_isa,
 };
 use crate::rnn_seq::{Cell, SeqDims, SeqSaved};
 use crate::Real;
@@ -56,9 +56,9 @@ impl Blocks {
         (within / w) * self.h + k * BLOCK + within % w
     }
 
-    /// The blocks of units `u` (whose start is a multiple of [`BLOCK`]).
-    fn of(&self, u: &std::ops::Range<usize>) -> std::ops::Range<usize> {
-        u.start / BLOCK..u.end.div_ceil(BLOCK)
+    /// Every block: (width, first column, first unit).
+    pub fn iter(self) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..self.h.div_ceil(BLOCK)).map(move |k| (self.width(k), self.start(k), k * BLOCK))
     }
 }
 
@@ -184,17 +184,27 @@ pub trait SeqFloat: Real {
         acc: bool,
     );
 
-    /// One row of an LSTM cell over `w` units (see `rnn::lstm_cell_forward`).
+    /// The cells over one blocked row of `un` units (see `rnn::lstm_forward_blocked` and friends).
     ///
     /// # Safety
     /// `isa` is supported.
-    unsafe fn lstm_fwd(isa: Isa, g: &[Self], c: &[Self], out: &mut [Self], w: usize);
+    unsafe fn lstm_fwd(isa: Isa, g: &[Self], c: &[Self], hn: &mut [Self], cn: &mut [Self], un: usize);
     /// # Safety
     /// `isa` is supported.
-    unsafe fn lstm_bwd(isa: Isa, g: &[Self], c: &[Self], d: &[Self], dg: &mut [Self], dc: &mut [Self], w: usize);
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lstm_bwd(
+        isa: Isa,
+        g: &[Self],
+        c: &[Self],
+        dh: &[Self],
+        dy: &[Self],
+        dc: &mut [Self],
+        dg: &mut [Self],
+        un: usize,
+    );
     /// # Safety
     /// `isa` is supported.
-    unsafe fn gru_fwd(isa: Isa, x: &[Self], g: &[Self], hp: &[Self], out: &mut [Self], w: usize);
+    unsafe fn gru_fwd(isa: Isa, x: &[Self], g: &[Self], hp: &[Self], out: &mut [Self], un: usize);
     /// # Safety
     /// `isa` is supported.
     #[allow(clippy::too_many_arguments)]
@@ -203,11 +213,12 @@ pub trait SeqFloat: Real {
         x: &[Self],
         g: &[Self],
         hp: &[Self],
-        d: &[Self],
+        dh: &[Self],
+        dy: &[Self],
         dx: &mut [Self],
         dg: &mut [Self],
-        dh: &mut [Self],
-        w: usize,
+        direct: &mut [Self],
+        un: usize,
     );
 }
 
@@ -254,27 +265,37 @@ impl SeqFloat for f32 {
         }
     }
 
-    unsafe fn lstm_fwd(isa: Isa, g: &[f32], c: &[f32], out: &mut [f32], w: usize) {
-        lstm_forward_isa(isa, g, c, out, w)
+    unsafe fn lstm_fwd(isa: Isa, g: &[f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
+        lstm_forward_blocked_isa(isa, g, c, hn, cn, un)
     }
-    unsafe fn lstm_bwd(isa: Isa, g: &[f32], c: &[f32], d: &[f32], dg: &mut [f32], dc: &mut [f32], w: usize) {
-        lstm_backward_isa(isa, g, c, d, dg, dc, w)
+    unsafe fn lstm_bwd(
+        isa: Isa,
+        g: &[f32],
+        c: &[f32],
+        dh: &[f32],
+        dy: &[f32],
+        dc: &mut [f32],
+        dg: &mut [f32],
+        un: usize,
+    ) {
+        lstm_backward_blocked_isa(isa, g, c, dh, dy, dc, dg, un)
     }
-    unsafe fn gru_fwd(isa: Isa, x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], w: usize) {
-        gru_forward_isa(isa, x, g, hp, out, w)
+    unsafe fn gru_fwd(isa: Isa, x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], un: usize) {
+        gru_forward_blocked_isa(isa, x, g, hp, out, un)
     }
     unsafe fn gru_bwd(
         isa: Isa,
         x: &[f32],
         g: &[f32],
         hp: &[f32],
-        d: &[f32],
+        dh: &[f32],
+        dy: &[f32],
         dx: &mut [f32],
         dg: &mut [f32],
-        dh: &mut [f32],
-        w: usize,
+        direct: &mut [f32],
+        un: usize,
     ) {
-        gru_backward_isa(isa, x, g, hp, d, dx, dg, dh, w)
+        gru_backward_blocked_isa(isa, x, g, hp, dh, dy, dx, dg, direct, un)
     }
 }
 
@@ -318,27 +339,37 @@ impl SeqFloat for f64 {
         )
     }
 
-    unsafe fn lstm_fwd(_: Isa, g: &[f64], c: &[f64], out: &mut [f64], w: usize) {
-        lstm_cell_forward_scalar(g, c, out, w)
+    unsafe fn lstm_fwd(_: Isa, g: &[f64], c: &[f64], hn: &mut [f64], cn: &mut [f64], un: usize) {
+        lstm_forward_blocked(g, c, hn, cn, un)
     }
-    unsafe fn lstm_bwd(_: Isa, g: &[f64], c: &[f64], d: &[f64], dg: &mut [f64], dc: &mut [f64], w: usize) {
-        lstm_cell_backward_scalar(g, c, d, dg, dc, w)
+    unsafe fn lstm_bwd(
+        _: Isa,
+        g: &[f64],
+        c: &[f64],
+        dh: &[f64],
+        dy: &[f64],
+        dc: &mut [f64],
+        dg: &mut [f64],
+        un: usize,
+    ) {
+        lstm_backward_blocked(g, c, dh, dy, dc, dg, un)
     }
-    unsafe fn gru_fwd(_: Isa, x: &[f64], g: &[f64], hp: &[f64], out: &mut [f64], w: usize) {
-        gru_cell_forward_scalar(x, g, hp, out, w)
+    unsafe fn gru_fwd(_: Isa, x: &[f64], g: &[f64], hp: &[f64], out: &mut [f64], un: usize) {
+        gru_forward_blocked(x, g, hp, out, un)
     }
     unsafe fn gru_bwd(
         _: Isa,
         x: &[f64],
         g: &[f64],
         hp: &[f64],
-        d: &[f64],
+        dh: &[f64],
+        dy: &[f64],
         dx: &mut [f64],
         dg: &mut [f64],
-        dh: &mut [f64],
-        w: usize,
+        direct: &mut [f64],
+        un: usize,
     ) {
-        gru_cell_backward_scalar(x, g, hp, d, dx, dg, dh, w)
+        gru_backward_blocked(x, g, hp, dh, dy, dx, dg, direct, un)
     }
 }
 
@@ -402,14 +433,14 @@ impl<T: SeqFloat> Walk<'_, T> {
         let (cell, lengths) = (self.cell, self.lengths);
         let SeqDims { b, t: tt, c, h: hw, .. } = self.d;
         let g = cell.gates();
-        let (gw, blocks) = (g * hw, Blocks { g, h: hw });
+        let gw = g * hw;
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
         let save = !saved.gates.is_empty();
         let (gates, gx) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.gx));
         let (hs, cs, os) = (Shared::of(&mut saved.h_prev), Shared::of(&mut saved.c_prev), Shared::of(out));
         team.run(hw, |u| {
-            let cols = g * u.start..g * u.end;
+            let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
             let wx = Panels::<T>::from_fn(c, nc, |k, j| self.w_ih[(cols.start + j) * c + k]);
             let wh = Panels::<T>::from_fn(hw, nc, |k, j| self.w_hh[(cols.start + j) * hw + k]);
@@ -418,7 +449,6 @@ impl<T: SeqFloat> Walk<'_, T> {
             // in cache, copied out to the saved activations only when a backward will want them.
             let mut sg = vec![T::ZERO; b * np];
             let mut sx = vec![T::ZERO; if cell == Cell::Gru { b * np } else { 0 }];
-            let mut hc = [T::ZERO; 2 * BLOCK];
             for (s, &t) in order.iter().enumerate() {
                 let next = order.get(s + 1).copied();
                 // bias + x_t W_ihᵀ + h_{t−1} W_hhᵀ (the GRU keeps its input and recurrent halves apart).
@@ -453,39 +483,26 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                 }
                 for r in 0..b {
-                    let valid = t < lengths[r];
                     let row = t * b + r;
-                    for k in blocks.of(&u) {
-                        let (w, j0, c0) = (blocks.width(k), k * BLOCK, blocks.start(k));
-                        // SAFETY: this thread's units of row r: the step's state (read), the next step's slot or the
-                        // final state, and the output (written), which no other thread touches.
-                        unsafe {
-                            let hp = hs.at(row * hw + j0, w) as &[T];
-                            let (hn, cn) = match next {
-                                Some(tn) => (hs.at((tn * b + r) * hw + j0, w), cs.ptr((tn * b + r) * hw + j0)),
-                                None => (os.at((b * tt + r) * hw + j0, w), os.ptr((b * tt + b + r) * hw + j0)),
-                            };
-                            // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
-                            let cn = || std::slice::from_raw_parts_mut(cn, w);
-                            let tile = r * np + c0 - cols.start;
-                            match (cell, valid) {
-                                (Cell::Lstm, true) => {
-                                    let cp = cs.at(row * hw + j0, w) as &[T];
-                                    T::lstm_fwd(isa, &sg[tile..tile + 4 * w], cp, &mut hc[..2 * w], w);
-                                    hn.copy_from_slice(&hc[..w]);
-                                    cn().copy_from_slice(&hc[w..2 * w]);
-                                }
-                                (Cell::Gru, true) => {
-                                    let (xg, gg) = (&sx[tile..tile + 3 * w], &sg[tile..tile + 3 * w]);
-                                    T::gru_fwd(isa, xg, gg, hp, &mut hc[..w], w);
-                                    hn.copy_from_slice(&hc[..w]);
-                                }
-                                (_, false) => {
-                                    // Past its length a sequence carries its state.
-                                    hn.copy_from_slice(hp);
-                                    if cell == Cell::Lstm {
-                                        cn().copy_from_slice(cs.at(row * hw + j0, w));
-                                    }
+                    let (own, tile) = (row * hw + u.start, r * np..r * np + nc);
+                    // SAFETY: this thread's units of row r: the step's state (read), the next step's slot or the
+                    // final state (written), which no other thread touches.
+                    unsafe {
+                        let hp = hs.at(own, un) as &[T];
+                        let (hn, cn) = match next {
+                            Some(tn) => (hs.at((tn * b + r) * hw + u.start, un), cs.ptr((tn * b + r) * hw + u.start)),
+                            None => (os.at((b * tt + r) * hw + u.start, un), os.ptr((b * tt + b + r) * hw + u.start)),
+                        };
+                        // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
+                        let cn = || std::slice::from_raw_parts_mut(cn, un);
+                        match (cell, t < lengths[r]) {
+                            (Cell::Lstm, true) => T::lstm_fwd(isa, &sg[tile], cs.at(own, un), hn, cn(), un),
+                            (Cell::Gru, true) => T::gru_fwd(isa, &sx[tile.clone()], &sg[tile], hp, hn, un),
+                            (_, false) => {
+                                // Past its length a sequence carries its state.
+                                hn.copy_from_slice(hp);
+                                if cell == Cell::Lstm {
+                                    cn().copy_from_slice(cs.at(own, un));
                                 }
                             }
                         }
@@ -532,7 +549,7 @@ impl<T: SeqFloat> Walk<'_, T> {
         let (cell, lengths) = (self.cell, self.lengths);
         let SeqDims { b, t: tt, h: hw, .. } = self.d;
         let g = cell.gates();
-        let (gw, blocks) = (g * hw, Blocks { g, h: hw });
+        let gw = g * hw;
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
         let mut dgates = vec![T::ZERO; b * tt * gw];
@@ -552,7 +569,6 @@ impl<T: SeqFloat> Walk<'_, T> {
             };
             let (mut sums, mut sums_x) = (vec![T::ZERO; nc], vec![T::ZERO; nc]);
             let mut direct = vec![T::ZERO; b * un];
-            let (mut d, mut dcn) = ([T::ZERO; 2 * BLOCK], [T::ZERO; BLOCK]);
             let mut prod = vec![T::ZERO; b * np];
             for &t in order.iter().rev() {
                 for r in 0..b {
@@ -570,30 +586,19 @@ impl<T: SeqFloat> Walk<'_, T> {
                         dgr.iter_mut().chain(dxr.iter_mut()).for_each(|v| *v = T::ZERO);
                         continue;
                     }
-                    for k in blocks.of(&u) {
-                        let (w, j0, c0) = (blocks.width(k), k * BLOCK, blocks.start(k));
-                        let (l0, lc) = (r * un + j0 - u.start, c0 - cols.start);
-                        let dy = &dout[(r * tt + t) * hw + j0..][..w];
-                        for j in 0..w {
-                            d[j] = dh[l0 + j] + dy[j];
-                        }
-                        // SAFETY: `isa` detected; the block's slices of row r.
-                        unsafe {
-                            match cell {
-                                Cell::Lstm => {
-                                    d[w..2 * w].copy_from_slice(&dc[l0..l0 + w]);
-                                    let (gr, cp) =
-                                        (&saved.gates[row * gw + c0..][..4 * w], &saved.c_prev[row * hw + j0..][..w]);
-                                    T::lstm_bwd(isa, gr, cp, &d[..2 * w], &mut dgr[lc..lc + 4 * w], &mut dcn[..w], w);
-                                    dc[l0..l0 + w].copy_from_slice(&dcn[..w]);
-                                }
-                                Cell::Gru => {
-                                    let (xg, gg) =
-                                        (&saved.gx[row * gw + c0..][..3 * w], &saved.gates[row * gw + c0..][..3 * w]);
-                                    let hp = &saved.h_prev[row * hw + j0..][..w];
-                                    let (dxb, dgb) = (&mut dxr[lc..lc + 3 * w], &mut dgr[lc..lc + 3 * w]);
-                                    T::gru_bwd(isa, xg, gg, hp, &d[..w], dxb, dgb, &mut direct[l0..l0 + w], w);
-                                }
+                    let (own, mine) = (row * hw + u.start, r * un..(r + 1) * un);
+                    let (gates, dy) =
+                        (&saved.gates[row * gw + cols.start..][..nc], &dout[(r * tt + t) * hw + u.start..][..un]);
+                    // SAFETY: `isa` detected; row r's slices of this thread's units.
+                    unsafe {
+                        match cell {
+                            Cell::Lstm => {
+                                let cp = &saved.c_prev[own..own + un];
+                                T::lstm_bwd(isa, gates, cp, &dh[mine.clone()], dy, &mut dc[mine], dgr, un);
+                            }
+                            Cell::Gru => {
+                                let (xg, hp) = (&saved.gx[row * gw + cols.start..][..nc], &saved.h_prev[own..own + un]);
+                                T::gru_bwd(isa, xg, gates, hp, &dh[mine.clone()], dy, dxr, dgr, &mut direct[mine], un);
                             }
                         }
                     }
