@@ -1,10 +1,13 @@
 //! Recurrent networks: Elman and Jordan RNNs, LSTM and GRU; stacked, bidirectional, with dropout between layers,
 //! over batches of different lengths.
 //!
-//! Every layer runs on one driver ([`Recurrence`]): the input products `W_ih x + b_ih` of all time steps in one
-//! matrix product, then one step at a time the recurrent product `W_hh h + b_hh` and the cell. The LSTM and GRU cells
-//! are fused ops with hand-written backward passes ([`crate::ops::lstm_cell`], [`crate::ops::gru_cell`]); the
-//! composed twins run with [`CellImpl::Reference`].
+//! Every layer runs on one driver ([`Recurrence`]). The LSTM and GRU run each direction of each layer as one fused
+//! op over the whole sequence, input product, recurrence and cells, with a hand-written backward
+//! ([`crate::ops::lstm_sequence`], [`crate::ops::gru_sequence`]: persistent threads that each own a slice of the
+//! hidden units, as cuDNN and oneDNN run a layer). The step-by-step path (the input products `W_ih x + b_ih` of all
+//! steps in one matrix product, then per step the recurrent product `W_hh h + b_hh` and the cell) serves Elman and
+//! Jordan networks, dtypes other than f32 and f64 (with the fused cells [`crate::ops::lstm_cell`],
+//! [`crate::ops::gru_cell`]), and the composed twins ([`CellImpl::Reference`]).
 //!
 //! Parameters carry PyTorch's names and shapes (`weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`,
 //! `_reverse` for the backward direction), so an `nn.LSTM` / `nn.GRU` / `nn.RNN` `state_dict` loads one to one.
