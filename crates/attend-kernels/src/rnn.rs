@@ -461,23 +461,40 @@ fn blocks(un: usize, g: usize) -> impl Iterator<Item = (usize, usize, usize)> {
     Blocks { g, h: un }.iter()
 }
 
-/// One LSTM block of width `w` (scalar): gates `4w`, `c (w)` → `h'`, `c'`.
-fn lstm_forward_block<T: Real>(g: &[T], c: &[T], hn: &mut [T], cn: &mut [T], w: usize) {
+/// A block of a blocked row: (width, first gate column, first unit), as [`blocks`] yields.
+type Block = (usize, usize, usize);
+
+/// One LSTM block of a blocked row (scalar): gates `4w`, `c (w)` → `h'`, `c'`.
+fn lstm_forward_block<T: Real>(g: &[T], c: &[T], hn: &mut [T], cn: &mut [T], (w, go, uo): Block) {
     let mut o = [T::ZERO; 2 * BLOCK];
-    lstm_cell_forward_scalar(g, c, &mut o[..2 * w], w);
-    hn.copy_from_slice(&o[..w]);
-    cn.copy_from_slice(&o[w..2 * w]);
+    lstm_cell_forward_scalar(&g[go..go + 4 * w], &c[uo..uo + w], &mut o[..2 * w], w);
+    hn[uo..uo + w].copy_from_slice(&o[..w]);
+    cn[uo..uo + w].copy_from_slice(&o[w..2 * w]);
 }
 
 /// One LSTM backward block (scalar): `dc` is updated in place (from the next step's to this step's input cell).
-fn lstm_backward_block<T: Real>(g: &[T], c: &[T], dh: &[T], dy: &[T], dc: &mut [T], dg: &mut [T], w: usize) {
+#[allow(clippy::too_many_arguments)]
+fn lstm_backward_block<T: Real>(g: &[T], c: &[T], dh: &[T], dy: &[T], dc: &mut [T], dg: &mut [T], (w, go, uo): Block) {
     let (mut d, mut dcn) = ([T::ZERO; 2 * BLOCK], [T::ZERO; BLOCK]);
     for j in 0..w {
-        d[j] = dh[j] + dy[j];
-        d[w + j] = dc[j];
+        d[j] = dh[uo + j] + dy[uo + j];
+        d[w + j] = dc[uo + j];
     }
-    lstm_cell_backward_scalar(g, c, &d[..2 * w], dg, &mut dcn[..w], w);
-    dc.copy_from_slice(&dcn[..w]);
+    lstm_cell_backward_scalar(
+        &g[go..go + 4 * w],
+        &c[uo..uo + w],
+        &d[..2 * w],
+        &mut dg[go..go + 4 * w],
+        &mut dcn[..w],
+        w,
+    );
+    dc[uo..uo + w].copy_from_slice(&dcn[..w]);
+}
+
+/// One GRU block (scalar).
+fn gru_forward_block<T: Real>(x: &[T], g: &[T], hp: &[T], out: &mut [T], (w, go, uo): Block) {
+    let gs = go..go + 3 * w;
+    gru_cell_forward_scalar(&x[gs.clone()], &g[gs], &hp[uo..uo + w], &mut out[uo..uo + w], w);
 }
 
 /// One GRU backward block (scalar).
@@ -491,20 +508,28 @@ fn gru_backward_block<T: Real>(
     dx: &mut [T],
     dg: &mut [T],
     direct: &mut [T],
-    w: usize,
+    (w, go, uo): Block,
 ) {
     let mut d = [T::ZERO; BLOCK];
     for j in 0..w {
-        d[j] = dh[j] + dy[j];
+        d[j] = dh[uo + j] + dy[uo + j];
     }
-    gru_cell_backward_scalar(x, g, hp, &d[..w], dx, dg, direct, w);
+    let (gs, u) = (go..go + 3 * w, uo..uo + w);
+    gru_cell_backward_scalar(
+        &x[gs.clone()],
+        &g[gs.clone()],
+        &hp[u.clone()],
+        &d[..w],
+        &mut dx[gs.clone()],
+        &mut dg[gs],
+        &mut direct[u],
+        w,
+    );
 }
 
 /// LSTM over a blocked row of `un` units: gates `(4·un)`, `c (un)` → `h' (un)`, `c' (un)`. Scalar (any float).
 pub(crate) fn lstm_forward_blocked<T: Real>(g: &[T], c: &[T], hn: &mut [T], cn: &mut [T], un: usize) {
-    for (w, go, uo) in blocks(un, 4) {
-        lstm_forward_block(&g[go..go + 4 * w], &c[uo..uo + w], &mut hn[uo..uo + w], &mut cn[uo..uo + w], w);
-    }
+    blocks(un, 4).for_each(|k| lstm_forward_block(g, c, hn, cn, k));
 }
 
 /// LSTM backward over a blocked row: the total `dh + dy`, the cell gradient `dc` (updated in place) → `dg (4·un)`.
@@ -518,25 +543,12 @@ pub(crate) fn lstm_backward_blocked<T: Real>(
     dg: &mut [T],
     un: usize,
 ) {
-    for (w, go, uo) in blocks(un, 4) {
-        let u = uo..uo + w;
-        lstm_backward_block(
-            &g[go..go + 4 * w],
-            &c[u.clone()],
-            &dh[u.clone()],
-            &dy[u.clone()],
-            &mut dc[u],
-            &mut dg[go..go + 4 * w],
-            w,
-        );
-    }
+    blocks(un, 4).for_each(|k| lstm_backward_block(g, c, dh, dy, dc, dg, k));
 }
 
 /// GRU over a blocked row: `gx`, `gh (3·un)`, `h (un)` → `h' (un)`.
 pub(crate) fn gru_forward_blocked<T: Real>(x: &[T], g: &[T], hp: &[T], out: &mut [T], un: usize) {
-    for (w, go, uo) in blocks(un, 3) {
-        gru_cell_forward_scalar(&x[go..go + 3 * w], &g[go..go + 3 * w], &hp[uo..uo + w], &mut out[uo..uo + w], w);
-    }
+    blocks(un, 3).for_each(|k| gru_forward_block(x, g, hp, out, k));
 }
 
 /// GRU backward over a blocked row: the total `dh + dy` → `dgx`, `dgh (3·un)` and the direct part of `dh (un)`.
@@ -552,27 +564,14 @@ pub(crate) fn gru_backward_blocked<T: Real>(
     direct: &mut [T],
     un: usize,
 ) {
-    for (w, go, uo) in blocks(un, 3) {
-        let (gs, u) = (go..go + 3 * w, uo..uo + w);
-        gru_backward_block(
-            &x[gs.clone()],
-            &g[gs.clone()],
-            &hp[u.clone()],
-            &dh[u.clone()],
-            &dy[u.clone()],
-            &mut dx[gs.clone()],
-            &mut dg[gs],
-            &mut direct[u],
-            w,
-        );
-    }
+    blocks(un, 3).for_each(|k| gru_backward_block(x, g, hp, dh, dy, dx, dg, direct, k));
 }
 
 #[inline(always)]
 unsafe fn lstm_forward_blocked_v<S: Simd>(g: &[f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
     for (w, go, uo) in blocks(un, 4) {
         if w % S::LANES != 0 {
-            lstm_forward_block(&g[go..go + 4 * w], &c[uo..uo + w], &mut hn[uo..uo + w], &mut cn[uo..uo + w], w);
+            lstm_forward_block(g, c, hn, cn, (w, go, uo));
             continue;
         }
         for j in (0..w).step_by(S::LANES) {
@@ -595,16 +594,7 @@ unsafe fn lstm_backward_blocked_v<S: Simd>(
 ) {
     for (w, go, uo) in blocks(un, 4) {
         if w % S::LANES != 0 {
-            let u = uo..uo + w;
-            lstm_backward_block(
-                &g[go..go + 4 * w],
-                &c[u.clone()],
-                &dh[u.clone()],
-                &dy[u.clone()],
-                &mut dc[u],
-                &mut dg[go..go + 4 * w],
-                w,
-            );
+            lstm_backward_block(g, c, dh, dy, dc, dg, (w, go, uo));
             continue;
         }
         for j in (0..w).step_by(S::LANES) {
@@ -629,7 +619,7 @@ unsafe fn lstm_backward_blocked_v<S: Simd>(
 unsafe fn gru_forward_blocked_v<S: Simd>(x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], un: usize) {
     for (w, go, uo) in blocks(un, 3) {
         if w % S::LANES != 0 {
-            gru_cell_forward_scalar(&x[go..go + 3 * w], &g[go..go + 3 * w], &hp[uo..uo + w], &mut out[uo..uo + w], w);
+            gru_forward_block(x, g, hp, out, (w, go, uo));
             continue;
         }
         for j in (0..w).step_by(S::LANES) {
@@ -654,18 +644,7 @@ unsafe fn gru_backward_blocked_v<S: Simd>(
 ) {
     for (w, go, uo) in blocks(un, 3) {
         if w % S::LANES != 0 {
-            let (gs, u) = (go..go + 3 * w, uo..uo + w);
-            gru_backward_block(
-                &x[gs.clone()],
-                &g[gs.clone()],
-                &hp[u.clone()],
-                &dh[u.clone()],
-                &dy[u.clone()],
-                &mut dx[gs.clone()],
-                &mut dg[gs],
-                &mut direct[u],
-                w,
-            );
+            gru_backward_block(x, g, hp, dh, dy, dx, dg, direct, (w, go, uo));
             continue;
         }
         for j in (0..w).step_by(S::LANES) {
