@@ -374,6 +374,10 @@ impl SeqFloat for f64 {
 }
 
 impl<T: SeqFloat> Panels<T> {
+    fn empty() -> Self {
+        Self { data: vec![], k: 0, n: 0, cols: 0 }
+    }
+
     /// Element `(p, j)` from `f` for `j < n`; padding columns are zero.
     fn from_fn(k: usize, n: usize, f: impl Fn(usize, usize) -> T) -> Self {
         let np = n.div_ceil(T::PAD) * T::PAD;
@@ -425,11 +429,11 @@ pub(crate) struct Walk<'a, T> {
 }
 
 impl<T: SeqFloat> Walk<'_, T> {
-    /// The forward walk over `x (B, T, C)`. On entry step `order[0]`'s slots of `saved.h_prev` / `saved.c_prev`
-    /// hold the initial state; `saved.gates` (and the GRU's `saved.gx`) are filled if they have room (when a
+    /// The forward walk. On entry `saved.xh` holds the input (step-major) and step `order[0]`'s state slots in
+    /// `saved.xh` / `saved.c_prev` the initial state; `saved.gates` (and the GRU's `saved.gx`) are filled if they have room (when a
     /// backward will follow), else left empty. Writes `out`: the
     /// outputs `(B, T, H)`, then `h_n` (and `c_n`), each `(B, H)`.
-    pub fn forward(&self, x: &[T], saved: &mut SeqSaved<T>, out: &mut [T]) {
+    pub fn forward(&self, saved: &mut SeqSaved<T>, out: &mut [T]) {
         let (cell, lengths) = (self.cell, self.lengths);
         let SeqDims { b, t: tt, c, h: hw, .. } = self.d;
         let g = cell.gates();
@@ -438,13 +442,24 @@ impl<T: SeqFloat> Walk<'_, T> {
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
         let save = !saved.gates.is_empty();
         let (gates, gx) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.gx));
-        let (hs, cs, os) = (Shared::of(&mut saved.h_prev), Shared::of(&mut saved.c_prev), Shared::of(out));
+        // The state slots live in `xh` beside each step's input: slot (t, r) at `(t·B + r)·ld + C`.
+        let ld = c + hw;
+        let (xhs, cs, os) = (Shared::of(&mut saved.xh), Shared::of(&mut saved.c_prev), Shared::of(out));
+        let hs = Shared(SyncPtr(xhs.ptr(c)));
         team.run(hw, |u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
-            let wx = Panels::<T>::from_fn(c, nc, |k, j| self.w_ih[(cols.start + j) * c + k]);
-            let wh = Panels::<T>::from_fn(hw, nc, |k, j| self.w_hh[(cols.start + j) * hw + k]);
-            let np = wh.n;
+            // This thread's rows of W_ih and W_hh as B operands: stacked (k = C + H) for the LSTM, apart for the GRU.
+            let wx = |k: usize, j: usize| self.w_ih[(cols.start + j) * c + k];
+            let wh = |k: usize, j: usize| self.w_hh[(cols.start + j) * hw + k];
+            let (wxh, wx, wh) = match cell {
+                Cell::Lstm => {
+                    let stacked = |k: usize, j: usize| if k < c { wx(k, j) } else { wh(k - c, j) };
+                    (Some(Panels::<T>::from_fn(c + hw, nc, stacked)), Panels::empty(), Panels::empty())
+                }
+                Cell::Gru => (None, Panels::<T>::from_fn(c, nc, wx), Panels::<T>::from_fn(hw, nc, wh)),
+            };
+            let np = nc.div_ceil(T::PAD) * T::PAD;
             // This thread's columns of the step's gates (LSTM) or `gh` (GRU), and the GRU's `gx`: a tile that stays
             // in cache, copied out to the saved activations only when a backward will want them.
             let mut sg = vec![T::ZERO; b * np];
@@ -466,8 +481,15 @@ impl<T: SeqFloat> Walk<'_, T> {
                     // SAFETY: x_t's rows are T·C apart; h_{t−1} (every unit) is complete behind the last barrier and
                     // only read in this phase; the tiles hold b rows of np columns; `isa` detected.
                     unsafe {
-                        T::product(&wx, isa, b, x.as_ptr().add(t * c), tt * c, into_x, np, true);
-                        T::product(&wh, isa, b, hs.ptr(t * b * hw), hw, sg.as_mut_ptr(), np, true);
+                        let xh_t = xhs.ptr(t * b * ld);
+                        match &wxh {
+                            // The LSTM's one product over [x_t | h_{t−1}] (k = C + H).
+                            Some(wxh) => T::product(wxh, isa, b, xh_t, ld, sg.as_mut_ptr(), np, true),
+                            None => {
+                                T::product(&wx, isa, b, xh_t, ld, into_x, np, true);
+                                T::product(&wh, isa, b, xh_t.add(c), ld, sg.as_mut_ptr(), np, true);
+                            }
+                        }
                     }
                 }
                 if save {
@@ -484,25 +506,26 @@ impl<T: SeqFloat> Walk<'_, T> {
                 }
                 for r in 0..b {
                     let row = t * b + r;
-                    let (own, tile) = (row * hw + u.start, r * np..r * np + nc);
+                    let (own, tile) = (row * ld + u.start, r * np..r * np + nc);
+                    let own_c = row * hw + u.start;
                     // SAFETY: this thread's units of row r: the step's state (read), the next step's slot or the
                     // final state (written), which no other thread touches.
                     unsafe {
                         let hp = hs.at(own, un) as &[T];
                         let (hn, cn) = match next {
-                            Some(tn) => (hs.at((tn * b + r) * hw + u.start, un), cs.ptr((tn * b + r) * hw + u.start)),
+                            Some(tn) => (hs.at((tn * b + r) * ld + u.start, un), cs.ptr((tn * b + r) * hw + u.start)),
                             None => (os.at((b * tt + r) * hw + u.start, un), os.ptr((b * tt + b + r) * hw + u.start)),
                         };
                         // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
                         let cn = || std::slice::from_raw_parts_mut(cn, un);
                         match (cell, t < lengths[r]) {
-                            (Cell::Lstm, true) => T::lstm_fwd(isa, &sg[tile], cs.at(own, un), hn, cn(), un),
+                            (Cell::Lstm, true) => T::lstm_fwd(isa, &sg[tile], cs.at(own_c, un), hn, cn(), un),
                             (Cell::Gru, true) => T::gru_fwd(isa, &sx[tile.clone()], &sg[tile], hp, hn, un),
                             (_, false) => {
                                 // Past its length a sequence carries its state.
                                 hn.copy_from_slice(hp);
                                 if cell == Cell::Lstm {
-                                    cn().copy_from_slice(cs.at(own, un));
+                                    cn().copy_from_slice(cs.at(own_c, un));
                                 }
                             }
                         }
@@ -519,7 +542,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                         let y = os.at((r * tt + t) * hw + u.start, u.len());
                         if t < lengths[r] {
                             let from = match order.get(s + 1) {
-                                Some(&tn) => hs.at((tn * b + r) * hw + u.start, u.len()),
+                                Some(&tn) => hs.at((tn * b + r) * ld + u.start, u.len()),
                                 None => os.at((b * tt + r) * hw + u.start, u.len()),
                             };
                             y.copy_from_slice(from);
@@ -547,7 +570,7 @@ impl<T: SeqFloat> Walk<'_, T> {
         dc0: &mut [T],
     ) -> Vec<T> {
         let (cell, lengths) = (self.cell, self.lengths);
-        let SeqDims { b, t: tt, h: hw, .. } = self.d;
+        let SeqDims { b, t: tt, c, h: hw, .. } = self.d;
         let g = cell.gates();
         let gw = g * hw;
         let team = Team::new(&self.d);
@@ -597,7 +620,8 @@ impl<T: SeqFloat> Walk<'_, T> {
                                 T::lstm_bwd(isa, gates, cp, &dh[mine.clone()], dy, &mut dc[mine], dgr, un);
                             }
                             Cell::Gru => {
-                                let (xg, hp) = (&saved.gx[row * gw + cols.start..][..nc], &saved.h_prev[own..own + un]);
+                                let hp = &saved.xh[row * (c + hw) + c + u.start..][..un];
+                                let xg = &saved.gx[row * gw + cols.start..][..nc];
                                 T::gru_bwd(isa, xg, gates, hp, &dh[mine.clone()], dy, dxr, dgr, &mut direct[mine], un);
                             }
                         }

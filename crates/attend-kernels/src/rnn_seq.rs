@@ -7,7 +7,7 @@
 //! read them back), applies the fused cell, and copies the tile to the saved activations (blocked column order,
 //! [`Blocks`]) only when a backward will follow. Backward: the walk in reverse produces the gate gradients of every
 //! step (one product per step, `dh_{t−1} = dgates_t W_hh`), then three large products give `dx = dgates W_ih`,
-//! `dW_ih = dgatesᵀ x` and `dW_hh = dgatesᵀ h_prev` for all steps at once, where a per-step autograd graph would
+//! `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` for all steps at once, where a per-step autograd graph would
 //! allocate and add a weight
 //! gradient per step. f64, the checking dtype, runs the same walk and layout.
 //!
@@ -90,12 +90,11 @@ pub struct SeqSaved<T> {
     pub gates: Vec<T>,
     /// `(T, B, G·H)`: GRU's `gx = W_ih x + b_ih` (empty for the LSTM).
     pub gx: Vec<T>,
-    /// `(T, B, H)`: `h_{t−1}` as step `t` read it.
-    pub h_prev: Vec<T>,
+    /// `(T, B, C + H)`: `[x_t | h_{t−1}]`, the input and the state each step read, side by side so that the LSTM's
+    /// step product and its weight gradient `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` are one product each.
+    pub xh: Vec<T>,
     /// `(T, B, H)`: `c_{t−1}` (LSTM; empty for the GRU).
     pub c_prev: Vec<T>,
-    /// `(T, B, C)`: the input, step-major like the gates (for `dW_ih`).
-    pub x: Vec<T>,
     /// The parameters as the forward ran them.
     blocked: Blocked<T>,
 }
@@ -202,12 +201,12 @@ impl<T: Real> Blocked<T> {
     }
 }
 
-/// `(B, T, C)` → `(T, B, C)`.
-fn step_major<T: Copy>(x: &[T], b: usize, tt: usize, c: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len());
+/// `(B, T, C)` → `(T, B, C + H)` with `x` in the first `C` columns and zeros after.
+fn step_major<T: Real>(x: &[T], b: usize, tt: usize, c: usize, h: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; tt * b * (c + h)];
     for t in 0..tt {
         for r in 0..b {
-            out.extend_from_slice(&x[(r * tt + t) * c..(r * tt + t + 1) * c]);
+            out[(t * b + r) * (c + h)..][..c].copy_from_slice(&x[(r * tt + t) * c..(r * tt + t + 1) * c]);
         }
     }
     out
@@ -255,9 +254,8 @@ pub fn sequence_forward<T: SeqFloat>(
     let mut saved = SeqSaved {
         gates: vec![T::ZERO; gates],
         gx: vec![T::ZERO; if lstm { 0 } else { gates }],
-        h_prev: vec![T::ZERO; b * tt * h],
+        xh: step_major(x, b, tt, d.c, h),
         c_prev: if lstm { vec![T::ZERO; b * tt * h] } else { vec![] },
-        x: if save { step_major(x, b, tt, d.c) } else { vec![] },
         blocked: Blocked::default(),
     };
     if tt == 0 {
@@ -272,13 +270,13 @@ pub fn sequence_forward<T: SeqFloat>(
     let first = d.order()[0];
     for r in 0..b {
         let (at, from) = ((first * b + r) * h, r * h);
-        saved.h_prev[at..at + h].copy_from_slice(&h0[from..from + h]);
+        saved.xh[(first * b + r) * (d.c + h) + d.c..][..h].copy_from_slice(&h0[from..from + h]);
         if lstm {
             saved.c_prev[at..at + h].copy_from_slice(&c0[from..from + h]);
         }
     }
     let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
-    walk.forward(x, &mut saved, out);
+    walk.forward(&mut saved, out);
     if save {
         saved.blocked = bw;
     }
@@ -297,7 +295,7 @@ pub fn sequence_backward<T: SeqFloat>(
     let (gw, e) = (cell.gates() * h, cell.extra_rows());
     let lstm = cell == Cell::Lstm;
     assert!(
-        dout.len() == b * (tt + e) * h && saved.gates.len() == b * tt * gw && saved.h_prev.len() == b * tt * h,
+        dout.len() == b * (tt + e) * h && saved.gates.len() == b * tt * gw && saved.xh.len() == b * tt * (c + h),
         "rnn sequence backward: lengths"
     );
     let mut g = SeqGrads {
@@ -319,10 +317,7 @@ pub fn sequence_backward<T: SeqFloat>(
         return g;
     }
     let bw = &saved.blocked;
-    assert!(
-        bw.perm.len() == gw && saved.x.len() == b * tt * c,
-        "rnn sequence backward: the forward kept no activations"
-    );
+    assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
     let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
     let mut dgx = vec![T::ZERO; if lstm { 0 } else { b * tt * gw }];
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
@@ -336,13 +331,20 @@ pub fn sequence_backward<T: SeqFloat>(
             g.dx[(r * tt + t) * c..(r * tt + t + 1) * c].copy_from_slice(row);
         }
     }
-    // dW_ih = dgxᵀ x: (G·H × T·B) · (T·B × C); dW_hh = dgatesᵀ h_prev: (G·H × T·B) · (T·B × H).
-    let mut dw = vec![T::ZERO; gw * c];
-    gemm(gw, c, b * tt, &mut dw, c, dgx, 1, gw, &saved.x, c, 1, false);
-    g.dw_ih = bw.unpermute(&dw, c);
-    let mut dw = vec![T::ZERO; gw * h];
-    gemm(gw, h, b * tt, &mut dw, h, &dgates, 1, gw, &saved.h_prev, h, 1, false);
-    g.dw_hh = bw.unpermute(&dw, h);
+    // [dW_ih | dW_hh] = dgatesᵀ [x | h_prev]: (G·H × T·B) · (T·B × C + H), one product for the LSTM; the GRU's two
+    // halves have different gate gradients (dW_ih from dgx, dW_hh from dgh).
+    let ld = c + h;
+    let mut dw = vec![T::ZERO; gw * ld];
+    if lstm {
+        gemm(gw, ld, b * tt, &mut dw, ld, &dgates, 1, gw, &saved.xh, ld, 1, false);
+    } else {
+        gemm(gw, c, b * tt, &mut dw, ld, dgx, 1, gw, &saved.xh, ld, 1, false);
+        gemm(gw, h, b * tt, &mut dw[c..], ld, &dgates, 1, gw, &saved.xh[c..], ld, 1, false);
+    }
+    for (row, &r) in dw.chunks_exact(ld).zip(&bw.perm) {
+        g.dw_ih[r * c..(r + 1) * c].copy_from_slice(&row[..c]);
+        g.dw_hh[r * h..(r + 1) * h].copy_from_slice(&row[c..]);
+    }
     g.db_hh = bw.unpermute(&db, 1);
     g.db_ih = if lstm { g.db_hh.clone() } else { bw.unpermute(&db_x, 1) };
     g
