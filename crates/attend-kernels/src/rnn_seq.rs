@@ -203,10 +203,11 @@ impl<T: Real> Blocked<T> {
 
 /// `(B, T, C)` → `(T, B, C + H)` with `x` in the first `C` columns and zeros after.
 fn step_major<T: Real>(x: &[T], b: usize, tt: usize, c: usize, h: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; tt * b * (c + h)];
+    let mut out = Vec::with_capacity(tt * b * (c + h));
     for t in 0..tt {
         for r in 0..b {
-            out[(t * b + r) * (c + h)..][..c].copy_from_slice(&x[(r * tt + t) * c..(r * tt + t + 1) * c]);
+            out.extend_from_slice(&x[(r * tt + t) * c..(r * tt + t + 1) * c]);
+            out.resize(out.len() + h, T::ZERO);
         }
     }
     out
