@@ -419,9 +419,8 @@ pub(crate) struct Walk<'a, T> {
     pub cell: Cell,
     pub d: SeqDims,
     pub lengths: &'a [usize],
-    /// `W_ih (G·H, C)` and `W_hh (G·H, H)` with their rows in blocked order.
-    pub w_ih: &'a [T],
-    pub w_hh: &'a [T],
+    /// `[W_ih | W_hh] (G·H, C + H)` with its rows in blocked order.
+    pub w: &'a [T],
     /// Blocked `(G·H)`: the LSTM's `b_ih + b_hh`, the GRU's `b_ih`.
     pub bias: &'a [T],
     /// Blocked `(G·H)`: the GRU's `b_hh` (unused by the LSTM).
@@ -450,8 +449,8 @@ impl<T: SeqFloat> Walk<'_, T> {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
             // This thread's rows of W_ih and W_hh as B operands: stacked (k = C + H) for the LSTM, apart for the GRU.
-            let wx = |k: usize, j: usize| self.w_ih[(cols.start + j) * c + k];
-            let wh = |k: usize, j: usize| self.w_hh[(cols.start + j) * hw + k];
+            let wx = |k: usize, j: usize| self.w[(cols.start + j) * ld + k];
+            let wh = |k: usize, j: usize| self.w[(cols.start + j) * ld + c + k];
             let (wxh, wx, wh) = match cell {
                 Cell::Lstm => {
                     let stacked = |k: usize, j: usize| if k < c { wx(k, j) } else { wh(k - c, j) };
@@ -581,7 +580,7 @@ impl<T: SeqFloat> Walk<'_, T> {
         team.run(hw, |u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
-            let wp = Panels::<T>::from_fn(gw, un, |k, j| self.w_hh[k * hw + u.start + j]);
+            let wp = Panels::<T>::from_fn(gw, un, |k, j| self.w[k * (c + hw) + c + u.start + j]);
             let np = wp.n;
             // This thread's units of dh and dc (gradients of the state after the step being walked), per sequence.
             let final_row = |r: usize, q: usize| (b * tt + q * b + r) * hw + u.start;

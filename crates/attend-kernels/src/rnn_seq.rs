@@ -16,7 +16,7 @@
 //! at each sequence's own last step).
 //!
 //! # Shapes (row-major)
-//! `x (B, T, C)`, `w_ih (G·H, C)`, `w_hh (G·H, H)`, `b_ih`, `b_hh (G·H)` (PyTorch's rows: gate chunks i f g o for the
+//! `x (B, T, C)`, `params (G·H, C + H + 2) = [W_ih | W_hh | b_ih | b_hh]` (PyTorch's rows: gate chunks i f g o for the
 //! LSTM, G = 4; r z n for the GRU, G = 3, whose `b_hh` sits inside the reset gate's product), states `(B, H)`,
 //! `out`: the outputs `y (B, T, H)`, then `h_n (B, H)` (and `c_n (B, H)`: E = 2 state blocks for the LSTM, 1 for
 //! the GRU), flat, so that `y` is a contiguous prefix.
@@ -73,15 +73,6 @@ impl SeqDims {
     }
 }
 
-/// The parameters of one direction (PyTorch's names and row order).
-#[derive(Clone, Copy, Debug)]
-pub struct SeqWeights<'a, T> {
-    pub w_ih: &'a [T],
-    pub w_hh: &'a [T],
-    pub b_ih: &'a [T],
-    pub b_hh: &'a [T],
-}
-
 /// What the forward keeps for the backward, per step `t` (in step order, whatever the direction), gate columns
 /// in blocked order.
 #[derive(Clone, Debug, Default)]
@@ -103,10 +94,8 @@ pub struct SeqSaved<T> {
 #[derive(Clone, Debug, Default)]
 pub struct SeqGrads<T> {
     pub dx: Vec<T>,
-    pub dw_ih: Vec<T>,
-    pub dw_hh: Vec<T>,
-    pub db_ih: Vec<T>,
-    pub db_hh: Vec<T>,
+    /// Laid out as the parameters: `(G·H, C + H + 2)`.
+    pub dparams: Vec<T>,
     pub dh0: Vec<T>,
     /// Empty for the GRU.
     pub dc0: Vec<T>,
@@ -161,43 +150,31 @@ fn gemm<T: Real>(
     }
 }
 
-/// The weights with their rows in blocked order, and the biases the walk adds.
+/// The weights `[W_ih | W_hh] (G·H, C + H)` with their rows in blocked order, and the biases the walk adds.
 #[derive(Clone, Debug, Default)]
 struct Blocked<T> {
     perm: Vec<usize>,
-    w_ih: Vec<T>,
-    w_hh: Vec<T>,
+    w: Vec<T>,
     bias: Vec<T>,
     b_hh: Vec<T>,
 }
 
 impl<T: Real> Blocked<T> {
-    fn new(cell: Cell, d: &SeqDims, w: &SeqWeights<T>) -> Self {
-        let (gw, c, h) = (cell.gates() * d.h, d.c, d.h);
-        let blocks = Blocks { g: cell.gates(), h };
+    fn new(cell: Cell, d: &SeqDims, params: &[T]) -> Self {
+        let (gw, ld) = (cell.gates() * d.h, d.c + d.h);
+        let blocks = Blocks { g: cell.gates(), h: d.h };
         let perm: Vec<usize> = (0..gw).map(|col| blocks.natural(col)).collect();
-        let rows = |m: &[T], n: usize| {
-            let mut out = Vec::with_capacity(m.len());
-            for &r in &perm {
-                out.extend_from_slice(&m[r * n..(r + 1) * n]);
-            }
-            out
-        };
-        let bias = match cell {
-            Cell::Lstm => perm.iter().map(|&r| w.b_ih[r] + w.b_hh[r]).collect(),
-            Cell::Gru => perm.iter().map(|&r| w.b_ih[r]).collect(),
-        };
-        let b_hh = perm.iter().map(|&r| w.b_hh[r]).collect();
-        Self { w_ih: rows(w.w_ih, c), w_hh: rows(w.w_hh, h), bias, b_hh, perm }
-    }
-
-    /// Blocked rows of width `n` back in PyTorch's order.
-    fn unpermute(&self, m: &[T], n: usize) -> Vec<T> {
-        let mut out = vec![T::ZERO; m.len()];
-        for (col, &r) in self.perm.iter().enumerate() {
-            out[r * n..(r + 1) * n].copy_from_slice(&m[col * n..(col + 1) * n]);
+        let row = |r: usize| &params[r * (ld + 2)..(r + 1) * (ld + 2)];
+        let mut w = Vec::with_capacity(gw * ld);
+        for &r in &perm {
+            w.extend_from_slice(&row(r)[..ld]);
         }
-        out
+        let bias = match cell {
+            Cell::Lstm => perm.iter().map(|&r| row(r)[ld] + row(r)[ld + 1]).collect(),
+            Cell::Gru => perm.iter().map(|&r| row(r)[ld]).collect(),
+        };
+        let b_hh = perm.iter().map(|&r| row(r)[ld + 1]).collect();
+        Self { w, bias, b_hh, perm }
     }
 }
 
@@ -213,15 +190,12 @@ fn step_major<T: Real>(x: &[T], b: usize, tt: usize, c: usize, h: usize) -> Vec<
     out
 }
 
-fn check<T>(cell: Cell, d: &SeqDims, x: &[T], w: &SeqWeights<T>, lengths: &[usize], h0: &[T], c0: &[T]) {
+fn check<T>(cell: Cell, d: &SeqDims, x: &[T], params: &[T], lengths: &[usize], h0: &[T], c0: &[T]) {
     let SeqDims { b, t, c, h, .. } = *d;
     let gw = cell.gates() * h;
     assert!(
         x.len() == b * t * c
-            && w.w_ih.len() == gw * c
-            && w.w_hh.len() == gw * h
-            && w.b_ih.len() == gw
-            && w.b_hh.len() == gw
+            && params.len() == gw * (c + h + 2)
             && lengths.len() == b
             && lengths.iter().all(|&l| l <= t)
             && h0.len() == b * h
@@ -238,18 +212,18 @@ pub fn sequence_forward<T: SeqFloat>(
     cell: Cell,
     d: SeqDims,
     x: &[T],
-    w: SeqWeights<T>,
+    params: &[T],
     lengths: &[usize],
     h0: &[T],
     c0: &[T],
     out: &mut [T],
     save: bool,
 ) -> SeqSaved<T> {
-    check(cell, &d, x, &w, lengths, h0, c0);
+    check(cell, &d, x, params, lengths, h0, c0);
     let SeqDims { b, t: tt, h, .. } = d;
     let (gw, e) = (cell.gates() * h, cell.extra_rows());
     assert!(out.len() == b * (tt + e) * h, "rnn sequence: out length");
-    let bw = Blocked::new(cell, &d, &w);
+    let bw = Blocked::new(cell, &d, params);
     let lstm = cell == Cell::Lstm;
     let gates = if save { b * tt * gw } else { 0 };
     let mut saved = SeqSaved {
@@ -276,7 +250,7 @@ pub fn sequence_forward<T: SeqFloat>(
             saved.c_prev[at..at + h].copy_from_slice(&c0[from..from + h]);
         }
     }
-    let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
+    let walk = Walk { cell, d, lengths, w: &bw.w, bias: &bw.bias, b_hh: &bw.b_hh };
     walk.forward(&mut saved, out);
     if save {
         saved.blocked = bw;
@@ -301,10 +275,7 @@ pub fn sequence_backward<T: SeqFloat>(
     );
     let mut g = SeqGrads {
         dx: vec![T::ZERO; b * tt * c],
-        dw_ih: vec![T::ZERO; gw * c],
-        dw_hh: vec![T::ZERO; gw * h],
-        db_ih: vec![T::ZERO; gw],
-        db_hh: vec![T::ZERO; gw],
+        dparams: vec![T::ZERO; gw * (c + h + 2)],
         dh0: vec![T::ZERO; b * h],
         dc0: vec![T::ZERO; if lstm { b * h } else { 0 }],
     };
@@ -319,14 +290,16 @@ pub fn sequence_backward<T: SeqFloat>(
     }
     let bw = &saved.blocked;
     assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
-    let walk = Walk { cell, d, lengths, w_ih: &bw.w_ih, w_hh: &bw.w_hh, bias: &bw.bias, b_hh: &bw.b_hh };
+    let walk = Walk { cell, d, lengths, w: &bw.w, bias: &bw.bias, b_hh: &bw.b_hh };
     let mut dgx = vec![T::ZERO; if lstm { 0 } else { b * tt * gw }];
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
     let dgates = walk.backward(saved, dout, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
     let dgx = if lstm { &dgates } else { &dgx };
-    // dx = dgx W_ih: (T·B × G·H) · (G·H × C), step-major like the gates, then batch-major.
+    let ld = c + h;
+    // dx = dgx W_ih: (T·B × G·H) · (G·H × C) (W_ih: the first C columns of the blocked [W_ih | W_hh]), step-major
+    // like the gates, then batch-major.
     let mut dx = vec![T::ZERO; b * tt * c];
-    gemm(b * tt, c, gw, &mut dx, c, dgx, gw, 1, &bw.w_ih, c, 1, false);
+    gemm(b * tt, c, gw, &mut dx, c, dgx, gw, 1, &bw.w, ld, 1, false);
     for (t, rows) in dx.chunks_exact(b * c).enumerate() {
         for (r, row) in rows.chunks_exact(c).enumerate() {
             g.dx[(r * tt + t) * c..(r * tt + t + 1) * c].copy_from_slice(row);
@@ -334,7 +307,6 @@ pub fn sequence_backward<T: SeqFloat>(
     }
     // [dW_ih | dW_hh] = dgatesᵀ [x | h_prev]: (G·H × T·B) · (T·B × C + H), one product for the LSTM; the GRU's two
     // halves have different gate gradients (dW_ih from dgx, dW_hh from dgh).
-    let ld = c + h;
     let mut dw = vec![T::ZERO; gw * ld];
     if lstm {
         gemm(gw, ld, b * tt, &mut dw, ld, &dgates, 1, gw, &saved.xh, ld, 1, false);
@@ -342,11 +314,13 @@ pub fn sequence_backward<T: SeqFloat>(
         gemm(gw, c, b * tt, &mut dw, ld, dgx, 1, gw, &saved.xh, ld, 1, false);
         gemm(gw, h, b * tt, &mut dw[c..], ld, &dgates, 1, gw, &saved.xh[c..], ld, 1, false);
     }
-    for (row, &r) in dw.chunks_exact(ld).zip(&bw.perm) {
-        g.dw_ih[r * c..(r + 1) * c].copy_from_slice(&row[..c]);
-        g.dw_hh[r * h..(r + 1) * h].copy_from_slice(&row[c..]);
+    // Back to PyTorch's rows, with the bias gradients (the LSTM's two biases both add to the gates).
+    let db_ih = if lstm { &db } else { &db_x };
+    for (col, (row, &r)) in dw.chunks_exact(ld).zip(&bw.perm).enumerate() {
+        let to = &mut g.dparams[r * (ld + 2)..(r + 1) * (ld + 2)];
+        to[..ld].copy_from_slice(row);
+        to[ld] = db_ih[col];
+        to[ld + 1] = db[col];
     }
-    g.db_hh = bw.unpermute(&db, 1);
-    g.db_ih = if lstm { g.db_hh.clone() } else { bw.unpermute(&db_x, 1) };
     g
 }

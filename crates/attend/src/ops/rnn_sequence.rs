@@ -12,7 +12,7 @@
 
 use std::sync::Mutex;
 
-use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqSaved, SeqWeights};
+use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqSaved};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
@@ -71,35 +71,9 @@ fn vec_of<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
-/// The columns of `[W_ih | W_hh | b_ih | b_hh]`, split.
-fn split_params<T: Copy>(p: &[T], c: usize, h: usize) -> [Vec<T>; 4] {
-    let rows = p.len() / (c + h + 2);
-    let mut out = [Vec::with_capacity(rows * c), Vec::with_capacity(rows * h), vec![], vec![]];
-    for row in p.chunks_exact(c + h + 2) {
-        out[0].extend_from_slice(&row[..c]);
-        out[1].extend_from_slice(&row[c..c + h]);
-        out[2].push(row[c + h]);
-        out[3].push(row[c + h + 1]);
-    }
-    out
-}
-
-/// The inverse of [`split_params`].
-fn join_params<T: Copy>(w_ih: &[T], w_hh: &[T], b_ih: &[T], b_hh: &[T], c: usize, h: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(b_ih.len() * (c + h + 2));
-    for r in 0..b_ih.len() {
-        out.extend_from_slice(&w_ih[r * c..(r + 1) * c]);
-        out.extend_from_slice(&w_hh[r * h..(r + 1) * h]);
-        out.push(b_ih[r]);
-        out.push(b_hh[r]);
-    }
-    out
-}
-
 impl Sequence {
     fn forward<T: SavedOf>(&self, x: &[T], params: &[T], state: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
-        let SeqDims { b, t, c, h, .. } = self.dims;
-        let [w_ih, w_hh, b_ih, b_hh] = split_params(params, c, h);
+        let SeqDims { b, t, h, .. } = self.dims;
         let (h0, c0): (Vec<T>, Vec<T>) = match self.cell {
             Cell::Lstm => (
                 (0..b).flat_map(|r| state[r * 2 * h..r * 2 * h + h].to_vec()).collect(),
@@ -110,8 +84,7 @@ impl Sequence {
         let e = self.cell.extra_rows();
         let out_len = (b * t + e * b) * h;
         let mut out = vec![T::ZERO; out_len];
-        let w = SeqWeights { w_ih: &w_ih, w_hh: &w_hh, b_ih: &b_ih, b_hh: &b_hh };
-        let saved = k::sequence_forward(self.cell, self.dims, x, w, &self.lengths, &h0, &c0, &mut out, self.save);
+        let saved = k::sequence_forward(self.cell, self.dims, x, params, &self.lengths, &h0, &c0, &mut out, self.save);
         *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
         Ok((T::storage(out), Shape::from(out_len)))
     }
@@ -133,7 +106,7 @@ impl Sequence {
         let gw = self.cell.gates() * h;
         Ok((
             Tensor::from_vec(g.dx, (b, t, c), dev)?,
-            Tensor::from_vec(join_params(&g.dw_ih, &g.dw_hh, &g.db_ih, &g.db_hh, c, h), (gw, c + h + 2), dev)?,
+            Tensor::from_vec(g.dparams, (gw, c + h + 2), dev)?,
             Tensor::from_vec(dstate, (b, self.cell.extra_rows() * h), dev)?,
         ))
     }
