@@ -153,7 +153,7 @@ const KC: usize = 128;
 /// checking dtype): plain row-major, for the `gemm` crate.
 #[doc(hidden)]
 pub struct Panels<T> {
-    data: Vec<T>,
+    data: Aligned<T>,
     k: usize,
     /// Columns stored (padded).
     n: usize,
@@ -375,13 +375,13 @@ impl SeqFloat for f64 {
 
 impl<T: SeqFloat> Panels<T> {
     fn empty() -> Self {
-        Self { data: vec![], k: 0, n: 0, cols: 0 }
+        Self { data: Aligned::zeroed(0), k: 0, n: 0, cols: 0 }
     }
 
     /// Element `(p, j)` from `f` for `j < n`; padding columns are zero.
     fn from_fn(k: usize, n: usize, f: impl Fn(usize, usize) -> T) -> Self {
         let np = n.div_ceil(T::PAD) * T::PAD;
-        let mut data = vec![T::ZERO; k * np];
+        let mut data = Aligned::zeroed(k * np);
         for j0 in (0..np).step_by(T::PANEL.min(np.max(1))) {
             let w = T::PANEL.min(np - j0);
             for p in 0..k {
@@ -391,6 +391,39 @@ impl<T: SeqFloat> Panels<T> {
             }
         }
         Self { data, k, n: np, cols: n }
+    }
+}
+
+/// A zeroed buffer whose first element sits on a 64-byte boundary: the products' vector loads and stores then never
+/// straddle two cache lines (a `Vec` starts 16 bytes past one, and a straddling load costs two; measured: the thread
+/// whose packed weights happened to be misaligned ran its products 30–50 % slower than the other).
+struct Aligned<T> {
+    buf: Vec<T>,
+    off: usize,
+    n: usize,
+}
+
+impl<T: Real> Aligned<T> {
+    const LINE: usize = 64;
+
+    fn zeroed(n: usize) -> Self {
+        let size = std::mem::size_of::<T>();
+        let buf = vec![T::ZERO; n + Self::LINE / size];
+        let off = (Self::LINE - buf.as_ptr() as usize % Self::LINE) % Self::LINE / size;
+        Self { buf, off, n }
+    }
+}
+
+impl<T> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.n]
+    }
+}
+
+impl<T> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.off..self.off + self.n]
     }
 }
 
@@ -461,8 +494,8 @@ impl<T: SeqFloat> Walk<'_, T> {
             let np = nc.div_ceil(T::PAD) * T::PAD;
             // This thread's columns of the step's gates (LSTM) or `gh` (GRU), and the GRU's `gx`: a tile that stays
             // in cache, copied out to the saved activations only when a backward will want them.
-            let mut sg = vec![T::ZERO; b * np];
-            let mut sx = vec![T::ZERO; if cell == Cell::Gru { b * np } else { 0 }];
+            let mut sg = Aligned::<T>::zeroed(b * np);
+            let mut sx = Aligned::<T>::zeroed(if cell == Cell::Gru { b * np } else { 0 });
             for (s, &t) in order.iter().enumerate() {
                 let next = order.get(s + 1).copied();
                 // bias + x_t W_ihᵀ + h_{t−1} W_hhᵀ (the GRU keeps its input and recurrent halves apart).
@@ -591,7 +624,7 @@ impl<T: SeqFloat> Walk<'_, T> {
             };
             let (mut sums, mut sums_x) = (vec![T::ZERO; nc], vec![T::ZERO; nc]);
             let mut direct = vec![T::ZERO; b * un];
-            let mut prod = vec![T::ZERO; b * np];
+            let mut prod = Aligned::<T>::zeroed(b * np);
             for &t in order.iter().rev() {
                 for r in 0..b {
                     let row = t * b + r;
