@@ -16,7 +16,7 @@
 //! at each sequence's own last step).
 //!
 //! # Shapes (row-major)
-//! `x (B, T, C)`, `params (G·H, C + H + 2) = [W_ih | W_hh | b_ih | b_hh]` (PyTorch's rows: gate chunks i f g o for the
+//! `x (B, T, C)`, `params`: `W_ih (G·H, C)`, `W_hh (G·H, H)`, `b_ih`, `b_hh (G·H)` one after the other, flat (PyTorch's rows: gate chunks i f g o for the
 //! LSTM, G = 4; r z n for the GRU, G = 3, whose `b_hh` sits inside the reset gate's product), states `(B, H)`,
 //! `out`: the outputs `y (B, T, H)`, then `h_n (B, H)` (and `c_n (B, H)`: E = 2 state blocks for the LSTM, 1 for
 //! the GRU), flat, so that `y` is a contiguous prefix.
@@ -94,7 +94,7 @@ pub struct SeqSaved<T> {
 #[derive(Clone, Debug, Default)]
 pub struct SeqGrads<T> {
     pub dx: Vec<T>,
-    /// Laid out as the parameters: `(G·H, C + H + 2)`.
+    /// Laid out as the parameters (flat `W_ih`, `W_hh`, `b_ih`, `b_hh`).
     pub dparams: Vec<T>,
     pub dh0: Vec<T>,
     /// Empty for the GRU.
@@ -164,18 +164,27 @@ impl<T: Real> Blocked<T> {
         let (gw, ld) = (cell.gates() * d.h, d.c + d.h);
         let blocks = Blocks { g: cell.gates(), h: d.h };
         let perm: Vec<usize> = (0..gw).map(|col| blocks.natural(col)).collect();
-        let row = |r: usize| &params[r * (ld + 2)..(r + 1) * (ld + 2)];
+        let (c, h) = (d.c, d.h);
+        let [wi, wh, bi, bh] = param_offsets(gw, c, h);
         let mut w = Vec::with_capacity(gw * ld);
         for &r in &perm {
-            w.extend_from_slice(&row(r)[..ld]);
+            w.extend_from_slice(&params[wi + r * c..wi + (r + 1) * c]);
+            w.extend_from_slice(&params[wh + r * h..wh + (r + 1) * h]);
         }
         let bias = match cell {
-            Cell::Lstm => perm.iter().map(|&r| row(r)[ld] + row(r)[ld + 1]).collect(),
-            Cell::Gru => perm.iter().map(|&r| row(r)[ld]).collect(),
+            Cell::Lstm => perm.iter().map(|&r| params[bi + r] + params[bh + r]).collect(),
+            Cell::Gru => perm.iter().map(|&r| params[bi + r]).collect(),
         };
-        let b_hh = perm.iter().map(|&r| row(r)[ld + 1]).collect();
+        let b_hh = perm.iter().map(|&r| params[bh + r]).collect();
         Self { w, bias, b_hh, perm }
     }
+}
+
+/// Where `W_ih`, `W_hh`, `b_ih` and `b_hh` start in the flat parameters of `gw = G·H` gate rows. Flat rather than
+/// one `(G·H, C + H + 2)` matrix: a caller that concatenates its tensors to build them gets their gradients back as
+/// contiguous slices.
+pub fn param_offsets(gw: usize, c: usize, h: usize) -> [usize; 4] {
+    [0, gw * c, gw * (c + h), gw * (c + h + 1)]
 }
 
 /// `(B, T, C)` → `(T, B, C + H)` with `x` in the first `C` columns and zeros after.
@@ -316,11 +325,12 @@ pub fn sequence_backward<T: SeqFloat>(
     }
     // Back to PyTorch's rows, with the bias gradients (the LSTM's two biases both add to the gates).
     let db_ih = if lstm { &db } else { &db_x };
+    let [wi, wh, bi, bh] = param_offsets(gw, c, h);
     for (col, (row, &r)) in dw.chunks_exact(ld).zip(&bw.perm).enumerate() {
-        let to = &mut g.dparams[r * (ld + 2)..(r + 1) * (ld + 2)];
-        to[..ld].copy_from_slice(row);
-        to[ld] = db_ih[col];
-        to[ld + 1] = db[col];
+        g.dparams[wi + r * c..wi + (r + 1) * c].copy_from_slice(&row[..c]);
+        g.dparams[wh + r * h..wh + (r + 1) * h].copy_from_slice(&row[c..]);
+        g.dparams[bi + r] = db_ih[col];
+        g.dparams[bh + r] = db[col];
     }
     g
 }

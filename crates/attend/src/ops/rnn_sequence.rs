@@ -56,7 +56,7 @@ impl SavedOf for f64 {
     }
 }
 
-/// The op's operands: `x (B, T, C)`, the parameters as one `(G·H, C + H + 2)` matrix `[W_ih | W_hh | b_ih | b_hh]`
+/// The op's operands: `x (B, T, C)`, the parameters flat, `W_ih`, `W_hh`, `b_ih`, `b_hh` one after the other
 /// (a custom op takes three operands), and the initial state `(B, E·H)`: `[h0 | c0]` (LSTM, E = 2) or `h0`.
 struct Sequence {
     cell: Cell,
@@ -106,7 +106,7 @@ impl Sequence {
         let gw = self.cell.gates() * h;
         Ok((
             Tensor::from_vec(g.dx, (b, t, c), dev)?,
-            Tensor::from_vec(g.dparams, (gw, c + h + 2), dev)?,
+            Tensor::from_vec(g.dparams, gw * (c + h + 2), dev)?,
             Tensor::from_vec(dstate, (b, self.cell.extra_rows() * h), dev)?,
         ))
     }
@@ -217,13 +217,14 @@ fn run(
         Ok(match v {
             Some(v) => {
                 ensure!(v.dims() == [g * h], op, "bias {} must be ({})", shape_str(v), g * h);
-                v.to_dtype(dtype)?.unsqueeze(1)?
+                v.to_dtype(dtype)?
             }
-            None => Tensor::zeros((g * h, 1), dtype, x.device())?,
+            None => Tensor::zeros(g * h, dtype, x.device())?,
         })
     };
-    let columns = [p.w_ih.to_dtype(dtype)?, p.w_hh.to_dtype(dtype)?, bias(p.b_ih)?, bias(p.b_hh)?];
-    let params = Tensor::cat(&columns, 1)?.contiguous()?; // (G·H, C + H + 2)
+    let parts =
+        [p.w_ih.to_dtype(dtype)?.flatten_all()?, p.w_hh.to_dtype(dtype)?.flatten_all()?, bias(p.b_ih)?, bias(p.b_hh)?];
+    let params = Tensor::cat(&parts, 0)?; // (G·H·(C + H + 2)), `rnn_seq::param_offsets`
     let state = Tensor::cat(&state.iter().map(|s| s.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?, 1)?
         .contiguous()?; // (B, E·H)
     let x = x.contiguous()?;
