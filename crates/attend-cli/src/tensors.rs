@@ -3,10 +3,9 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
@@ -108,24 +107,5 @@ impl TensorFile {
 
 /// Writes `tensors` (and string `metadata`) to `path` atomically: a reader sees the old file or the complete new one.
 pub fn write_atomic(path: &Path, tensors: &[(&str, &Tensor)], metadata: HashMap<String, String>) -> Result<()> {
-    let shown = path.display();
-    let file_name = path.file_name().ok_or_else(|| anyhow!("{shown}: not a file path"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let bytes = safetensors::serialize(tensors.iter().map(|&(n, t)| (n, t)), Some(metadata))
-        .map_err(|e| anyhow!("{shown}: cannot serialize outputs: {e}"))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
-    let written = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{shown}: cannot write"));
-    }
-    Ok(())
+    attend::checkpoint::write_safetensors(path, tensors, metadata).map_err(|e| anyhow!(errors::attend(&e)))
 }

@@ -26,6 +26,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod decode;
 pub mod error;
+pub mod generate;
 pub mod layers;
 pub mod models;
 pub mod ops;

@@ -150,8 +150,8 @@ pub mod sample {
 
     use crate::Result;
 
-    /// `U(0, 1)` strictly inside the interval (so `ln u` is finite).
-    fn uniform_at(seed: u64, i: u64) -> f64 {
+    /// `U(0, 1)` strictly inside the interval (so `ln u` is finite): element `i` of the draw with seed `seed`.
+    pub fn uniform_at(seed: u64, i: u64) -> f64 {
         (attend_kernels::dropout::random_bits(seed, i) as f64 + 0.5) / 4_294_967_296.0
     }
 

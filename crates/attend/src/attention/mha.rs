@@ -108,6 +108,10 @@ pub struct MultiHeadAttentionConfig {
     /// Score scale; default `1/√D`. Example: `None`.
     #[serde(default)]
     pub scale: Option<f64>,
+    /// One input projection `qkv_proj` of `(H·D + 2·Hkv·D, C)` instead of three (GPT-2's `c_attn`): one matmul per
+    /// call instead of three. Self-attention only. Example: `true`.
+    #[serde(default)]
+    pub fused_qkv: bool,
 }
 
 fn default_bias() -> bool {
@@ -128,6 +132,7 @@ impl MultiHeadAttentionConfig {
             bias: true,
             dropout: 0.0,
             scale: None,
+            fused_qkv: false,
         }
     }
 
@@ -168,6 +173,12 @@ impl MultiHeadAttentionConfig {
         if let Some(s) = self.scale {
             ensure!(s.is_finite() && s > 0.0, OP, "scale must be positive and finite, got {s}");
         }
+        ensure!(
+            !self.fused_qkv || (ckv == c && cv == c),
+            OP,
+            "fused_qkv projects one input into queries, keys and values, so kv_dim = {ckv} and value_dim = {cv} must \
+             equal d_model = {c}"
+        );
         Ok(MhaDims { c, h, hkv, d, ckv, cv })
     }
 }
@@ -210,12 +221,22 @@ pub struct MhaOutput {
     pub weights: Option<Tensor>,
 }
 
+/// The input projections: three, or one fused (`fused_qkv`).
+#[derive(Clone, Debug)]
+enum InputProjections {
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// Rows `[W^Q; W^K; W^V]`: `(H·D + 2·Hkv·D, C)`.
+    Fused(Linear),
+}
+
 /// Multi-head (grouped-query, multi-query) attention; see the module docs.
 #[derive(Clone, Debug)]
 pub struct MultiHeadAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    input: InputProjections,
     out_proj: Linear,
     config: MultiHeadAttentionConfig,
     dims: MhaDims,
@@ -235,10 +256,17 @@ impl MultiHeadAttention {
             let vb = vb.pp(name);
             Ok(if config.bias { linear(i, o, vb)? } else { linear_no_bias(i, o, vb)? })
         };
+        let input = if config.fused_qkv {
+            InputProjections::Fused(lin(c, (h + 2 * hkv) * d, "qkv_proj")?)
+        } else {
+            InputProjections::Separate {
+                q: lin(c, h * d, "q_proj")?,
+                k: lin(ckv, hkv * d, "k_proj")?,
+                v: lin(cv, hkv * d, "v_proj")?,
+            }
+        };
         Ok(Self {
-            q_proj: lin(c, h * d, "q_proj")?,
-            k_proj: lin(ckv, hkv * d, "k_proj")?,
-            v_proj: lin(cv, hkv * d, "v_proj")?,
+            input,
             out_proj: lin(h * d, c, "out_proj")?,
             config: config.clone(),
             dims,
@@ -271,19 +299,20 @@ impl MultiHeadAttention {
         self.dims
     }
 
-    /// `W^Q`: weight `(H·D, C)`.
-    pub fn q_proj(&self) -> &Linear {
-        &self.q_proj
+    /// `W^Q`, `W^K`, `W^V` with weights `(H·D, C)`, `(Hkv·D, Ckv)`, `(Hkv·D, Cv)`; `None` when fused.
+    pub fn qkv_separate(&self) -> Option<(&Linear, &Linear, &Linear)> {
+        match &self.input {
+            InputProjections::Separate { q, k, v } => Some((q, k, v)),
+            InputProjections::Fused(_) => None,
+        }
     }
 
-    /// `W^K`: weight `(Hkv·D, Ckv)`.
-    pub fn k_proj(&self) -> &Linear {
-        &self.k_proj
-    }
-
-    /// `W^V`: weight `(Hkv·D, Cv)`.
-    pub fn v_proj(&self) -> &Linear {
-        &self.v_proj
+    /// The fused `[W^Q; W^K; W^V]`, weight `(H·D + 2·Hkv·D, C)`; `None` when separate.
+    pub fn qkv_fused(&self) -> Option<&Linear> {
+        match &self.input {
+            InputProjections::Fused(l) => Some(l),
+            InputProjections::Separate { .. } => None,
+        }
     }
 
     /// `W^O`: weight `(C, H·D)`.
@@ -359,7 +388,18 @@ impl MultiHeadAttention {
             shape_str(key),
             shape_str(value)
         );
-        Ok((self.split_heads(&self.k_proj, key, b, s)?, self.split_heads(&self.v_proj, value, b, s)?))
+        let (_, k_proj, v_proj) = self.separate("cross-attention")?;
+        Ok((self.split_heads(k_proj, key, b, s)?, self.split_heads(v_proj, value, b, s)?))
+    }
+
+    /// The three separate projections, or an error naming `what` needs them.
+    fn separate(&self, what: &str) -> Result<(&Linear, &Linear, &Linear)> {
+        match &self.input {
+            InputProjections::Separate { q, k, v } => Ok((q, k, v)),
+            InputProjections::Fused(_) => {
+                crate::bail!(Self::OP, "{what} needs separate q/k/v projections; this layer was built with fused_qkv")
+            }
+        }
     }
 
     /// Attention of the queries of `x` over key and value heads from [`project_kv`](Self::project_kv).
@@ -416,10 +456,21 @@ impl MultiHeadAttention {
         }
 
         // 1. Projections and head split.
-        let q = self.project_q(x)?; // (B, H, T, D)
-        let (k, v) = match memory {
-            Some((key, value)) => self.project_kv_for(key, value, Some(b))?, // (B, Hkv, S, D) each
-            None => {
+        let (q, k, v) = match (memory, &self.input) {
+            (Some((key, value)), _) => {
+                let (k, v) = self.project_kv_for(key, value, Some(b))?; // (B, Hkv, S, D) each
+                (self.project_q(x)?, k, v)
+            }
+            (None, InputProjections::Fused(qkv)) => {
+                let MhaDims { h, hkv, d, .. } = self.dims;
+                let all = qkv.forward(x)?; // (B, T, (H + 2·Hkv)·D)
+                let heads = |start: usize, n: usize| -> Result<Tensor> {
+                    let part = all.narrow(2, start * d, n * d)?.reshape((b, t, n, d))?; // (B, T, n, D)
+                    Ok(part.transpose(1, 2)?.contiguous()?) // (B, n, T, D)
+                };
+                (heads(0, h)?, heads(h, hkv)?, heads(h + hkv, hkv)?)
+            }
+            (None, InputProjections::Separate { k: k_proj, v: v_proj, .. }) => {
                 ensure!(
                     ckv == c && self.dims.cv == c,
                     Self::OP,
@@ -427,9 +478,10 @@ impl MultiHeadAttention {
                      {ckv}, value_dim = {}",
                     self.dims.cv
                 );
-                let k = self.split_heads(&self.k_proj, x, b, t)?; // (B, Hkv, T, D)
-                let v = self.split_heads(&self.v_proj, x, b, t)?; // (B, Hkv, T, D)
-                (k, v)
+                let q = self.project_q(x)?; // (B, H, T, D)
+                let k = self.split_heads(k_proj, x, b, t)?; // (B, Hkv, T, D)
+                let v = self.split_heads(v_proj, x, b, t)?; // (B, Hkv, T, D)
+                (q, k, v)
             }
         };
 
@@ -460,7 +512,8 @@ impl MultiHeadAttention {
     fn project_q(&self, x: &Tensor) -> Result<Tensor> {
         let MhaDims { h, d, .. } = self.dims;
         let (b, t, _) = x.dims3()?;
-        Ok(self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?) // (B, H, T, D)
+        let (q_proj, _, _) = self.separate("cross-attention")?;
+        Ok(q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?) // (B, H, T, D)
     }
 
     /// The attention core on projected heads, then `Concat(heads) W^O`.
@@ -516,7 +569,7 @@ impl MultiHeadAttention {
         if let Some(want) = batch {
             ensure!(b == want, Self::OP, "{name} {xs} has batch size {b}, the queries {want}");
         }
-        let wdt = self.q_proj.weight().dtype();
+        let wdt = self.out_proj.weight().dtype();
         ensure!(x.dtype() == wdt, Self::OP, "{name} {xs} is {:?} but the parameters are {wdt:?}", x.dtype());
         Ok((b, l))
     }

@@ -12,15 +12,21 @@
 //! | [`gat::Gat`] | Veličković et al. 2018 (GAT), Brody et al. 2022 (GATv2), on edge lists | `gat.rs` |
 //! | [`hard`]: top-k, sampled (REINFORCE with a baseline), Gumbel-softmax straight-through | Xu et al. 2015 §4.1; Williams 1992; Jang et al. 2017 | `hard.rs` |
 //! | [`truncated::TruncatedSelfAttention`]: windowed self-attention, streamed with a bounded cache | streaming speech Transformers | `truncated.rs` |
+//! | [`transformer::TransformerLayer`]: self-, cross-attention and feed-forward branches, pre- or post-norm | Vaswani et al. 2017 §3.1; Xiong et al. 2020 | `transformer.rs` |
+//! | [`feed_forward::FeedForward`]: plain or gated | Vaswani et al. 2017 §3.3; Shazeer 2020 | `feed_forward.rs` |
+//! | [`norm::Norm`]: layer norm, RMS norm (fused, hand-written backward) | Ba et al. 2016; Zhang & Sennrich 2019 | `norm.rs` |
 //! | [`stack::Stack`]: distinct or shared parameters across depth | ALBERT (Lan et al. 2020), Universal Transformer | `stack.rs` |
 
 pub mod coattention;
 pub mod din;
+pub mod feed_forward;
 pub mod gat;
 pub mod global;
 pub mod han;
 pub mod hard;
 pub mod local;
+pub mod norm;
 pub mod spatial;
 pub mod stack;
+pub mod transformer;
 pub mod truncated;

@@ -59,6 +59,11 @@ impl<L> Stack<L> {
         &self.layers[if self.layers.len() == 1 { 0 } else { i }]
     }
 
+    /// Calls `f` on each distinct layer once (a shared stack has one).
+    pub fn for_each_layer_mut(&mut self, f: impl FnMut(&mut L)) {
+        self.layers.iter_mut().for_each(f)
+    }
+
     /// Applies `step(layer, x)` at every depth in turn.
     pub fn forward(&self, x: &Tensor, step: impl Fn(&L, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         (0..self.depth).try_fold(x.clone(), |h, i| step(self.layer(i), &h))

@@ -105,6 +105,32 @@ impl LearnedPositions {
     }
 }
 
+impl LearnedPositions {
+    /// `x + W_pos[position_ids]`: a position per sequence and token (left-padded batches, where each sequence starts
+    /// at its own column).
+    ///
+    /// # Shapes
+    /// - `x`: `(B, T, C)`, `position_ids`: `(B, T)` integers → `(B, T, C)`.
+    ///
+    /// # Errors
+    /// Shapes that disagree, or a position `≥ max_len` (the message gives the largest).
+    pub fn forward_ids(&self, x: &Tensor, position_ids: &Tensor) -> Result<Tensor> {
+        const OP: &str = "LearnedPositions::forward_ids";
+        let (b, t, _) = x.dims3()?;
+        ensure!(
+            position_ids.dims() == [b, t],
+            OP,
+            "position_ids {:?} must be (B, T) = ({b}, {t}) like x",
+            position_ids.dims()
+        );
+        let flat = position_ids.flatten_all()?.to_dtype(candle_core::DType::U32)?; // (B·T)
+        let max = flat.max(0)?.to_scalar::<u32>()? as usize;
+        ensure!(max < self.max_len, OP, "position id {max} is outside the table's max_len = {}", self.max_len);
+        let pos = self.weight.index_select(&flat, 0)?.reshape((b, t, self.d_model))?; // (B, T, C)
+        Ok((x + pos.to_dtype(x.dtype())?)?)
+    }
+}
+
 /// `x + W_pos[0..T]`: positions from 0 (`x (B, T, C) → (B, T, C)`).
 impl candle_core::Module for LearnedPositions {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {

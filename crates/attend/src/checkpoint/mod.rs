@@ -2,7 +2,11 @@
 //! explicit table per source, with shape checks, so that a checkpoint maps one to one and a mismatch is an error
 //! naming the tensor (never a silent partial load).
 
+pub mod hf;
+
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
 
 use candle_core::Tensor;
 
@@ -93,13 +97,32 @@ struct StrictInner {
     tensors: HashMap<String, Tensor>,
     /// Where the tensors came from, for messages (`params.safetensors`).
     source: String,
+    /// How messages name a tensor when its file calls it something else (`h.0.attn.c_attn.weight`, transposed).
+    labels: HashMap<String, String>,
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl StrictTensors {
     pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<String>) -> Self {
-        let inner = StrictInner { tensors, source: source.into(), used: Default::default() };
+        Self::with_labels(tensors, source, HashMap::new())
+    }
+
+    /// As [`new`](Self::new), with `labels[name]` naming tensor `name` in messages (its name in the source file).
+    pub fn with_labels(
+        tensors: HashMap<String, Tensor>,
+        source: impl Into<String>,
+        labels: HashMap<String, String>,
+    ) -> Self {
+        let inner = StrictInner { tensors, source: source.into(), labels, used: Default::default() };
         Self { inner: std::sync::Arc::new(inner) }
+    }
+
+    /// How messages name `name`.
+    fn label(&self, name: &str) -> String {
+        match self.inner.labels.get(name) {
+            Some(l) => format!("{l}` (attend `{name}`"),
+            None => name.to_string(),
+        }
     }
 
     /// A `VarBuilder` over these tensors; every lookup is recorded.
@@ -154,7 +177,9 @@ impl candle_nn::var_builder::SimpleBackend for StrictTensors {
             candle_core::bail!("{src}: missing parameter `{name}` of shape {:?}; it holds {held}", s.dims())
         };
         if t.shape() != &s {
-            candle_core::bail!("{src}: parameter `{name}` has shape {:?}, expected {:?}", t.dims(), s.dims())
+            let label = self.label(name);
+            let close = if label.contains('(') { ")" } else { "" };
+            candle_core::bail!("{src}: parameter `{label}{close} has shape {:?}, expected {:?}", t.dims(), s.dims())
         }
         t.to_dtype(dtype)?.to_device(dev)
     }
@@ -173,4 +198,34 @@ impl candle_nn::var_builder::SimpleBackend for StrictTensors {
     fn contains_tensor(&self, name: &str) -> bool {
         self.inner.tensors.contains_key(name)
     }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced, then renamed over `path`, so
+/// a reader (or a crash) sees the old file or the complete new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_err = |msg: String| Error::File { path: path.to_path_buf(), msg };
+    let file_name = path.file_name().ok_or_else(|| file_err("not a file path".into()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(file_err(format!("cannot write: {e}")));
+    }
+    Ok(())
+}
+
+/// Writes named tensors (and string metadata) as one safetensors file, atomically ([`write_atomic`]).
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: HashMap<String, String>) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|&(n, t)| (n, t)), Some(metadata))
+        .map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot serialize: {e}") })?;
+    write_atomic(path, &bytes)
 }

@@ -1,0 +1,222 @@
+//! One Transformer layer (Vaswani et al. 2017 §3.1): self-attention, optional cross-attention over a memory, and a
+//! feed-forward network, each a residual branch with a normalisation, post-norm as in the paper or pre-norm as in
+//! GPT-2, ViT and T5 (Xiong et al. 2020):
+//!
+//! ```text
+//! post-norm:  x ← Norm(x + Dropout(Sublayer(x)))          (the paper, BERT, GPT-1)
+//! pre-norm:   x ← x + Dropout(Sublayer(Norm(x)))          (GPT-2, ViT, T5; the final norm is the model's)
+//! ```
+//!
+//! The attention of each branch is [`MultiHeadAttention`], so masks, KV caches, rotary embeddings and attention
+//! weights all come from the one core.
+//!
+//! # Parameters
+//! | name | layer |
+//! |---|---|
+//! | `self_attn.*` | [`MultiHeadAttention`] |
+//! | `self_attn_norm.*` | [`Norm`] |
+//! | `cross_attn.*`, `cross_attn_norm.*` | the same, with `cross_attention` |
+//! | `ffn.*` | [`FeedForward`] |
+//! | `ffn_norm.*` | [`Norm`] |
+//!
+//! # Shapes
+//! `x (B, T, C)`, memory `(B, S, C)` → `(B, T, C)`; weights `(B, H, T, S)`.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::feed_forward::{FeedForward, FeedForwardConfig};
+use super::norm::{Norm, NormConfig};
+use crate::attention::{KvCache, Mask, MhaOptions, MultiHeadAttention, MultiHeadAttentionConfig};
+use crate::ops::dropout;
+use crate::rng::{DropoutRng, DropoutStream, TrainingFlag};
+use crate::{ensure, Result};
+
+/// Where each residual branch normalises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormPosition {
+    /// After the residual sum (the paper, BERT, GPT-1).
+    Post,
+    /// On the branch input (GPT-2, ViT, T5); the stack then needs a final norm.
+    Pre,
+}
+
+/// Configuration of [`TransformerLayer`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransformerLayerConfig {
+    pub attention: MultiHeadAttentionConfig,
+    pub feed_forward: FeedForwardConfig,
+    pub norm: NormConfig,
+    pub norm_position: NormPosition,
+    /// A cross-attention branch over a memory (the decoder of an encoder–decoder).
+    #[serde(default)]
+    pub cross_attention: bool,
+    /// Dropout on each branch's output before the residual sum, while training. Example: `0.1`.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+/// The memory a cross-attention branch reads: raw (projected on every call) or projected once with
+/// [`MultiHeadAttention::project_kv`] (decoding).
+#[derive(Clone, Copy, Debug)]
+pub enum Memory<'a> {
+    /// `(B, S, C)`.
+    Raw(&'a Tensor),
+    /// `k (B, Hkv, S, D)`, `v (B, Hkv, S, D)`.
+    Projected(&'a Tensor, &'a Tensor),
+}
+
+/// What one layer call reads besides `x`.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerContext<'a> {
+    /// The self-attention mask (causal in a decoder, key padding in an encoder).
+    pub mask: &'a Mask,
+    /// Cross-attention memory and its mask (the memory's key padding).
+    pub memory: Option<(Memory<'a>, &'a Mask)>,
+    pub opts: MhaOptions<'a>,
+}
+
+/// The output of a layer, with its attention weights when `opts.need_weights` asked for them.
+#[derive(Clone, Debug)]
+pub struct LayerOutput {
+    /// `(B, T, C)`
+    pub out: Tensor,
+    /// `(B, H, T, S)`
+    pub self_weights: Option<Tensor>,
+    /// `(B, H, T, S_mem)`
+    pub cross_weights: Option<Tensor>,
+}
+
+/// One Transformer layer; see the module docs.
+#[derive(Clone, Debug)]
+pub struct TransformerLayer {
+    self_attn: MultiHeadAttention,
+    self_attn_norm: Norm,
+    cross: Option<(MultiHeadAttention, Norm)>,
+    ffn: FeedForward,
+    ffn_norm: Norm,
+    config: TransformerLayerConfig,
+    training: TrainingFlag,
+    dropout: DropoutStream,
+}
+
+impl TransformerLayer {
+    const OP: &'static str = "TransformerLayer";
+
+    pub fn new(config: &TransformerLayerConfig, vb: VarBuilder) -> Result<Self> {
+        let c = config.attention.d_model;
+        ensure!(
+            config.feed_forward.d_model == c,
+            Self::OP,
+            "feed_forward.d_model = {} differs from attention.d_model = {c}",
+            config.feed_forward.d_model
+        );
+        ensure!((0.0..1.0).contains(&config.dropout), Self::OP, "dropout must be in [0, 1), got {}", config.dropout);
+        let cross = if config.cross_attention {
+            let cfg = MultiHeadAttentionConfig { fused_qkv: false, ..config.attention.clone() };
+            Some((
+                MultiHeadAttention::new(&cfg, vb.pp("cross_attn"))?,
+                Norm::new(c, config.norm, vb.pp("cross_attn_norm"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            self_attn: MultiHeadAttention::new(&config.attention, vb.pp("self_attn"))?,
+            self_attn_norm: Norm::new(c, config.norm, vb.pp("self_attn_norm"))?,
+            cross,
+            ffn: FeedForward::new(&config.feed_forward, vb.pp("ffn"))?,
+            ffn_norm: Norm::new(c, config.norm, vb.pp("ffn_norm"))?,
+            config: config.clone(),
+            training: TrainingFlag::default(),
+            dropout: DropoutStream::default(),
+        })
+    }
+
+    pub fn config(&self) -> &TransformerLayerConfig {
+        &self.config
+    }
+
+    pub fn self_attn(&self) -> &MultiHeadAttention {
+        &self.self_attn
+    }
+
+    pub fn cross_attn(&self) -> Option<&MultiHeadAttention> {
+        self.cross.as_ref().map(|(a, _)| a)
+    }
+
+    /// Training mode (dropout on) for this layer and its sublayers.
+    pub fn set_training(&self, training: bool) {
+        self.training.set(training);
+        self.self_attn.set_training(training);
+        if let Some((a, _)) = &self.cross {
+            a.set_training(training);
+        }
+        self.ffn.set_training(training);
+    }
+
+    /// Draws this layer's dropout streams (residual, attention, feed-forward) from `rng`.
+    pub fn set_dropout_rng(&mut self, rng: &DropoutRng) {
+        self.dropout = rng.stream();
+        self.self_attn.set_dropout_stream(rng.stream());
+        if let Some((a, _)) = &mut self.cross {
+            a.set_dropout_stream(rng.stream());
+        }
+        self.ffn.set_dropout_stream(rng.stream());
+    }
+
+    /// One residual branch: `Norm(x + Dropout(f(x)))` or `x + Dropout(f(Norm(x)))`.
+    fn branch(&self, x: &Tensor, norm: &Norm, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let drop = |y: Tensor| -> Result<Tensor> {
+            if self.training.get() && self.config.dropout > 0.0 {
+                dropout(&y, self.config.dropout, self.dropout.next_seed(), 0)
+            } else {
+                Ok(y)
+            }
+        };
+        match self.config.norm_position {
+            NormPosition::Post => norm.forward(&(x + drop(f(x)?)?)?),
+            NormPosition::Pre => Ok((x + drop(f(&norm.forward(x)?)?)?)?),
+        }
+    }
+
+    /// `x (B, T, C)` through the layer; `cache` holds the self-attention keys and values of earlier positions.
+    ///
+    /// # Errors
+    /// A memory given to a layer without cross-attention or the reverse, and every error of
+    /// [`MultiHeadAttention::forward`].
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&mut KvCache>) -> Result<LayerOutput> {
+        ensure!(
+            ctx.memory.is_some() == self.cross.is_some(),
+            Self::OP,
+            "{}",
+            if self.cross.is_some() {
+                "this layer has cross-attention and needs a memory"
+            } else {
+                "a memory was given to a layer without cross-attention"
+            }
+        );
+        let mut self_weights = None;
+        let x = self.branch(x, &self.self_attn_norm, |h| {
+            let o = self.self_attn.forward(h, None, ctx.mask, cache, &ctx.opts)?;
+            self_weights = o.weights;
+            Ok(o.out)
+        })?;
+        let mut cross_weights = None;
+        let x = match (&self.cross, ctx.memory) {
+            (Some((attn, norm)), Some((memory, mask))) => self.branch(&x, norm, |h| {
+                let o = match memory {
+                    Memory::Raw(m) => attn.forward(h, Some(m), mask, None, &ctx.opts)?,
+                    Memory::Projected(k, v) => attn.forward_projected(h, k, v, mask, &ctx.opts)?,
+                };
+                cross_weights = o.weights;
+                Ok(o.out)
+            })?,
+            _ => x,
+        };
+        let out = self.branch(&x, &self.ffn_norm, |h| self.ffn.forward(h))?;
+        Ok(LayerOutput { out, self_weights, cross_weights })
+    }
+}
