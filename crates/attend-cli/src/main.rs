@@ -13,6 +13,7 @@
 
 mod bench;
 mod errors;
+mod hf;
 mod op;
 mod tensors;
 
@@ -37,6 +38,11 @@ enum Command {
     /// Time a library op on seeded random inputs and report GFLOP/s (PyTorch anchor units) and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Hugging Face model directories: `attend hf run` runs a checkpoint's forward on token ids.
+    #[command(subcommand)]
+    Hf(hf::run::HfCommand),
+    /// Continue a prompt with a causal LM from a Hugging Face directory (greedy or sampled, KV cache).
+    Generate(hf::generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +58,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Op(cmd) => op::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Hf(cmd) => hf::run::run(cmd),
+        Command::Generate(args) => hf::generate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

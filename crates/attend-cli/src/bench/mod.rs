@@ -16,6 +16,7 @@
 //! exists; the report includes `get_num_threads()` as candle sees it.
 
 pub mod attention;
+pub mod decode;
 pub mod gat;
 pub mod rnn;
 
@@ -35,6 +36,8 @@ pub enum BenchCommand {
     Gru(rnn::BenchRnnArgs),
     /// Time graph attention (GAT or GATv2) on a random graph, forward or forward+backward.
     Gat(gat::BenchGatArgs),
+    /// GPT-2 small greedy decoding, batch 1, against the measured memory-bandwidth limit.
+    Decode(decode::BenchDecodeArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -43,6 +46,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Lstm(args) => rnn::run(args, rnn::Kind::Lstm),
         BenchCommand::Gru(args) => rnn::run(args, rnn::Kind::Gru),
         BenchCommand::Gat(args) => gat::run(args),
+        BenchCommand::Decode(args) => decode::run(args),
     }
 }
 

@@ -147,6 +147,48 @@ fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device).map_err(|e| file_error(path, format!("cannot load: {e}")))
 }
 
+/// A model of any supported family, loaded from a directory by its `model_type`.
+#[derive(Clone, Debug)]
+pub enum HfModel {
+    /// `gpt2`: a causal LM (`GPT2LMHeadModel` / `GPT2Model`).
+    Gpt2(Loaded<Gpt, GptConfig>),
+}
+
+/// The `model_type`s [`load`] reads.
+pub const SUPPORTED: &[&str] = &["gpt2"];
+
+/// Loads the directory's model by its `model_type`.
+///
+/// # Errors
+/// An unknown `model_type` (the message lists the supported ones), and every error of the family's loader.
+pub fn load(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) -> Result<HfModel> {
+    match dir.model_type() {
+        "gpt2" => Ok(HfModel::Gpt2(load_gpt2(dir, dtype, device, trainable)?)),
+        _ => Err(dir.unsupported("model_type", &format!("attend reads {}", SUPPORTED.join(", ")))),
+    }
+}
+
+/// A token id from the config (`eos_token_id`, `pad_token_id`, …); `generation_config.json` wins when it has one,
+/// as in `transformers`. A list (several end tokens) gives all of them.
+pub fn token_ids(dir: &HfDir, field: &str) -> Result<Vec<u32>> {
+    let from = |v: &Value| -> Option<Vec<u32>> {
+        match v {
+            Value::Number(n) => n.as_u64().map(|x| vec![x as u32]),
+            Value::Array(a) => a.iter().map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            _ => None,
+        }
+    };
+    let gen_path = dir.path().join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen_path) {
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| file_error(&gen_path, format!("not valid JSON: {e}")))?;
+        if let Some(ids) = v.get(field).and_then(from) {
+            return Ok(ids);
+        }
+    }
+    Ok(dir.config().get(field).and_then(from).unwrap_or_default())
+}
+
 /// One row of a name table: the file's name, attend's name, and whether the matrix is stored transposed in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NameEntry {
@@ -259,6 +301,7 @@ fn apply_table(
     let mut out = HashMap::new();
     let mut labels = HashMap::new();
     for e in table {
+        labels.insert(e.attend.clone(), if e.transposed { format!("{}` transposed", e.hf) } else { e.hf.clone() });
         if let Some(t) = tensors.remove(&e.hf) {
             let t = if e.transposed {
                 if t.rank() != 2 {
@@ -268,7 +311,6 @@ fn apply_table(
             } else {
                 t
             };
-            labels.insert(e.attend.clone(), if e.transposed { format!("{}` transposed", e.hf) } else { e.hf.clone() });
             out.insert(e.attend.clone(), t);
         }
     }

@@ -171,6 +171,11 @@ impl candle_nn::var_builder::SimpleBackend for StrictTensors {
     ) -> candle_core::Result<Tensor> {
         let src = &self.inner.source;
         let Some(t) = StrictTensors::get(self, name) else {
+            if self.inner.labels.contains_key(name) {
+                let label = self.label(name);
+                let close = if label.contains('(') { ")" } else { "" };
+                candle_core::bail!("{src}: missing tensor `{label}{close} of shape {:?}", s.dims())
+            }
             let mut held: Vec<&str> = self.inner.tensors.keys().map(String::as_str).collect();
             held.sort_unstable();
             let held = if held.is_empty() { "nothing".to_string() } else { held.join(", ") };

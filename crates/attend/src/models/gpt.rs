@@ -163,13 +163,15 @@ pub struct GptInput<'a> {
     pub attention_mask: Option<&'a Tensor>,
     /// `(B, T)` absolute positions; default `cached..cached + T` for every sequence.
     pub position_ids: Option<&'a Tensor>,
+    /// `(B, T)` segment ids, embedded with the token table and added (Hugging Face GPT-2's `token_type_ids`).
+    pub token_type_ids: Option<&'a Tensor>,
     /// Return every layer's attention weights.
     pub need_weights: bool,
 }
 
 impl<'a> GptInput<'a> {
     pub fn new(input_ids: &'a Tensor) -> Self {
-        Self { input_ids, attention_mask: None, position_ids: None, need_weights: false }
+        Self { input_ids, attention_mask: None, position_ids: None, token_type_ids: None, need_weights: false }
     }
 }
 
@@ -300,7 +302,12 @@ impl Gpt {
             "{cached} cached + {t} new positions exceed n_positions = {}",
             self.config.n_positions
         );
-        let x = self.wte.forward(ids)?; // (B, T, C)
+        let mut x = self.wte.forward(ids)?; // (B, T, C)
+        if let Some(tt) = input.token_type_ids {
+            ensure!(tt.dims() == [b, t], Self::OP, "token_type_ids {} must be (B, T) = ({b}, {t})", shape_str(tt));
+            check_ids(Self::OP, tt, self.config.vocab_size)?;
+            x = (x + self.wte.forward(tt)?)?;
+        }
         let mut x = match input.position_ids {
             Some(p) => self.wpe.forward_ids(&x, p)?,
             None => self.wpe.forward(&x, cached)?,

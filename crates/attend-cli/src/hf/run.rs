@@ -1,0 +1,131 @@
+//! `attend hf run --model DIR (--input-ids "5,17,33" [--token-type-ids "0,0,1"] | --inputs IN.safetensors)
+//! --output OUT.safetensors`: the model's forward on given ids, written under Hugging Face's output names
+//! (`logits` for a causal LM, `last_hidden_state` for an encoder), f32, shaped as `transformers` returns them:
+//! with a batch axis for `--inputs`, without one for `--input-ids`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Result};
+use attend::checkpoint::hf::HfModel;
+use attend::models::gpt::GptInput;
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Subcommand};
+
+use crate::tensors::{write_atomic, TensorFile};
+
+#[derive(Debug, Subcommand)]
+pub enum HfCommand {
+    /// Run a Hugging Face checkpoint directory's forward on token ids and save its outputs.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A Hugging Face model directory (config.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// One sequence of token ids, comma-separated.
+    #[arg(long, conflicts_with = "inputs", required_unless_present = "inputs")]
+    input_ids: Option<String>,
+    /// Segment ids for --input-ids, comma-separated.
+    #[arg(long, requires = "input_ids")]
+    token_type_ids: Option<String>,
+    /// A safetensors file with `input_ids` (B, T) and optionally `attention_mask`, `token_type_ids`,
+    /// `position_ids`, `pixel_values`, `decoder_input_ids`.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Where to write the outputs (safetensors).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+pub fn run(cmd: HfCommand) -> Result<()> {
+    match cmd {
+        HfCommand::Run(args) => run_forward(args),
+    }
+}
+
+/// The named integer inputs, batch-first.
+struct Inputs {
+    tensors: HashMap<String, Tensor>,
+    /// Where they came from, for messages.
+    source: String,
+    batched: bool,
+}
+
+impl Inputs {
+    fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+}
+
+fn read_inputs(args: &RunArgs) -> Result<Inputs> {
+    let dev = Device::Cpu;
+    if let Some(ids) = &args.input_ids {
+        let ids = super::parse_ids("--input-ids", ids)?;
+        let t = ids.len();
+        let mut tensors = HashMap::from([("input_ids".to_string(), Tensor::from_vec(ids, (1, t), &dev)?)]);
+        if let Some(tt) = &args.token_type_ids {
+            let tt = super::parse_ids("--token-type-ids", tt)?;
+            if tt.len() != t {
+                bail!("--token-type-ids has {} entries but --input-ids has {t}", tt.len());
+            }
+            tensors.insert("token_type_ids".into(), Tensor::from_vec(tt, (1, t), &dev)?);
+        }
+        return Ok(Inputs { tensors, source: "--input-ids".into(), batched: false });
+    }
+    let path = args.inputs.as_ref().expect("clap requires --inputs without --input-ids");
+    let file = TensorFile::open_all(path, &dev)?;
+    let source = path.display().to_string();
+    let known = ["input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "decoder_input_ids"];
+    if let Some(other) = file.names().iter().find(|n| !known.contains(&n.as_str())) {
+        bail!("{source}: unknown input `{other}` (expected {})", known.join(", "));
+    }
+    let mut tensors = file.into_map();
+    for name in ["input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids"] {
+        if let Some(t) = tensors.get(name) {
+            if t.dtype().is_float() || t.rank() != 2 {
+                bail!("{source}: `{name}` {:?} of dtype {:?} must be integer (B, T)", t.dims(), t.dtype());
+            }
+            let t = t.to_dtype(DType::I64)?;
+            let min = t.flatten_all()?.min(0)?.to_scalar::<i64>()?;
+            if min < 0 {
+                bail!("{source}: `{name}` holds {min}; ids are non-negative");
+            }
+            tensors.insert(name.to_string(), t.to_dtype(DType::U32)?);
+        }
+    }
+    Ok(Inputs { tensors, source, batched: true })
+}
+
+fn run_forward(args: RunArgs) -> Result<()> {
+    let (dir, model) = super::open(&args.model)?;
+    let inputs = read_inputs(&args)?;
+    let src = &inputs.source;
+    let outputs: Vec<(&str, Tensor)> = match &model {
+        HfModel::Gpt2(m) => {
+            for unused in ["pixel_values", "decoder_input_ids"] {
+                if inputs.get(unused).is_some() {
+                    bail!("{src}: `{unused}` is not an input of a {} checkpoint", dir.model_type());
+                }
+            }
+            let ids = inputs.get("input_ids").ok_or_else(|| anyhow!("{src}: missing `input_ids` (B, T)"))?;
+            let input = GptInput {
+                attention_mask: inputs.get("attention_mask"),
+                position_ids: inputs.get("position_ids"),
+                token_type_ids: inputs.get("token_type_ids"),
+                ..GptInput::new(ids)
+            };
+            let logits = m.model.forward(&input, None).map_err(|e| anyhow!("{src}: {}", crate::errors::attend(&e)))?;
+            vec![("logits", logits)]
+        }
+    };
+    let outputs: Vec<(&str, Tensor)> = outputs
+        .into_iter()
+        .map(|(n, t)| Ok((n, if inputs.batched { t } else { t.squeeze(0)? }.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
+    let meta = HashMap::from([("model_type".to_string(), dir.model_type().to_string())]);
+    write_atomic(&args.output, &refs, meta)
+}
