@@ -1,0 +1,188 @@
+//! `attend hf run` and `attend generate` end to end on the tiny GPT-2 directory of fixtures/hf/gpt2 against what
+//! `transformers` computed (fixtures/hf_ref/gpt2.safetensors, scripts/oracle/hf_gpt2.py): logits under Hugging Face's
+//! names and shapes, greedy ids token for token from ids and from text, and one-line errors on bad input.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde_json::Value;
+
+mod common;
+use common::*;
+
+const PARITY: Tol = Tol { atol: 1e-4, rtol: 0.0 };
+
+fn gpt2_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf/gpt2")
+}
+
+fn reference() -> (std::collections::HashMap<String, Tensor>, std::collections::HashMap<String, String>) {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf_ref/gpt2.safetensors");
+    (load(&p), metadata(&p))
+}
+
+fn ids_csv(t: &Tensor) -> String {
+    let v: Vec<i64> = t.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn ok(args: &[&str]) -> String {
+    let run = attend(args);
+    assert!(run.status.success(), "{args:?}: {}", String::from_utf8_lossy(&run.stderr));
+    String::from_utf8(run.stdout).unwrap()
+}
+
+#[test]
+fn hf_run_writes_transformers_logits_for_ids_and_for_an_inputs_file() {
+    let (r, _) = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = gpt2_dir();
+    // --input-ids: one unpadded sequence, logits (T, V).
+    let out = tmp.path().join("one.safetensors");
+    let row0 = r["input_ids"].get(0).unwrap();
+    ok(&[
+        "hf",
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input-ids",
+        &ids_csv(&row0),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let got = &load(&out)["logits"];
+    compare("logits (T, V)", got, &r["logits"].get(0).unwrap(), PARITY).unwrap();
+    // --inputs with a right-padded batch: (B, T, V), compared where the mask is 1.
+    let inp = tmp.path().join("in.safetensors");
+    save(&inp, &[("input_ids", &r["input_ids"]), ("attention_mask", &r["attention_mask"])]);
+    let out = tmp.path().join("batch.safetensors");
+    ok(&[
+        "hf",
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inp.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let got = &load(&out)["logits"];
+    assert_eq!(got.dims(), r["logits"].dims());
+    compare("logits row 0", &got.get(0).unwrap(), &r["logits"].get(0).unwrap(), PARITY).unwrap();
+    compare(
+        "logits row 1 (real tokens)",
+        &got.get(1).unwrap().narrow(0, 0, 4).unwrap(),
+        &r["logits"].get(1).unwrap().narrow(0, 0, 4).unwrap(),
+        PARITY,
+    )
+    .unwrap();
+}
+
+#[test]
+fn generate_is_greedy_like_transformers_from_ids_and_from_text() {
+    let (r, meta) = reference();
+    let dir = gpt2_dir();
+    let prompt = r["gen_prompt_ids"].get(0).unwrap();
+    let want: Vec<u64> = r["gen_ids"]
+        .get(0)
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as u64)
+        .collect();
+    let new = (want.len() - prompt.dim(0).unwrap()).to_string();
+    let line = ok(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input-ids",
+        &ids_csv(&prompt),
+        "--max-new-tokens",
+        &new,
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(line.trim()).unwrap();
+    let ids: Vec<u64> = serde_json::from_value(v["ids"].clone()).unwrap();
+    assert_eq!(ids, want);
+    // From text, through tokenizer.json.
+    let line = ok(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        &meta["prompt"],
+        "--max-new-tokens",
+        "10",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(line.trim()).unwrap();
+    let want_ids: Value = serde_json::from_str(&meta["gen_text_ids"]).unwrap();
+    assert_eq!(v["ids"], want_ids);
+    assert_eq!(v["text"].as_str().unwrap(), meta["gen_text"]);
+    // Streaming text: the same text on stdout.
+    let streamed =
+        ok(&["generate", "--model", dir.to_str().unwrap(), "--prompt", &meta["prompt"], "--max-new-tokens", "10"]);
+    assert_eq!(streamed.trim_end_matches('\n'), meta["gen_text"]);
+    // Sampling is seeded: the same seed, the same ids.
+    let sample = |seed: &str| {
+        ok(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--input-ids",
+            "5,6,7",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "20",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--json",
+        ])
+    };
+    assert_eq!(sample("3"), sample("3"));
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let o = out.to_str().unwrap();
+    let dir = gpt2_dir();
+    let d = dir.to_str().unwrap();
+    let e = expect_failure(&["hf", "run", "--model", d, "--input-ids", "1,300", "--output", o], &out);
+    assert_mentions(&e, &["token id 300", "0..300"]);
+    let e = expect_failure(&["hf", "run", "--model", d, "--input-ids", "1,x", "--output", o], &out);
+    assert_mentions(&e, &["--input-ids"]);
+    let e = expect_failure(
+        &["hf", "run", "--model", tmp.path().to_str().unwrap(), "--input-ids", "1", "--output", o],
+        &out,
+    );
+    assert_mentions(&e, &["config.json"]);
+    let inp = tmp.path().join("in.safetensors");
+    save(
+        &inp,
+        &[
+            ("input_ids", &Tensor::new(&[[1i64, 2]], &candle_core::Device::Cpu).unwrap()),
+            ("pixel_values", &Tensor::zeros((1, 3, 2, 2), DType::F32, &candle_core::Device::Cpu).unwrap()),
+        ],
+    );
+    let e = expect_failure(&["hf", "run", "--model", d, "--inputs", inp.to_str().unwrap(), "--output", o], &out);
+    assert_mentions(&e, &["pixel_values", "gpt2"]);
+    let long = vec!["1"; 64].join(",");
+    let e = expect_failure(&["generate", "--model", d, "--input-ids", &long, "--max-new-tokens", "5"], &out);
+    assert_mentions(&e, &["context of 64"]);
+    let e = expect_failure(&["generate", "--model", d, "--input-ids", "1", "--temperature", "0"], &out);
+    assert_mentions(&e, &["temperature"]);
+    // An unknown model_type names the field and what is supported.
+    let other = tmp.path().join("bert");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("config.json"), r#"{"model_type": "xlnet"}"#).unwrap();
+    let e = expect_failure(&["hf", "run", "--model", other.to_str().unwrap(), "--input-ids", "1", "--output", o], &out);
+    assert_mentions(&e, &["model_type", "xlnet", "gpt2"]);
+}
