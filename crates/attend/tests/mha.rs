@@ -74,6 +74,7 @@ fn fixture_config(fx: &Fixture) -> MultiHeadAttentionConfig {
         bias: fx.meta_json("bias").and_then(|v| v.as_bool()).unwrap(),
         dropout: 0.0,
         scale: None,
+        fused_qkv: false,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod attention;
 pub mod decode;
 pub mod gat;
 pub mod rnn;
+pub mod train_step;
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -38,6 +39,8 @@ pub enum BenchCommand {
     Gat(gat::BenchGatArgs),
     /// GPT-2 small greedy decoding, batch 1, against the measured memory-bandwidth limit.
     Decode(decode::BenchDecodeArgs),
+    /// One nanoGPT-style GPT training step (forward, backward, AdamW), the anchor's `cpu` or `char` config.
+    TrainStep(train_step::BenchTrainStepArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -47,6 +50,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Gru(args) => rnn::run(args, rnn::Kind::Gru),
         BenchCommand::Gat(args) => gat::run(args),
         BenchCommand::Decode(args) => decode::run(args),
+        BenchCommand::TrainStep(args) => train_step::run(args),
     }
 }
 

@@ -1,0 +1,97 @@
+//! `attend bench train-step --preset cpu|char [--json]`: one nanoGPT-style training step (forward, cross-entropy,
+//! backward, AdamW) of the two configs of `torch_gpt_anchor.py` (`../shared/ANCHORS.md`), on random tokens.
+//!
+//! | preset | layers | heads | C | block | batch | vocab |
+//! |---|---|---|---|---|---|---|
+//! | `cpu` | 4 | 4 | 128 | 64 | 12 | 65 |
+//! | `char` | 6 | 6 | 384 | 256 | 64 | 65 |
+//!
+//! Like the anchor's model: pre-norm, exact GELU, biases, tied output embedding, no dropout; AdamW with lr 1e-3 and
+//! PyTorch's defaults (β = (0.9, 0.999), ε = 1e-8, weight decay 0.01).
+
+use anyhow::{anyhow, bail, Result};
+use attend::layers::feed_forward::Activation;
+use attend::models::gpt::{Gpt, GptConfig, GptInput};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use super::{available_threads, configure_threads, cpu_json, peak_rss_mb, time_passes};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    Cpu,
+    Char,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainStepArgs {
+    #[arg(long, value_enum, default_value_t = Preset::Cpu)]
+    preset: Preset,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BenchTrainStepArgs) -> Result<()> {
+    if args.iters == 0 {
+        bail!("bench train-step: --iters must be positive");
+    }
+    let threads = args.threads.unwrap_or_else(available_threads);
+    configure_threads(threads)?;
+    let (layers, heads, c, block, batch) = match args.preset {
+        Preset::Cpu => (4, 4, 128, 64, 12),
+        Preset::Char => (6, 6, 384, 256, 64),
+    };
+    let vocab = 65;
+    let cfg = GptConfig { n_layers: layers, activation: Activation::Gelu, ..GptConfig::gpt2(vocab, block, c, heads) };
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let gpt = Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).map_err(|e| anyhow!("{e}"))?;
+    gpt.set_training(true);
+    let params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
+    let mut opt = AdamW::new(vm.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
+    let x = Tensor::rand(0f32, vocab as f32, (batch, block), &dev)?.floor()?.to_dtype(DType::U32)?;
+    let y = Tensor::rand(0f32, vocab as f32, (batch, block), &dev)?.floor()?.to_dtype(DType::U32)?;
+    let mut last_loss = f32::NAN;
+    let times = time_passes("bench train-step", args.warmup, args.iters, || {
+        let logits = gpt.forward(&GptInput::new(&x), None).map_err(|e| anyhow!("{e}"))?; // (B, T, V)
+        let loss = attend::ops::cross_entropy(
+            &logits.reshape((batch * block, vocab))?,
+            &y.flatten_all()?,
+            &Default::default(),
+            attend::ops::Reduction::Mean,
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        opt.backward_step(&loss)?;
+        last_loss = loss.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    if !last_loss.is_finite() {
+        bail!("bench train-step: the loss is {last_loss}");
+    }
+    let tokens_per_s = (batch * block) as f64 / times.median * 1e3;
+    let preset = if args.preset == Preset::Cpu { "cpu" } else { "char" };
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "bench": "train_step", "config": preset, "params": params, "threads": threads, "cpu": cpu_json(),
+                "median_ms": times.median, "min_ms": times.min, "p90_ms": times.p90, "tokens_per_s": tokens_per_s,
+                "loss": last_loss, "peak_rss_mb": peak_rss_mb(),
+            })
+        );
+    } else {
+        println!(
+            "attend bench train-step {preset}: {layers} layers, {heads} heads, C {c}, block {block}, batch {batch} ({:.2}M parameters)\n  time    median {:.2} ms (min {:.2}, p90 {:.2})\n  rate    {:.0} tokens/s",
+            params as f64 / 1e6, times.median, times.min, times.p90, tokens_per_s
+        );
+    }
+    Ok(())
+}
