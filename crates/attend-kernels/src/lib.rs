@@ -19,6 +19,7 @@
 //! | [`rnn_seq`] | LSTM and GRU over a whole sequence: per-step gemm + fused cell, lengths, reverse | reverse walk, one gemm per step, `dW_hh` in one gemm |
 //! | [`sparse`] | sparsemax and 1.5-entmax, exact thresholds by sorting | `dz = w ⊙ dp − (⟨w, dp⟩/Σw)·w`, `w` = support or `√p` |
 
+pub mod bias;
 pub mod cpu;
 pub mod cross_entropy;
 pub mod dropout;

@@ -325,3 +325,32 @@ fn bad_input_is_an_error_naming_shapes() {
     let e = err(ops::softmax(&Tensor::zeros((2, 3), DType::U32, &dev).unwrap(), None));
     assert!(e.contains("U32"), "{e}");
 }
+
+/// The linear op (its bias gradient is one product) against its composed twin, forward and every gradient, in f32
+/// and f64, and against finite differences.
+#[test]
+fn linear_matches_its_twin_and_finite_differences() {
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(&randn(&[2, 3, 5], 20, dtype)).unwrap();
+        let w = Var::from_tensor(&randn(&[4, 5], 21, dtype)).unwrap();
+        let b = Var::from_tensor(&randn(&[4], 22, dtype)).unwrap();
+        let dy = randn(&[2, 3, 4], 23, dtype);
+        let run = |fused: bool| {
+            let f = if fused { ops::linear } else { ops::linear_reference };
+            let y = f(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap();
+            let g = weighted_sum(&y, &dy).backward().unwrap();
+            let grads: Vec<Tensor> = [&x, &w, &b].iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect();
+            (y, grads)
+        };
+        let ((y, g), (yr, gr)) = (run(true), run(false));
+        let tol = if dtype == DType::F32 { F32_GRAD } else { F64 };
+        assert_close("linear y", &y, &yr, tol);
+        for (name, (a, r)) in ["dx", "dw", "db"].iter().zip(g.iter().zip(&gr)) {
+            assert_close(&format!("linear {name} {dtype:?}"), a, r, tol);
+        }
+    }
+    let (w, b, x) = (randn64(&[4, 5], 24), randn64(&[4], 25), randn64(&[3, 5], 26));
+    fd_check("linear dx", x.clone(), |x| ops::linear(x, &w, Some(&b)).unwrap());
+    fd_check("linear dw", w.clone(), |w| ops::linear(&x, w, Some(&b)).unwrap());
+    fd_check("linear db", b.clone(), |b| ops::linear(&x, &w, Some(b)).unwrap());
+}

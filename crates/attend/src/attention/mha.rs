@@ -67,7 +67,9 @@
 //! ```
 
 use candle_core::Tensor;
-use candle_nn::{linear, linear_no_bias, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use crate::layers::linear::Linear;
 use serde::{Deserialize, Serialize};
 
 use super::core::{attention_with, AttentionDropout, AttentionImpl, AttentionOptions};
@@ -254,7 +256,7 @@ impl MultiHeadAttention {
         let MhaDims { c, h, hkv, d, ckv, cv } = dims;
         let lin = |i: usize, o: usize, name: &str| -> Result<Linear> {
             let vb = vb.pp(name);
-            Ok(if config.bias { linear(i, o, vb)? } else { linear_no_bias(i, o, vb)? })
+            Linear::new(i, o, config.bias, vb)
         };
         let input = if config.fused_qkv {
             InputProjections::Fused(lin(c, (h + 2 * hkv) * d, "qkv_proj")?)

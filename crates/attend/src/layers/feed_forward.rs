@@ -20,9 +20,10 @@
 //! `x (B, T, C) → (B, T, C)`, hidden `(B, T, F)`.
 
 use candle_core::Tensor;
-use candle_nn::{linear, linear_no_bias, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::linear::Linear;
 use crate::ops::{dropout, gelu, GeluKind};
 use crate::rng::{DropoutStream, TrainingFlag};
 use crate::{bail, Result};
@@ -107,9 +108,7 @@ impl FeedForward {
         if !(0.0..1.0).contains(&config.dropout) {
             bail!("FeedForward", "dropout must be in [0, 1), got {}", config.dropout);
         }
-        let lin = |i, o, name: &str| -> Result<Linear> {
-            Ok(if config.bias { linear(i, o, vb.pp(name))? } else { linear_no_bias(i, o, vb.pp(name))? })
-        };
+        let lin = |i, o, name: &str| Linear::new(i, o, config.bias, vb.pp(name));
         Ok(Self {
             fc_in: lin(c, f, "fc_in")?,
             fc_gate: if config.gated { Some(lin(c, f, "fc_gate")?) } else { None },

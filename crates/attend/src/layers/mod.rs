@@ -14,6 +14,7 @@
 //! | [`truncated::TruncatedSelfAttention`]: windowed self-attention, streamed with a bounded cache | streaming speech Transformers | `truncated.rs` |
 //! | [`transformer::TransformerLayer`]: self-, cross-attention and feed-forward branches, pre- or post-norm | Vaswani et al. 2017 §3.1; Xiong et al. 2020 | `transformer.rs` |
 //! | [`feed_forward::FeedForward`]: plain or gated | Vaswani et al. 2017 §3.3; Shazeer 2020 | `feed_forward.rs` |
+//! | [`linear::Linear`]: `x Wᵀ + b` with a one-product bias gradient | — | `linear.rs` |
 //! | [`norm::Norm`]: layer norm, RMS norm (fused, hand-written backward) | Ba et al. 2016; Zhang & Sennrich 2019 | `norm.rs` |
 //! | [`stack::Stack`]: distinct or shared parameters across depth | ALBERT (Lan et al. 2020), Universal Transformer | `stack.rs` |
 
@@ -24,6 +25,7 @@ pub mod gat;
 pub mod global;
 pub mod han;
 pub mod hard;
+pub mod linear;
 pub mod local;
 pub mod norm;
 pub mod spatial;

@@ -43,12 +43,13 @@
 //! ```
 
 use candle_core::{DType, Tensor};
-use candle_nn::{linear, linear_no_bias, Embedding, Init, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{KvCache, Mask, MaskTensor, MhaOptions, MultiHeadAttentionConfig};
 use crate::error::shape_str;
 use crate::layers::feed_forward::{Activation, FeedForwardConfig};
+use crate::layers::linear::Linear;
 use crate::layers::norm::{Norm, NormConfig};
 use crate::layers::stack::Stack;
 use crate::layers::transformer::{LayerContext, NormPosition, TransformerLayer, TransformerLayerConfig};
@@ -246,7 +247,7 @@ impl Gpt {
             GptLayout::Gpt2 => Some(Norm::new(c, NormConfig::layer(config.layer_norm_eps), vb.pp("ln_f"))?),
             GptLayout::Gpt1 => None,
         };
-        let lm_head = if config.tie_embeddings { None } else { Some(linear_no_bias(c, v, vb.pp("lm_head"))?) };
+        let lm_head = if config.tie_embeddings { None } else { Some(Linear::new(c, v, false, vb.pp("lm_head"))?) };
         let mut gpt = Self {
             wte,
             wpe,
@@ -439,7 +440,10 @@ pub struct ClassifierLoss {
 impl GptClassifier {
     pub fn new(config: &GptConfig, n_classes: usize, vb: VarBuilder) -> Result<Self> {
         ensure!(n_classes > 0, "GptClassifier", "n_classes must be positive");
-        Ok(Self { gpt: Gpt::new(config, vb.pp("gpt"))?, head: linear(config.d_model, n_classes, vb.pp("head"))? })
+        Ok(Self {
+            gpt: Gpt::new(config, vb.pp("gpt"))?,
+            head: Linear::new(config.d_model, n_classes, true, vb.pp("head"))?,
+        })
     }
 
     pub fn gpt(&self) -> &Gpt {
