@@ -9,6 +9,8 @@
 //! Like the anchor's model: pre-norm, exact GELU, biases, tied output embedding, no dropout; AdamW with lr 1e-3 and
 //! PyTorch's defaults (β = (0.9, 0.999), ε = 1e-8, weight decay 0.01).
 
+use std::time::Instant;
+
 use anyhow::{anyhow, bail, Result};
 use attend::layers::feed_forward::Activation;
 use attend::models::gpt::{Gpt, GptConfig, GptInput};
@@ -60,19 +62,33 @@ pub fn run(args: BenchTrainStepArgs) -> Result<()> {
     let x = Tensor::rand(0f32, vocab as f32, (batch, block), &dev)?.floor()?.to_dtype(DType::U32)?;
     let y = Tensor::rand(0f32, vocab as f32, (batch, block), &dev)?.floor()?.to_dtype(DType::U32)?;
     let mut last_loss = f32::NAN;
+    // Per phase, to see where a step goes: forward (with the loss), backward, optimiser.
+    let mut phases: Vec<[f64; 3]> = Vec::new();
     let times = time_passes("bench train-step", args.warmup, args.iters, || {
+        let t0 = Instant::now();
         let logits = gpt.forward(&GptInput::new(&x), None).map_err(|e| anyhow!("{e}"))?; // (B, T, V)
         let loss = attend::ops::cross_entropy(
-            &logits.reshape((batch * block, vocab))?,
+            &logits.reshape((batch * block, vocab))?, // (N, V)
             &y.flatten_all()?,
             &Default::default(),
             attend::ops::Reduction::Mean,
         )
         .map_err(|e| anyhow!("{e}"))?;
-        opt.backward_step(&loss)?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        opt.step(&grads)?;
+        let t3 = Instant::now();
+        phases.push([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()].map(|s| s * 1e3));
         last_loss = loss.to_scalar::<f32>()?;
         Ok(())
     })?;
+    let timed = &mut phases[args.warmup..];
+    let median = |i: usize, v: &mut [[f64; 3]]| {
+        v.sort_by(|a, b| a[i].total_cmp(&b[i]));
+        v[v.len() / 2][i]
+    };
+    let (fwd, bwd, optim) = (median(0, timed), median(1, timed), median(2, timed));
     if !last_loss.is_finite() {
         bail!("bench train-step: the loss is {last_loss}");
     }
@@ -84,13 +100,14 @@ pub fn run(args: BenchTrainStepArgs) -> Result<()> {
             json!({
                 "bench": "train_step", "config": preset, "params": params, "threads": threads, "cpu": cpu_json(),
                 "median_ms": times.median, "min_ms": times.min, "p90_ms": times.p90, "tokens_per_s": tokens_per_s,
+                "forward_ms": fwd, "backward_ms": bwd, "optimizer_ms": optim,
                 "loss": last_loss, "peak_rss_mb": peak_rss_mb(),
             })
         );
     } else {
         println!(
-            "attend bench train-step {preset}: {layers} layers, {heads} heads, C {c}, block {block}, batch {batch} ({:.2}M parameters)\n  time    median {:.2} ms (min {:.2}, p90 {:.2})\n  rate    {:.0} tokens/s",
-            params as f64 / 1e6, times.median, times.min, times.p90, tokens_per_s
+            "attend bench train-step {preset}: {layers} layers, {heads} heads, C {c}, block {block}, batch {batch} ({:.2}M parameters)\n  time    median {:.2} ms (min {:.2}, p90 {:.2})\n  rate    {:.0} tokens/s\n  phases  forward {:.2} ms, backward {:.2} ms, AdamW {:.2} ms",
+            params as f64 / 1e6, times.median, times.min, times.p90, tokens_per_s, fwd, bwd, optim
         );
     }
     Ok(())
