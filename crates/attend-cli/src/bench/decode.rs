@@ -17,7 +17,7 @@ use clap::Args;
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::{available_threads, configure_threads, cpu_json, peak_rss_mb, time_passes};
+use super::{available_threads, configure_threads, cpu_json, inference_weights, peak_rss_mb, time_passes};
 
 #[derive(Debug, Args)]
 pub struct BenchDecodeArgs {
@@ -77,14 +77,7 @@ pub fn run(args: BenchDecodeArgs) -> Result<()> {
     // Created through a VarMap (GPT-2's initialisation), then rebuilt over detached copies, as loaded from a
     // checkpoint for inference.
     Gpt::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).map_err(|e| anyhow!("{e}"))?;
-    let weights = vm
-        .data()
-        .lock()
-        .map_err(|_| anyhow!("parameters"))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
-    let gpt = Gpt::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev)).map_err(|e| anyhow!("{e}"))?;
+    let gpt = Gpt::new(&cfg, inference_weights(&vm)?).map_err(|e| anyhow!("{e}"))?;
     let params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
     let weight_bytes = params * 4;
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 13) % 50257).collect();

@@ -190,6 +190,19 @@ pub fn time_passes(
     Ok(Times::of(ms))
 }
 
+/// A `VarBuilder` over detached copies of a `VarMap`'s parameters: the same weights as loaded from a checkpoint for
+/// inference, so layers keep no activations for a backward.
+pub fn inference_weights(vm: &candle_nn::VarMap) -> Result<candle_nn::VarBuilder<'static>> {
+    let weights: std::collections::HashMap<String, candle_core::Tensor> = vm
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("parameters"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    Ok(candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &candle_core::Device::Cpu))
+}
+
 /// The CPU as the bench JSON reports it.
 pub fn cpu_json() -> serde_json::Value {
     let cpu = attend_kernels::cpu::CpuInfo::get();

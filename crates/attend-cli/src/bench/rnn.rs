@@ -2,8 +2,6 @@
 //! (`/work/shared/bench/torch_rnn_anchor.py`: median ms, tokens/s), validated before timing (fused cells against
 //! their composed twins on the timed shape).
 
-use std::collections::HashMap;
-
 use anyhow::{anyhow, bail, Result};
 use attend::rnn::{CellImpl, Gru, Lstm, RnnConfig};
 use candle_core::{DType, Device, Tensor, Var};
@@ -135,14 +133,7 @@ pub fn run(args: BenchRnnArgs, kind: Kind) -> Result<()> {
     // (as loaded from a checkpoint), so the layer keeps no activations for a backward.
     let input = if args.backward { x.as_tensor().clone() } else { x.as_tensor().detach() };
     if !args.backward {
-        let weights: HashMap<String, Tensor> = vm
-            .data()
-            .lock()
-            .map_err(|_| anyhow!("parameters"))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let vb = super::inference_weights(&vm)?;
         let imp = if args.reference { CellImpl::Reference } else { CellImpl::Fused };
         layer = match kind {
             Kind::Lstm => Layer::Lstm(Lstm::new(cfg, vb).map_err(at)?),
