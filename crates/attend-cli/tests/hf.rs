@@ -186,3 +186,14 @@ fn bad_input_gives_one_line_errors() {
     let e = expect_failure(&["hf", "run", "--model", other.to_str().unwrap(), "--input-ids", "1", "--output", o], &out);
     assert_mentions(&e, &["model_type", "xlnet", "gpt2"]);
 }
+
+#[test]
+fn bench_train_step_reports_the_contract_keys() {
+    let line = ok(&["bench", "train-step", "--preset", "cpu", "--iters", "1", "--warmup", "0", "--json"]);
+    let v: Value = serde_json::from_str(line.trim()).unwrap();
+    for key in ["median_ms", "tokens_per_s", "forward_ms", "backward_ms", "optimizer_ms"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {line}");
+    }
+    assert!(v["loss"].as_f64().is_some_and(f64::is_finite), "{line}");
+    assert_eq!(v["params"], 809856, "the anchor's cpu config has 809,856 parameters");
+}
