@@ -1,5 +1,5 @@
 //! `attend hf run` and `attend generate` end to end on the tiny GPT-2 directory of fixtures/hf/gpt2 against what
-//! `transformers` computed (fixtures/hf_ref/gpt2.safetensors, scripts/oracle/hf_gpt2.py): logits under Hugging Face's
+//! `transformers` computed (fixtures/hf_ref/gpt2.safetensors, scripts/oracle/hf.py): logits under Hugging Face's
 //! names and shapes, greedy ids token for token from ids and from text, and one-line errors on bad input.
 
 use std::path::{Path, PathBuf};
