@@ -16,14 +16,10 @@ use attend::layers::feed_forward::Activation;
 use attend::models::gpt::{Gpt, GptClassifier, GptConfig, GptInput, GptLayout};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_all_grads_finite_nonzero, assert_close, load, reseed, varmap_vars, Tol};
+use common::{assert_all_grads_finite_nonzero, assert_close, hf_dir, load, real_rows, reseed, varmap_vars, Tol};
 
 /// The bar for checkpoint parity: max abs difference ≤ 1e-4 on logits and hidden states.
 const PARITY: Tol = Tol { atol: 1e-4, rtol: 0.0 };
-
-fn hf_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf").join(name)
-}
 
 fn gpt2() -> (Gpt, GptConfig) {
     let l = load_gpt2(&HfDir::open(hf_dir("gpt2")).unwrap(), DType::F32, &Device::Cpu, false).unwrap();
@@ -36,14 +32,6 @@ fn ids_of(t: &Tensor) -> Tensor {
 
 fn row_ids(t: &Tensor, r: usize) -> Vec<u32> {
     ids_of(t).get(r).unwrap().to_vec1().unwrap()
-}
-
-/// Rows of `(B, T, ·)` where `mask (B, T)` is 1, stacked: the positions whose outputs are defined.
-fn real_rows(x: &Tensor, mask: &Tensor) -> Tensor {
-    let (b, t, c) = x.dims3().unwrap();
-    let m: Vec<i64> = mask.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let idx: Vec<u32> = (0..b * t).filter(|&i| m[i] != 0).map(|i| i as u32).collect();
-    x.reshape((b * t, c)).unwrap().index_select(&Tensor::new(idx, &Device::Cpu).unwrap(), 0).unwrap()
 }
 
 #[test]
@@ -341,20 +329,8 @@ fn a_saved_model_loads_back_with_identical_logits() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A copy of the fixture directory with `edit` applied to its config and tensors.
 fn edited_dir(tag: &str, edit: impl FnOnce(&mut serde_json::Value, &mut HashMap<String, Tensor>)) -> PathBuf {
-    let src = hf_dir("gpt2");
-    let dir = std::env::temp_dir().join(format!("attend-gpt2-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    edit(&mut cfg, &mut t);
-    std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
-    if !t.is_empty() {
-        candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    }
-    dir
+    common::edited_hf_dir("gpt2", tag, edit)
 }
 
 fn load_err(dir: &PathBuf) -> String {

@@ -46,7 +46,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{KvCache, Mask, MaskTensor, MhaOptions, MultiHeadAttentionConfig};
+use super::{check_ids, padding_mask};
+use crate::attention::{KvCache, Mask, MhaOptions, MultiHeadAttentionConfig};
 use crate::error::shape_str;
 use crate::layers::feed_forward::{Activation, FeedForwardConfig};
 use crate::layers::linear::Linear;
@@ -56,7 +57,7 @@ use crate::layers::transformer::{LayerContext, NormPosition, TransformerLayer, T
 use crate::ops::{self, CrossEntropyConfig, Reduction};
 use crate::position::learned::LearnedPositions;
 use crate::rng::{DropoutRng, DropoutStream, TrainingFlag};
-use crate::{bail, ensure, Result};
+use crate::{ensure, Result};
 
 /// GPT-1 or GPT-2 block layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,7 +317,7 @@ impl Gpt {
         if self.training.get() && self.config.embd_dropout > 0.0 {
             x = ops::dropout(&x, self.config.embd_dropout, self.dropout.next_seed(), 0)?;
         }
-        let mask = causal_padding_mask(Self::OP, input.attention_mask, b, s)?;
+        let mask = padding_mask(Self::OP, Mask::causal(), input.attention_mask, b, s)?;
         let ctx = LayerContext {
             mask: &mask,
             memory: None,
@@ -368,49 +369,6 @@ impl Gpt {
         let cfg = CrossEntropyConfig { ignore_index: ignore, ..Default::default() };
         ops::cross_entropy(&pred, &targets.flatten_all()?, &cfg, Reduction::Mean)
     }
-}
-
-/// Checks `(B, T)` token ids against the vocabulary; returns `(B, T)`.
-pub(crate) fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<(usize, usize)> {
-    let Ok((b, t)) = ids.dims2() else { bail!(op, "input_ids must be (B, T), got {}", shape_str(ids)) };
-    ensure!(b > 0 && t > 0, op, "input_ids {} is empty", shape_str(ids));
-    ensure!(
-        matches!(ids.dtype(), DType::U32 | DType::I64 | DType::U8),
-        op,
-        "input_ids must be integers (u32 or i64), got {:?}",
-        ids.dtype()
-    );
-    let flat = ids.flatten_all()?.to_dtype(DType::I64)?;
-    let (lo, hi) = (flat.min(0)?.to_scalar::<i64>()?, flat.max(0)?.to_scalar::<i64>()?);
-    ensure!(
-        lo >= 0 && (hi as usize) < vocab,
-        op,
-        "token id {} is outside the vocabulary 0..{vocab}",
-        if lo < 0 { lo } else { hi }
-    );
-    Ok((b, t))
-}
-
-/// The causal mask, with the keys whose `attention_mask` is 0 hidden (left or right padding).
-pub(crate) fn causal_padding_mask(
-    op: &'static str,
-    attention_mask: Option<&Tensor>,
-    b: usize,
-    s: usize,
-) -> Result<Mask> {
-    Ok(match attention_mask {
-        None => Mask::causal(),
-        Some(m) => {
-            ensure!(
-                m.dims() == [b, s],
-                op,
-                "attention_mask {} must be (B, S) = ({b}, {s}): one entry per cached and new position",
-                shape_str(m)
-            );
-            let keep = m.ne(0u32)?.reshape((b, 1, 1, s))?; // (B, 1, 1, S) u8
-            Mask::causal().with_tensor(MaskTensor::Keep(keep))
-        }
-    })
 }
 
 /// GPT fine-tuned for classification (GPT-1 §3.2): a linear head on the state of each sequence's last real token,

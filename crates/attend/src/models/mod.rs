@@ -3,9 +3,62 @@
 //! | model | file |
 //! |---|---|
 //! | [`seq2seq::Seq2Seq`]: recurrent encoder–decoder, no attention / Bahdanau / Luong global / local-m / local-p, coverage | `seq2seq.rs` |
+//! | [`bert::Bert`], [`bert::BertPretraining`], [`bert::BertForTask`]: bidirectional encoder, masked-LM and next-sentence pretraining, classification / tagging / span heads (RoBERTa, DistilBERT by settings) | `bert.rs` |
 //! | [`gpt::Gpt`], [`gpt::GptClassifier`]: causal decoder LM, GPT-1 and GPT-2 layouts, fine-tuning with the auxiliary LM loss | `gpt.rs` |
 //! | [`ram::Ram`]: recurrent attention model, glimpses and REINFORCE (Mnih et al. 2014) | `ram.rs` |
 
+pub mod bert;
 pub mod gpt;
 pub mod ram;
 pub mod seq2seq;
+
+use candle_core::{DType, Tensor};
+
+use crate::attention::{Mask, MaskTensor};
+use crate::error::shape_str;
+use crate::{bail, ensure, Result};
+
+/// Checks `(B, T)` token ids against the vocabulary; returns `(B, T)`.
+pub(crate) fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<(usize, usize)> {
+    let Ok((b, t)) = ids.dims2() else { bail!(op, "input_ids must be (B, T), got {}", shape_str(ids)) };
+    ensure!(b > 0 && t > 0, op, "input_ids {} is empty", shape_str(ids));
+    ensure!(
+        matches!(ids.dtype(), DType::U32 | DType::I64 | DType::U8),
+        op,
+        "input_ids must be integers (u32 or i64), got {:?}",
+        ids.dtype()
+    );
+    let flat = ids.flatten_all()?.to_dtype(DType::I64)?;
+    let (lo, hi) = (flat.min(0)?.to_scalar::<i64>()?, flat.max(0)?.to_scalar::<i64>()?);
+    ensure!(
+        lo >= 0 && (hi as usize) < vocab,
+        op,
+        "token id {} is outside the vocabulary 0..{vocab}",
+        if lo < 0 { lo } else { hi }
+    );
+    Ok((b, t))
+}
+
+/// `base` (the causal mask of a decoder, no mask for an encoder) with the keys whose Hugging Face-style
+/// `attention_mask (B, S)` is 0 hidden (left or right padding).
+pub(crate) fn padding_mask(
+    op: &'static str,
+    base: Mask,
+    attention_mask: Option<&Tensor>,
+    b: usize,
+    s: usize,
+) -> Result<Mask> {
+    Ok(match attention_mask {
+        None => base,
+        Some(m) => {
+            ensure!(
+                m.dims() == [b, s],
+                op,
+                "attention_mask {} must be (B, S) = ({b}, {s}): one entry per cached and new position",
+                shape_str(m)
+            );
+            let keep = m.ne(0u32)?.reshape((b, 1, 1, s))?; // (B, 1, 1, S) u8
+            base.with_tensor(MaskTensor::Keep(keep))
+        }
+    })
+}

@@ -271,3 +271,37 @@ pub fn reseed(vm: &candle_nn::VarMap, seed: u64, scale: f64) {
         v.set(&t).unwrap();
     }
 }
+
+/// A Hugging Face oracle directory under fixtures/hf (written by scripts/oracle/hf.py).
+pub fn hf_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf").join(name)
+}
+
+/// Rows of `(B, T, ·)` where `mask (B, T)` is 1, stacked: the positions whose outputs are defined.
+pub fn real_rows(x: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, t, c) = x.dims3().unwrap();
+    let m: Vec<i64> = mask.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let idx: Vec<u32> = (0..b * t).filter(|&i| m[i] != 0).map(|i| i as u32).collect();
+    x.reshape((b * t, c)).unwrap().index_select(&Tensor::new(idx, &Device::Cpu).unwrap(), 0).unwrap()
+}
+
+/// A copy of the oracle directory `src` (config and weights only) in a temporary directory, with `edit` applied to
+/// its config and tensors; an emptied tensor map writes no weights.
+pub fn edited_hf_dir(
+    src: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut serde_json::Value, &mut HashMap<String, Tensor>),
+) -> PathBuf {
+    let from = hf_dir(src);
+    let dir = std::env::temp_dir().join(format!("attend-{src}-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap()).unwrap();
+    let mut t = candle_core::safetensors::load(from.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit(&mut cfg, &mut t);
+    std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    if !t.is_empty() {
+        candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    }
+    dir
+}

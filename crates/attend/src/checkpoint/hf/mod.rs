@@ -10,6 +10,7 @@
 //! | `model_type` | model | file names |
 //! |---|---|---|
 //! | `gpt2` | [`Gpt`] (GPT-2 layout) | [`gpt2_names`] |
+//! | `bert`, `roberta`, `distilbert` | [`AnyBert`]: encoder, pretraining heads or a fine-tuning head | [`bert_names`] |
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +22,15 @@ use serde_json::{Map, Value};
 use super::StrictTensors;
 use crate::error::shape_str;
 use crate::layers::feed_forward::Activation;
-use crate::models::gpt::{Gpt, GptConfig, GptLayout};
+use crate::models::bert::{AnyBert, BertConfig};
+use crate::models::gpt::{Gpt, GptConfig};
 use crate::{Error, Result};
+
+mod bert;
+mod gpt2;
+
+pub use bert::{bert_config, bert_heads, bert_names, load_bert, save_bert, BertFamily};
+pub use gpt2::{gpt2_config, gpt2_names, load_gpt2, save_gpt2};
 
 /// A Hugging Face model directory: its parsed `config.json` and where its weights are.
 #[derive(Clone, Debug)]
@@ -32,7 +40,7 @@ pub struct HfDir {
     model_type: String,
 }
 
-fn file_error(path: &Path, msg: impl Into<String>) -> Error {
+pub(crate) fn file_error(path: &Path, msg: impl Into<String>) -> Error {
     Error::File { path: path.to_path_buf(), msg: msg.into() }
 }
 
@@ -152,10 +160,12 @@ fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
 pub enum HfModel {
     /// `gpt2`: a causal LM (`GPT2LMHeadModel` / `GPT2Model`).
     Gpt2(Loaded<Gpt, GptConfig>),
+    /// `bert`, `roberta`, `distilbert`: an encoder, with the heads its architecture names.
+    Bert(Loaded<AnyBert, BertConfig>),
 }
 
 /// The `model_type`s [`load`] reads.
-pub const SUPPORTED: &[&str] = &["gpt2"];
+pub const SUPPORTED: &[&str] = &["gpt2", "bert", "roberta", "distilbert"];
 
 /// Loads the directory's model by its `model_type`.
 ///
@@ -164,6 +174,7 @@ pub const SUPPORTED: &[&str] = &["gpt2"];
 pub fn load(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) -> Result<HfModel> {
     match dir.model_type() {
         "gpt2" => Ok(HfModel::Gpt2(load_gpt2(dir, dtype, device, trainable)?)),
+        "bert" | "roberta" | "distilbert" => Ok(HfModel::Bert(load_bert(dir, dtype, device, trainable)?)),
         _ => Err(dir.unsupported("model_type", &format!("attend reads {}", SUPPORTED.join(", ")))),
     }
 }
@@ -198,93 +209,8 @@ pub struct NameEntry {
     pub transposed: bool,
 }
 
-fn entry(hf: String, attend: String, transposed: bool) -> NameEntry {
+pub(crate) fn entry(hf: String, attend: String, transposed: bool) -> NameEntry {
     NameEntry { hf, attend, transposed }
-}
-
-/// GPT-2's names (`GPT2Model`; `GPT2LMHeadModel` adds the prefix `transformer.`, handled by the loader).
-///
-/// | Hugging Face | attend | layout |
-/// |---|---|---|
-/// | `wte.weight`, `wpe.weight` | `wte.weight`, `wpe.weight` | |
-/// | `h.{i}.ln_1.{weight,bias}` | `layers.{i}.self_attn_norm.*` | |
-/// | `h.{i}.attn.c_attn.{weight,bias}` | `layers.{i}.self_attn.qkv_proj.*` | Conv1D: transposed |
-/// | `h.{i}.attn.c_proj.{weight,bias}` | `layers.{i}.self_attn.out_proj.*` | Conv1D: transposed |
-/// | `h.{i}.ln_2.{weight,bias}` | `layers.{i}.ffn_norm.*` | |
-/// | `h.{i}.mlp.c_fc.{weight,bias}` | `layers.{i}.ffn.fc_in.*` | Conv1D: transposed |
-/// | `h.{i}.mlp.c_proj.{weight,bias}` | `layers.{i}.ffn.fc_out.*` | Conv1D: transposed |
-/// | `ln_f.{weight,bias}` | `ln_f.*` | |
-pub fn gpt2_names(n_layers: usize) -> Vec<NameEntry> {
-    let mut t = vec![
-        entry("wte.weight".into(), "wte.weight".into(), false),
-        entry("wpe.weight".into(), "wpe.weight".into(), false),
-        entry("ln_f.weight".into(), "ln_f.weight".into(), false),
-        entry("ln_f.bias".into(), "ln_f.bias".into(), false),
-    ];
-    for i in 0..n_layers {
-        let parts = [
-            ("ln_1", "self_attn_norm", false),
-            ("attn.c_attn", "self_attn.qkv_proj", true),
-            ("attn.c_proj", "self_attn.out_proj", true),
-            ("ln_2", "ffn_norm", false),
-            ("mlp.c_fc", "ffn.fc_in", true),
-            ("mlp.c_proj", "ffn.fc_out", true),
-        ];
-        for (hf, ours, conv) in parts {
-            t.push(entry(format!("h.{i}.{hf}.weight"), format!("layers.{i}.{ours}.weight"), conv));
-            t.push(entry(format!("h.{i}.{hf}.bias"), format!("layers.{i}.{ours}.bias"), false));
-        }
-    }
-    t
-}
-
-/// Buffers that old GPT-2 checkpoints saved beside the parameters (the causal mask), ignored on load.
-fn is_gpt2_buffer(name: &str) -> bool {
-    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
-}
-
-/// The [`GptConfig`] of a `gpt2` directory, with Hugging Face's `GPT2Config` defaults for absent fields.
-///
-/// # Errors
-/// Another `model_type`, a field of the wrong type, or a value attend does not implement (the message names it).
-pub fn gpt2_config(dir: &HfDir) -> Result<GptConfig> {
-    if dir.model_type() != "gpt2" {
-        return Err(dir.unsupported("model_type", "expected \"gpt2\""));
-    }
-    let act: String = dir.field("activation_function", "gelu_new".to_string())?;
-    let activation = Activation::from_hf(&act)
-        .ok_or_else(|| dir.unsupported("activation_function", "use relu, gelu, gelu_new, gelu_pytorch_tanh or silu"))?;
-    if !dir.field("scale_attn_weights", true)? {
-        return Err(dir.unsupported("scale_attn_weights", "attend always scales scores by 1/√D"));
-    }
-    if dir.field("scale_attn_by_inverse_layer_idx", false)? {
-        return Err(dir.unsupported("scale_attn_by_inverse_layer_idx", "only the default false"));
-    }
-    if dir.field("add_cross_attention", false)? {
-        return Err(dir.unsupported("add_cross_attention", "GPT-2 with cross-attention is not implemented"));
-    }
-    let d_model: usize = dir.field("n_embd", 768)?;
-    let n_heads: usize = dir.field("n_head", 12)?;
-    if n_heads == 0 || d_model % n_heads != 0 {
-        return Err(dir.unsupported("n_head", &format!("must divide n_embd = {d_model}")));
-    }
-    Ok(GptConfig {
-        vocab_size: dir.field("vocab_size", 50257)?,
-        n_positions: dir.field("n_positions", 1024)?,
-        d_model,
-        n_layers: dir.field("n_layer", 12)?,
-        n_heads,
-        d_ff: dir.field("n_inner", None)?,
-        activation,
-        layer_norm_eps: dir.field("layer_norm_epsilon", 1e-5)?,
-        layout: GptLayout::Gpt2,
-        dropout: dir.field("resid_pdrop", 0.1)?,
-        attn_dropout: dir.field("attn_pdrop", 0.1)?,
-        embd_dropout: dir.field("embd_pdrop", 0.1)?,
-        tie_embeddings: dir.field("tie_word_embeddings", true)?,
-        fused_qkv: true,
-        share_layers: false,
-    })
 }
 
 /// Renames the file's tensors through `table`, transposing where it says; returns attend's names with a label map
@@ -292,7 +218,7 @@ pub fn gpt2_config(dir: &HfDir) -> Result<GptConfig> {
 ///
 /// # Errors
 /// A tensor of the file that the table does not know (after `ignore`), naming it.
-fn apply_table(
+pub(crate) fn apply_table(
     file: &Path,
     mut tensors: HashMap<String, Tensor>,
     table: &[NameEntry],
@@ -334,7 +260,7 @@ pub struct Loaded<M, C> {
 }
 
 /// Wraps the tensors in variables when `trainable` (the model built over them then trains them).
-fn strict_source(
+pub(crate) fn strict_source(
     tensors: HashMap<String, Tensor>,
     labels: HashMap<String, String>,
     source: &Path,
@@ -356,106 +282,66 @@ fn strict_source(
     Ok((StrictTensors::with_labels(ts, source.display().to_string(), labels), vars))
 }
 
-/// A GPT-2 directory as a [`Gpt`] in `dtype` on `device`, with the config of [`gpt2_config`]; `trainable` wraps
-/// every parameter in a [`Var`] (fine-tuning).
-///
-/// `GPT2LMHeadModel` files (names under `transformer.`, an optional `lm_head.weight` equal to the tied `wte`) and
-/// `GPT2Model` files both load.
-///
-/// # Errors
-/// Missing, extra or misshapen tensors (naming the file's tensor), an untied `lm_head` in a tied config.
-pub fn load_gpt2(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) -> Result<Loaded<Gpt, GptConfig>> {
-    let config = gpt2_config(dir)?;
-    let mut raw = dir.weights(device)?;
-    let source = dir.path().join("model.safetensors");
-    if raw.keys().any(|k| k.starts_with("transformer.")) {
-        raw = raw
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("transformer.").map_or(k.clone(), str::to_string), v))
-            .collect();
-    }
-    let mut table = gpt2_names(config.n_layers);
-    match (raw.contains_key("lm_head.weight"), config.tie_embeddings) {
-        (true, false) => table.push(entry("lm_head.weight".into(), "lm_head.weight".into(), false)),
-        (true, true) => {
-            // Some writers store the tied head anyway; it must be the embedding.
-            let (head, wte) = (&raw["lm_head.weight"], raw.get("wte.weight"));
-            let same = wte.is_some_and(|w| {
-                w.dims() == head.dims()
-                    && (w - head)
-                        .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>())
-                        .is_ok_and(|m| m == 0.0)
-            });
-            if !same {
-                return Err(file_error(
-                    &source,
-                    "`lm_head.weight` differs from `wte.weight` but config.json says tie_word_embeddings = true",
-                ));
-            }
-            raw.remove("lm_head.weight");
-        }
-        _ => {}
-    }
-    let (tensors, labels) = apply_table(&source, raw, &table, is_gpt2_buffer)?;
-    let (strict, vars) = strict_source(tensors, labels, &source, dtype, trainable)?;
-    let model = Gpt::new(&config, strict.var_builder(dtype, device))?;
-    Ok(Loaded { model, config, vars })
-}
-
-/// Writes a GPT-2-layout model to `dir` as `transformers` reads it: `config.json` (`GPT2LMHeadModel`) and
-/// `model.safetensors` under Hugging Face's names, each file atomically. `tensors` are the model's parameters under
-/// attend's names (a `VarMap`'s contents).
-///
-/// # Errors
-/// A config that GPT-2 cannot express (GPT-1 layout, separate q/k/v projections, shared layers), a missing tensor.
-pub fn save_gpt2(config: &GptConfig, tensors: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
-    const OP: &str = "save_gpt2";
-    crate::ensure!(
-        config.layout == GptLayout::Gpt2 && config.fused_qkv && !config.share_layers,
-        OP,
-        "GPT-2's format needs the GPT-2 layout with fused_qkv and distinct layers"
-    );
-    let act = match config.activation {
+/// Hugging Face's name of an activation (`hidden_act`, `activation_function`).
+pub(crate) fn activation_name(a: Activation) -> &'static str {
+    match a {
         Activation::Relu => "relu",
         Activation::Gelu => "gelu",
         Activation::GeluTanh => "gelu_new",
         Activation::Silu => "silu",
-    };
-    let mut table = gpt2_names(config.n_layers);
-    if !config.tie_embeddings {
-        table.push(entry("lm_head.weight".into(), "lm_head.weight".into(), false));
     }
-    let mut named = Vec::with_capacity(table.len());
-    for e in &table {
-        let t = tensors.get(&e.attend).ok_or_else(|| Error::MissingTensor {
-            name: e.attend.clone(),
-            location: "the model's parameters".into(),
-        })?;
-        let t = if e.transposed { t.t()?.contiguous()? } else { t.contiguous()? };
-        let name = if e.hf.starts_with("lm_head") { e.hf.clone() } else { format!("transformer.{}", e.hf) };
-        named.push((name, t.to_dtype(DType::F32)?));
-    }
-    let cfg = serde_json::json!({
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": config.vocab_size,
-        "n_positions": config.n_positions,
-        "n_embd": config.d_model,
-        "n_layer": config.n_layers,
-        "n_head": config.n_heads,
-        "n_inner": config.d_ff,
-        "activation_function": act,
-        "layer_norm_epsilon": config.layer_norm_eps,
-        "resid_pdrop": config.dropout,
-        "attn_pdrop": config.attn_dropout,
-        "embd_pdrop": config.embd_dropout,
-        "tie_word_embeddings": config.tie_embeddings,
-        "torch_dtype": "float32",
-    });
+}
+
+/// Writes `config.json` and `model.safetensors` (f32, `tensors` under the file's names) into `dir`, each atomically.
+pub(crate) fn write_hf_dir(dir: &Path, tensors: &[(String, Tensor)], config: &Value) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, format!("cannot create: {e}")))?;
-    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let f32s = tensors.iter().map(|(n, t)| Ok((n.as_str(), t.to_dtype(DType::F32)?))).collect::<Result<Vec<_>>>()?;
+    let refs: Vec<(&str, &Tensor)> = f32s.iter().map(|(n, t)| (*n, t)).collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     super::write_safetensors(&dir.join("model.safetensors"), &refs, meta)?;
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| file_error(dir, e.to_string()))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| file_error(dir, e.to_string()))?;
     super::write_atomic(&dir.join("config.json"), text.as_bytes())
+}
+
+/// The tensors of `table` from a model's parameters (attend's names), in the file's layout and under its names
+/// (`hf_name` adds what the file's architecture prefixes).
+pub(crate) fn tensors_for_file(
+    table: &[NameEntry],
+    tensors: &HashMap<String, Tensor>,
+    hf_name: impl Fn(&NameEntry) -> String,
+) -> Result<Vec<(String, Tensor)>> {
+    table
+        .iter()
+        .map(|e| {
+            let t = tensors.get(&e.attend).ok_or_else(|| Error::MissingTensor {
+                name: e.attend.clone(),
+                location: "the model's parameters".into(),
+            })?;
+            let t = if e.transposed { t.t()?.contiguous()? } else { t.contiguous()? };
+            Ok((hf_name(e), t))
+        })
+        .collect()
+}
+
+/// Removes `copy` from the file's tensors when it is a stored copy of the tied tensor `of` (some writers store tied
+/// heads anyway).
+///
+/// # Errors
+/// `copy` differs from `of`: the model ties them, so loading it would silently drop a trained tensor.
+pub(crate) fn drop_tied_copy(raw: &mut HashMap<String, Tensor>, copy: &str, of: &str, file: &Path) -> Result<()> {
+    let Some(c) = raw.get(copy) else { return Ok(()) };
+    let same = raw.get(of).is_some_and(|w| {
+        w.dims() == c.dims()
+            && (w - c)
+                .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>())
+                .is_ok_and(|m| m == 0.0)
+    });
+    if !same {
+        return Err(file_error(
+            file,
+            format!("`{copy}` differs from `{of}`, but the model ties them (config.json: tie_word_embeddings)"),
+        ));
+    }
+    raw.remove(copy);
+    Ok(())
 }

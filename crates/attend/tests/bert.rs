@@ -1,0 +1,332 @@
+//! BERT: parity with Hugging Face `transformers` on tiny BERT checkpoints (fixtures/hf/bert*, written by
+//! scripts/oracle/hf.py) — hidden states, pooler, masked-LM logits — and the invariances: padding never changes the
+//! real tokens, every parameter of every head trains, a saved model loads back identically. Plus the 80/10/10
+//! masking, span decoding and the loader's errors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use attend::checkpoint::hf::{load_bert, save_bert, BertFamily, HfDir};
+use attend::models::bert::{
+    best_spans, AnyBert, BertConfig, BertForTask, BertHeads, BertInput, BertTask, MlmMasking, TaskLogits, IGNORE,
+};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::{assert_all_grads_finite_nonzero, assert_close, hf_dir, load, real_rows, reseed, varmap_vars, Tol};
+
+/// The bar for checkpoint parity: max abs difference ≤ 1e-4.
+const PARITY: Tol = Tol { atol: 1e-4, rtol: 0.0 };
+
+fn ids_of(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+fn load_dir(name: &str) -> AnyBert {
+    load_bert(&HfDir::open(hf_dir(name)).unwrap(), DType::F32, &Device::Cpu, false).unwrap().model
+}
+
+#[test]
+fn bert_hidden_states_and_pooler_match_transformers() {
+    let AnyBert::Encoder(bert) = load_dir("bert") else { panic!("BertModel loads as the bare encoder") };
+    let f = load("hf_ref", "bert");
+    let (ids, tt, mask) = (ids_of(&f.t("input_ids")), f.t("token_type_ids"), f.t("attention_mask"));
+    let input = BertInput { attention_mask: Some(&mask), token_type_ids: Some(&tt), ..BertInput::new(&ids) };
+    let out = bert.forward(&input).unwrap();
+    let want = f.t("last_hidden_state");
+    assert_close("last_hidden_state", &real_rows(&out.hidden, &mask), &real_rows(&want, &mask), PARITY);
+    assert_close("pooler_output", &out.pooled.unwrap(), &f.t("pooler_output"), PARITY);
+}
+
+#[test]
+fn bert_masked_lm_logits_match_transformers() {
+    let model = load_dir("bert-mlm");
+    assert_eq!(model.heads(), BertHeads::Pretraining { mlm: true, nsp: false });
+    let AnyBert::Pretraining(mlm) = model else { unreachable!() };
+    assert!(mlm.bert().config().pooler == false, "BertForMaskedLM has no pooler");
+    let f = load("hf_ref", "bert-mlm");
+    let (ids, tt, mask) = (ids_of(&f.t("input_ids")), f.t("token_type_ids"), f.t("attention_mask"));
+    let input = BertInput { attention_mask: Some(&mask), token_type_ids: Some(&tt), ..BertInput::new(&ids) };
+    let logits = mlm.forward(&input).unwrap().mlm_logits.unwrap();
+    assert_close("mlm_logits", &real_rows(&logits, &mask), &real_rows(&f.t("mlm_logits"), &mask), PARITY);
+}
+
+#[test]
+fn padding_and_its_ids_never_change_the_real_tokens() {
+    let AnyBert::Encoder(bert) = load_dir("bert") else { unreachable!() };
+    let f = load("hf_ref", "bert");
+    let (ids, mask) = (ids_of(&f.t("input_ids")), f.t("attention_mask"));
+    let n = mask.get(1).unwrap().to_dtype(DType::U32).unwrap().sum_all().unwrap().to_scalar::<u32>().unwrap() as usize;
+    let row = ids.narrow(0, 1, 1).unwrap();
+    let alone = bert.forward(&BertInput::new(&row.narrow(1, 0, n).unwrap())).unwrap();
+    // The same row with junk ids in its padding.
+    let mut junk: Vec<u32> = row.flatten_all().unwrap().to_vec1().unwrap();
+    junk[n..].iter_mut().for_each(|x| *x = 77);
+    let junk = Tensor::new(vec![junk], &Device::Cpu).unwrap();
+    let m = mask.narrow(0, 1, 1).unwrap();
+    let padded = bert.forward(&BertInput { attention_mask: Some(&m), ..BertInput::new(&junk) }).unwrap();
+    assert_close("real tokens", &padded.hidden.narrow(1, 0, n).unwrap(), &alone.hidden, common::F32);
+    assert_close("pooled", &padded.pooled.unwrap(), &alone.pooled.unwrap(), common::F32);
+}
+
+fn small() -> BertConfig {
+    BertConfig { n_layers: 2, max_position_embeddings: 16, ..BertConfig::base(41, 16, 4) }
+}
+
+fn batch() -> (Tensor, Tensor, Tensor) {
+    let dev = &Device::Cpu;
+    let ids = Tensor::new(&[[2u32, 9, 17, 30, 3, 12, 5, 3], [2, 40, 11, 3, 0, 0, 0, 0]], dev).unwrap();
+    let tt = Tensor::new(&[[0u32, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]], dev).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]], dev).unwrap();
+    (ids, tt, mask)
+}
+
+#[test]
+fn every_parameter_of_every_head_receives_a_gradient() {
+    let (ids, tt, mask) = batch();
+    let input = BertInput { attention_mask: Some(&mask), token_type_ids: Some(&tt), ..BertInput::new(&ids) };
+    let dev = &Device::Cpu;
+    let build = |heads: BertHeads| {
+        let vm = VarMap::new();
+        let m = AnyBert::new(&small(), heads, VarBuilder::from_varmap(&vm, DType::F32, dev)).unwrap();
+        reseed(&vm, 5, 0.3);
+        (m, vm)
+    };
+    // Pretraining: both losses, with the 80/10/10 corruption of the batch.
+    let (m, vm) = build(BertHeads::Pretraining { mlm: true, nsp: true });
+    let AnyBert::Pretraining(p) = m else { unreachable!() };
+    let masking = MlmMasking { probability: 0.5, mask_token_id: 4, vocab_size: 41, special_ids: vec![0, 2, 3] };
+    let (corrupt, labels) = masking.apply(&ids, Some(&mask), 3).unwrap();
+    let input_c = BertInput { input_ids: &corrupt, ..input };
+    let nsp = Tensor::new(&[0i64, 1], dev).unwrap();
+    let loss = p.loss(&input_c, Some(&labels), Some(&nsp)).unwrap();
+    assert_all_grads_finite_nonzero("pretraining", &varmap_vars(&vm), &loss.backward().unwrap());
+
+    let labels_for = |task: BertTask| match task {
+        BertTask::SequenceClassification { .. } => Tensor::new(&[2i64, 0], dev).unwrap(),
+        BertTask::TokenClassification { .. } => Tensor::new(
+            &[[IGNORE, 1, 2, 0, IGNORE, 1, 2, 0], [IGNORE, 2, 1, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]],
+            dev,
+        )
+        .unwrap(),
+        BertTask::QuestionAnswering => Tensor::new(&[[1i64, 2], [3, 2]], dev).unwrap(),
+    };
+    for task in [
+        BertTask::SequenceClassification { n_labels: 3 },
+        BertTask::TokenClassification { n_labels: 3 },
+        BertTask::QuestionAnswering,
+    ] {
+        let (m, vm) = build(BertHeads::Task(task));
+        let AnyBert::Task(t) = m else { unreachable!() };
+        let mut vars = varmap_vars(&vm);
+        if !matches!(task, BertTask::SequenceClassification { .. }) {
+            // Token-level heads never read the pooler (Hugging Face builds these without one).
+            vars.retain(|(n, _)| !n.starts_with("bert.pooler"));
+        }
+        let loss = t.loss(&input, &labels_for(task)).unwrap();
+        assert_all_grads_finite_nonzero(&format!("{task:?}"), &vars, &loss.backward().unwrap());
+    }
+}
+
+#[test]
+fn regression_head_is_mean_squared_error() {
+    let (ids, _, mask) = batch();
+    let vm = VarMap::new();
+    let task = BertTask::SequenceClassification { n_labels: 1 };
+    let m = BertForTask::new(&small(), task, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    reseed(&vm, 6, 0.3);
+    let input = BertInput { attention_mask: Some(&mask), ..BertInput::new(&ids) };
+    let y = Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap();
+    let TaskLogits::Sequence(l) = m.forward(&input).unwrap().0 else { unreachable!() };
+    let l: Vec<f32> = l.flatten_all().unwrap().to_vec1().unwrap();
+    let want = ((l[0] - 0.5).powi(2) + (l[1] + 1.0).powi(2)) / 2.0;
+    let got = m.loss(&input, &y).unwrap().to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+}
+
+#[test]
+fn mlm_masking_is_80_10_10_over_eligible_tokens_and_reproducible() {
+    let dev = &Device::Cpu;
+    let (b, t, v) = (64usize, 128usize, 1000u32);
+    // Row r: [CLS]=2, tokens, [SEP]=3, then r % 17 padding positions (id 0, mask 0).
+    let mut ids = vec![vec![0u32; t]; b];
+    let mut mask = vec![vec![0u32; t]; b];
+    for r in 0..b {
+        let n = t - r % 17;
+        for j in 0..n {
+            ids[r][j] = if j == 0 {
+                2
+            } else if j == n - 1 {
+                3
+            } else {
+                5 + ((r * 31 + j * 7) as u32 % (v - 5))
+            };
+            mask[r][j] = 1;
+        }
+    }
+    let (ids, mask) = (Tensor::new(ids, dev).unwrap(), Tensor::new(mask, dev).unwrap());
+    let m = MlmMasking { probability: 0.15, mask_token_id: 4, vocab_size: v as usize, special_ids: vec![0, 2, 3] };
+    let (inp, labels) = m.apply(&ids, Some(&mask), 42).unwrap();
+    let (inp2, labels2) = m.apply(&ids, Some(&mask), 42).unwrap();
+    assert_eq!(inp.to_vec2::<u32>().unwrap(), inp2.to_vec2::<u32>().unwrap(), "same seed, same corruption");
+    assert_eq!(labels.to_vec2::<i64>().unwrap(), labels2.to_vec2::<i64>().unwrap());
+    let (orig, inp, labels, mask) = (
+        ids.to_vec2::<u32>().unwrap(),
+        inp.to_vec2::<u32>().unwrap(),
+        labels.to_vec2::<i64>().unwrap(),
+        mask.to_vec2::<u32>().unwrap(),
+    );
+    let (mut eligible, mut chosen, mut masked, mut kept) = (0usize, 0usize, 0usize, 0usize);
+    for r in 0..b {
+        for j in 0..t {
+            let special = [0, 2, 3].contains(&orig[r][j]) || mask[r][j] == 0;
+            if labels[r][j] == IGNORE {
+                assert_eq!(inp[r][j], orig[r][j], "an unchosen token is unchanged");
+            } else {
+                assert!(!special, "special token or padding chosen at ({r}, {j})");
+                assert_eq!(labels[r][j], orig[r][j] as i64, "the label is the original id");
+                chosen += 1;
+                masked += (inp[r][j] == 4) as usize;
+                kept += (inp[r][j] == orig[r][j]) as usize;
+            }
+            eligible += !special as usize;
+        }
+    }
+    // Binomial proportions: each bound is more than 5 standard deviations wide.
+    let p = chosen as f64 / eligible as f64;
+    assert!((p - 0.15).abs() < 0.01, "chosen fraction {p}");
+    let (pm, pk) = (masked as f64 / chosen as f64, kept as f64 / chosen as f64);
+    assert!((pm - 0.8).abs() < 0.03, "[MASK] fraction {pm}");
+    assert!((pk - 0.1).abs() < 0.025, "unchanged fraction {pk} (random replacements rarely hit the original)");
+    let (other, _) = m.apply(&ids, Some(&Tensor::new(mask.clone(), dev).unwrap()), 43).unwrap();
+    assert_ne!(other.to_vec2::<u32>().unwrap(), inp, "another seed, another corruption");
+}
+
+#[test]
+fn best_spans_agree_with_brute_force() {
+    let dev = &Device::Cpu;
+    let (b, t) = (5usize, 11usize);
+    let s = common::randn(&[b, t], 7, DType::F32);
+    let e = common::randn(&[b, t], 8, DType::F32);
+    let allowed: Vec<Vec<u32>> = (0..b).map(|r| (0..t).map(|j| ((j + r) % 4 != 0) as u32).collect()).collect();
+    let allowed_t = Tensor::new(allowed.clone(), dev).unwrap();
+    let got = best_spans(&s, &e, Some(&allowed_t), 4).unwrap();
+    let (sv, ev) = (s.to_vec2::<f32>().unwrap(), e.to_vec2::<f32>().unwrap());
+    for r in 0..b {
+        let mut best = None::<(usize, usize, f32)>;
+        for i in 0..t {
+            for j in 0..t {
+                if j >= i && j - i < 4 && allowed[r][i] == 1 && allowed[r][j] == 1 {
+                    let v = sv[r][i] + ev[r][j];
+                    if best.is_none_or(|x| v > x.2) {
+                        best = Some((i, j, v));
+                    }
+                }
+            }
+        }
+        assert_eq!(got[r], best, "row {r}");
+    }
+    let none = best_spans(&s, &e, Some(&Tensor::zeros((b, t), DType::U32, dev).unwrap()), 4).unwrap();
+    assert!(none.iter().all(Option::is_none), "no allowed position, no span");
+}
+
+#[test]
+fn every_head_saves_in_the_hf_layout_and_loads_back_identically() {
+    let (ids, tt, mask) = batch();
+    let input = BertInput { attention_mask: Some(&mask), token_type_ids: Some(&tt), ..BertInput::new(&ids) };
+    for heads in [
+        BertHeads::None,
+        BertHeads::Pretraining { mlm: true, nsp: false },
+        BertHeads::Pretraining { mlm: true, nsp: true },
+        BertHeads::Task(BertTask::SequenceClassification { n_labels: 3 }),
+        BertHeads::Task(BertTask::TokenClassification { n_labels: 4 }),
+        BertHeads::Task(BertTask::QuestionAnswering),
+    ] {
+        let vm = VarMap::new();
+        let cfg = small();
+        let m = AnyBert::new(&cfg, heads, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        reseed(&vm, 9, 0.3);
+        let tensors: HashMap<String, Tensor> =
+            varmap_vars(&vm).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let dir = std::env::temp_dir().join(format!("attend-bert-roundtrip-{}", std::process::id()));
+        save_bert(BertFamily::Bert, heads, &cfg, &tensors, &dir).unwrap();
+        let back = load_bert(&HfDir::open(&dir).unwrap(), DType::F32, &Device::Cpu, false).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(back.model.heads(), heads);
+        let exact = Tol { atol: 0.0, rtol: 0.0 };
+        let label = format!("{heads:?}");
+        match (&m, &back.model) {
+            (AnyBert::Encoder(a), AnyBert::Encoder(b)) => {
+                assert_close(&label, &b.forward(&input).unwrap().hidden, &a.forward(&input).unwrap().hidden, exact)
+            }
+            (AnyBert::Pretraining(a), AnyBert::Pretraining(b)) => {
+                let (oa, ob) = (a.forward(&input).unwrap(), b.forward(&input).unwrap());
+                assert_close(&label, &ob.mlm_logits.unwrap(), &oa.mlm_logits.unwrap(), exact);
+                if let (Some(x), Some(y)) = (oa.nsp_logits, ob.nsp_logits) {
+                    assert_close(&label, &y, &x, exact);
+                }
+            }
+            (AnyBert::Task(a), AnyBert::Task(b)) => {
+                let flat = |l: TaskLogits| match l {
+                    TaskLogits::Sequence(x) | TaskLogits::Token(x) => x.flatten_all().unwrap(),
+                    TaskLogits::Span { start, end } => Tensor::cat(&[start, end], 1).unwrap().flatten_all().unwrap(),
+                };
+                let (la, lb) = (flat(a.forward(&input).unwrap().0), flat(b.forward(&input).unwrap().0));
+                assert_close(&label, &lb, &la, exact);
+            }
+            _ => panic!("{label}: loaded another variant"),
+        }
+    }
+}
+
+fn load_err(dir: &PathBuf) -> String {
+    let r = HfDir::open(dir).and_then(|d| load_bert(&d, DType::F32, &Device::Cpu, false));
+    let e = r.map(|_| ()).unwrap_err().to_string();
+    let _ = std::fs::remove_dir_all(dir);
+    e.lines().next().unwrap().to_string()
+}
+
+#[test]
+fn bad_checkpoints_and_inputs_give_one_line_errors_naming_what_is_wrong() {
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "relative positions",
+            common::edited_hf_dir("bert", "pet", |c, _| c["position_embedding_type"] = "relative_key".into()),
+            "position_embedding_type",
+        ),
+        (
+            "unknown head",
+            common::edited_hf_dir("bert", "arch", |c, _| c["architectures"] = serde_json::json!(["BertLMHeadModel"])),
+            "architectures",
+        ),
+        ("activation", common::edited_hf_dir("bert", "act", |c, _| c["hidden_act"] = "mish".into()), "hidden_act"),
+        (
+            "missing tensor",
+            common::edited_hf_dir("bert", "missing", |_, t| {
+                t.remove("encoder.layer.1.attention.self.key.bias");
+            }),
+            "encoder.layer.1.attention.self.key.bias",
+        ),
+        (
+            "untied decoder",
+            common::edited_hf_dir("bert-mlm", "untied", |_, t| {
+                let w = t["bert.embeddings.word_embeddings.weight"].clone();
+                t.insert("cls.predictions.decoder.weight".into(), (w + 1.0).unwrap());
+            }),
+            "cls.predictions.decoder.weight",
+        ),
+    ];
+    for (label, dir, needle) in cases {
+        let e = load_err(&dir);
+        assert!(e.contains(needle), "{label}: {e}");
+    }
+    let AnyBert::Encoder(bert) = load_dir("bert") else { unreachable!() };
+    let ids = Tensor::new(&[[2u32, 5, 3]], &Device::Cpu).unwrap();
+    let tt = Tensor::new(&[[0u32, 2, 0]], &Device::Cpu).unwrap();
+    let e = bert.forward(&BertInput { token_type_ids: Some(&tt), ..BertInput::new(&ids) }).unwrap_err().to_string();
+    assert!(e.contains("token_type_ids") && e.contains("0..2"), "{e}");
+    let long = Tensor::new(vec![vec![5u32; 65]], &Device::Cpu).unwrap();
+    let e = bert.forward(&BertInput::new(&long)).unwrap_err().to_string();
+    assert!(e.contains("64"), "{e}");
+}
