@@ -43,6 +43,8 @@ enum Command {
     Hf(hf::run::HfCommand),
     /// Continue a prompt with a causal LM from a Hugging Face directory (greedy or sampled, KV cache).
     Generate(hf::generate::GenerateArgs),
+    /// Sentence embeddings from a sentence-transformers (or BERT-family) directory, one JSON line per text.
+    Embed(hf::embed::EmbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Hf(cmd) => hf::run::run(cmd),
         Command::Generate(args) => hf::generate::run(args),
+        Command::Embed(args) => hf::embed::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
-//! `attend hf run` and `attend generate` end to end on the tiny GPT-2 directory of fixtures/hf/gpt2 against what
-//! `transformers` computed (fixtures/hf_ref/gpt2.safetensors, scripts/oracle/hf.py): logits under Hugging Face's
-//! names and shapes, greedy ids token for token from ids and from text, and one-line errors on bad input.
+//! `attend hf run`, `attend generate` and `attend embed` end to end on the tiny GPT-2, BERT and sentence-transformers
+//! directories of fixtures/hf against what `transformers` and `sentence-transformers` computed (fixtures/hf_ref,
+//! scripts/oracle/hf.py): outputs under Hugging Face's names and shapes, greedy ids token for token from ids and from
+//! text, embeddings from arguments and from a file, and one-line errors on bad input.
 
 use std::path::{Path, PathBuf};
 
@@ -196,4 +197,91 @@ fn bench_train_step_reports_the_contract_keys() {
     }
     assert!(v["loss"].as_f64().is_some_and(f64::is_finite), "{line}");
     assert_eq!(v["params"], 809856, "the anchor's cpu config has 809,856 parameters");
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+#[test]
+fn hf_run_writes_bert_outputs_under_transformers_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (dir, reference, outputs) in [
+        ("bert", "bert", vec![("last_hidden_state", "last_hidden_state"), ("pooler_output", "pooler_output")]),
+        ("bert-mlm", "bert-mlm", vec![("logits", "mlm_logits")]),
+    ] {
+        let r = load(&fixture(&format!("hf_ref/{reference}.safetensors")));
+        let inp = tmp.path().join(format!("{dir}-in.safetensors"));
+        let names = ["input_ids", "token_type_ids", "attention_mask"];
+        save(&inp, &names.map(|n| (n, &r[n])));
+        let out = tmp.path().join(format!("{dir}.safetensors"));
+        let model = fixture(&format!("hf/{dir}"));
+        let args = ["hf", "run", "--model", model.to_str().unwrap(), "--inputs", inp.to_str().unwrap()];
+        ok(&[&args[..], &["--output", out.to_str().unwrap()]].concat());
+        let got = load(&out);
+        assert_eq!(got.len(), outputs.len(), "{dir}: outputs {:?}", got.keys().collect::<Vec<_>>());
+        // Row 0 has no padding; compare it whole (padded positions are undefined in both libraries).
+        for (ours, theirs) in outputs {
+            let (g, w) = (got[ours].get(0).unwrap(), r[theirs].get(0).unwrap());
+            compare(&format!("{dir} {ours}"), &g, &w, PARITY).unwrap();
+        }
+    }
+}
+
+fn embeddings_of(stdout: &str) -> Vec<(String, Vec<f32>)> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            let e = v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            (v["text"].as_str().unwrap().to_string(), e)
+        })
+        .collect()
+}
+
+#[test]
+fn embed_matches_sentence_transformers_from_args_and_from_a_file() {
+    let refp = fixture("hf_ref/st-bert.safetensors");
+    let (r, meta) = (load(&refp), metadata(&refp));
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    assert!(texts.iter().any(String::is_empty), "the fixture embeds an empty text");
+    let model = fixture("hf/st-bert");
+    let m = model.to_str().unwrap();
+    let want = &r["embeddings"];
+    let check = |label: &str, got: &[(String, Vec<f32>)]| {
+        assert_eq!(got.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(), texts, "{label}: texts in input order");
+        for (i, (_, e)) in got.iter().enumerate() {
+            let g = Tensor::new(e.as_slice(), &candle_core::Device::Cpu).unwrap();
+            compare(&format!("{label} text {i}"), &g, &want.get(i).unwrap(), PARITY).unwrap();
+        }
+    };
+    let args: Vec<&str> =
+        ["embed", "--model", m, "--json"].into_iter().chain(texts.iter().map(String::as_str)).collect();
+    check("args", &embeddings_of(&ok(&args)));
+    // One text a batch: padding never reaches an embedding.
+    let args1: Vec<&str> = [&args[..3], &["--batch-size", "1", "--json"], &args[4..]].concat();
+    check("batch size 1", &embeddings_of(&ok(&args1)));
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("texts.txt");
+    std::fs::write(&file, texts.join("\n") + "\n").unwrap();
+    check("file", &embeddings_of(&ok(&["embed", "--model", m, "--json", "--file", file.to_str().unwrap()])));
+    // Without --json: one human-readable line per text.
+    assert_eq!(ok(&["embed", "--model", m, "a", "b"]).lines().count(), 2);
+}
+
+#[test]
+fn embed_refuses_what_it_cannot_embed_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let none = tmp.path().join("none");
+    let gpt2 = gpt2_dir();
+    let e = expect_failure(&["embed", "--model", gpt2.to_str().unwrap(), "x"], &none);
+    assert_mentions(&e, &["config.json", "model_type"]);
+    let st = fixture("hf/st-bert");
+    let missing = tmp.path().join("missing.txt");
+    let e = expect_failure(&["embed", "--model", st.to_str().unwrap(), "--file", missing.to_str().unwrap()], &none);
+    assert_mentions(&e, &["missing.txt"]);
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let e = expect_failure(&["embed", "--model", st.to_str().unwrap(), "--file", empty.to_str().unwrap()], &none);
+    assert_mentions(&e, &["empty.txt", "no texts"]);
 }

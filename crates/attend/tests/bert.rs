@@ -1,14 +1,15 @@
 //! BERT: parity with Hugging Face `transformers` on tiny BERT checkpoints (fixtures/hf/bert*, written by
 //! scripts/oracle/hf.py) — hidden states, pooler, masked-LM logits — and the invariances: padding never changes the
 //! real tokens, every parameter of every head trains, a saved model loads back identically. Plus the 80/10/10
-//! masking, span decoding and the loader's errors.
+//! masking, span decoding, sentence pooling and embeddings against sentence-transformers, and the loader's errors.
 
 mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use attend::checkpoint::hf::{load_bert, save_bert, BertFamily, HfDir};
+use attend::checkpoint::hf::{load_bert, save_bert, sentence_layout, BertFamily, HfDir, SentenceEncoder};
+use attend::layers::pooling::{l2_normalize, pool, PoolingMode};
 use attend::models::bert::{
     best_spans, AnyBert, BertConfig, BertForTask, BertHeads, BertInput, BertTask, MlmMasking, TaskLogits, IGNORE,
 };
@@ -329,4 +330,54 @@ fn bad_checkpoints_and_inputs_give_one_line_errors_naming_what_is_wrong() {
     let long = Tensor::new(vec![vec![5u32; 65]], &Device::Cpu).unwrap();
     let e = bert.forward(&BertInput::new(&long)).unwrap_err().to_string();
     assert!(e.contains("64"), "{e}");
+}
+
+#[test]
+fn pooling_matches_sentence_transformers_forward_and_gradient() {
+    for case in common::fixture_cases("pooling") {
+        let f = load("pooling", &case);
+        let modes: Vec<PoolingMode> = f
+            .meta_json("modes")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| PoolingMode::from_st_name(m.as_str().unwrap()).unwrap())
+            .collect();
+        let hidden = candle_core::Var::from_tensor(&f.t("hidden")).unwrap();
+        let mask = f.t("mask").to_dtype(DType::U32).unwrap();
+        let out = pool(hidden.as_tensor(), &mask, &modes).unwrap();
+        assert_close(&format!("{case} out"), &out, &f.t("out"), common::F32);
+        let g = common::weighted_sum(&out, &f.t("dout")).backward().unwrap();
+        assert_close(&format!("{case} dhidden"), g.get(hidden.as_tensor()).unwrap(), &f.t("dhidden"), common::F32);
+    }
+    // A row with no real token pools to zeros in every mode, and normalising keeps it zero.
+    let h = common::randn(&[1, 3, 4], 1, DType::F32);
+    let none = Tensor::zeros((1, 3), DType::U32, &Device::Cpu).unwrap();
+    let all = [
+        PoolingMode::Cls,
+        PoolingMode::Max,
+        PoolingMode::Mean,
+        PoolingMode::MeanSqrtLen,
+        PoolingMode::WeightedMean,
+        PoolingMode::LastToken,
+    ];
+    let z = l2_normalize(&pool(&h, &none, &all).unwrap()).unwrap();
+    assert_close("empty row", &z, &Tensor::zeros((1, 24), DType::F32, &Device::Cpu).unwrap(), common::F32);
+}
+
+#[test]
+fn sentence_embeddings_match_sentence_transformers() {
+    let dir = hf_dir("st-bert");
+    let layout = sentence_layout(&dir).unwrap();
+    assert_eq!(layout.pooling, vec![PoolingMode::Mean]);
+    assert!(layout.normalize);
+    // sentence-transformers 6 keeps the length only in tokenizer_config.json.
+    assert_eq!(layout.max_seq_length, Some(16));
+    let enc = SentenceEncoder::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(enc.max_len(), 16);
+    let f = load("hf_ref", "st-bert");
+    let (ids, mask, tt) = (ids_of(&f.t("input_ids")), f.t("attention_mask"), f.t("token_type_ids"));
+    let emb = enc.embed(&ids, &mask.to_dtype(DType::U32).unwrap(), Some(&tt)).unwrap();
+    assert_close("embeddings", &emb, &f.t("embeddings"), Tol { atol: 1e-5, rtol: 0.0 });
 }

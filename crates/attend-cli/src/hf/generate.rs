@@ -52,7 +52,13 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let (dir, model) = super::open(&args.model)?;
-    let HfModel::Gpt2(lm) = &model; // every supported causal LM
+    let HfModel::Gpt2(lm) = &model else {
+        bail!(
+            "{}: a {} checkpoint is not a causal language model; attend generate reads gpt2",
+            args.model.display(),
+            dir.model_type()
+        );
+    };
     let tok = super::tokenizer(&args.model)?;
     let prompt: Vec<u32> = match (&args.prompt, &args.input_ids) {
         (Some(text), _) => {

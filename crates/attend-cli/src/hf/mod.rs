@@ -1,6 +1,7 @@
 //! `attend hf run` and `attend generate`: Hugging Face model directories (config.json, model.safetensors,
 //! tokenizer.json) read from disk, run like `transformers` runs them.
 
+pub mod embed;
 pub mod generate;
 pub mod run;
 

@@ -1,6 +1,7 @@
 //! `attend hf run --model DIR (--input-ids "5,17,33" [--token-type-ids "0,0,1"] | --inputs IN.safetensors)
 //! --output OUT.safetensors`: the model's forward on given ids, written under Hugging Face's output names
-//! (`logits` for a causal LM, `last_hidden_state` for an encoder), f32, shaped as `transformers` returns them:
+//! (`logits` for a causal LM, a masked LM or a classifier, `start_logits`/`end_logits` for span extraction,
+//! `last_hidden_state` and `pooler_output` for an encoder), f32, shaped as `transformers` returns them:
 //! with a batch axis for `--inputs`, without one for `--input-ids`.
 
 use std::collections::HashMap;
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
 use attend::checkpoint::hf::HfModel;
+use attend::models::bert::{AnyBert, BertInput, PretrainingOutput, TaskLogits};
 use attend::models::gpt::GptInput;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
@@ -99,17 +101,46 @@ fn read_inputs(args: &RunArgs) -> Result<Inputs> {
     Ok(Inputs { tensors, source, batched: true })
 }
 
+/// An error for the first of `unused` that the inputs hold: the family takes no such input.
+fn refuse(inputs: &Inputs, unused: &[&str], model_type: &str) -> Result<()> {
+    match unused.iter().find(|n| inputs.get(n).is_some()) {
+        Some(n) => bail!("{}: `{n}` is not an input of a {model_type} checkpoint", inputs.source),
+        None => Ok(()),
+    }
+}
+
+/// A BERT-family model's outputs under the names its Hugging Face class returns them.
+fn bert_outputs(model: &AnyBert, input: &BertInput) -> attend::Result<Vec<(&'static str, Tensor)>> {
+    Ok(match model {
+        AnyBert::Encoder(b) => {
+            let o = b.forward(input)?;
+            let mut v = vec![("last_hidden_state", o.hidden)];
+            v.extend(o.pooled.map(|p| ("pooler_output", p)));
+            v
+        }
+        AnyBert::Pretraining(p) => match p.forward(input)? {
+            PretrainingOutput { mlm_logits: Some(m), nsp_logits: Some(n), .. } => {
+                vec![("prediction_logits", m), ("seq_relationship_logits", n)]
+            }
+            PretrainingOutput { mlm_logits: Some(l), .. } | PretrainingOutput { nsp_logits: Some(l), .. } => {
+                vec![("logits", l)]
+            }
+            _ => unreachable!("BertPretraining has at least one head"),
+        },
+        AnyBert::Task(t) => match t.forward(input)?.0 {
+            TaskLogits::Sequence(l) | TaskLogits::Token(l) => vec![("logits", l)],
+            TaskLogits::Span { start, end } => vec![("start_logits", start), ("end_logits", end)],
+        },
+    })
+}
+
 fn run_forward(args: RunArgs) -> Result<()> {
     let (dir, model) = super::open(&args.model)?;
     let inputs = read_inputs(&args)?;
     let src = &inputs.source;
     let outputs: Vec<(&str, Tensor)> = match &model {
         HfModel::Gpt2(m) => {
-            for unused in ["pixel_values", "decoder_input_ids"] {
-                if inputs.get(unused).is_some() {
-                    bail!("{src}: `{unused}` is not an input of a {} checkpoint", dir.model_type());
-                }
-            }
+            refuse(&inputs, &["pixel_values", "decoder_input_ids"], dir.model_type())?;
             let ids = inputs.get("input_ids").ok_or_else(|| anyhow!("{src}: missing `input_ids` (B, T)"))?;
             let input = GptInput {
                 attention_mask: inputs.get("attention_mask"),
@@ -119,6 +150,18 @@ fn run_forward(args: RunArgs) -> Result<()> {
             };
             let logits = m.model.forward(&input, None).map_err(|e| anyhow!("{src}: {}", crate::errors::attend(&e)))?;
             vec![("logits", logits)]
+        }
+        HfModel::Bert(m) => {
+            refuse(&inputs, &["pixel_values", "decoder_input_ids"], dir.model_type())?;
+            let ids = inputs.get("input_ids").ok_or_else(|| anyhow!("{src}: missing `input_ids` (B, T)"))?;
+            let input = BertInput {
+                attention_mask: inputs.get("attention_mask"),
+                token_type_ids: inputs.get("token_type_ids"),
+                position_ids: inputs.get("position_ids"),
+                ..BertInput::new(ids)
+            };
+            let err = |e: attend::Error| anyhow!("{src}: {}", crate::errors::attend(&e));
+            bert_outputs(&m.model, &input).map_err(err)?
         }
     };
     let outputs: Vec<(&str, Tensor)> = outputs

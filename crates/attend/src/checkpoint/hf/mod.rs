@@ -28,9 +28,11 @@ use crate::{Error, Result};
 
 mod bert;
 mod gpt2;
+mod sentence;
 
 pub use bert::{bert_config, bert_heads, bert_names, load_bert, save_bert, BertFamily};
 pub use gpt2::{gpt2_config, gpt2_names, load_gpt2, save_gpt2};
+pub use sentence::{sentence_layout, SentenceEncoder, SentenceLayout};
 
 /// A Hugging Face model directory: its parsed `config.json` and where its weights are.
 #[derive(Clone, Debug)]
