@@ -285,3 +285,20 @@ fn embed_refuses_what_it_cannot_embed_in_one_line() {
     let e = expect_failure(&["embed", "--model", st.to_str().unwrap(), "--file", empty.to_str().unwrap()], &none);
     assert_mentions(&e, &["empty.txt", "no texts"]);
 }
+
+#[test]
+fn hf_run_classifies_images_with_vit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = load(&fixture("hf_ref/vit.safetensors"));
+    let inp = tmp.path().join("pixels.safetensors");
+    save(&inp, &[("pixel_values", &r["pixel_values"])]);
+    let out = tmp.path().join("vit.safetensors");
+    let model = fixture("hf/vit");
+    let m = model.to_str().unwrap();
+    ok(&["hf", "run", "--model", m, "--inputs", inp.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    compare("vit logits", &load(&out)["logits"], &r["logits"], PARITY).unwrap();
+    let none = tmp.path().join("none.safetensors");
+    let e =
+        expect_failure(&["hf", "run", "--model", m, "--input-ids", "1,2", "--output", none.to_str().unwrap()], &none);
+    assert_mentions(&e, &["input_ids", "vit"]);
+}

@@ -1,7 +1,7 @@
 //! `attend hf run --model DIR (--input-ids "5,17,33" [--token-type-ids "0,0,1"] | --inputs IN.safetensors)
 //! --output OUT.safetensors`: the model's forward on given ids, written under Hugging Face's output names
 //! (`logits` for a causal LM, a masked LM or a classifier, `start_logits`/`end_logits` for span extraction,
-//! `last_hidden_state` and `pooler_output` for an encoder), f32, shaped as `transformers` returns them:
+//! `last_hidden_state` and `pooler_output` for an encoder; ViT reads `pixel_values` (B, K, H, W) from `--inputs`), f32, shaped as `transformers` returns them:
 //! with a batch axis for `--inputs`, without one for `--input-ids`.
 
 use std::collections::HashMap;
@@ -162,6 +162,26 @@ fn run_forward(args: RunArgs) -> Result<()> {
             };
             let err = |e: attend::Error| anyhow!("{src}: {}", crate::errors::attend(&e));
             bert_outputs(&m.model, &input).map_err(err)?
+        }
+        HfModel::Vit(m) => {
+            refuse(
+                &inputs,
+                &["input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids"],
+                "vit",
+            )?;
+            let pixels =
+                inputs.get("pixel_values").ok_or_else(|| anyhow!("{src}: missing `pixel_values` (B, K, H, W)"))?;
+            let o = m
+                .model
+                .forward(&pixels.to_dtype(DType::F32)?, false)
+                .map_err(|e| anyhow!("{src}: {}", crate::errors::attend(&e)))?;
+            match o.logits {
+                Some(l) => vec![("logits", l)],
+                None => [("last_hidden_state", Some(o.hidden)), ("pooler_output", o.pooled)]
+                    .into_iter()
+                    .filter_map(|(n, t)| t.map(|t| (n, t)))
+                    .collect(),
+            }
         }
     };
     let outputs: Vec<(&str, Tensor)> = outputs

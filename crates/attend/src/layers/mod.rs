@@ -16,6 +16,7 @@
 //! | [`feed_forward::FeedForward`]: plain or gated | Vaswani et al. 2017 §3.3; Shazeer 2020 | `feed_forward.rs` |
 //! | [`linear::Linear`]: `x Wᵀ + b` with a one-product bias gradient | — | `linear.rs` |
 //! | [`norm::Norm`]: layer norm, RMS norm (fused, hand-written backward) | Ba et al. 2016; Zhang & Sennrich 2019 | `norm.rs` |
+//! | [`patch_embedding::PatchEmbedding`]: image → `P×P` patches → `C` | Dosovitskiy et al. 2021 (ViT) | `patch_embedding.rs` |
 //! | [`pooling::pool`]: cls / mean / max / mean-√n / weighted mean / last token over real tokens; L2 normalisation | sentence-transformers (Reimers & Gurevych 2019) | `pooling.rs` |
 //! | [`stack::Stack`]: distinct or shared parameters across depth | ALBERT (Lan et al. 2020), Universal Transformer | `stack.rs` |
 
@@ -29,6 +30,7 @@ pub mod hard;
 pub mod linear;
 pub mod local;
 pub mod norm;
+pub mod patch_embedding;
 pub mod pooling;
 pub mod spatial;
 pub mod stack;

@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::{
-    activation_name, apply_table, drop_tied_copy, entry, strict_source, tensors_for_file, write_hf_dir, HfDir, Loaded,
-    NameEntry,
+    activation_name, apply_table, drop_tied_copy, entry, set_labels, strict_source, tensors_for_file, write_hf_dir,
+    HfDir, Loaded, NameEntry,
 };
 use crate::layers::feed_forward::Activation;
 use crate::models::bert::{AnyBert, BertConfig, BertHeads, BertPositions, BertTask};
@@ -408,12 +408,7 @@ pub fn save_bert(
     if let BertHeads::Task(BertTask::SequenceClassification { n_labels } | BertTask::TokenClassification { n_labels }) =
         heads
     {
-        let id2label: serde_json::Map<String, Value> =
-            (0..n_labels).map(|i| (i.to_string(), Value::String(format!("LABEL_{i}")))).collect();
-        let label2id: serde_json::Map<String, Value> =
-            (0..n_labels).map(|i| (format!("LABEL_{i}"), i.into())).collect();
-        cfg["id2label"] = Value::Object(id2label);
-        cfg["label2id"] = Value::Object(label2id);
+        set_labels(&mut cfg, n_labels);
     }
     write_hf_dir(dir, &named, &cfg)
 }

@@ -10,6 +10,7 @@
 //! | `model_type` | model | file names |
 //! |---|---|---|
 //! | `gpt2` | [`Gpt`] (GPT-2 layout) | [`gpt2_names`] |
+//! | `vit` | [`Vit`]: image encoder, classification head | [`vit_names`] |
 //! | `bert`, `roberta`, `distilbert` | [`AnyBert`]: encoder, pretraining heads or a fine-tuning head | [`bert_names`] |
 
 use std::collections::HashMap;
@@ -24,15 +25,18 @@ use crate::error::shape_str;
 use crate::layers::feed_forward::Activation;
 use crate::models::bert::{AnyBert, BertConfig};
 use crate::models::gpt::{Gpt, GptConfig};
+use crate::models::vit::{Vit, VitConfig};
 use crate::{Error, Result};
 
 mod bert;
 mod gpt2;
 mod sentence;
+mod vit;
 
 pub use bert::{bert_config, bert_heads, bert_names, load_bert, save_bert, BertFamily};
 pub use gpt2::{gpt2_config, gpt2_names, load_gpt2, save_gpt2};
 pub use sentence::{sentence_layout, SentenceEncoder, SentenceLayout};
+pub use vit::{load_vit, save_vit, vit_config, vit_names};
 
 /// A Hugging Face model directory: its parsed `config.json` and where its weights are.
 #[derive(Clone, Debug)]
@@ -164,10 +168,12 @@ pub enum HfModel {
     Gpt2(Loaded<Gpt, GptConfig>),
     /// `bert`, `roberta`, `distilbert`: an encoder, with the heads its architecture names.
     Bert(Loaded<AnyBert, BertConfig>),
+    /// `vit`: an image encoder, with a classification head when its architecture has one.
+    Vit(Loaded<Vit, VitConfig>),
 }
 
 /// The `model_type`s [`load`] reads.
-pub const SUPPORTED: &[&str] = &["gpt2", "bert", "roberta", "distilbert"];
+pub const SUPPORTED: &[&str] = &["gpt2", "bert", "roberta", "distilbert", "vit"];
 
 /// Loads the directory's model by its `model_type`.
 ///
@@ -177,6 +183,7 @@ pub fn load(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) -> Resu
     match dir.model_type() {
         "gpt2" => Ok(HfModel::Gpt2(load_gpt2(dir, dtype, device, trainable)?)),
         "bert" | "roberta" | "distilbert" => Ok(HfModel::Bert(load_bert(dir, dtype, device, trainable)?)),
+        "vit" => Ok(HfModel::Vit(load_vit(dir, dtype, device, trainable)?)),
         _ => Err(dir.unsupported("model_type", &format!("attend reads {}", SUPPORTED.join(", ")))),
     }
 }
@@ -346,4 +353,10 @@ pub(crate) fn drop_tied_copy(raw: &mut HashMap<String, Tensor>, copy: &str, of: 
     }
     raw.remove(copy);
     Ok(())
+}
+
+/// `id2label` and `label2id` for `n` labels named `LABEL_i`, as `transformers` writes them by default.
+pub(crate) fn set_labels(cfg: &mut Value, n: usize) {
+    cfg["id2label"] = (0..n).map(|i| (i.to_string(), Value::String(format!("LABEL_{i}")))).collect();
+    cfg["label2id"] = (0..n).map(|i| (format!("LABEL_{i}"), Value::from(i))).collect();
 }
