@@ -302,3 +302,36 @@ fn hf_run_classifies_images_with_vit() {
         expect_failure(&["hf", "run", "--model", m, "--input-ids", "1,2", "--output", none.to_str().unwrap()], &none);
     assert_mentions(&e, &["input_ids", "vit"]);
 }
+
+#[test]
+fn t5_runs_and_generates_like_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = load(&fixture("hf_ref/t5.safetensors"));
+    let inp = tmp.path().join("t5-in.safetensors");
+    save(&inp, &["input_ids", "attention_mask", "decoder_input_ids"].map(|n| (n, &r[n])));
+    let out = tmp.path().join("t5.safetensors");
+    let model = fixture("hf/t5");
+    let m = model.to_str().unwrap();
+    ok(&["hf", "run", "--model", m, "--inputs", inp.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    compare("t5 logits", &load(&out)["logits"], &r["logits"], PARITY).unwrap();
+    // Greedy from ids, as transformers' generate returns them (the decoder start first).
+    let src = ids_csv(&r["input_ids"].get(0).unwrap());
+    let want: Vec<i64> = r["gen_ids"].get(0).unwrap().to_vec1().unwrap();
+    let n = (want.len() - 1).to_string();
+    for extra in [&[][..], &["--num-beams", "1"][..]] {
+        let args =
+            [&["generate", "--model", m, "--input-ids", &src, "--max-new-tokens", &n, "--json"][..], extra].concat();
+        let v: Value = serde_json::from_str(ok(&args).trim()).unwrap();
+        let got: Vec<i64> = v["ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+        assert_eq!(got, want, "{extra:?}");
+    }
+    let none = tmp.path().join("none.safetensors");
+    let e =
+        expect_failure(&["hf", "run", "--model", m, "--input-ids", "5,1", "--output", none.to_str().unwrap()], &none);
+    assert_mentions(&e, &["decoder_input_ids"]);
+    let e = expect_failure(
+        &["generate", "--model", gpt2_dir().to_str().unwrap(), "--input-ids", "5", "--num-beams", "2"],
+        &none,
+    );
+    assert_mentions(&e, &["--num-beams", "encoder"]);
+}

@@ -11,6 +11,10 @@
 //! `generate(do_sample=False)` token for token. Sampling is seeded and counter-based: the draw of step `n`, row `b`
 //! depends only on `(seed, n, b)`.
 //!
+//! Encoder–decoders (T5, the paper's Transformer) generate with [`generate_seq2seq`]: the sources right-padded and
+//! encoded once, the memory projected once per layer, the decoder stepping from `decoder_start_token_id` with the
+//! same samplers, penalty and stop tokens; beam search for them is [`crate::decode::beam_search`].
+//!
 //! ```
 //! use attend::generate::{generate, GenerateConfig};
 //! use attend::models::gpt::{Gpt, GptConfig};
@@ -28,6 +32,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::models::encoder_decoder::EncoderDecoder;
 use crate::models::gpt::{Gpt, GptCache, GptInput};
 use crate::{ensure, Result};
 
@@ -135,13 +140,7 @@ pub fn generate<M: CausalLm>(
             crate::bail!(OP, "prompt {i} has token id {bad}, outside the vocabulary 0..{v}");
         }
     }
-    ensure!((cfg.pad_token as usize) < v, OP, "pad_token {} is outside the vocabulary 0..{v}", cfg.pad_token);
-    ensure!(cfg.repetition_penalty > 0.0, OP, "repetition_penalty must be positive, got {}", cfg.repetition_penalty);
-    if let Sampling::Sample { temperature, top_k, top_p, .. } = &cfg.sampling {
-        ensure!(*temperature > 0.0, OP, "temperature must be positive, got {temperature} (use greedy decoding for 0)");
-        ensure!(top_k.map_or(true, |k| k > 0), OP, "top_k must be at least 1");
-        ensure!(top_p.map_or(true, |p| p > 0.0 && p <= 1.0), OP, "top_p must be in (0, 1], got {top_p:?}");
-    }
+    check_config(OP, cfg, v)?;
     let b = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     ensure!(
@@ -206,6 +205,78 @@ pub fn generate<M: CausalLm>(
         step_ids = Tensor::from_vec(chosen, (b, 1), &dev)?;
         step_pos = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
         next_pos.iter_mut().for_each(|p| *p += 1);
+    }
+    Ok(out)
+}
+
+/// The settings that do not depend on the model: the padding token, the penalty, the sampler's ranges.
+fn check_config(op: &'static str, cfg: &GenerateConfig, v: usize) -> Result<()> {
+    ensure!((cfg.pad_token as usize) < v, op, "pad_token {} is outside the vocabulary 0..{v}", cfg.pad_token);
+    ensure!(cfg.repetition_penalty > 0.0, op, "repetition_penalty must be positive, got {}", cfg.repetition_penalty);
+    if let Sampling::Sample { temperature, top_k, top_p, .. } = &cfg.sampling {
+        ensure!(*temperature > 0.0, op, "temperature must be positive, got {temperature} (use greedy decoding for 0)");
+        ensure!(top_k.is_none_or(|k| k > 0), op, "top_k must be at least 1");
+        ensure!(top_p.is_none_or(|p| p > 0.0 && p <= 1.0), op, "top_p must be in (0, 1], got {top_p:?}");
+    }
+    Ok(())
+}
+
+/// The outputs of an encoder–decoder for a batch of sources (right-padded with the model's `pad_token_id`), each
+/// decoded from `decoder_start_token_id` with a cache, greedy or sampled as `cfg` says, until a stop token or
+/// `max_new_tokens`; `on_token(row, token)` sees each token as it is chosen. The returned tokens leave out the start
+/// token. (Beam search: [`crate::decode::beam_search`] over [`EncoderDecoder::decoder`].)
+///
+/// # Errors
+/// An empty source, a token outside the vocabulary, more tokens than the model's `max_len`, settings out of range.
+pub fn generate_seq2seq(
+    model: &EncoderDecoder,
+    sources: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Generation>> {
+    const OP: &str = "generate_seq2seq";
+    let mc = model.config();
+    ensure!(!sources.is_empty(), OP, "no sources");
+    ensure!(sources.iter().all(|s| !s.is_empty()), OP, "an empty source: the encoder needs at least one token");
+    check_config(OP, cfg, mc.tgt_vocab)?;
+    ensure!(
+        cfg.max_new_tokens <= mc.max_len,
+        OP,
+        "max_new_tokens = {} exceeds the model's max_len = {}",
+        cfg.max_new_tokens,
+        mc.max_len
+    );
+    let dev = Device::Cpu;
+    let (b, width) = (sources.len(), sources.iter().map(Vec::len).max().unwrap_or(0));
+    let mut ids = vec![mc.pad_token_id; b * width];
+    let mut mask = vec![0u32; b * width];
+    for (r, src) in sources.iter().enumerate() {
+        ids[r * width..r * width + src.len()].copy_from_slice(src);
+        mask[r * width..r * width + src.len()].iter_mut().for_each(|m| *m = 1);
+    }
+    let (src, mask) = (Tensor::from_vec(ids, (b, width), &dev)?, Tensor::from_vec(mask, (b, width), &dev)?);
+    let memory = model.encode(&src, Some(&mask))?;
+    let mut state = model.start_decoding(&memory, Some(&mask))?;
+    let mut last = vec![mc.decoder_start_token_id; b];
+    let mut out: Vec<Generation> = vec![Generation { tokens: Vec::new(), stopped: false }; b];
+    for step in 0..cfg.max_new_tokens {
+        let logits = model.decode_step(&Tensor::from_slice(&last, b, &dev)?, &mut state)?; // (B, V)
+        let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        for (r, mut row) in logits.into_iter().enumerate() {
+            if out[r].stopped {
+                last[r] = cfg.pad_token;
+                continue;
+            }
+            penalise(&mut row, &out[r].tokens, cfg.repetition_penalty);
+            let tok = choose(&row, &cfg.sampling, step as u64, r as u64);
+            out[r].tokens.push(tok);
+            out[r].stopped = cfg.stop_tokens.contains(&tok);
+            on_token(r, tok);
+            last[r] = tok;
+        }
+        if out.iter().all(|g| g.stopped) {
+            break;
+        }
     }
     Ok(out)
 }

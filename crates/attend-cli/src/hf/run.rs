@@ -1,6 +1,7 @@
 //! `attend hf run --model DIR (--input-ids "5,17,33" [--token-type-ids "0,0,1"] | --inputs IN.safetensors)
 //! --output OUT.safetensors`: the model's forward on given ids, written under Hugging Face's output names
 //! (`logits` for a causal LM, a masked LM or a classifier, `start_logits`/`end_logits` for span extraction,
+//! `logits` and `encoder_last_hidden_state` for T5, which also needs `decoder_input_ids`;
 //! `last_hidden_state` and `pooler_output` for an encoder; ViT reads `pixel_values` (B, K, H, W) from `--inputs`), f32, shaped as `transformers` returns them:
 //! with a batch axis for `--inputs`, without one for `--input-ids`.
 
@@ -162,6 +163,20 @@ fn run_forward(args: RunArgs) -> Result<()> {
             };
             let err = |e: attend::Error| anyhow!("{src}: {}", crate::errors::attend(&e));
             bert_outputs(&m.model, &input).map_err(err)?
+        }
+        HfModel::T5(m) => {
+            refuse(&inputs, &["pixel_values", "token_type_ids", "position_ids"], dir.model_type())?;
+            if !inputs.batched {
+                bail!("a {} checkpoint also needs decoder_input_ids: pass them with --inputs", dir.model_type());
+            }
+            let ids = inputs.get("input_ids").ok_or_else(|| anyhow!("{src}: missing `input_ids` (B, S)"))?;
+            let dec = inputs.get("decoder_input_ids").ok_or_else(|| {
+                anyhow!("{src}: missing `decoder_input_ids` (B, T), which start with decoder_start_token_id")
+            })?;
+            let err = |e: attend::Error| anyhow!("{src}: {}", crate::errors::attend(&e));
+            let memory = m.model.encode(ids, inputs.get("attention_mask")).map_err(err)?;
+            let h = m.model.decode(dec, &memory, inputs.get("attention_mask")).map_err(err)?;
+            vec![("logits", m.model.logits(&h).map_err(err)?), ("encoder_last_hidden_state", memory)]
         }
         HfModel::Vit(m) => {
             refuse(

@@ -118,6 +118,22 @@ impl KvCache {
         Ok(())
     }
 
+    /// A new cache holding rows `indices (K)` of this one's batch, in that order (repeats allowed): the caches of
+    /// the hypotheses a beam search keeps.
+    ///
+    /// # Errors
+    /// An index outside the batch.
+    pub fn select(&self, indices: &Tensor) -> Result<KvCache> {
+        let mut out = KvCache::new(self.max_len);
+        if let (Some(k), Some(v)) = (self.k()?, self.v()?) {
+            let b = k.dim(0)?;
+            let max = indices.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+            ensure!((max as usize) < b, "KvCache::select", "row {max} of a cache holding a batch of {b}");
+            out.append(&k.contiguous()?.index_select(indices, 0)?, &v.contiguous()?.index_select(indices, 0)?)?;
+        }
+        Ok(out)
+    }
+
     /// Appends `T` positions and returns all `S = len() + T` keys and values.
     ///
     /// # Shapes

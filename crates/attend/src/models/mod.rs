@@ -4,11 +4,13 @@
 //! |---|---|
 //! | [`seq2seq::Seq2Seq`]: recurrent encoder–decoder, no attention / Bahdanau / Luong global / local-m / local-p, coverage | `seq2seq.rs` |
 //! | [`bert::Bert`], [`bert::BertPretraining`], [`bert::BertForTask`]: bidirectional encoder, masked-LM and next-sentence pretraining, classification / tagging / span heads (RoBERTa, DistilBERT by settings) | `bert.rs` |
+//! | [`encoder_decoder::EncoderDecoder`]: Transformer encoder–decoder, the paper's (sinusoids, post-norm, shared tables) and T5's (relative bias, RMS pre-norm, gated GELU) | `encoder_decoder.rs` |
 //! | [`gpt::Gpt`], [`gpt::GptClassifier`]: causal decoder LM, GPT-1 and GPT-2 layouts, fine-tuning with the auxiliary LM loss | `gpt.rs` |
 //! | [`vit::Vit`]: Vision Transformer, patches + class token + learned positions, classification head | `vit.rs` |
 //! | [`ram::Ram`]: recurrent attention model, glimpses and REINFORCE (Mnih et al. 2014) | `ram.rs` |
 
 pub mod bert;
+pub mod encoder_decoder;
 pub mod gpt;
 pub mod ram;
 pub mod seq2seq;

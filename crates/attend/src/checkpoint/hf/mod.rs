@@ -10,6 +10,7 @@
 //! | `model_type` | model | file names |
 //! |---|---|---|
 //! | `gpt2` | [`Gpt`] (GPT-2 layout) | [`gpt2_names`] |
+//! | `t5`, `mt5` | [`EncoderDecoder`] in T5's settings | [`t5_names`] |
 //! | `vit` | [`Vit`]: image encoder, classification head | [`vit_names`] |
 //! | `bert`, `roberta`, `distilbert` | [`AnyBert`]: encoder, pretraining heads or a fine-tuning head | [`bert_names`] |
 
@@ -24,6 +25,7 @@ use super::StrictTensors;
 use crate::error::shape_str;
 use crate::layers::feed_forward::Activation;
 use crate::models::bert::{AnyBert, BertConfig};
+use crate::models::encoder_decoder::{EncoderDecoder, EncoderDecoderConfig};
 use crate::models::gpt::{Gpt, GptConfig};
 use crate::models::vit::{Vit, VitConfig};
 use crate::{Error, Result};
@@ -31,11 +33,13 @@ use crate::{Error, Result};
 mod bert;
 mod gpt2;
 mod sentence;
+mod t5;
 mod vit;
 
 pub use bert::{bert_config, bert_heads, bert_names, load_bert, save_bert, BertFamily};
 pub use gpt2::{gpt2_config, gpt2_names, load_gpt2, save_gpt2};
 pub use sentence::{sentence_layout, SentenceEncoder, SentenceLayout};
+pub use t5::{load_t5, save_t5, t5_config, t5_names};
 pub use vit::{load_vit, save_vit, vit_config, vit_names};
 
 /// A Hugging Face model directory: its parsed `config.json` and where its weights are.
@@ -170,10 +174,12 @@ pub enum HfModel {
     Bert(Loaded<AnyBert, BertConfig>),
     /// `vit`: an image encoder, with a classification head when its architecture has one.
     Vit(Loaded<Vit, VitConfig>),
+    /// `t5`, `mt5`: a text-to-text encoder–decoder.
+    T5(Loaded<EncoderDecoder, EncoderDecoderConfig>),
 }
 
 /// The `model_type`s [`load`] reads.
-pub const SUPPORTED: &[&str] = &["gpt2", "bert", "roberta", "distilbert", "vit"];
+pub const SUPPORTED: &[&str] = &["gpt2", "bert", "roberta", "distilbert", "vit", "t5", "mt5"];
 
 /// Loads the directory's model by its `model_type`.
 ///
@@ -184,6 +190,7 @@ pub fn load(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) -> Resu
         "gpt2" => Ok(HfModel::Gpt2(load_gpt2(dir, dtype, device, trainable)?)),
         "bert" | "roberta" | "distilbert" => Ok(HfModel::Bert(load_bert(dir, dtype, device, trainable)?)),
         "vit" => Ok(HfModel::Vit(load_vit(dir, dtype, device, trainable)?)),
+        "t5" | "mt5" => Ok(HfModel::T5(load_t5(dir, dtype, device, trainable)?)),
         _ => Err(dir.unsupported("model_type", &format!("attend reads {}", SUPPORTED.join(", ")))),
     }
 }
