@@ -219,4 +219,40 @@ impl TransformerLayer {
         let out = self.branch(&x, &self.ffn_norm, |h| self.ffn.forward(h))?;
         Ok(LayerOutput { out, self_weights, cross_weights })
     }
+
+    /// XLNet's two-stream self-attention (Yang et al. 2019 §2.3) through this layer's parameters: the content stream
+    /// `h` attends under `content_mask` (each position sees itself and what precedes it in the factorisation order),
+    /// the query stream `g` under `query_mask` (what strictly precedes it: a position never sees its own token).
+    /// Both read keys and values projected once from the content stream; both then pass the feed-forward branch.
+    ///
+    /// # Shapes
+    /// `h (B, T, C)`, `g (B, T, C)` → `(h', g')`, each `(B, T, C)`.
+    ///
+    /// # Errors
+    /// A layer with cross-attention, and every error of [`MultiHeadAttention::forward_projected`].
+    pub fn forward_two_stream(
+        &self,
+        h: &Tensor,
+        g: &Tensor,
+        content_mask: &Mask,
+        query_mask: &Mask,
+        opts: &MhaOptions,
+    ) -> Result<(Tensor, Tensor)> {
+        ensure!(
+            self.cross.is_none(),
+            Self::OP,
+            "two-stream attention is self-attention: this layer has cross-attention"
+        );
+        let kv_src = match self.config.norm_position {
+            NormPosition::Pre => self.self_attn_norm.forward(h)?,
+            NormPosition::Post => h.clone(),
+        };
+        let (k, v) = self.self_attn.project_kv(&kv_src, &kv_src)?; // (B, H, T, D) each
+        let attend = |x: &Tensor, mask: &Mask| -> Result<Tensor> {
+            self.branch(x, &self.self_attn_norm, |q| Ok(self.self_attn.forward_projected(q, &k, &v, mask, opts)?.out))
+        };
+        let (h1, g1) = (attend(h, content_mask)?, attend(g, query_mask)?);
+        let ffn = |x: &Tensor| self.branch(x, &self.ffn_norm, |y| self.ffn.forward(y));
+        Ok((ffn(&h1)?, ffn(&g1)?))
+    }
 }

@@ -7,6 +7,7 @@
 //! | [`encoder_decoder::EncoderDecoder`]: Transformer encoder–decoder, the paper's (sinusoids, post-norm, shared tables) and T5's (relative bias, RMS pre-norm, gated GELU) | `encoder_decoder.rs` |
 //! | [`gpt::Gpt`], [`gpt::GptClassifier`]: causal decoder LM, GPT-1 and GPT-2 layouts, fine-tuning with the auxiliary LM loss | `gpt.rs` |
 //! | [`vit::Vit`]: Vision Transformer, patches + class token + learned positions, classification head | `vit.rs` |
+//! | [`xlnet::PermutationLm`]: XLNet-style permutation LM, two-stream attention, partial prediction | `xlnet.rs` |
 //! | [`ram::Ram`]: recurrent attention model, glimpses and REINFORCE (Mnih et al. 2014) | `ram.rs` |
 
 pub mod bert;
@@ -15,6 +16,7 @@ pub mod gpt;
 pub mod ram;
 pub mod seq2seq;
 pub mod vit;
+pub mod xlnet;
 
 use candle_core::{DType, Tensor};
 

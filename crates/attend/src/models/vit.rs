@@ -76,7 +76,7 @@ pub struct VitConfig {
     pub dropout: f64,
     #[serde(default)]
     pub attn_dropout: f64,
-    /// Biases on the query, key and value projections.
+    /// Biases on the attention projections (all four: attend's attention has one switch).
     pub qkv_bias: bool,
     /// The `tanh` pooler of Hugging Face's `ViTModel`.
     #[serde(default)]

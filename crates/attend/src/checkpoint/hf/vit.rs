@@ -88,6 +88,10 @@ pub fn vit_config(dir: &HfDir) -> Result<VitConfig> {
     if n_heads == 0 || d_model % n_heads != 0 {
         return Err(dir.unsupported("num_attention_heads", &format!("must divide hidden_size = {d_model}")));
     }
+    if !dir.field("qkv_bias", true)? {
+        // attend's attention has one bias switch for all four projections; ViT keeps the output's bias.
+        return Err(dir.unsupported("qkv_bias", "only true"));
+    }
     let archs = dir.architectures();
     let n_labels = match archs.first().map(String::as_str).unwrap_or("ViTModel") {
         "ViTModel" => None,
@@ -109,7 +113,7 @@ pub fn vit_config(dir: &HfDir) -> Result<VitConfig> {
         layer_norm_eps: dir.field("layer_norm_eps", 1e-12)?,
         dropout: dir.field("hidden_dropout_prob", 0.0)?,
         attn_dropout: dir.field("attention_probs_dropout_prob", 0.0)?,
-        qkv_bias: dir.field("qkv_bias", true)?,
+        qkv_bias: true,
         pooler: n_labels.is_none(),
         n_labels,
     };
