@@ -334,101 +334,250 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
         o.len(),
         lse.len()
     );
-    let FlashDims { b: nb, h: nh, hkv, t, s, d, dv } = *dims;
+    let FlashDims { b: nb, h: nh, hkv, t, s, .. } = *dims;
     let (br, bc) = (cfg.block_q, cfg.block_k);
     let group = nh / hkv;
     let q_blocks = t.div_ceil(br);
     let key_tiles = s.div_ceil(bc);
-    // A task serves one K/V head: it packs that head's keys (and values) once, then runs every query head of the
-    // group over its query blocks. Heads are split into interleaved query-block chunks when there are fewer heads
-    // than threads (interleaving evens out causal work, which grows with the query index).
-    let chunks = (4 * rayon::current_num_threads()).div_ceil(nb * hkv).clamp(1, q_blocks);
-    let (o_ptr, lse_ptr) = (SyncPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
-    let (k_stride, v_stride) = (d * bc, if E::PACKS_VALUES { bc * dv } else { 0 });
     // A masked key has probability exactly 0, but 0 · NaN is NaN: with non-finite values, partially masked tiles
     // skip invisible keys one by one instead of multiplying them in. (NaN in q or k needs nothing: the mask
     // overwrites invisible scores with −∞.)
-    let careful = !E::all_finite(v);
-
+    let inp = Inputs { dims, cfg, mask, score, q, k, v, careful: !E::all_finite(v) };
+    let threads = rayon::current_num_threads();
+    let splits = kv_splits(nb * hkv * q_blocks, key_tiles, threads);
+    if splits > 1 {
+        return Ok(split_kv(&inp, splits, o, lse));
+    }
+    // A task serves one K/V head: it packs that head's keys (and values) once, then runs every query head of the
+    // group over its query blocks. Heads are split into interleaved query-block chunks when there are fewer heads
+    // than threads (interleaving evens out causal work, which grows with the query index).
+    let chunks = (4 * threads).div_ceil(nb * hkv).clamp(1, q_blocks);
+    let (o_ptr, lse_ptr) = (SyncPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
     (0..nb * hkv * chunks).into_par_iter().for_each(|task| {
         let (kvh, chunk) = (task / chunks, task % chunks);
         let b = kvh / hkv;
-        let mut kp = vec![E::default(); key_tiles * k_stride];
-        let mut vp = vec![E::default(); key_tiles * v_stride];
-        for tile in 0..key_tiles {
-            let (j0, valid) = (tile * bc, bc.min(s - tile * bc));
-            let width = round_up(valid, QUANTUM);
-            E::pack_keys(k, kvh * s + j0, valid, d, width, &mut kp[tile * k_stride..]);
-            if E::PACKS_VALUES {
-                E::pack_values(v, kvh * s + j0, valid, dv, width, &mut vp[tile * v_stride..]);
-            }
-        }
-        let f = |n| vec![0f32; n];
-        let (mut st, mut acc, mut m, mut l, mut alpha) = (f(br * bc), f(br * dv), f(br), f(br), f(br));
-        let (mut scratch, mut qs) = (Vec::new(), Vec::new());
+        let packed = inp.pack(kvh, 0..key_tiles);
+        let mut run = Running::new(cfg, dims.dv);
         for qb in (chunk..q_blocks).step_by(chunks) {
             for h in (kvh % hkv) * group..(kvh % hkv + 1) * group {
                 let bh = b * nh + h;
-                let i0 = qb * br;
-                let rows = br.min(t - i0);
-                m[..rows].fill(f32::NEG_INFINITY);
-                l[..rows].fill(0.0);
-                acc[..rows * dv].fill(0.0);
-                if E::PRESCALE {
-                    // Scale once per query block instead of once per score.
-                    qs.clear();
-                    qs.extend(q[(bh * t + i0) * d..][..rows * d].iter().map(|&x| x.scaled(cfg.scale)));
-                }
-                for tile in 0..key_tiles {
-                    let (j0, valid) = (tile * bc, bc.min(s - tile * bc));
-                    let kind = mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
-                    if kind == TileKind::Empty {
-                        continue;
-                    }
-                    let width = round_up(valid, QUANTUM);
-                    let kt = &kp[tile * k_stride..(tile + 1) * k_stride];
-                    let q_rows = if E::PRESCALE { &qs[..] } else { &q[(bh * t + i0) * d..] };
-                    let scale = if E::PRESCALE { None } else { Some(cfg.scale) };
-                    let tile_ids = (b, h, i0, rows);
-                    let keys = (j0, valid, width);
-                    score_tile(dims, cfg, mask, score, kind, tile_ids, keys, q_rows, scale, kt, &mut st, None);
-                    // SAFETY: st holds rows × width; acc rows × dv; v holds `valid` rows of dv from the tile start.
-                    unsafe {
-                        online_softmax(cfg.isa, st.as_mut_ptr(), width, rows, width, &mut m, &mut l, &mut alpha);
-                        scale_rows(cfg.isa, acc.as_mut_ptr(), dv, rows, dv, &alpha);
-                    }
-                    if let Some(dp) = cfg.dropout {
-                        dropout_tile(dims, dp, (b, h, i0, rows), (j0, valid, width), &mut st);
-                    }
-                    let v_tile = &v[(kvh * s + j0) * dv..];
-                    if careful && kind == TileKind::Partial {
-                        careful_accumulate(mask, (b, h, i0, rows), (j0, valid, width), dv, &st, v_tile, &mut acc);
-                    } else {
-                        // SAFETY: st holds rows × width, acc rows × dv, the packed tile what pack_values wrote.
-                        unsafe {
-                            let packed = &vp[tile * v_stride..(tile + 1) * v_stride];
-                            E::accumulate(cfg.isa, rows, dv, valid, width, &st, v_tile, packed, &mut scratch, &mut acc);
-                        }
-                    }
-                }
+                let (i0, rows) = (qb * br, br.min(t - qb * br));
+                inp.stream_rows(&packed, 0..key_tiles, (b, h, kvh, i0, rows), &mut run);
                 // SAFETY: this task alone writes rows i0..i0+rows of head (b, h).
-                let out = unsafe { std::slice::from_raw_parts_mut(o_ptr.get().add((bh * t + i0) * dv), rows * dv) };
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(o_ptr.get().add((bh * t + i0) * dims.dv), rows * dims.dv) };
                 let lse_out = unsafe { std::slice::from_raw_parts_mut(lse_ptr.get().add(bh * t + i0), rows) };
-                for r in 0..rows {
-                    let row = &mut out[r * dv..(r + 1) * dv];
-                    if l[r] == 0.0 {
-                        row.fill(E::from_f32(0.0));
-                        lse_out[r] = f32::NEG_INFINITY;
-                    } else {
-                        let inv = 1.0 / l[r];
-                        row.iter_mut().zip(&acc[r * dv..(r + 1) * dv]).for_each(|(o, a)| *o = E::from_f32(a * inv));
-                        lse_out[r] = m[r] + l[r].ln();
-                    }
-                }
+                run.finish(rows, out, lse_out);
             }
         }
     });
     Ok(())
+}
+
+/// Key splits for "flash decoding" (Dao et al. 2023): when query blocks × heads give fewer tasks than threads (one
+/// sequence decoding one token), each head's keys are cut into ranges that threads stream in parallel, merged after
+/// by their log-sum-exp. Each range keeps at least two key tiles, so short caches are not split.
+pub fn kv_splits(tasks: usize, key_tiles: usize, threads: usize) -> usize {
+    if tasks >= threads {
+        return 1;
+    }
+    (2 * threads).div_ceil(tasks).min(key_tiles / 2).max(1)
+}
+
+/// The inputs every task reads.
+struct Inputs<'a, E, M, F> {
+    dims: &'a FlashDims,
+    cfg: &'a FlashConfig,
+    mask: &'a M,
+    score: &'a F,
+    q: &'a [E],
+    k: &'a [E],
+    v: &'a [E],
+    careful: bool,
+}
+
+/// Key (and value) tiles of one K/V head packed for the products, from the first tile of a range.
+struct Packed<E> {
+    keys: Vec<E>,
+    values: Vec<E>,
+    k_stride: usize,
+    v_stride: usize,
+}
+
+/// One task's online-softmax state for a block of query rows, and its scratch space.
+struct Running<E> {
+    st: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    alpha: Vec<f32>,
+    scratch: Vec<E>,
+    qs: Vec<E>,
+}
+
+impl<E: Operand> Running<E> {
+    fn new(cfg: &FlashConfig, dv: usize) -> Self {
+        let (br, bc) = (cfg.block_q, cfg.block_k);
+        let f = |n| vec![0f32; n];
+        Self { st: f(br * bc), acc: f(br * dv), m: f(br), l: f(br), alpha: f(br), scratch: Vec::new(), qs: Vec::new() }
+    }
+
+    /// `O = acc / l` and `lse = m + ln l` for `rows` rows; a row that saw no key is 0 with lse −∞.
+    fn finish(&self, rows: usize, out: &mut [E], lse: &mut [f32]) {
+        let dv = out.len() / rows.max(1);
+        for r in 0..rows {
+            let row = &mut out[r * dv..(r + 1) * dv];
+            if self.l[r] == 0.0 {
+                row.fill(E::from_f32(0.0));
+                lse[r] = f32::NEG_INFINITY;
+            } else {
+                let inv = 1.0 / self.l[r];
+                row.iter_mut().zip(&self.acc[r * dv..(r + 1) * dv]).for_each(|(o, a)| *o = E::from_f32(a * inv));
+                lse[r] = self.m[r] + self.l[r].ln();
+            }
+        }
+    }
+}
+
+impl<E: Operand, M: MaskMod, F: ScoreMod> Inputs<'_, E, M, F> {
+    /// Packs the key tiles `tiles` of K/V head `kvh` (flattened `b·Hkv + g`).
+    fn pack(&self, kvh: usize, tiles: std::ops::Range<usize>) -> Packed<E> {
+        let FlashDims { s, d, dv, .. } = *self.dims;
+        let bc = self.cfg.block_k;
+        let (k_stride, v_stride) = (d * bc, if E::PACKS_VALUES { bc * dv } else { 0 });
+        let n = tiles.len();
+        let mut keys = vec![E::default(); n * k_stride];
+        let mut values = vec![E::default(); n * v_stride];
+        for (slot, tile) in tiles.enumerate() {
+            let (j0, valid) = (tile * bc, bc.min(s - tile * bc));
+            let width = round_up(valid, QUANTUM);
+            E::pack_keys(self.k, kvh * s + j0, valid, d, width, &mut keys[slot * k_stride..]);
+            if E::PACKS_VALUES {
+                E::pack_values(self.v, kvh * s + j0, valid, dv, width, &mut values[slot * v_stride..]);
+            }
+        }
+        Packed { keys, values, k_stride, v_stride }
+    }
+
+    /// Streams query rows `i0..i0 + rows` of head `(b, h)` over key tiles `tiles` (packed in `packed` from
+    /// `tiles.start`) into `run`'s `m`, `l` and `acc`, which start afresh.
+    fn stream_rows(
+        &self,
+        packed: &Packed<E>,
+        tiles: std::ops::Range<usize>,
+        (b, h, kvh, i0, rows): (usize, usize, usize, usize, usize),
+        run: &mut Running<E>,
+    ) {
+        let (dims, cfg) = (self.dims, self.cfg);
+        let FlashDims { h: nh, t, s, d, dv, .. } = *dims;
+        let bc = cfg.block_k;
+        let bh = b * nh + h;
+        run.m[..rows].fill(f32::NEG_INFINITY);
+        run.l[..rows].fill(0.0);
+        run.acc[..rows * dv].fill(0.0);
+        if E::PRESCALE {
+            // Scale once per query block instead of once per score.
+            run.qs.clear();
+            run.qs.extend(self.q[(bh * t + i0) * d..][..rows * d].iter().map(|&x| x.scaled(cfg.scale)));
+        }
+        let first = tiles.start;
+        for tile in tiles {
+            let (j0, valid) = (tile * bc, bc.min(s - tile * bc));
+            let kind = self.mask.classify(b, h, i0, i0 + rows, j0, j0 + valid);
+            if kind == TileKind::Empty {
+                continue;
+            }
+            let width = round_up(valid, QUANTUM);
+            let slot = tile - first;
+            let kt = &packed.keys[slot * packed.k_stride..(slot + 1) * packed.k_stride];
+            let q_rows = if E::PRESCALE { &run.qs[..] } else { &self.q[(bh * t + i0) * d..] };
+            let scale = if E::PRESCALE { None } else { Some(cfg.scale) };
+            let (tile_ids, keys) = ((b, h, i0, rows), (j0, valid, width));
+            score_tile(dims, cfg, self.mask, self.score, kind, tile_ids, keys, q_rows, scale, kt, &mut run.st, None);
+            // SAFETY: st holds rows × width; acc rows × dv; v holds `valid` rows of dv from the tile start.
+            unsafe {
+                online_softmax(
+                    cfg.isa,
+                    run.st.as_mut_ptr(),
+                    width,
+                    rows,
+                    width,
+                    &mut run.m,
+                    &mut run.l,
+                    &mut run.alpha,
+                );
+                scale_rows(cfg.isa, run.acc.as_mut_ptr(), dv, rows, dv, &run.alpha);
+            }
+            if let Some(dp) = cfg.dropout {
+                dropout_tile(dims, dp, tile_ids, keys, &mut run.st);
+            }
+            let v_tile = &self.v[(kvh * s + j0) * dv..];
+            if self.careful && kind == TileKind::Partial {
+                careful_accumulate(self.mask, tile_ids, keys, dv, &run.st, v_tile, &mut run.acc);
+            } else {
+                let pv = &packed.values[slot * packed.v_stride..(slot + 1) * packed.v_stride];
+                // SAFETY: st holds rows × width, acc rows × dv, the packed tile what pack_values wrote.
+                unsafe {
+                    E::accumulate(cfg.isa, rows, dv, valid, width, &run.st, v_tile, pv, &mut run.scratch, &mut run.acc)
+                };
+            }
+        }
+    }
+}
+
+/// Flash decoding: every (K/V head, key range) is a task writing an unnormalised partial `(m, l, acc)` for every
+/// query row of its heads; the partials of a row then merge exactly: `M = max m_s`, `L = Σ l_s e^{m_s − M}`,
+/// `O = Σ acc_s e^{m_s − M} / L`, `lse = M + ln L`.
+fn split_kv<E: Operand, M: MaskMod, F: ScoreMod>(inp: &Inputs<E, M, F>, splits: usize, o: &mut [E], lse: &mut [f32]) {
+    let FlashDims { b: nb, h: nh, hkv, t, s, dv, .. } = *inp.dims;
+    let (br, bc) = (inp.cfg.block_q, inp.cfg.block_k);
+    let (group, q_blocks, key_tiles) = (nh / hkv, t.div_ceil(br), s.div_ceil(bc));
+    let rows_total = nb * nh * t;
+    let (mut pm, mut pl, mut pacc) = (
+        vec![f32::NEG_INFINITY; splits * rows_total],
+        vec![0f32; splits * rows_total],
+        vec![0f32; splits * rows_total * dv],
+    );
+    let (pm_ptr, pl_ptr, pacc_ptr) = (SyncPtr(pm.as_mut_ptr()), SyncPtr(pl.as_mut_ptr()), SyncPtr(pacc.as_mut_ptr()));
+    (0..nb * hkv * splits).into_par_iter().for_each(|task| {
+        let (kvh, split) = (task / splits, task % splits);
+        let b = kvh / hkv;
+        let tiles = split * key_tiles / splits..(split + 1) * key_tiles / splits;
+        let packed = inp.pack(kvh, tiles.clone());
+        let mut run = Running::new(inp.cfg, dv);
+        for qb in 0..q_blocks {
+            for h in (kvh % hkv) * group..(kvh % hkv + 1) * group {
+                let (i0, rows) = (qb * br, br.min(t - qb * br));
+                inp.stream_rows(&packed, tiles.clone(), (b, h, kvh, i0, rows), &mut run);
+                let row0 = split * rows_total + (b * nh + h) * t + i0;
+                // SAFETY: rows row0..row0+rows of split `split` belong to this task alone.
+                unsafe {
+                    std::slice::from_raw_parts_mut(pm_ptr.get().add(row0), rows).copy_from_slice(&run.m[..rows]);
+                    std::slice::from_raw_parts_mut(pl_ptr.get().add(row0), rows).copy_from_slice(&run.l[..rows]);
+                    std::slice::from_raw_parts_mut(pacc_ptr.get().add(row0 * dv), rows * dv)
+                        .copy_from_slice(&run.acc[..rows * dv]);
+                }
+            }
+        }
+    });
+    o.par_chunks_mut(dv).zip(lse.par_iter_mut()).enumerate().for_each(|(row, (out, lse))| {
+        let at = |sp: usize| sp * rows_total + row;
+        let big = (0..splits).map(|sp| pm[at(sp)]).fold(f32::NEG_INFINITY, f32::max);
+        let weight = |sp: usize| if pl[at(sp)] == 0.0 { 0.0 } else { (pm[at(sp)] - big).exp() };
+        let total: f32 = (0..splits).map(|sp| pl[at(sp)] * weight(sp)).sum();
+        if total == 0.0 {
+            out.fill(E::from_f32(0.0));
+            *lse = f32::NEG_INFINITY;
+            return;
+        }
+        let mut acc = vec![0f32; dv];
+        for sp in (0..splits).filter(|&sp| pl[at(sp)] != 0.0) {
+            let w = weight(sp);
+            acc.iter_mut().zip(&pacc[at(sp) * dv..(at(sp) + 1) * dv]).for_each(|(a, &x)| *a += w * x);
+        }
+        out.iter_mut().zip(&acc).for_each(|(o, &a)| *o = E::from_f32(a / total));
+        *lse = big + total.ln();
+    });
 }
 
 /// `acc (rows × dv) += P V` over the visible keys of a tile only: a masked key contributes nothing, even when its

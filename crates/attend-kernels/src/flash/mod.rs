@@ -27,7 +27,7 @@ pub mod simd;
 pub mod tiles;
 
 pub use backward::{flash_backward, PARTIAL_DQ_BUDGET};
-pub use forward::{flash_forward, flash_forward_bf16, flash_probabilities, Bf16, Operand};
+pub use forward::{flash_forward, flash_forward_bf16, flash_probabilities, kv_splits, Bf16, Operand};
 pub use masks::{MaskMod, ScoreMod, TileKind};
 pub use simd::Isa;
 
