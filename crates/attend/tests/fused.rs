@@ -297,13 +297,13 @@ fn fused_equals_reference_for_every_mask_kind() {
 
 #[test]
 fn flash_decoding_splits_the_keys_across_threads_and_merges_them_exactly() {
-    // One sequence, one K/V head, one or three query rows: fewer tasks than the 8 threads, so the keys are split.
+    // One sequence, one K/V head, one or three query rows: few tasks, so the keys are split across the 8 threads.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(8).build().unwrap();
     let mut rng = Rng(0x000f_1a5d_ec0d);
     for (t, h) in [(1usize, 1usize), (1, 4), (3, 2)] {
         let c = Config { b: 1, h, hkv: 1, t, s: 1000, d: 64, dv: 64, scale: None, seed: 77 + t as u64 };
         // Whatever tiles the CPU picks (at most 256 keys), a thousand keys make at least two splits.
-        assert!(attend_kernels::flash::kv_splits(c.t.div_ceil(64), c.s.div_ceil(256), 8) > 1);
+        assert!(attend_kernels::flash::kv_splits(c.t.div_ceil(64), c.s.div_ceil(256)) > 1);
         let x = inputs(&c, DType::F32);
         for kind in 0..KINDS.len() {
             let (name, mask) = build_mask(kind, &c, &mut rng);

@@ -343,15 +343,14 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
     // skip invisible keys one by one instead of multiplying them in. (NaN in q or k needs nothing: the mask
     // overwrites invisible scores with −∞.)
     let inp = Inputs { dims, cfg, mask, score, q, k, v, careful: !E::all_finite(v) };
-    let threads = rayon::current_num_threads();
-    let splits = kv_splits(nb * hkv * q_blocks, key_tiles, threads);
+    let splits = kv_splits(nb * hkv * q_blocks, key_tiles);
     if splits > 1 {
         return Ok(split_kv(&inp, splits, o, lse));
     }
     // A task serves one K/V head: it packs that head's keys (and values) once, then runs every query head of the
     // group over its query blocks. Heads are split into interleaved query-block chunks when there are fewer heads
     // than threads (interleaving evens out causal work, which grows with the query index).
-    let chunks = (4 * threads).div_ceil(nb * hkv).clamp(1, q_blocks);
+    let chunks = (4 * rayon::current_num_threads()).div_ceil(nb * hkv).clamp(1, q_blocks);
     let (o_ptr, lse_ptr) = (SyncPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
     (0..nb * hkv * chunks).into_par_iter().for_each(|task| {
         let (kvh, chunk) = (task / chunks, task % chunks);
@@ -374,15 +373,19 @@ fn forward<E: Operand, M: MaskMod, F: ScoreMod>(
     Ok(())
 }
 
-/// Key splits for "flash decoding" (Dao et al. 2023): when query blocks × heads give fewer tasks than threads (one
-/// sequence decoding one token), each head's keys are cut into ranges that threads stream in parallel, merged after
-/// by their log-sum-exp. Each range keeps at least two key tiles, so short caches are not split.
-pub fn kv_splits(tasks: usize, key_tiles: usize, threads: usize) -> usize {
-    if tasks >= threads {
+/// Key splits for "flash decoding" (Dao et al. 2023): when query blocks × K/V heads make fewer than
+/// [`DECODE_TASKS`] tasks (one sequence decoding one token), each head's keys are cut into ranges that threads stream
+/// in parallel, merged after by their log-sum-exp. Each range keeps at least two key tiles, so short caches are not
+/// split. The count depends on the shape only, never on the pool, so every machine computes the same bits.
+pub fn kv_splits(tasks: usize, key_tiles: usize) -> usize {
+    if tasks >= DECODE_TASKS {
         return 1;
     }
-    (2 * threads).div_ceil(tasks).min(key_tiles / 2).max(1)
+    DECODE_TASKS.div_ceil(tasks.max(1)).min(key_tiles / 2).max(1)
 }
+
+/// Tasks the forward aims for when it splits keys: enough for 32 threads at one task each.
+pub const DECODE_TASKS: usize = 32;
 
 /// The inputs every task reads.
 struct Inputs<'a, E, M, F> {
