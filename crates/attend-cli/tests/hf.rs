@@ -335,3 +335,26 @@ fn t5_runs_and_generates_like_transformers() {
     );
     assert_mentions(&e, &["--num-beams", "encoder"]);
 }
+
+#[test]
+fn bench_embed_reports_the_contract_keys() {
+    let line = ok(&["bench", "embed", "--batch", "2", "--tokens", "8", "--iters", "1", "--warmup", "0", "--json"]);
+    let v: Value = serde_json::from_str(line.trim()).unwrap();
+    for key in ["median_ms", "tokens_per_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {line}");
+    }
+    assert_eq!(v["params"], 22713216, "all-MiniLM-L6-v2 has 22,713,216 parameters");
+}
+
+#[test]
+fn embed_refuses_a_file_that_is_not_utf8() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("latin1.txt");
+    std::fs::write(&bad, b"caf\xe9\n").unwrap();
+    let st = fixture("hf/st-bert");
+    let e = expect_failure(
+        &["embed", "--model", st.to_str().unwrap(), "--file", bad.to_str().unwrap()],
+        &tmp.path().join("none"),
+    );
+    assert_mentions(&e, &["latin1.txt", "UTF-8"]);
+}

@@ -17,6 +17,7 @@
 
 pub mod attention;
 pub mod decode;
+pub mod embed;
 pub mod gat;
 pub mod rnn;
 pub mod train_step;
@@ -39,6 +40,8 @@ pub enum BenchCommand {
     Gat(gat::BenchGatArgs),
     /// GPT-2 small greedy decoding, batch 1, against the measured memory-bandwidth limit.
     Decode(decode::BenchDecodeArgs),
+    /// Sentence embeddings (mean pooling, normalised) on the all-MiniLM-L6-v2 shape, batch 32 × 128 tokens.
+    Embed(embed::BenchEmbedArgs),
     /// One nanoGPT-style GPT training step (forward, backward, AdamW), the anchor's `cpu` or `char` config.
     TrainStep(train_step::BenchTrainStepArgs),
 }
@@ -50,6 +53,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Gru(args) => rnn::run(args, rnn::Kind::Gru),
         BenchCommand::Gat(args) => gat::run(args),
         BenchCommand::Decode(args) => decode::run(args),
+        BenchCommand::Embed(args) => embed::run(args),
         BenchCommand::TrainStep(args) => train_step::run(args),
     }
 }

@@ -63,8 +63,19 @@ pub(crate) fn padding_mask(
                 "attention_mask {} must be (B, S) = ({b}, {s}): one entry per cached and new position",
                 shape_str(m)
             );
-            let keep = m.ne(0u32)?.reshape((b, 1, 1, s))?; // (B, 1, 1, S) u8
-            base.with_tensor(MaskTensor::Keep(keep))
+            let keep = m.ne(0u32)?; // (B, S) u8
+                                    // Right padding (every row a run of ones, then zeros) is a key length per row, which the kernel
+                                    // classifies per tile; only other patterns (left padding) need the per-element tensor.
+            let rows = keep.to_vec2::<u8>()?;
+            let lengths: Vec<usize> = rows.iter().map(|r| r.iter().take_while(|&&x| x != 0).count()).collect();
+            let right_padded = rows.iter().zip(&lengths).all(|(r, &n)| r[n..].iter().all(|&x| x == 0));
+            if !right_padded {
+                base.with_tensor(MaskTensor::Keep(keep.reshape((b, 1, 1, s))?)) // (B, 1, 1, S)
+            } else if lengths.iter().all(|&n| n == s) {
+                base
+            } else {
+                base.with_key_lengths(lengths)
+            }
         }
     })
 }
