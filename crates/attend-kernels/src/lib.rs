@@ -25,6 +25,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod flash;
 pub mod gelu;
+pub mod gemv;
 pub mod graph;
 pub mod norm;
 mod real;

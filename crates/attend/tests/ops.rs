@@ -330,23 +330,31 @@ fn bad_input_is_an_error_naming_shapes() {
 /// and f64, and against finite differences.
 #[test]
 fn linear_matches_its_twin_and_finite_differences() {
-    for dtype in [DType::F32, DType::F64] {
-        let x = Var::from_tensor(&randn(&[2, 3, 5], 20, dtype)).unwrap();
-        let w = Var::from_tensor(&randn(&[4, 5], 21, dtype)).unwrap();
-        let b = Var::from_tensor(&randn(&[4], 22, dtype)).unwrap();
-        let dy = randn(&[2, 3, 4], 23, dtype);
-        let run = |fused: bool| {
-            let f = if fused { ops::linear } else { ops::linear_reference };
-            let y = f(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap();
-            let g = weighted_sum(&y, &dy).backward().unwrap();
-            let grads: Vec<Tensor> = [&x, &w, &b].iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect();
-            (y, grads)
-        };
-        let ((y, g), (yr, gr)) = (run(true), run(false));
-        let tol = if dtype == DType::F32 { F32_GRAD } else { F64 };
-        assert_close("linear y", &y, &yr, tol);
-        for (name, (a, r)) in ["dx", "dw", "db"].iter().zip(g.iter().zip(&gr)) {
-            assert_close(&format!("linear {name} {dtype:?}"), a, r, tol);
+    // Six rows take the matrix product; one and three f32 rows the streaming kernel of decoding (gemv).
+    for (shape, n) in [([2usize, 3, 5], 4usize), ([1, 1, 37], 70), ([1, 3, 37], 9)] {
+        for dtype in [DType::F32, DType::F64] {
+            let k = shape[2];
+            let x = Var::from_tensor(&randn(&shape, 20, dtype)).unwrap();
+            let w = Var::from_tensor(&randn(&[n, k], 21, dtype)).unwrap();
+            let b = Var::from_tensor(&randn(&[n], 22, dtype)).unwrap();
+            let dy = randn(&[shape[0], shape[1], n], 23, dtype);
+            let run = |fused: bool, bias: bool| {
+                let f = if fused { ops::linear } else { ops::linear_reference };
+                let y = f(x.as_tensor(), w.as_tensor(), bias.then(|| b.as_tensor())).unwrap();
+                let g = weighted_sum(&y, &dy).backward().unwrap();
+                let vars: Vec<&Var> = if bias { vec![&x, &w, &b] } else { vec![&x, &w] };
+                let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect();
+                (y, grads)
+            };
+            for bias in [true, false] {
+                let ((y, g), (yr, gr)) = (run(true, bias), run(false, bias));
+                let tol = if dtype == DType::F32 { F32_GRAD } else { F64 };
+                let label = format!("linear {shape:?}×({n}, {k}) {dtype:?} bias {bias}");
+                assert_close(&format!("{label} y"), &y, &yr, tol);
+                for (name, (a, r)) in ["dx", "dw", "db"].iter().zip(g.iter().zip(&gr)) {
+                    assert_close(&format!("{label} {name}"), a, r, tol);
+                }
+            }
         }
     }
     let (w, b, x) = (randn64(&[4, 5], 24), randn64(&[4], 25), randn64(&[3, 5], 26));

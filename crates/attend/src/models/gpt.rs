@@ -341,7 +341,7 @@ impl Gpt {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(match &self.lm_head {
             Some(head) => head.forward(hidden)?,
-            None => hidden.broadcast_matmul(&self.wte.embeddings().t()?)?,
+            None => ops::linear(hidden, self.wte.embeddings(), None)?,
         })
     }
 
