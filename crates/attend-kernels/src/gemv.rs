@@ -32,7 +32,7 @@ pub fn skinny_linear(x: &[f32], r: usize, k: usize, w: &[f32], n: usize, bias: O
         .map(|t| {
             let (j0, j1) = (t * COLUMNS_PER_TASK, ((t + 1) * COLUMNS_PER_TASK).min(n));
             let mut out = vec![0f32; r * (j1 - j0)]; // (R, j1 − j0)
-            // SAFETY: `isa` is detected; x holds r × k, the weight rows (j1 − j0) × k, out r × (j1 − j0).
+                                                     // SAFETY: `isa` is detected; x holds r × k, the weight rows (j1 − j0) × k, out r × (j1 − j0).
             unsafe { dots_isa(isa, x, r, k, &w[j0 * k..j1 * k], &mut out) };
             (j0, out)
         })
@@ -94,8 +94,7 @@ mod tests {
         let mut y = vec![0f64; r * n];
         for row in 0..r {
             for j in 0..n {
-                y[row * n + j] =
-                    b[j] as f64 + (0..k).map(|t| x[row * k + t] as f64 * w[j * k + t] as f64).sum::<f64>();
+                y[row * n + j] = b[j] as f64 + (0..k).map(|t| x[row * k + t] as f64 * w[j * k + t] as f64).sum::<f64>();
             }
         }
         y

@@ -348,7 +348,16 @@ pub fn save_bert(
         OP,
         "DistilBERT has no segments and ε = 1e-12"
     );
-    let table = bert_names(family, config, heads)?;
+    // Hugging Face builds these heads without a pooler (`add_pooling_layer=False`), and nothing of ours reads it
+    // under them: it is left out rather than written as a tensor `transformers` would reject as unexpected.
+    let pooler_read = matches!(
+        heads,
+        BertHeads::None
+            | BertHeads::Pretraining { nsp: true, .. }
+            | BertHeads::Task(BertTask::SequenceClassification { .. })
+    );
+    let written = BertConfig { pooler: config.pooler && pooler_read, ..config.clone() };
+    let table = bert_names(family, &written, heads)?;
     let prefix = family.prefix();
     let named = tensors_for_file(&table, tensors, |e| {
         if e.attend.starts_with("bert.") {
