@@ -381,3 +381,66 @@ fn sentence_embeddings_match_sentence_transformers() {
     let emb = enc.embed(&ids, &mask.to_dtype(DType::U32).unwrap(), Some(&tt)).unwrap();
     assert_close("embeddings", &emb, &f.t("embeddings"), Tol { atol: 1e-5, rtol: 0.0 });
 }
+
+/// A copy of fixtures/hf/st-bert in the layout of sentence-transformers ≤ 5 (what most Hub models have): old module
+/// type names, boolean pooling keys, `max_seq_length` in sentence_bert_config.json, and a tokenizer_config.json whose
+/// own `model_max_length` would be wrong if it were read.
+fn st_bert_old_layout(tag: &str) -> std::path::PathBuf {
+    let src = hf_dir("st-bert");
+    let dir = std::env::temp_dir().join(format!("attend-st-old-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    std::fs::create_dir_all(dir.join("2_Normalize")).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap()).unwrap();
+    tc["model_max_length"] = 512.into();
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let modules = serde_json::json!([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+    ]);
+    std::fs::write(dir.join("modules.json"), modules.to_string()).unwrap();
+    std::fs::write(dir.join("sentence_bert_config.json"), r#"{"max_seq_length": 16, "do_lower_case": false}"#).unwrap();
+    let pooling = serde_json::json!({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true,
+        "pooling_mode_max_tokens": false, "pooling_mode_mean_sqrt_len_tokens": false,
+        "pooling_mode_weightedmean_tokens": false, "pooling_mode_lasttoken": false, "include_prompt": true
+    });
+    std::fs::write(dir.join("1_Pooling/config.json"), pooling.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn the_older_sentence_transformers_layout_reads_the_same() {
+    let dir = st_bert_old_layout("same");
+    let layout = sentence_layout(&dir).unwrap();
+    assert_eq!(
+        (layout.pooling.clone(), layout.normalize, layout.max_seq_length),
+        (vec![PoolingMode::Mean], true, Some(16))
+    );
+    let enc = SentenceEncoder::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let f = load("hf_ref", "st-bert");
+    let (ids, mask, tt) = (ids_of(&f.t("input_ids")), f.t("attention_mask"), f.t("token_type_ids"));
+    let emb = enc.embed(&ids, &mask.to_dtype(DType::U32).unwrap(), Some(&tt)).unwrap();
+    assert_close("embeddings (old layout)", &emb, &f.t("embeddings"), Tol { atol: 1e-5, rtol: 0.0 });
+    // Several boolean modes concatenate in sentence-transformers' fixed order: cls, max, mean.
+    let p = dir.join("1_Pooling/config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["pooling_mode_max_tokens"] = true.into();
+    v["pooling_mode_cls_token"] = true.into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    assert_eq!(sentence_layout(&dir).unwrap().pooling, vec![PoolingMode::Cls, PoolingMode::Max, PoolingMode::Mean]);
+    // An unknown module is refused by name.
+    let m = dir.join("modules.json");
+    let mut mods: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    mods.as_array_mut().unwrap().push(
+        serde_json::json!({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}),
+    );
+    std::fs::write(&m, mods.to_string()).unwrap();
+    let e = sentence_layout(&dir).unwrap_err().to_string();
+    assert!(e.contains("sentence_transformers.models.Dense") && e.contains("modules.json"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
