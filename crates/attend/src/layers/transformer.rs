@@ -26,10 +26,10 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::feed_forward::{FeedForward, FeedForwardConfig};
+use super::feed_forward::{Activation, FeedForward, FeedForwardConfig};
 use super::norm::{Norm, NormConfig};
 use crate::attention::{KvCache, Mask, MhaOptions, MultiHeadAttention, MultiHeadAttentionConfig};
-use crate::ops::dropout;
+use crate::ops::dropout_while_training;
 use crate::rng::{DropoutRng, DropoutStream, TrainingFlag};
 use crate::{ensure, Result};
 
@@ -56,6 +56,35 @@ pub struct TransformerLayerConfig {
     /// Dropout on each branch's output before the residual sum, while training. Example: `0.1`.
     #[serde(default)]
     pub dropout: f64,
+}
+
+impl TransformerLayerConfig {
+    /// A self-attention layer of `H` heads over `C` and a plain `d_ff` feed-forward, biases everywhere, no dropout:
+    /// the layer of BERT, GPT, ViT and the permutation LM, which adjust what differs.
+    pub fn plain(
+        d_model: usize,
+        n_heads: usize,
+        d_ff: usize,
+        activation: Activation,
+        norm: NormConfig,
+        norm_position: NormPosition,
+    ) -> Self {
+        Self {
+            attention: MultiHeadAttentionConfig::new(d_model, n_heads),
+            feed_forward: FeedForwardConfig { d_model, d_ff, activation, gated: false, bias: true, dropout: 0.0 },
+            norm,
+            norm_position,
+            cross_attention: false,
+            dropout: 0.0,
+        }
+    }
+
+    /// Residual dropout on each branch and dropout on the attention weights.
+    pub fn with_dropout(mut self, residual: f64, attention: f64) -> Self {
+        self.dropout = residual;
+        self.attention.dropout = attention;
+        self
+    }
 }
 
 /// The memory a cross-attention branch reads: raw (projected on every call) or projected once with
@@ -169,13 +198,7 @@ impl TransformerLayer {
 
     /// One residual branch: `Norm(x + Dropout(f(x)))` or `x + Dropout(f(Norm(x)))`.
     fn branch(&self, x: &Tensor, norm: &Norm, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let drop = |y: Tensor| -> Result<Tensor> {
-            if self.training.get() && self.config.dropout > 0.0 {
-                dropout(&y, self.config.dropout, self.dropout.next_seed(), 0)
-            } else {
-                Ok(y)
-            }
-        };
+        let drop = |y: Tensor| dropout_while_training(y, self.config.dropout, &self.training, &self.dropout);
         match self.config.norm_position {
             NormPosition::Post => norm.forward(&(x + drop(f(x)?)?)?),
             NormPosition::Pre => Ok((x + drop(f(&norm.forward(x)?)?)?)?),

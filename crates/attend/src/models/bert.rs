@@ -51,9 +51,9 @@ use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{check_ids, padding_mask};
-use crate::attention::{Mask, MhaOptions, MultiHeadAttentionConfig};
+use crate::attention::{Mask, MhaOptions};
 use crate::error::shape_str;
-use crate::layers::feed_forward::{Activation, FeedForwardConfig};
+use crate::layers::feed_forward::Activation;
 use crate::layers::linear::Linear;
 use crate::layers::norm::{Norm, NormConfig};
 use crate::layers::stack::Stack;
@@ -134,25 +134,9 @@ impl BertConfig {
 
     /// The configuration of each (post-norm) layer.
     pub fn layer(&self) -> TransformerLayerConfig {
-        let c = self.d_model;
-        TransformerLayerConfig {
-            attention: MultiHeadAttentionConfig {
-                dropout: self.attn_dropout,
-                ..MultiHeadAttentionConfig::new(c, self.n_heads)
-            },
-            feed_forward: FeedForwardConfig {
-                d_model: c,
-                d_ff: self.d_ff,
-                activation: self.activation,
-                gated: false,
-                bias: true,
-                dropout: 0.0,
-            },
-            norm: NormConfig::layer(self.layer_norm_eps),
-            norm_position: NormPosition::Post,
-            cross_attention: false,
-            dropout: self.dropout,
-        }
+        let norm = NormConfig::layer(self.layer_norm_eps);
+        TransformerLayerConfig::plain(self.d_model, self.n_heads, self.d_ff, self.activation, norm, NormPosition::Post)
+            .with_dropout(self.dropout, self.attn_dropout)
     }
 }
 
@@ -206,15 +190,6 @@ pub struct Bert {
 fn embedding_table(rows: usize, c: usize, vb: VarBuilder) -> Result<Embedding> {
     let w = vb.get_with_hints((rows, c), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?;
     Ok(Embedding::new(w, c))
-}
-
-/// Dropout while training, the identity otherwise.
-fn train_dropout(x: Tensor, p: f64, training: &TrainingFlag, stream: &DropoutStream) -> Result<Tensor> {
-    if training.get() && p > 0.0 {
-        ops::dropout(&x, p, stream.next_seed(), 0)
-    } else {
-        Ok(x)
-    }
 }
 
 impl Bert {
@@ -292,7 +267,7 @@ impl Bert {
 
     /// Dropout on a head's input with this model's rate and stream (the heads' "one extra layer" is trained with it).
     pub(crate) fn head_dropout(&self, x: Tensor) -> Result<Tensor> {
-        train_dropout(x, self.config.dropout, &self.training, &self.dropout)
+        ops::dropout_while_training(x, self.config.dropout, &self.training, &self.dropout)
     }
 
     /// RoBERTa's positions: `padding_idx + cumsum(ids ≠ pad)` on real tokens, `padding_idx` on padding.

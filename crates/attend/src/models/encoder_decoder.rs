@@ -411,11 +411,7 @@ impl EncoderDecoder {
     }
 
     fn drop(&self, x: Tensor) -> Result<Tensor> {
-        if self.training.get() && self.config.dropout > 0.0 {
-            ops::dropout(&x, self.config.dropout, self.dropout.next_seed(), 0)
-        } else {
-            Ok(x)
-        }
+        ops::dropout_while_training(x, self.config.dropout, &self.training, &self.dropout)
     }
 
     /// Embedding lookup, scaling and positions for tokens at `offset..`.

@@ -47,9 +47,9 @@ use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{check_ids, padding_mask};
-use crate::attention::{KvCache, Mask, MhaOptions, MultiHeadAttentionConfig};
+use crate::attention::{KvCache, Mask, MhaOptions};
 use crate::error::shape_str;
-use crate::layers::feed_forward::{Activation, FeedForwardConfig};
+use crate::layers::feed_forward::Activation;
 use crate::layers::linear::Linear;
 use crate::layers::norm::{Norm, NormConfig};
 use crate::layers::stack::Stack;
@@ -130,29 +130,16 @@ impl GptConfig {
 
     /// The configuration of each layer.
     pub fn layer(&self) -> TransformerLayerConfig {
-        let c = self.d_model;
-        TransformerLayerConfig {
-            attention: MultiHeadAttentionConfig {
-                dropout: self.attn_dropout,
-                fused_qkv: self.fused_qkv,
-                ..MultiHeadAttentionConfig::new(c, self.n_heads)
-            },
-            feed_forward: FeedForwardConfig {
-                d_model: c,
-                d_ff: self.d_ff.unwrap_or(4 * c),
-                activation: self.activation,
-                gated: false,
-                bias: true,
-                dropout: 0.0,
-            },
-            norm: NormConfig::layer(self.layer_norm_eps),
-            norm_position: match self.layout {
-                GptLayout::Gpt1 => NormPosition::Post,
-                GptLayout::Gpt2 => NormPosition::Pre,
-            },
-            cross_attention: false,
-            dropout: self.dropout,
-        }
+        let position = match self.layout {
+            GptLayout::Gpt1 => NormPosition::Post,
+            GptLayout::Gpt2 => NormPosition::Pre,
+        };
+        let d_ff = self.d_ff.unwrap_or(4 * self.d_model);
+        let norm = NormConfig::layer(self.layer_norm_eps);
+        let mut cfg = TransformerLayerConfig::plain(self.d_model, self.n_heads, d_ff, self.activation, norm, position)
+            .with_dropout(self.dropout, self.attn_dropout);
+        cfg.attention.fused_qkv = self.fused_qkv;
+        cfg
     }
 }
 
@@ -314,9 +301,7 @@ impl Gpt {
             Some(p) => self.wpe.forward_ids(&x, p)?,
             None => self.wpe.forward(&x, cached)?,
         };
-        if self.training.get() && self.config.embd_dropout > 0.0 {
-            x = ops::dropout(&x, self.config.embd_dropout, self.dropout.next_seed(), 0)?;
-        }
+        x = ops::dropout_while_training(x, self.config.embd_dropout, &self.training, &self.dropout)?;
         let mask = padding_mask(Self::OP, Mask::causal(), input.attention_mask, b, s)?;
         let ctx = LayerContext {
             mask: &mask,

@@ -40,9 +40,9 @@ use candle_core::{Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{Mask, MhaOptions, MultiHeadAttentionConfig};
+use crate::attention::{Mask, MhaOptions};
 use crate::error::shape_str;
-use crate::layers::feed_forward::{Activation, FeedForwardConfig};
+use crate::layers::feed_forward::Activation;
 use crate::layers::linear::Linear;
 use crate::layers::norm::{Norm, NormConfig};
 use crate::layers::patch_embedding::PatchEmbedding;
@@ -114,26 +114,18 @@ impl VitConfig {
 
     /// The configuration of each (pre-norm) layer.
     pub fn layer(&self) -> TransformerLayerConfig {
-        let c = self.d_model;
-        TransformerLayerConfig {
-            attention: MultiHeadAttentionConfig {
-                dropout: self.attn_dropout,
-                bias: self.qkv_bias,
-                ..MultiHeadAttentionConfig::new(c, self.n_heads)
-            },
-            feed_forward: FeedForwardConfig {
-                d_model: c,
-                d_ff: self.d_ff,
-                activation: self.activation,
-                gated: false,
-                bias: true,
-                dropout: 0.0,
-            },
-            norm: NormConfig::layer(self.layer_norm_eps),
-            norm_position: NormPosition::Pre,
-            cross_attention: false,
-            dropout: self.dropout,
-        }
+        let norm = NormConfig::layer(self.layer_norm_eps);
+        let mut cfg = TransformerLayerConfig::plain(
+            self.d_model,
+            self.n_heads,
+            self.d_ff,
+            self.activation,
+            norm,
+            NormPosition::Pre,
+        )
+        .with_dropout(self.dropout, self.attn_dropout);
+        cfg.attention.bias = self.qkv_bias;
+        cfg
     }
 }
 
@@ -238,11 +230,7 @@ impl Vit {
         let b = patches.dim(0)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.config.d_model))?; // (B, 1, C)
         let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)?; // (B, N+1, C)
-        let mut x = if self.training.get() && self.config.dropout > 0.0 {
-            ops::dropout(&x, self.config.dropout, self.dropout.next_seed(), 0)?
-        } else {
-            x
-        };
+        let mut x = ops::dropout_while_training(x, self.config.dropout, &self.training, &self.dropout)?;
         let mask = Mask::none();
         let ctx = LayerContext { mask: &mask, memory: None, opts: MhaOptions { need_weights, ..Default::default() } };
         let mut weights = Vec::new();

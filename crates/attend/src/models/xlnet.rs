@@ -51,9 +51,9 @@ use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{check_ids, padding_mask};
-use crate::attention::{Mask, MaskTensor, MhaOptions, MultiHeadAttentionConfig};
+use crate::attention::{Mask, MaskTensor, MhaOptions};
 use crate::error::shape_str;
-use crate::layers::feed_forward::{Activation, FeedForwardConfig};
+use crate::layers::feed_forward::Activation;
 use crate::layers::norm::{Norm, NormConfig};
 use crate::layers::stack::Stack;
 use crate::layers::transformer::{LayerContext, NormPosition, TransformerLayer, TransformerLayerConfig};
@@ -105,25 +105,9 @@ impl PermutationLmConfig {
     }
 
     pub fn layer(&self) -> TransformerLayerConfig {
-        let c = self.d_model;
-        TransformerLayerConfig {
-            attention: MultiHeadAttentionConfig {
-                dropout: self.attn_dropout,
-                ..MultiHeadAttentionConfig::new(c, self.n_heads)
-            },
-            feed_forward: FeedForwardConfig {
-                d_model: c,
-                d_ff: self.d_ff,
-                activation: self.activation,
-                gated: false,
-                bias: true,
-                dropout: 0.0,
-            },
-            norm: NormConfig::layer(self.layer_norm_eps),
-            norm_position: self.norm_position,
-            cross_attention: false,
-            dropout: self.dropout,
-        }
+        let norm = NormConfig::layer(self.layer_norm_eps);
+        TransformerLayerConfig::plain(self.d_model, self.n_heads, self.d_ff, self.activation, norm, self.norm_position)
+            .with_dropout(self.dropout, self.attn_dropout)
     }
 }
 
@@ -242,11 +226,7 @@ impl PermutationLm {
     }
 
     fn drop(&self, x: Tensor) -> Result<Tensor> {
-        if self.training.get() && self.config.dropout > 0.0 {
-            ops::dropout(&x, self.config.dropout, self.dropout.next_seed(), 0)
-        } else {
-            Ok(x)
-        }
+        ops::dropout_while_training(x, self.config.dropout, &self.training, &self.dropout)
     }
 
     fn check(&self, ids: &Tensor) -> Result<(usize, usize)> {

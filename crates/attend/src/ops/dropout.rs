@@ -64,3 +64,18 @@ pub fn dropout_reference(x: &Tensor, p: f64, seed: u64, offset: u64) -> Result<T
     let mask = dropout_mask(x.shape(), p, seed, offset, x.dtype(), x.device())?;
     Ok(mask.eq(0.0)?.where_cond(&mask, &(x * &mask)?)?)
 }
+
+/// [`dropout`] with probability `p` and the next seed of `stream` while `training` is set; `x` itself otherwise. The
+/// one switch every layer and model uses for its own dropouts.
+pub fn dropout_while_training(
+    x: Tensor,
+    p: f64,
+    training: &crate::rng::TrainingFlag,
+    stream: &crate::rng::DropoutStream,
+) -> Result<Tensor> {
+    if training.get() && p > 0.0 {
+        dropout(&x, p, stream.next_seed(), 0)
+    } else {
+        Ok(x)
+    }
+}

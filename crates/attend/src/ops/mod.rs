@@ -25,7 +25,7 @@ pub use attend_kernels::cross_entropy::CrossEntropyConfig;
 pub use attend_kernels::gelu::GeluKind;
 pub use attend_kernels::norm::NormKind;
 pub use cross_entropy::{cross_entropy, cross_entropy_reference, Reduction};
-pub use dropout::{dropout, dropout_mask, dropout_reference};
+pub use dropout::{dropout, dropout_mask, dropout_reference, dropout_while_training};
 pub use gelu::{gelu, gelu_reference};
 pub use graph::{edge_aggregate, edge_aggregate_reference, gatv2_scores, gatv2_scores_reference};
 pub use linear::{linear, linear_reference};
