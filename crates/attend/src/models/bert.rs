@@ -50,7 +50,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{check_ids, padding_mask};
+use super::{check_ids, padding_mask, TextInput};
 use crate::attention::{Mask, MhaOptions};
 use crate::error::shape_str;
 use crate::layers::feed_forward::Activation;
@@ -140,26 +140,9 @@ impl BertConfig {
     }
 }
 
-/// The inputs of one forward call; all but `input_ids` optional, as in Hugging Face.
-#[derive(Clone, Copy, Debug)]
-pub struct BertInput<'a> {
-    /// `(B, T)` token ids, `u32` or `i64`.
-    pub input_ids: &'a Tensor,
-    /// `(B, T)`: 1 for a real token, 0 for padding (keys never attended to).
-    pub attention_mask: Option<&'a Tensor>,
-    /// `(B, T)` segment ids (0 for sentence A, 1 for B); default all 0.
-    pub token_type_ids: Option<&'a Tensor>,
-    /// `(B, T)` positions; default per [`BertPositions`].
-    pub position_ids: Option<&'a Tensor>,
-    /// Return every layer's attention weights.
-    pub need_weights: bool,
-}
-
-impl<'a> BertInput<'a> {
-    pub fn new(input_ids: &'a Tensor) -> Self {
-        Self { input_ids, attention_mask: None, token_type_ids: None, position_ids: None, need_weights: false }
-    }
-}
+/// The inputs of one BERT forward call ([`TextInput`]): `token_type_ids` default to segment 0, `position_ids` to
+/// [`BertPositions`]' rule.
+pub type BertInput<'a> = TextInput<'a>;
 
 /// The encoder's outputs.
 #[derive(Clone, Debug)]

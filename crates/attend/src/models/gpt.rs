@@ -46,7 +46,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{check_ids, padding_mask};
+use super::{check_ids, padding_mask, TextInput};
 use crate::attention::{KvCache, Mask, MhaOptions};
 use crate::error::shape_str;
 use crate::layers::feed_forward::Activation;
@@ -143,26 +143,10 @@ impl GptConfig {
     }
 }
 
-/// The inputs of one forward call; `attention_mask` and `position_ids` are optional as in Hugging Face.
-#[derive(Clone, Copy, Debug)]
-pub struct GptInput<'a> {
-    /// `(B, T)` token ids, `u32` or `i64`.
-    pub input_ids: &'a Tensor,
-    /// `(B, S)` with `S = cached + T`: 1 for a real token, 0 for padding (keys that are never attended to).
-    pub attention_mask: Option<&'a Tensor>,
-    /// `(B, T)` absolute positions; default `cached..cached + T` for every sequence.
-    pub position_ids: Option<&'a Tensor>,
-    /// `(B, T)` segment ids, embedded with the token table and added (Hugging Face GPT-2's `token_type_ids`).
-    pub token_type_ids: Option<&'a Tensor>,
-    /// Return every layer's attention weights.
-    pub need_weights: bool,
-}
-
-impl<'a> GptInput<'a> {
-    pub fn new(input_ids: &'a Tensor) -> Self {
-        Self { input_ids, attention_mask: None, position_ids: None, token_type_ids: None, need_weights: false }
-    }
-}
+/// The inputs of one GPT forward call ([`TextInput`]): `attention_mask (B, S)` covers the cached and new positions,
+/// `position_ids` default to `cached..cached + T`, `token_type_ids` are embedded with the token table and added
+/// (Hugging Face GPT-2's rule).
+pub type GptInput<'a> = TextInput<'a>;
 
 /// Hidden states and, when asked for, each layer's attention weights.
 #[derive(Clone, Debug)]

@@ -24,6 +24,28 @@ use crate::attention::{Mask, MaskTensor};
 use crate::error::shape_str;
 use crate::{bail, ensure, Result};
 
+/// The inputs of one forward call of a text model, under Hugging Face's argument names; all but `input_ids` are
+/// optional, as there.
+#[derive(Clone, Copy, Debug)]
+pub struct TextInput<'a> {
+    /// `(B, T)` token ids, `u32` or `i64`.
+    pub input_ids: &'a Tensor,
+    /// `(B, S)`: 1 for a real token, 0 for padding (keys never attended to); `S = T`, or cached + `T` when decoding.
+    pub attention_mask: Option<&'a Tensor>,
+    /// `(B, T)` absolute positions.
+    pub position_ids: Option<&'a Tensor>,
+    /// `(B, T)` segment ids.
+    pub token_type_ids: Option<&'a Tensor>,
+    /// Return every layer's attention weights.
+    pub need_weights: bool,
+}
+
+impl<'a> TextInput<'a> {
+    pub fn new(input_ids: &'a Tensor) -> Self {
+        Self { input_ids, attention_mask: None, position_ids: None, token_type_ids: None, need_weights: false }
+    }
+}
+
 /// Checks `(B, T)` token ids against the vocabulary; returns `(B, T)`.
 pub(crate) fn check_ids(op: &'static str, ids: &Tensor, vocab: usize) -> Result<(usize, usize)> {
     let Ok((b, t)) = ids.dims2() else { bail!(op, "input_ids must be (B, T), got {}", shape_str(ids)) };
