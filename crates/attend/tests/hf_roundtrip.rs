@@ -1,6 +1,6 @@
 //! Our checkpoints in Hugging Face's layout load in `transformers` and compute there what they compute here:
 //! fixtures/hf_saved/<name> was written by attend (`examples/save_hf.rs`), loaded strictly by `transformers` in
-//! scripts/oracle/hf_roundtrip.py, whose outputs are fixtures/hf_ref/saved-<name>.safetensors. Each directory must
+//! scripts/oracle/hf_roundtrip.py, whose outputs are fixtures/hf_roundtrip/<name>.safetensors. Each directory must
 //! also survive attend's own load → save unchanged, tensor for tensor.
 
 mod common;
@@ -58,7 +58,7 @@ fn logits(name: &str, m: &HfModel, f: &common::Fixture) -> Tensor {
 #[test]
 fn transformers_computes_from_our_checkpoints_what_we_compute() {
     for name in ["gpt2", "bert-mlm", "bert-cls", "vit", "t5"] {
-        let f = load("hf_ref", &format!("saved-{name}"));
+        let f = load("hf_roundtrip", name);
         let got = logits(name, &model(name, false), &f);
         let want = f.t("logits");
         match (got.rank(), name) {
