@@ -502,7 +502,105 @@ with each (inputs int64, outputs f32, texts and settings in the metadata). Regen
 | `st-bert/` | sentence-transformers 6: `bert/` with `max_seq_length` 16 (stored as `model_max_length` in `tokenizer_config.json`), mean pooling, normalize | `st-bert`: `embeddings` of 4 texts (one empty, one truncated) |
 | `t5/` | `T5ForConditionalGeneration`, 2+2 layers, C 32, gated-gelu (`gelu_new`), untied `lm_head` and `config.json` as Hub T5 v1.1 has it (`tie_word_embeddings` false: no d_model^-0.5 scaling), no tokenizer | `t5`: logits, encoder states, greedy `generate` |
 | `vit/` | `ViTForImageClassification`, 16x16 images, 4x4 patches, 5 labels | `vit`: logits, `last_hidden_state` |
+| `bert-pretrain/` | `BertForPreTraining`, BERT's shape and tokenizer | `bert-pretrain`: corrupted inputs, MLM `labels`, `next_sentence_label`, `prediction_logits`, `seq_relationship_logits`, `loss` and every parameter's gradient (`grad.<name>`; the tied decoder is `bert.embeddings.word_embeddings.weight`) |
+| `bert-cls/`, `bert-tok/`, `bert-qa/` | `BertForSequenceClassification` (3 labels), `BertForTokenClassification` (5), `BertForQuestionAnswering` | `logits` (or `start_logits`, `end_logits`), the labels, `loss` |
+| `roberta/` | `RobertaModel`, pad id 1, one segment, no tokenizer (ids drawn in 3..300) | `roberta`: `last_hidden_state`, `pooler_output` (row 1 right-padded with 1) |
+| `distilbert/` | `DistilBertModel`, learned positions, no tokenizer | `distilbert`: `last_hidden_state` for the BERT inputs |
 """
+
+
+# ---------------------------------------------------------------- BERT heads, RoBERTa, DistilBERT
+
+def bert_heads():
+    """BertForPreTraining (loss and every gradient), the three fine-tuning heads, RoBERTa and DistilBERT encoders."""
+    from transformers import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
+                              BertForTokenClassification, DistilBertConfig, DistilBertModel, RobertaConfig,
+                              RobertaModel)
+    tok = wordpiece_tokenizer()
+    V = tok.get_vocab_size()
+    ids, tt, mask, _ = bert_inputs(tok)
+    inputs = {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask}
+
+    # Pretraining: 80/10/10-style corruption at 5 real positions, labels there, NSP labels [0, 1]; eval mode.
+    labels = torch.full_like(ids, -100)
+    corrupt = ids.clone()
+    for (r, j), how in zip([(0, 1), (0, 2), (0, 6), (1, 1), (1, 3)], ["mask", "mask", "random", "mask", "keep"]):
+        labels[r, j] = ids[r, j]
+        corrupt[r, j] = 4 if how == "mask" else (ids[r, j] + 17) % V if how == "random" else ids[r, j]
+    nsp = torch.tensor([0, 1])
+    out = fresh_dir("bert-pretrain")
+    save_bert_tokenizer(tok, out)
+    torch.manual_seed(21)
+    model = BertForPreTraining(bert_config(V)).eval()
+    perturb(model, 22)
+    model.save_pretrained(out, safe_serialization=True)
+    o = model(input_ids=corrupt, token_type_ids=tt, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    o.loss.backward()
+    grads = {"grad." + n: p.grad for n, p in model.named_parameters()}
+    save_sorted("hf_ref", "bert-pretrain", {"input_ids": corrupt, "token_type_ids": tt, "attention_mask": mask,
+                                            "labels": labels, "next_sentence_label": nsp,
+                                            "prediction_logits": o.prediction_logits,
+                                            "seq_relationship_logits": o.seq_relationship_logits,
+                                            "loss": o.loss, **grads}, {})
+
+    # Fine-tuning heads (eval mode: no dropout), logits and loss.
+    tok_labels = torch.tensor([[-100, 1, 2, 0, 4, -100, 3, -100], [-100, 2, 1, -100, -100, -100, -100, -100]])
+    for name, cls, extra, lab in [
+        ("bert-cls", BertForSequenceClassification, {"num_labels": 3}, {"labels": torch.tensor([2, 0])}),
+        ("bert-tok", BertForTokenClassification, {"num_labels": 5}, {"labels": tok_labels}),
+        ("bert-qa", BertForQuestionAnswering, {},
+         {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 2])}),
+    ]:
+        out = fresh_dir(name)
+        save_bert_tokenizer(tok, out)
+        torch.manual_seed(31)
+        cfg = bert_config(V)
+        for k, v in extra.items():
+            setattr(cfg, k, v)
+        model = cls(cfg).eval()
+        perturb(model, 32)
+        model.save_pretrained(out, safe_serialization=True)
+        with torch.no_grad():
+            o = model(**inputs, **lab)
+        outs = {"loss": o.loss}
+        if name == "bert-qa":
+            outs.update(start_logits=o.start_logits, end_logits=o.end_logits)
+        else:
+            outs["logits"] = o.logits
+        save_sorted("hf_ref", name, {**inputs, **lab, **outs}, {})
+
+    # RoBERTa: positions from padding_idx + 1, one segment, right padding with pad id 1.
+    g = torch.Generator().manual_seed(41)
+    r_ids = randint(g, 3, V, 2, 8)
+    r_mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    r_ids[1, 5:] = 1
+    out = fresh_dir("roberta")
+    torch.manual_seed(42)
+    rcfg = RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+                         hidden_act="gelu", initializer_range=INIT)
+    model = RobertaModel(rcfg).eval()
+    perturb(model, 43)
+    model.save_pretrained(out, safe_serialization=True)
+    with torch.no_grad():
+        o = model(input_ids=r_ids, attention_mask=r_mask)
+    save_sorted("hf_ref", "roberta", {"input_ids": r_ids, "attention_mask": r_mask,
+                                      "last_hidden_state": o.last_hidden_state,
+                                      "pooler_output": o.pooler_output}, {})
+
+    # DistilBERT: no segments, no pooler.
+    out = fresh_dir("distilbert")
+    torch.manual_seed(44)
+    dcfg = DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                            activation="gelu", sinusoidal_pos_embds=False, initializer_range=INIT)
+    model = DistilBertModel(dcfg).eval()
+    perturb(model, 45)
+    model.save_pretrained(out, safe_serialization=True)
+    with torch.no_grad():
+        o = model(input_ids=ids, attention_mask=mask)
+    save_sorted("hf_ref", "distilbert", {"input_ids": ids, "attention_mask": mask,
+                                         "last_hidden_state": o.last_hidden_state}, {})
+    print("bert heads, roberta, distilbert: written")
 
 
 def main():
@@ -512,6 +610,7 @@ def main():
     bert()
     t5()
     vit()
+    bert_heads()
     with open(os.path.join(HF, "README.md"), "w") as fh:
         fh.write(README)
 

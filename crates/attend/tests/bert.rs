@@ -1,5 +1,6 @@
-//! BERT: parity with Hugging Face `transformers` on tiny BERT checkpoints (fixtures/hf/bert*, written by
-//! scripts/oracle/hf.py) — hidden states, pooler, masked-LM logits — and the invariances: padding never changes the
+//! BERT: parity with Hugging Face `transformers` on tiny BERT checkpoints (fixtures/hf/bert*, roberta, distilbert,
+//! written by scripts/oracle/hf.py) — hidden states, pooler, masked-LM logits, the pretraining loss and every
+//! gradient, the three fine-tuning heads' logits and losses, RoBERTa's and DistilBERT's encoders — and the invariances: padding never changes the
 //! real tokens, every parameter of every head trains, a saved model loads back identically. Plus the 80/10/10
 //! masking, span decoding, sentence pooling and embeddings against sentence-transformers, and the loader's errors.
 
@@ -443,4 +444,89 @@ fn the_older_sentence_transformers_layout_reads_the_same() {
     let e = sentence_layout(&dir).unwrap_err().to_string();
     assert!(e.contains("sentence_transformers.models.Dense") && e.contains("modules.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bert_pretraining_logits_loss_and_every_gradient_match_transformers() {
+    let dir = HfDir::open(hf_dir("bert-pretrain")).unwrap();
+    let loaded = load_bert(&dir, DType::F32, &Device::Cpu, true).unwrap();
+    assert_eq!(loaded.model.heads(), BertHeads::Pretraining { mlm: true, nsp: true });
+    let AnyBert::Pretraining(p) = &loaded.model else { unreachable!() };
+    let f = load("hf_ref", "bert-pretrain");
+    let (ids, tt, mask) = (ids_of(&f.t("input_ids")), f.t("token_type_ids"), f.t("attention_mask"));
+    let input = BertInput { attention_mask: Some(&mask), token_type_ids: Some(&tt), ..BertInput::new(&ids) };
+    let out = p.forward(&input).unwrap();
+    let m = &mask;
+    assert_close(
+        "prediction_logits",
+        &real_rows(&out.mlm_logits.unwrap(), m),
+        &real_rows(&f.t("prediction_logits"), m),
+        PARITY,
+    );
+    assert_close("seq_relationship_logits", &out.nsp_logits.unwrap(), &f.t("seq_relationship_logits"), PARITY);
+    let loss = p.loss(&input, Some(&f.t("labels")), Some(&f.t("next_sentence_label"))).unwrap();
+    assert_close("loss", &loss, &f.t("loss"), Tol { atol: 1e-5, rtol: 1e-5 });
+    let grads = loss.backward().unwrap();
+    let table: HashMap<String, String> =
+        attend::checkpoint::hf::bert_names(BertFamily::Bert, &loaded.config, loaded.model.heads())
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.hf, e.attend))
+            .collect();
+    let mut checked = 0;
+    for (name, want) in &f.tensors {
+        let Some(hf) = name.strip_prefix("grad.") else { continue };
+        let ours = &table[hf.strip_prefix("bert.").unwrap_or(hf)];
+        let g = grads.get(loaded.vars[ours].as_tensor()).unwrap_or_else(|| panic!("no gradient for {ours}"));
+        assert_close(&format!("grad {hf}"), g, want, Tol { atol: 1e-5, rtol: 1e-4 });
+        checked += 1;
+    }
+    assert_eq!(checked, loaded.vars.len(), "the fixture holds a gradient for every parameter");
+}
+
+#[test]
+fn fine_tuning_heads_match_transformers_logits_and_loss() {
+    for name in ["bert-cls", "bert-tok", "bert-qa"] {
+        let AnyBert::Task(m) = load_dir(name) else { panic!("{name} loads as a task head") };
+        let f = load("hf_ref", name);
+        let (ids, tt, mask) = (ids_of(&f.t("input_ids")), f.t("token_type_ids"), f.t("attention_mask"));
+        let input = BertInput { attention_mask: Some(&mask), token_type_ids: Some(&tt), ..BertInput::new(&ids) };
+        let labels = match name {
+            "bert-qa" => Tensor::stack(&[f.t("start_positions"), f.t("end_positions")], 0).unwrap(),
+            _ => f.t("labels"),
+        };
+        match m.forward(&input).unwrap().0 {
+            TaskLogits::Sequence(l) => assert_close(name, &l, &f.t("logits"), PARITY),
+            TaskLogits::Token(l) => {
+                assert_close(name, &real_rows(&l, &mask), &real_rows(&f.t("logits"), &mask), PARITY)
+            }
+            TaskLogits::Span { start, end } => {
+                // Padded positions' logits are undefined; compare the real ones of each row.
+                let m3 = |x: &Tensor| real_rows(&x.unsqueeze(2).unwrap(), &mask);
+                assert_close("start_logits", &m3(&start), &m3(&f.t("start_logits")), PARITY);
+                assert_close("end_logits", &m3(&end), &m3(&f.t("end_logits")), PARITY);
+            }
+        }
+        assert_close(
+            &format!("{name} loss"),
+            &m.loss(&input, &labels).unwrap(),
+            &f.t("loss"),
+            Tol { atol: 1e-5, rtol: 1e-5 },
+        );
+    }
+}
+
+#[test]
+fn roberta_and_distilbert_encoders_match_transformers() {
+    for (name, has_pooler) in [("roberta", true), ("distilbert", false)] {
+        let AnyBert::Encoder(enc) = load_dir(name) else { panic!("{name} loads as an encoder") };
+        let f = load("hf_ref", name);
+        let (ids, mask) = (ids_of(&f.t("input_ids")), f.t("attention_mask"));
+        let out = enc.forward(&BertInput { attention_mask: Some(&mask), ..BertInput::new(&ids) }).unwrap();
+        assert_close(name, &real_rows(&out.hidden, &mask), &real_rows(&f.t("last_hidden_state"), &mask), PARITY);
+        assert_eq!(out.pooled.is_some(), has_pooler, "{name} pooler");
+        if let Some(p) = out.pooled {
+            assert_close(&format!("{name} pooler"), &p, &f.t("pooler_output"), PARITY);
+        }
+    }
 }
