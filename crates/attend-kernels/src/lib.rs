@@ -32,6 +32,8 @@ mod real;
 pub mod rng;
 pub mod rnn;
 mod rnn_par;
+#[doc(hidden)]
+pub use rnn_par::cap_team_threads;
 pub mod rnn_seq;
 pub mod softmax;
 pub mod sparse;

@@ -13,7 +13,7 @@
 //! chunks side by side, so a thread's units own one contiguous run of columns and one cell call covers a block.
 //! The layout does not depend on the thread count (a forward and its backward may run on different teams).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::flash::gemm::{gemm_strided, QUANTUM};
 use crate::flash::simd::Isa;
@@ -63,16 +63,29 @@ impl Blocks {
 }
 
 /// A barrier for the threads of one broadcast: spins (a step is short), yielding after a while so an
-/// oversubscribed machine still makes progress.
+/// oversubscribed machine still makes progress. A thread that panics poisons it, and every thread waiting or
+/// arriving then panics too, so the team ends and the panic reaches the caller instead of the others spinning
+/// forever for a thread that will never come.
 struct SpinBarrier {
     waiting: AtomicUsize,
     generation: AtomicUsize,
+    poisoned: AtomicBool,
     n: usize,
 }
 
 impl SpinBarrier {
     fn new(n: usize) -> Self {
-        Self { waiting: AtomicUsize::new(0), generation: AtomicUsize::new(0), n }
+        Self { waiting: AtomicUsize::new(0), generation: AtomicUsize::new(0), poisoned: AtomicBool::new(false), n }
+    }
+
+    fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    fn check(&self) {
+        if self.poisoned.load(Ordering::Acquire) {
+            panic!("rnn team: another thread of the team panicked");
+        }
     }
 
     fn wait(&self) {
@@ -87,6 +100,7 @@ impl SpinBarrier {
         }
         let mut spins = 0u32;
         while self.generation.load(Ordering::Acquire) == gen {
+            self.check();
             if spins < 20_000 {
                 std::hint::spin_loop();
                 spins += 1;
@@ -116,14 +130,28 @@ impl Team {
     }
 
     /// Runs `work(units)` on `threads` pool threads at once, each with its hidden units (on this thread alone for a
-    /// team of one). Threads of the pool beyond the team return at once (the barrier counts only the team).
+    /// team of one). Threads of the pool beyond the team return at once (the barrier counts only the team). Every
+    /// member must reach every barrier: a member that panics poisons the barrier (see [`SpinBarrier`]) and the
+    /// panic resumes on the caller.
     fn run(&self, h: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
         if self.threads == 1 {
             return work(0..h);
         }
+        assert!(
+            rayon::current_num_threads() >= self.threads,
+            "rnn team of {} threads in a pool of {}",
+            self.threads,
+            rayon::current_num_threads()
+        );
         rayon::broadcast(|ctx| {
-            if ctx.index() < self.threads && ctx.num_threads() >= self.threads {
-                work(units(h, self.threads, ctx.index()))
+            if ctx.index() < self.threads {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    work(units(h, self.threads, ctx.index()))
+                }));
+                if let Err(payload) = r {
+                    self.barrier.poison();
+                    std::panic::resume_unwind(payload);
+                }
             }
         });
     }
@@ -135,9 +163,22 @@ fn units(h: usize, threads: usize, p: usize) -> std::ops::Range<usize> {
     (p * per).min(h)..((p + 1) * per).min(h)
 }
 
-/// Threads for a recurrence of `h` units: at most one per block, and the pool's size.
+/// Threads for a recurrence of `h` units: at most one per block, the pool's size, and the cap.
 fn threads_for(h: usize) -> usize {
-    rayon::current_num_threads().min(h.div_ceil(BLOCK)).max(1)
+    let n = rayon::current_num_threads().min(h.div_ceil(BLOCK)).max(1);
+    match TEAM_CAP.load(Ordering::Relaxed) {
+        0 => n,
+        cap => n.min(cap),
+    }
+}
+
+static TEAM_CAP: AtomicUsize = AtomicUsize::new(0);
+
+/// Caps the threads of every recurrence team from now on (0 removes the cap). Results never depend on it; tests
+/// use it to show that on machines of any size.
+#[doc(hidden)]
+pub fn cap_team_threads(n: usize) {
+    TEAM_CAP.store(n, Ordering::Relaxed);
 }
 
 /// Columns per panel of a packed f32 operand: one AVX-512 micro-tile wide.
@@ -249,17 +290,29 @@ impl SeqFloat for f32 {
                 continue;
             }
             // The padded tail panel: C's columns past `cols` belong to someone else (another thread's gates, or
-            // lie past the buffer), so its rows go through a scratch tile.
+            // lie past the buffer), so its rows go through a scratch tile. The tile starts from C and takes the
+            // same KC passes as a full panel, so every element is summed in the same order whichever thread's
+            // panel (full or tail) it falls in: results do not depend on the thread count.
             const ROWS: usize = 16;
             let mut tile = [0f32; ROWS * PANEL];
             for r0 in (0..m).step_by(ROWS) {
                 let mr = ROWS.min(m - r0);
-                gemm_strided(isa, mr, w, p.k, a.add(r0 * lda), (lda, 1), panel, w, tile.as_mut_ptr(), w, false);
+                if acc {
+                    for r in 0..mr {
+                        let src = std::slice::from_raw_parts(c.add((r0 + r) * ldc + j0), real);
+                        tile[r * w..r * w + real].copy_from_slice(src);
+                        tile[r * w + real..(r + 1) * w].fill(0.0);
+                    }
+                }
+                for k0 in (0..p.k).step_by(KC) {
+                    let kc = KC.min(p.k - k0);
+                    let first = acc || k0 > 0;
+                    let (ar, pk) = (a.add(r0 * lda + k0), panel.add(k0 * w));
+                    gemm_strided(isa, mr, w, kc, ar, (lda, 1), pk, w, tile.as_mut_ptr(), w, first);
+                }
                 for r in 0..mr {
                     let dst = std::slice::from_raw_parts_mut(c.add((r0 + r) * ldc + j0), real);
-                    for (d, &v) in dst.iter_mut().zip(&tile[r * w..r * w + real]) {
-                        *d = if acc { *d + v } else { v };
-                    }
+                    dst.copy_from_slice(&tile[r * w..r * w + real]);
                 }
             }
         }
@@ -435,11 +488,21 @@ impl<T: Send> Shared<T> {
     fn of(v: &mut [T]) -> Self {
         Shared(SyncPtr(v.as_mut_ptr()))
     }
+    /// A range this thread alone writes.
+    ///
     /// # Safety
-    /// `[at, at + len)` lies in the buffer and no other thread writes it in this phase.
+    /// `[at, at + len)` lies in the buffer and no other thread reads or writes it until the next barrier.
     #[allow(clippy::mut_from_ref)]
     unsafe fn at(&self, at: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.get().add(at), len)
+    }
+    /// A range this thread only reads (other threads may read it too, as the step's product reads every unit of the
+    /// state row).
+    ///
+    /// # Safety
+    /// `[at, at + len)` lies in the buffer and no thread writes it until the next barrier.
+    unsafe fn read(&self, at: usize, len: usize) -> &[T] {
+        std::slice::from_raw_parts(self.0.get().add(at), len)
     }
     /// A pointer `at` elements in (wrapping: only dereferenced where it lies in the buffer).
     fn ptr(&self, at: usize) -> *mut T {
@@ -540,10 +603,11 @@ impl<T: SeqFloat> Walk<'_, T> {
                     let row = t * b + r;
                     let (own, tile) = (row * ld + u.start, r * np..r * np + nc);
                     let own_c = row * hw + u.start;
-                    // SAFETY: this thread's units of row r: the step's state (read), the next step's slot or the
-                    // final state (written), which no other thread touches.
+                    // SAFETY: this thread's units of row r. The step's state is only read (every thread's product
+                    // read it too, before this point and until the barrier); the next step's slot or the final
+                    // state is written by this thread alone and read by others only after the barrier.
                     unsafe {
-                        let hp = hs.at(own, un) as &[T];
+                        let hp = hs.read(own, un);
                         let (hn, cn) = match next {
                             Some(tn) => (hs.at((tn * b + r) * ld + u.start, un), cs.ptr((tn * b + r) * hw + u.start)),
                             None => (os.at((b * tt + r) * hw + u.start, un), os.ptr((b * tt + b + r) * hw + u.start)),
@@ -551,13 +615,13 @@ impl<T: SeqFloat> Walk<'_, T> {
                         // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
                         let cn = || std::slice::from_raw_parts_mut(cn, un);
                         match (cell, t < lengths[r]) {
-                            (Cell::Lstm, true) => T::lstm_fwd(isa, &sg[tile], cs.at(own_c, un), hn, cn(), un),
+                            (Cell::Lstm, true) => T::lstm_fwd(isa, &sg[tile], cs.read(own_c, un), hn, cn(), un),
                             (Cell::Gru, true) => T::gru_fwd(isa, &sx[tile.clone()], &sg[tile], hp, hn, un),
                             (_, false) => {
                                 // Past its length a sequence carries its state.
                                 hn.copy_from_slice(hp);
                                 if cell == Cell::Lstm {
-                                    cn().copy_from_slice(cs.at(own_c, un));
+                                    cn().copy_from_slice(cs.read(own_c, un));
                                 }
                             }
                         }
@@ -574,8 +638,8 @@ impl<T: SeqFloat> Walk<'_, T> {
                         let y = os.at((r * tt + t) * hw + u.start, u.len());
                         if t < lengths[r] {
                             let from = match order.get(s + 1) {
-                                Some(&tn) => hs.at((tn * b + r) * ld + u.start, u.len()),
-                                None => os.at((b * tt + r) * hw + u.start, u.len()),
+                                Some(&tn) => hs.read((tn * b + r) * ld + u.start, u.len()),
+                                None => os.read((b * tt + r) * hw + u.start, u.len()),
                             };
                             y.copy_from_slice(from);
                         } else {
@@ -696,6 +760,23 @@ impl<T: SeqFloat> Walk<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_in_one_team_thread_reaches_the_caller_instead_of_hanging_the_others() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let r = pool.install(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let team = Team { order: vec![0], threads: 2, barrier: SpinBarrier::new(2), isa: Isa::detect() };
+                team.run(2 * BLOCK, |u| {
+                    if u.start == 0 {
+                        panic!("boom");
+                    }
+                    team.barrier.wait(); // would wait forever for thread 0 without the poison
+                });
+            }))
+        });
+        assert!(r.is_err(), "the panic must reach the caller");
+    }
 
     #[test]
     fn packed_products_write_only_their_own_columns() {

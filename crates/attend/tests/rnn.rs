@@ -334,6 +334,35 @@ fn f32_sequence_path_equals_the_composed_cells() {
 }
 
 #[test]
+fn f32_sequence_results_do_not_depend_on_the_thread_count() {
+    // H = 150: ten blocks of units (the last 6 wide), split between two threads so that a GRU column's 64-wide
+    // panel is full for one team and a tail for the other; K = C + H > 128 takes several passes. Both must sum it
+    // in the same order, bit for bit.
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&randn(&[5, 6, 7], 131, DType::F32)).unwrap();
+    let lengths = [6, 1, 4, 6, 3];
+    for kind in ["lstm", "gru"] {
+        let vm = VarMap::new();
+        let net = Net::new(kind, bidir2(7, 150), VarBuilder::from_varmap(&vm, DType::F32, &dev));
+        let run = |threads: usize| {
+            attend_kernels::cap_team_threads(threads);
+            let o = net.forward(x.as_tensor(), Some(&lengths));
+            let g = loss_of(&o).backward().unwrap();
+            attend_kernels::cap_team_threads(0);
+            let mut all = vec![o.output.clone(), o.h_n.clone(), g.get(x.as_tensor()).unwrap().clone()];
+            all.extend(varmap_vars(&vm).iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()));
+            all.iter().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<_>>()
+        };
+        let one = run(1);
+        let two = run(2);
+        for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+            let same = a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{kind}: result {i} differs between one and two threads");
+        }
+    }
+}
+
+#[test]
 fn layers_run_inside_rayon_tasks_without_deadlock() {
     // Two recurrent layers at once, each inside a task of the pool (a user batching models with rayon): the
     // persistent-thread recurrence runs on the calling thread alone there, and gives the same numbers.
