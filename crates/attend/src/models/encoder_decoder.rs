@@ -55,7 +55,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::check_ids;
+use super::{check_ids, padding_mask};
 use crate::attention::{KvCache, Mask, MaskTensor, MhaOptions, MultiHeadAttentionConfig};
 use crate::decode::StepDecoder;
 use crate::error::shape_str;
@@ -277,31 +277,23 @@ impl Side {
         })
     }
 
-    /// The self-attention mask of this stack: `base` (causal or none) with T5's bias for queries at
-    /// `offset..offset+t` over keys `0..s`, and the key padding of `keep (B, S)`.
+    /// The self-attention mask of this stack: `base` (causal or none) with the key padding of `keep (B, S)` (the
+    /// shared [`padding_mask`]: right padding as key lengths) and T5's bias for queries at `offset..offset+t` over
+    /// keys `0..s`.
     fn mask(&self, base: Mask, keep: Option<&Tensor>, t: usize, s: usize, offset: usize) -> Result<Mask> {
-        let pad = match keep {
-            Some(k) => {
-                let (b, sk) = k.dims2()?;
-                ensure!(sk == s, "EncoderDecoder", "a padding mask of {} for {s} keys", shape_str(k));
-                Some(k.ne(0u32)?.reshape((b, 1, 1, s))?) // (B, 1, 1, S) u8
-            }
-            None => None,
+        let mask = match keep {
+            Some(k) => padding_mask(EncoderDecoder::OP, base, Some(k), k.dim(0)?, s)?,
+            None => base,
         };
-        Ok(match (&self.position_bias, pad) {
-            (None, None) => base,
-            (None, Some(p)) => base.with_tensor(MaskTensor::Keep(p)),
-            (Some(pb), pad) => {
-                let mut bias = pb.forward(t, s, offset)?; // (1, H, T, S)
-                if let Some(p) = pad {
-                    // −∞ on padded keys, so the one additive tensor carries both.
-                    let inf = Tensor::full(f32::NEG_INFINITY, p.shape(), p.device())?.to_dtype(bias.dtype())?;
-                    let add = p.where_cond(&inf.zeros_like()?, &inf)?; // (B, 1, 1, S)
-                    bias = bias.broadcast_add(&add)?; // (B, H, T, S)
-                }
-                base.with_tensor(MaskTensor::Additive(bias))
-            }
-        })
+        let Some(pb) = &self.position_bias else { return Ok(mask) };
+        let mut bias = pb.forward(t, s, offset)?; // (1, H, T, S)
+        if let Some(MaskTensor::Keep(p)) = mask.tensor() {
+            // Padding that is not a key length (left padding) joins the bias as −∞, so one tensor carries both.
+            let inf = Tensor::full(f32::NEG_INFINITY, p.shape(), p.device())?.to_dtype(bias.dtype())?;
+            let add = p.where_cond(&inf.zeros_like()?, &inf)?; // (B, 1, 1, S)
+            bias = bias.broadcast_add(&add)?; // (B, H, T, S)
+        }
+        Ok(mask.with_tensor(MaskTensor::Additive(bias)))
     }
 
     fn set_training(&self, training: bool) {
@@ -481,7 +473,7 @@ impl EncoderDecoder {
         let keep = self.memory_keep(src_mask, b, s, memory)?;
         let mut x = self.embed(self.tgt_table(), tgt, 0)?;
         let self_mask = self.decoder.mask(Mask::causal(), None, t, t, 0)?;
-        let cross_mask = Mask::none().with_tensor(MaskTensor::Keep(keep.reshape((b, 1, 1, s))?));
+        let cross_mask = padding_mask(Self::OP, Mask::none(), Some(&keep), b, s)?;
         let ctx = LayerContext {
             mask: &self_mask,
             memory: Some((Memory::Raw(memory), &cross_mask)),
@@ -588,7 +580,7 @@ impl EncoderDecoder {
         let s = state.memory_keep.dim(1)?;
         let mut x = self.embed(self.tgt_table(), &ids, offset)?; // (B, 1, C)
         let self_mask = self.decoder.mask(Mask::causal(), None, 1, offset + 1, offset)?;
-        let cross_mask = Mask::none().with_tensor(MaskTensor::Keep(state.memory_keep.reshape((b, 1, 1, s))?));
+        let cross_mask = padding_mask(Self::OP, Mask::none(), Some(&state.memory_keep), b, s)?;
         for i in 0..self.decoder.layers.depth() {
             let (k, v) = &state.memory[i];
             let ctx = LayerContext {
