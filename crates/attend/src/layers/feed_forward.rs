@@ -54,6 +54,16 @@ impl Activation {
         })
     }
 
+    /// The name Hugging Face configs give it (the inverse of [`from_hf`](Self::from_hf)).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::Gelu => "gelu",
+            Activation::GeluTanh => "gelu_new",
+            Activation::Silu => "silu",
+        }
+    }
+
     /// Applies the activation (fused with a hand-written backward for GELU).
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {

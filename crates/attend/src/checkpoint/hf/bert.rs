@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::{
-    activation_name, apply_table, drop_tied_copy, entry, set_labels, strict_source, tensors_for_file, write_hf_dir,
-    HfDir, Loaded, NameEntry,
+    apply_table, drop_tied_copy, entry, set_labels, strict_source, strip_prefix, tensors_for_file, write_hf_dir, HfDir,
+    Loaded, NameEntry,
 };
 use crate::layers::feed_forward::Activation;
 use crate::models::bert::{AnyBert, BertConfig, BertHeads, BertPositions, BertTask};
@@ -290,12 +290,7 @@ pub fn load_bert(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) ->
     let (family, mut config) = bert_config(dir)?;
     let heads = bert_heads(dir, family)?;
     let source = dir.path().join("model.safetensors");
-    let prefix = family.prefix();
-    let mut raw: HashMap<String, Tensor> = dir
-        .weights(device)?
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix(prefix).map_or(k.clone(), str::to_string), v))
-        .collect();
+    let mut raw = strip_prefix(dir.weights(device)?, family.prefix());
     // The masked-LM and sentence heads read the pooler only when they need it; the file says whether it has one.
     config.pooler = match heads {
         BertHeads::Pretraining { nsp: true, .. } | BertHeads::Task(BertTask::SequenceClassification { .. }) => true,
@@ -376,7 +371,7 @@ pub fn save_bert(
         BertHeads::Task(BertTask::TokenClassification { .. }) => format!("{stem}ForTokenClassification"),
         BertHeads::Task(BertTask::QuestionAnswering) => format!("{stem}ForQuestionAnswering"),
     };
-    let act = activation_name(config.activation);
+    let act = config.activation.hf_name();
     let mut cfg = if family == BertFamily::DistilBert {
         serde_json::json!({
             "vocab_size": config.vocab_size,

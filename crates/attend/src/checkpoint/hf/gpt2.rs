@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::{
-    activation_name, apply_table, drop_tied_copy, entry, strict_source, tensors_for_file, write_hf_dir, HfDir, Loaded,
+    apply_table, drop_tied_copy, entry, strict_source, strip_prefix, tensors_for_file, write_hf_dir, HfDir, Loaded,
     NameEntry,
 };
 use crate::layers::feed_forward::Activation;
@@ -108,14 +108,8 @@ pub fn gpt2_config(dir: &HfDir) -> Result<GptConfig> {
 /// Missing, extra or misshapen tensors (naming the file's tensor), an untied `lm_head` in a tied config.
 pub fn load_gpt2(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) -> Result<Loaded<Gpt, GptConfig>> {
     let config = gpt2_config(dir)?;
-    let mut raw = dir.weights(device)?;
+    let mut raw = strip_prefix(dir.weights(device)?, "transformer.");
     let source = dir.path().join("model.safetensors");
-    if raw.keys().any(|k| k.starts_with("transformer.")) {
-        raw = raw
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("transformer.").map_or(k.clone(), str::to_string), v))
-            .collect();
-    }
     let mut table = gpt2_names(config.n_layers);
     match (raw.contains_key("lm_head.weight"), config.tie_embeddings) {
         (true, false) => table.push(entry("lm_head.weight".into(), "lm_head.weight".into(), false)),
@@ -161,7 +155,7 @@ pub fn save_gpt2(config: &GptConfig, tensors: &HashMap<String, Tensor>, dir: &Pa
         "n_layer": config.n_layers,
         "n_head": config.n_heads,
         "n_inner": config.d_ff,
-        "activation_function": activation_name(config.activation),
+        "activation_function": config.activation.hf_name(),
         "layer_norm_epsilon": config.layer_norm_eps,
         "resid_pdrop": config.dropout,
         "attn_pdrop": config.attn_dropout,

@@ -23,7 +23,6 @@ use serde_json::{Map, Value};
 
 use super::StrictTensors;
 use crate::error::shape_str;
-use crate::layers::feed_forward::Activation;
 use crate::models::bert::{AnyBert, BertConfig};
 use crate::models::encoder_decoder::{EncoderDecoder, EncoderDecoderConfig};
 use crate::models::gpt::{Gpt, GptConfig};
@@ -298,14 +297,10 @@ pub(crate) fn strict_source(
     Ok((StrictTensors::with_labels(ts, source.display().to_string(), labels), vars))
 }
 
-/// Hugging Face's name of an activation (`hidden_act`, `activation_function`).
-pub(crate) fn activation_name(a: Activation) -> &'static str {
-    match a {
-        Activation::Relu => "relu",
-        Activation::Gelu => "gelu",
-        Activation::GeluTanh => "gelu_new",
-        Activation::Silu => "silu",
-    }
+/// The file's tensors with `prefix` stripped from the names that carry it (the encoder of `BertForMaskedLM` sits
+/// under `bert.`, GPT-2's under `transformer.`); the head's names stay as they are.
+pub(crate) fn strip_prefix(raw: HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    raw.into_iter().map(|(k, v)| (k.strip_prefix(prefix).map_or(k.clone(), str::to_string), v)).collect()
 }
 
 /// Writes `config.json` and `model.safetensors` (f32, `tensors` under the file's names) into `dir`, each atomically.

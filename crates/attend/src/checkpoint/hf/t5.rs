@@ -7,8 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::{
-    activation_name, apply_table, drop_tied_copy, entry, strict_source, tensors_for_file, write_hf_dir, HfDir, Loaded,
-    NameEntry,
+    apply_table, drop_tied_copy, entry, strict_source, tensors_for_file, write_hf_dir, HfDir, Loaded, NameEntry,
 };
 use crate::layers::feed_forward::Activation;
 use crate::layers::norm::NormConfig;
@@ -172,7 +171,7 @@ pub fn save_t5(config: &EncoderDecoderConfig, tensors: &HashMap<String, Tensor>,
         "T5's format needs pre-norm, no biases, unscaled embeddings and scores, and one source/target table"
     );
     let named = tensors_for_file(&t5_names(config), tensors, |e| e.hf.clone())?;
-    let act = activation_name(config.activation);
+    let act = config.activation.hf_name();
     let cfg = serde_json::json!({
         "model_type": "t5",
         "architectures": ["T5ForConditionalGeneration"],

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::{
-    activation_name, apply_table, entry, set_labels, strict_source, tensors_for_file, write_hf_dir, HfDir, Loaded,
+    apply_table, entry, set_labels, strict_source, strip_prefix, tensors_for_file, write_hf_dir, HfDir, Loaded,
     NameEntry,
 };
 use crate::layers::feed_forward::Activation;
@@ -130,11 +130,7 @@ pub fn vit_config(dir: &HfDir) -> Result<VitConfig> {
 pub fn load_vit(dir: &HfDir, dtype: DType, device: &Device, trainable: bool) -> Result<Loaded<Vit, VitConfig>> {
     let mut config = vit_config(dir)?;
     let source = dir.path().join("model.safetensors");
-    let raw: HashMap<String, Tensor> = dir
-        .weights(device)?
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("vit.").map_or(k.clone(), str::to_string), v))
-        .collect();
+    let raw = strip_prefix(dir.weights(device)?, "vit.");
     // `ViTModel(add_pooling_layer=False)` files have no pooler.
     config.pooler = raw.contains_key("pooler.dense.weight");
     let (tensors, labels) = apply_table(&source, raw, &vit_names(&config), |_| false)?;
@@ -164,7 +160,7 @@ pub fn save_vit(config: &VitConfig, tensors: &HashMap<String, Tensor>, dir: &Pat
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "intermediate_size": config.d_ff,
-        "hidden_act": activation_name(config.activation),
+        "hidden_act": config.activation.hf_name(),
         "layer_norm_eps": config.layer_norm_eps,
         "hidden_dropout_prob": config.dropout,
         "attention_probs_dropout_prob": config.attn_dropout,
