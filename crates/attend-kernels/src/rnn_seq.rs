@@ -74,9 +74,13 @@ impl SeqDims {
 }
 
 /// What the forward keeps for the backward, per step `t` (in step order, whatever the direction), gate columns
-/// in blocked order.
-#[derive(Clone, Debug, Default)]
+/// in blocked order, with the cell, sizes and lengths it ran: the backward takes them from here, so it cannot be
+/// called with a different run's.
+#[derive(Clone, Debug)]
 pub struct SeqSaved<T> {
+    cell: Cell,
+    dims: SeqDims,
+    lengths: Vec<usize>,
     /// `(T, B, G·H)`: LSTM gate pre-activations, or GRU's `gh = W_hh h + b_hh`.
     pub gates: Vec<T>,
     /// `(T, B, G·H)`: GRU's `gx = W_ih x + b_ih` (empty for the LSTM).
@@ -187,12 +191,18 @@ pub fn param_offsets(gw: usize, c: usize, h: usize) -> [usize; 4] {
     [0, gw * c, gw * (c + h), gw * (c + h + 1)]
 }
 
-/// `(B, T, C)` → `(T, B, C + H)` with `x` in the first `C` columns and zeros after.
-fn step_major<T: Real>(x: &[T], b: usize, tt: usize, c: usize, h: usize) -> Vec<T> {
+/// `(B, T, C)` → `(T, B, C + H)` with `x` in the first `C` columns and zeros after. Steps at or past a sequence's
+/// length get zeros too: their gate gradients are zero, and `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` must not turn
+/// a NaN or inf in the padding into `0 · NaN` (PyTorch's packed sequences never read the padding either).
+fn step_major<T: Real>(x: &[T], lengths: &[usize], b: usize, tt: usize, c: usize, h: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(tt * b * (c + h));
     for t in 0..tt {
-        for r in 0..b {
-            out.extend_from_slice(&x[(r * tt + t) * c..(r * tt + t + 1) * c]);
+        for (r, &len) in lengths.iter().enumerate().take(b) {
+            if t < len {
+                out.extend_from_slice(&x[(r * tt + t) * c..(r * tt + t + 1) * c]);
+            } else {
+                out.resize(out.len() + c, T::ZERO);
+            }
             out.resize(out.len() + h, T::ZERO);
         }
     }
@@ -236,9 +246,12 @@ pub fn sequence_forward<T: SeqFloat>(
     let lstm = cell == Cell::Lstm;
     let gates = if save { b * tt * gw } else { 0 };
     let mut saved = SeqSaved {
+        cell,
+        dims: d,
+        lengths: lengths.to_vec(),
         gates: vec![T::ZERO; gates],
         gx: vec![T::ZERO; if lstm { 0 } else { gates }],
-        xh: step_major(x, b, tt, d.c, h),
+        xh: step_major(x, lengths, b, tt, d.c, h),
         c_prev: if lstm { vec![T::ZERO; b * tt * h] } else { vec![] },
         blocked: Blocked::default(),
     };
@@ -268,13 +281,8 @@ pub fn sequence_forward<T: SeqFloat>(
 }
 
 /// The backward of [`sequence_forward`] (run with `save`): `dout (B·(T + E)·H)` is the gradient of its `out`.
-pub fn sequence_backward<T: SeqFloat>(
-    cell: Cell,
-    d: SeqDims,
-    lengths: &[usize],
-    saved: &SeqSaved<T>,
-    dout: &[T],
-) -> SeqGrads<T> {
+pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, dout: &[T]) -> SeqGrads<T> {
+    let (cell, d, lengths) = (saved.cell, saved.dims, &saved.lengths[..]);
     let SeqDims { b, t: tt, c, h, .. } = d;
     let (gw, e) = (cell.gates() * h, cell.extra_rows());
     let lstm = cell == Cell::Lstm;

@@ -155,17 +155,30 @@ fn padding_never_reaches_outputs_states_or_gradients() {
     let (t, c, h) = (7, 3, 4);
     let lengths = [7usize, 3, 5];
     let x = randn64(&[3, t, c], 51);
-    // Padding holds garbage: huge values (NaN would poison the weight gradients through 0·NaN in the input product).
-    let garbage = (randn64(&[3, t, c], 52) * 1e3).unwrap();
+    // Padding holds garbage: NaN, inf and huge values (a path that multiplied the padding's zero gate gradients by
+    // its input would turn 0·NaN into NaN weight gradients).
+    let garbage: Vec<f64> = (randn64(&[3, t, c], 52) * 1e3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let garbage: Vec<f64> = garbage
+        .iter()
+        .enumerate()
+        .map(|(i, &g)| match i % 3 {
+            0 => f64::NAN,
+            1 => f64::INFINITY,
+            _ => g,
+        })
+        .collect();
+    let garbage = Tensor::from_vec(garbage, (3, t, c), &dev).unwrap();
     let valid =
         Tensor::from_vec((0..3 * t).map(|i| ((i % t) < lengths[i / t]) as u8).collect::<Vec<_>>(), (3, t, 1), &dev)
             .unwrap()
             .broadcast_as((3, t, c))
             .unwrap();
     let noisy = valid.where_cond(&x, &garbage).unwrap();
-    for kind in KINDS {
+    for (kind, imp) in KINDS.iter().flat_map(|k| [(*k, CellImpl::Fused), (*k, CellImpl::Reference)]) {
         let vm = VarMap::new();
-        let net = Net::new(kind, bidir2(c, h), VarBuilder::from_varmap(&vm, DType::F64, &dev));
+        let mut net = Net::new(kind, bidir2(c, h), VarBuilder::from_varmap(&vm, DType::F64, &dev));
+        net.set_cell_impl(imp);
+        let kind = &format!("{kind} {imp:?}");
         let batch = net.forward(&noisy, Some(&lengths));
         let clean = net.forward(&x, Some(&lengths));
         assert_close(&format!("{kind}: garbage in padding"), &batch.output, &clean.output, F64);
@@ -188,6 +201,19 @@ fn padding_never_reaches_outputs_states_or_gradients() {
                 assert_close(&format!("{kind} seq {bi} c_n"), &cb.narrow(1, bi, 1).unwrap(), ca, F64);
             }
         }
+    }
+    // The Jordan network's own step loop.
+    let vm = VarMap::new();
+    let cfg = JordanConfig { input_size: c, hidden_size: h, output_size: 2 };
+    let j = Jordan::new(cfg, VarBuilder::from_varmap(&vm, DType::F64, &dev)).unwrap();
+    let (noisy, clean) =
+        (j.forward(&noisy, Some(&lengths), None).unwrap(), j.forward(&x, Some(&lengths), None).unwrap());
+    assert_close("jordan: garbage in padding", &noisy.output, &clean.output, F64);
+    let loss = |o: &attend::rnn::JordanOutput| (o.output.sum_all().unwrap() + o.h_n.sum_all().unwrap()).unwrap();
+    let (g_noisy, g_clean) = (loss(&noisy).backward().unwrap(), loss(&clean).backward().unwrap());
+    for (name, v) in varmap_vars(&vm) {
+        let (a, b) = (g_noisy.get(v.as_tensor()).unwrap(), g_clean.get(v.as_tensor()).unwrap());
+        assert_close(&format!("jordan: d{name} with garbage in padding"), a, b, F64);
     }
 }
 

@@ -10,7 +10,7 @@
 //!   `y (B, T, H)`, `h_n`, `c_n (B, H)`
 //! - GRU: the same with `3H` gate rows and no `c`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqSaved};
 use candle_core::backend::BackendStorage;
@@ -64,7 +64,8 @@ struct Sequence {
     lengths: Vec<usize>,
     /// Whether a backward can follow (an operand tracks gradients): inference keeps no gate activations.
     save: bool,
-    saved: Mutex<Option<Saved>>,
+    /// Shared, not borrowed, by the backward: the lock is held only to clone the handle, never across the kernel.
+    saved: Mutex<Option<Arc<Saved>>>,
 }
 
 fn vec_of<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
@@ -85,17 +86,18 @@ impl Sequence {
         let out_len = (b * t + e * b) * h;
         let mut out = vec![T::ZERO; out_len];
         let saved = k::sequence_forward(self.cell, self.dims, x, params, &self.lengths, &h0, &c0, &mut out, self.save);
-        *self.saved.lock().expect("saved activations") = Some(T::wrap(saved));
+        // Nothing panics while the lock is held, so a poisoned lock still holds a consistent value.
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(T::wrap(saved)));
         Ok((T::storage(out), Shape::from(out_len)))
     }
 
     fn backward<T: SavedOf>(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let SeqDims { b, t, c, h, .. } = self.dims;
-        let guard = self.saved.lock().expect("saved activations");
-        let Some(saved) = guard.as_ref().and_then(T::unwrap) else {
-            candle_core::bail!("rnn sequence backward: the forward's activations are missing")
+        let held = self.saved.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let Some(saved) = held.as_deref().and_then(T::unwrap) else {
+            candle_core::bail!("{} backward: the forward's activations are missing", self.name())
         };
-        let g = k::sequence_backward(self.cell, self.dims, &self.lengths, saved, &vec_of(grad)?);
+        let g = k::sequence_backward(saved, &vec_of(grad)?);
         let dstate: Vec<T> = match self.cell {
             Cell::Lstm => {
                 (0..b).flat_map(|r| [&g.dh0[r * h..(r + 1) * h], &g.dc0[r * h..(r + 1) * h]].concat()).collect()

@@ -107,7 +107,12 @@ impl Jordan {
                 s.get(0)?
             }
         };
-        let gx = x.reshape((b * t, c))?.matmul(&self.w_ih.t()?)?.broadcast_add(&self.b_ih)?.reshape((b, t, ()))?; // (B, T, H)
+        let gx = steps
+            .zero_padding(x)?
+            .reshape((b * t, c))?
+            .matmul(&self.w_ih.t()?)?
+            .broadcast_add(&self.b_ih)?
+            .reshape((b, t, ()))?; // (B, T, H)
         let mut outs = Vec::with_capacity(t);
         for s in 0..t {
             let pre = (gx.narrow(1, s, 1)?.squeeze(1)? + y.matmul(&self.w_hh.t()?)?.broadcast_add(&self.b_hh)?)?; // (B, H)

@@ -225,6 +225,21 @@ impl<'a> StepMasks<'a> {
         }
         Ok(self.masks.get().and_then(|m| m.as_deref()))
     }
+
+    /// `x (B, T, C)` with the steps at or past each sequence's length set to zero. A step-by-step path computes
+    /// every row's gates and discards the padded ones, but its backward still multiplies their zero gradients by
+    /// the cell's derivatives and the input: a NaN or inf in the padding would turn `0 · NaN` into NaN weight
+    /// gradients. PyTorch's packed sequences never read the padding; neither may we.
+    pub fn zero_padding(&self, x: &Tensor) -> Result<Tensor> {
+        match self.lengths {
+            Some(l) if l.iter().any(|&len| len < self.t) => {
+                let keep: Vec<u8> = l.iter().flat_map(|&len| (0..self.t).map(move |s| (s < len) as u8)).collect();
+                let keep = Tensor::from_vec(keep, (self.b, self.t, 1), &self.dev)?.broadcast_as(x.shape())?;
+                Ok(keep.where_cond(x, &x.zeros_like()?)?)
+            }
+            _ => Ok(x.clone()),
+        }
+    }
 }
 
 /// `keep ? new : old`, broadcasting the `(B, 1)` mask.
@@ -250,7 +265,7 @@ pub(crate) fn run_direction<C: Step>(
         }
     }
     let keep = steps.masks()?;
-    let gx = dir.input_gates(x)?; // (B, T, G·H)
+    let gx = dir.input_gates(&steps.zero_padding(x)?)?; // (B, T, G·H)
     let mut state = init;
     let mut outs: Vec<Tensor> = Vec::with_capacity(t);
     let order: Box<dyn Iterator<Item = usize>> = if reverse { Box::new((0..t).rev()) } else { Box::new(0..t) };
