@@ -1,0 +1,220 @@
+// attend viz: one self-contained page (no network). The data block holds the tokens, each chosen head's weights
+// quantised to one byte (w·255, rows are queries), the rollout (row-relative bytes) and the head summary.
+"use strict";
+(function () {
+  const D = JSON.parse(document.getElementById("attend-data").textContent);
+  const T = D.tokens.length, L = D.layers, HS = D.heads, NH = HS.length;
+  const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const W = bytes(D.weights); // (L, NH, T, T)
+  const R = bytes(D.rollout); // (L, T, T)
+  const at = (l, k) => (l * NH + k) * T * T; // offset of chosen head k of layer l
+  const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"];
+  const color = (k) => COLORS[HS[k] % COLORS.length];
+  const rgb = (hex) => [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, attrs, text) => {
+    const e = document.createElement(tag);
+    for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  const state = { view: "head", layer: Math.min(D.layer || 0, L - 1), on: HS.map(() => true), focus: null,
+    query: D.causal ? T - 1 : 0 };
+  window.attendState = state;
+
+  // ---- controls -------------------------------------------------------------------------------------------------
+  const layerSel = $("layer");
+  for (let l = 0; l < L; l++) layerSel.appendChild(el("option", { value: l }, "layer " + l));
+  layerSel.value = state.layer;
+  layerSel.onchange = () => { state.layer = +layerSel.value; render(); };
+  const toggles = $("heads");
+  HS.forEach((h, k) => {
+    const b = el("button", { class: "head on", "data-head": h, style: "--c:" + color(k) }, "head " + h);
+    b.onclick = (ev) => {
+      // A plain click shows this head alone (or all again); shift-click adds or removes it.
+      if (ev.shiftKey) state.on[k] = !state.on[k];
+      else {
+        const alone = state.on.every((v, j) => v === (j === k));
+        state.on = HS.map((_, j) => alone || j === k);
+      }
+      render();
+    };
+    toggles.appendChild(b);
+  });
+  document.querySelectorAll("nav .tab").forEach((b) => (b.onclick = () => { state.view = b.dataset.view; render(); }));
+
+  // ---- head view: token-to-token links for the chosen layer --------------------------------------------------------
+  const ROW = 18, LINK_W = 320;
+  const left = $("left"), right = $("right"), links = $("links");
+  D.tokens.forEach((tok, i) => {
+    for (const [col, side] of [[left, "q"], [right, "k"]]) {
+      const s = el("div", { class: "tok" + (D.special[i] ? " special" : ""), "data-side": side, "data-i": i }, tok);
+      s.onmouseenter = () => { state.focus = [side, i]; drawLinks(); };
+      s.onmouseleave = () => { state.focus = null; drawLinks(); };
+      col.appendChild(s);
+    }
+  });
+  function drawLinks() {
+    const dpr = window.devicePixelRatio || 1;
+    links.width = LINK_W * dpr; links.height = T * ROW * dpr;
+    links.style.width = LINK_W + "px"; links.style.height = T * ROW + "px";
+    const g = links.getContext("2d");
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    g.lineWidth = 1.5;
+    const [fs, fi] = state.focus || [null, -1];
+    document.querySelectorAll("#head-view .tok.lit").forEach((e) => e.classList.remove("lit"));
+    // Lines grouped by alpha bucket, one stroke per bucket and head: thousands of links stay one frame.
+    for (let k = 0; k < NH; k++) {
+      if (!state.on[k]) continue;
+      const base = at(state.layer, k), [r, gg, b] = rgb(color(k));
+      const buckets = Array.from({ length: 16 }, () => []);
+      for (let i = 0; i < T; i++) {
+        if (fs === "q" && i !== fi) continue;
+        for (let j = 0; j < T; j++) {
+          if (fs === "k" && j !== fi) continue;
+          const w = W[base + i * T + j];
+          if (w >= 3) buckets[w >> 4].push(i, j);
+        }
+      }
+      buckets.forEach((ij, q) => {
+        if (!ij.length) return;
+        g.strokeStyle = `rgba(${r},${gg},${b},${Math.min(1, (q + 1) / 16 + 0.04)})`;
+        g.beginPath();
+        for (let n = 0; n < ij.length; n += 2) {
+          g.moveTo(0, ij[n] * ROW + ROW / 2);
+          g.lineTo(LINK_W, ij[n + 1] * ROW + ROW / 2);
+        }
+        g.stroke();
+      });
+    }
+    if (fs) document.querySelectorAll(`#head-view .tok[data-i="${fi}"][data-side="${fs}"]`)
+      .forEach((e) => e.classList.add("lit"));
+  }
+
+  // ---- model view: every layer × head as a thumbnail ----------------------------------------------------------------
+  const THUMB = Math.min(T, 96);
+  function heatmap(canvas, get, n, size, rgbc) {
+    // Max-pools an n×n map of bytes into size×size pixels: a sharp diagonal stays visible at 512 tokens.
+    canvas.width = size; canvas.height = size;
+    const g = canvas.getContext("2d"), img = g.createImageData(size, size);
+    const f = n / size;
+    for (let y = 0; y < size; y++) {
+      const i0 = Math.floor(y * f), i1 = Math.max(i0 + 1, Math.floor((y + 1) * f));
+      for (let x = 0; x < size; x++) {
+        const j0 = Math.floor(x * f), j1 = Math.max(j0 + 1, Math.floor((x + 1) * f));
+        let m = 0;
+        for (let i = i0; i < i1; i++) for (let j = j0; j < j1; j++) m = Math.max(m, get(i, j));
+        const p = (y * size + x) * 4, a = m / 255;
+        img.data[p] = 255 - a * (255 - rgbc[0]); img.data[p + 1] = 255 - a * (255 - rgbc[1]);
+        img.data[p + 2] = 255 - a * (255 - rgbc[2]); img.data[p + 3] = 255;
+      }
+    }
+    g.putImageData(img, 0, 0);
+  }
+  const grid = $("grid");
+  grid.style.gridTemplateColumns = `4em repeat(${NH}, ${THUMB + 8}px)`;
+  grid.appendChild(el("div"));
+  HS.forEach((h) => grid.appendChild(el("div", { class: "colhead" }, "head " + h)));
+  for (let l = 0; l < L; l++) {
+    grid.appendChild(el("div", { class: "rowhead" }, "layer " + l));
+    HS.forEach((h, k) => {
+      const c = el("canvas", { class: "thumb", "data-layer": l, "data-head": h, title: `layer ${l}, head ${h}` });
+      const base = at(l, k);
+      heatmap(c, (i, j) => W[base + i * T + j], T, THUMB, rgb(color(k)));
+      c.onclick = () => openHead(l, k);
+      grid.appendChild(c);
+    });
+  }
+  function openHead(l, k) {
+    state.layer = l; layerSel.value = l;
+    state.on = HS.map((_, j) => j === k);
+    state.view = "head";
+    render();
+  }
+
+  // ---- rollout: what each position is made of after layer l, across layers -------------------------------------------
+  const rollTokens = $("roll-tokens");
+  D.tokens.forEach((tok, i) => {
+    const s = el("span", { class: "rt", "data-i": i }, tok);
+    s.onclick = () => { state.query = i; drawRollout(); };
+    rollTokens.appendChild(s);
+  });
+  function drawRollout() {
+    const base = state.layer * T * T;
+    heatmap($("roll-map"), (i, j) => R[base + i * T + j], T, Math.min(T * 4, 512), [49, 54, 149]);
+    const row = R.subarray(base + state.query * T, base + (state.query + 1) * T);
+    rollTokens.querySelectorAll(".rt").forEach((s, j) => {
+      s.style.background = `rgba(49,54,149,${row[j] / 255})`;
+      s.style.color = row[j] > 140 ? "#fff" : "#000";
+      s.classList.toggle("query", j === state.query);
+    });
+    $("roll-caption").textContent =
+      `position ${state.query} (“${D.tokens[state.query]}”) after layer ${state.layer}: what it is made of`;
+  }
+
+  // ---- head summary -------------------------------------------------------------------------------------------------
+  const rows = [];
+  for (let l = 0; l < L; l++) for (let h = 0; h < D.summary.entropy[l].length; h++) rows.push({ l, h,
+    entropy: D.summary.entropy[l][h], distance: D.summary.distance[l][h], special: D.summary.special[l][h] });
+  let sortKey = "entropy", sortDir = 1;
+  function drawSummary() {
+    const tb = $("summary-body");
+    tb.textContent = "";
+    rows.sort((a, b) => sortDir * (a[sortKey] - b[sortKey]) || a.l - b.l || a.h - b.h);
+    const max = { entropy: Math.log(T), distance: Math.max(1, T - 1), special: 1 };
+    for (const r of rows) {
+      const tr = el("tr", { "data-layer": r.l, "data-head": r.h });
+      tr.appendChild(el("td", {}, r.l)); tr.appendChild(el("td", {}, r.h));
+      for (const key of ["entropy", "distance", "special"]) {
+        const td = el("td", { class: "num" }, r[key].toFixed(3));
+        td.style.background = `rgba(31,119,180,${Math.min(1, r[key] / max[key]) * 0.6})`;
+        tr.appendChild(td);
+      }
+      const k = HS.indexOf(r.h);
+      if (k >= 0) { tr.classList.add("open"); tr.onclick = () => openHead(r.l, k); }
+      tb.appendChild(tr);
+    }
+  }
+  document.querySelectorAll("#summary-view th[data-key]").forEach((th) => (th.onclick = () => {
+    sortDir = sortKey === th.dataset.key ? -sortDir : 1; sortKey = th.dataset.key; drawSummary();
+  }));
+
+  // ---- one render for every state change ------------------------------------------------------------------------------
+  function render() {
+    for (const v of ["head", "model", "rollout", "summary"]) {
+      $(v + "-view").hidden = state.view !== v;
+      document.querySelector(`nav .tab[data-view="${v}"]`).classList.toggle("on", state.view === v);
+    }
+    toggles.querySelectorAll(".head").forEach((b, k) => b.classList.toggle("on", state.on[k]));
+    $("heads").hidden = state.view !== "head";
+    if (state.view === "head") drawLinks();
+    if (state.view === "rollout") drawRollout();
+    if (state.view === "summary") drawSummary();
+  }
+  render();
+  const firstPaint = performance.now();
+
+  // ---- self-test (`page.html#selftest`): what the browser tests read back ----------------------------------------------
+  if (location.hash === "#selftest") {
+    const report = { errors: window.attendErrors, firstPaintMs: firstPaint, layers: L, heads: NH, tokens: T };
+    report.thumbnails = document.querySelectorAll("#grid canvas.thumb").length;
+    report.headTokens = document.querySelectorAll("#head-view .tok").length;
+    const t0 = performance.now();
+    layerSel.value = L - 1; layerSel.onchange();
+    report.switchLayerMs = performance.now() - t0;
+    state.view = "model"; render();
+    const thumb = document.querySelector(`#grid canvas.thumb[data-layer="0"][data-head="${HS[NH - 1]}"]`);
+    thumb.click();
+    report.clickOpened = { view: state.view, layer: state.layer, heads: HS.filter((_, k) => state.on[k]),
+      visible: !$("head-view").hidden };
+    state.view = "rollout"; render();
+    report.rolloutTokens = document.querySelectorAll("#roll-tokens .rt").length;
+    state.view = "summary"; render();
+    report.summaryRows = document.querySelectorAll("#summary-body tr").length;
+    state.view = "head"; render();
+    report.errors = window.attendErrors;
+    const pre = el("pre", { id: "attend-selftest" }, JSON.stringify(report));
+    document.body.appendChild(pre);
+  }
+})();

@@ -1,0 +1,84 @@
+"""Oracle for `attend viz`: what Hugging Face `transformers` says each layer attends to, for the tiny checkpoints that
+scripts/oracle/hf.py writes under fixtures/hf/ (run that first), and the summaries computed from those weights.
+
+  fixtures/viz/bert.safetensors   BertModel on a text pair, tokenized with its own tokenizer.json
+  fixtures/viz/gpt2.safetensors   GPT2Model on a text (causal)
+
+Each file holds `input_ids`, `token_type_ids`, `special_mask` (int64, (T,)), `attentions` (L, H, T, T) from
+`output_attentions=True` on the eager attention path, and, computed here with numpy from those weights:
+  * `rollout` (L, T, T): attention rollout (Abnar & Zuidema 2020, as their reference code computes it): the heads'
+    mean plus the identity for the residual, rows renormalised, multiplied from the first layer up;
+  * `entropy` (L, H): each head's mean over query rows of −Σ a log a (natural log, 0·log 0 = 0);
+  * `distance` (L, H): each head's mean over query rows of Σ_j a_ij |i − j|;
+  * `special` (L, H): each head's mean over query rows of the mass on special tokens.
+The texts go in the metadata (`text`, `pair`) so the Rust test tokenizes the same strings.
+"""
+import os
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import BertModel, GPT2Model
+
+from common import FIXTURES, save
+
+HF = os.path.join(FIXTURES, "hf")
+
+
+def summaries(att, special):
+    """att (L, H, T, T) float64; special (T,) bool."""
+    L, H, T, _ = att.shape
+    logs = np.where(att > 0, np.log(np.where(att > 0, att, 1.0)), 0.0)
+    entropy = -(att * logs).sum(-1).mean(-1)
+    dist = np.abs(np.arange(T)[:, None] - np.arange(T)[None, :])
+    distance = (att * dist).sum(-1).mean(-1)
+    special_mass = att[..., special].sum(-1).mean(-1)
+    return entropy, distance, special_mass
+
+
+def rollout(att):
+    """Abnar & Zuidema's compute_joint_attention with add_residual=True, on the heads' mean."""
+    mean = att.mean(1)  # (L, T, T)
+    aug = mean + np.eye(mean.shape[-1])[None]
+    aug = aug / aug.sum(-1, keepdims=True)
+    joint = np.zeros_like(aug)
+    joint[0] = aug[0]
+    for i in range(1, aug.shape[0]):
+        joint[i] = aug[i] @ joint[i - 1]
+    return joint
+
+
+def case(name, cls, text, pair=None):
+    d = os.path.join(HF, name)
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    enc = tok.encode(text, pair) if pair is not None else tok.encode(text)
+    ids = torch.tensor([enc.ids])
+    tt = torch.tensor([enc.type_ids])
+    model = cls.from_pretrained(d, attn_implementation="eager").eval()
+    with torch.no_grad():
+        kw = {"token_type_ids": tt} if cls is BertModel else {}
+        out = model(input_ids=ids, output_attentions=True, **kw)
+    att = torch.stack([a[0] for a in out.attentions]).double()  # (L, H, T, T)
+    special = np.array([bool(m) for m in enc.special_tokens_mask])
+    a = att.numpy()
+    entropy, distance, special_mass = summaries(a, special)
+    meta = {"text": text}
+    if pair is not None:
+        meta["pair"] = pair
+    save("viz", name, {
+        "input_ids": ids[0].long(),
+        "token_type_ids": tt[0].long(),
+        "special_mask": torch.tensor(enc.special_tokens_mask).long(),
+        "attentions": att.float(),
+        "rollout": torch.from_numpy(rollout(a)).float(),
+        "entropy": torch.from_numpy(entropy).float(),
+        "distance": torch.from_numpy(distance).float(),
+        "special": torch.from_numpy(special_mass).float(),
+    }, meta)
+    print(f"viz/{name}: T = {len(enc.ids)}, layers {att.shape[0]}, heads {att.shape[1]}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    case("bert", BertModel, "the quick brown fox jumps over the lazy dog", "a lazy dog sleeps")
+    case("gpt2", GPT2Model, "the quick brown fox jumps over the lazy dog")
