@@ -16,6 +16,7 @@ mod errors;
 mod hf;
 mod op;
 mod tensors;
+mod viz;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ enum Command {
     Generate(hf::generate::GenerateArgs),
     /// Sentence embeddings from a sentence-transformers (or BERT-family) directory, one JSON line per text.
     Embed(hf::embed::EmbedArgs),
+    /// What a model attends to: one self-contained HTML page (head view, model view, rollout, head summary).
+    Viz(viz::VizArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Hf(cmd) => hf::run::run(cmd),
         Command::Generate(args) => hf::generate::run(args),
         Command::Embed(args) => hf::embed::run(args),
+        Command::Viz(args) => viz::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

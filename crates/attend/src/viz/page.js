@@ -113,7 +113,7 @@
     g.putImageData(img, 0, 0);
   }
   const grid = $("grid");
-  grid.style.gridTemplateColumns = `4em repeat(${NH}, ${THUMB + 8}px)`;
+  grid.style.gridTemplateColumns = `4em repeat(${NH}, 104px)`;
   grid.appendChild(el("div"));
   HS.forEach((h) => grid.appendChild(el("div", { class: "colhead" }, "head " + h)));
   for (let l = 0; l < L; l++) {
@@ -122,6 +122,7 @@
       const c = el("canvas", { class: "thumb", "data-layer": l, "data-head": h, title: `layer ${l}, head ${h}` });
       const base = at(l, k);
       heatmap(c, (i, j) => W[base + i * T + j], T, THUMB, rgb(color(k)));
+      c.style.width = c.style.height = "96px"; // short texts scale up, pixelated
       c.onclick = () => openHead(l, k);
       grid.appendChild(c);
     });
@@ -192,6 +193,9 @@
     if (state.view === "rollout") drawRollout();
     if (state.view === "summary") drawSummary();
   }
+  // `page.html#model` (or #head, #rollout, #summary) opens on that view: links and screenshots can point at one.
+  const wanted = location.hash.slice(1);
+  if (["head", "model", "rollout", "summary"].includes(wanted)) state.view = wanted;
   render();
   const firstPaint = performance.now();
 

@@ -1,0 +1,159 @@
+//! `attend viz --model DIR (--text TEXT [--pair TEXT] | --source TEXT | --image FILE | --node N | --user U)
+//! [--layer L] [--heads 0,3] [--format html|png|svg] --out FILE`: what a model attends to, as one self-contained
+//! page (`attend::viz::html`). The weights come from the model's normal forward (the fused kernel's weight side
+//! channel), not from a second, slower path.
+//!
+//! Today: `--text` (and `--pair`) for Hugging Face GPT-2 and BERT-family (BERT, RoBERTa, DistilBERT) directories,
+//! as HTML. Every other input, model and format is refused with a message that says what works.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Result};
+use attend::checkpoint::hf::HfModel;
+use attend::models::bert::BertInput;
+use attend::models::gpt::GptInput;
+use attend::viz::html::{self, PageOptions};
+use attend::viz::AttentionMaps;
+use candle_core::{Device, Tensor};
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["text", "source", "image", "node", "user"]))]
+pub struct VizArgs {
+    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to look at (Transformer-family models).
+    #[arg(long)]
+    text: Option<String>,
+    /// A second text, for models that read pairs (BERT's segment B).
+    #[arg(long, requires = "text")]
+    pair: Option<String>,
+    /// A source sentence for a sequence-to-sequence model (its alignment while it translates).
+    #[arg(long)]
+    source: Option<String>,
+    /// An image for a vision model.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// A node of a graph model.
+    #[arg(long)]
+    node: Option<u64>,
+    /// A user of a recommender.
+    #[arg(long)]
+    user: Option<u64>,
+    /// The layer the page opens on.
+    #[arg(long)]
+    layer: Option<usize>,
+    /// Only these heads, comma-separated (the page stays smaller).
+    #[arg(long)]
+    heads: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Html)]
+    format: Format,
+    /// Where to write the page or picture.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Html,
+    Png,
+    Svg,
+}
+
+pub fn run(args: VizArgs) -> Result<()> {
+    let Some(text) = &args.text else {
+        let which = if args.source.is_some() {
+            "--source (sequence-to-sequence alignments)"
+        } else if args.image.is_some() {
+            "--image (vision models)"
+        } else if args.node.is_some() {
+            "--node (graph attention)"
+        } else {
+            "--user (recommender attention)"
+        };
+        bail!("{which} is not supported yet; attend viz shows --text [--pair] for GPT-2 and BERT-family models");
+    };
+    if args.format != Format::Html {
+        bail!("--format {:?} is not supported yet; use --format html", args.format);
+    }
+    let heads = args
+        .heads
+        .as_deref()
+        .map(|h| crate::hf::parse_ids("--heads", h).map(|v| v.into_iter().map(|x| x as usize).collect::<Vec<_>>()))
+        .transpose()?;
+    let (dir, model) = crate::hf::open(&args.model)?;
+    if !matches!(model, HfModel::Gpt2(_) | HfModel::Bert(_)) {
+        bail!(
+            "{}: attend viz --text shows GPT-2 and BERT-family models; a {} checkpoint is not supported yet",
+            args.model.display(),
+            dir.model_type()
+        );
+    }
+    let tok = crate::hf::tokenizer(&args.model)?
+        .ok_or_else(|| anyhow!("{}: no tokenizer.json, so the text cannot be tokenised", args.model.display()))?;
+    let enc = match &args.pair {
+        Some(p) => tok.encode((text.as_str(), p.as_str()), true),
+        None => tok.encode(text.as_str(), true),
+    }
+    .map_err(|e| anyhow!("{}: cannot tokenise the text: {e}", args.model.display()))?;
+    let t = enc.get_ids().len();
+    if t == 0 {
+        bail!("the text gives no tokens: nothing to show");
+    }
+    let dev = Device::Cpu;
+    let ids = Tensor::from_vec(enc.get_ids().to_vec(), (1, t), &dev)?;
+    let types = Tensor::from_vec(enc.get_type_ids().to_vec(), (1, t), &dev)?;
+    let too_long = |ctx: usize, field: &str| -> Result<()> {
+        if t > ctx {
+            bail!(
+                "the text is {t} tokens, longer than the model's context of {ctx} ({field} in {}/config.json)",
+                args.model.display()
+            );
+        }
+        Ok(())
+    };
+    let err = |e: attend::Error| anyhow!("{}: {}", args.model.display(), crate::errors::attend(&e));
+    let (weights, causal) = match &model {
+        HfModel::Gpt2(m) => {
+            if args.pair.is_some() {
+                bail!("a gpt2 checkpoint reads one text: drop --pair");
+            }
+            too_long(m.config.n_positions, "n_positions")?;
+            let input = GptInput { need_weights: true, ..GptInput::new(&ids) };
+            (m.model.hidden_states(&input, None).map_err(err)?.weights, true)
+        }
+        HfModel::Bert(m) => {
+            too_long(m.config.max_position_embeddings, "max_position_embeddings")?;
+            let input = BertInput { token_type_ids: Some(&types), need_weights: true, ..BertInput::new(&ids) };
+            (m.model.bert().forward(&input).map_err(err)?.weights, false)
+        }
+        _ => unreachable!("refused above"),
+    };
+    // Each token as it reads in the text (byte-level BPE's "Ġquick" is " quick"); the raw piece if it decodes empty.
+    let tokens: Vec<String> = enc
+        .get_ids()
+        .iter()
+        .zip(enc.get_tokens())
+        .map(|(&id, raw)| match tok.decode(&[id], false) {
+            Ok(s) if !s.is_empty() => s,
+            _ => raw.clone(),
+        })
+        .collect();
+    let special = enc.get_special_tokens_mask().iter().map(|&m| m != 0).collect();
+    let maps = AttentionMaps::new(tokens, special, &weights, causal).map_err(err)?;
+    let opts = PageOptions {
+        title: format!("attend viz: {}", args.model.file_name().map_or("model".into(), |n| n.to_string_lossy())),
+        subtitle: format!(
+            "{} · {} tokens · {} layers × {} heads{}",
+            dir.model_type(),
+            t,
+            maps.num_layers(),
+            maps.num_heads(),
+            if causal { " · causal" } else { "" }
+        ),
+        layer: args.layer,
+        heads,
+    };
+    html::write(&args.out, &maps, &opts).map_err(err)
+}

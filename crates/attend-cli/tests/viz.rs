@@ -1,0 +1,160 @@
+//! `attend viz` end to end: pages written by the CLI from the tiny GPT-2 and BERT directories of fixtures/hf, opened
+//! in a real browser (headless Chromium: no sandbox, no GPU, no background networking, a throwaway profile). The page's
+//! own self-test (`page.html#selftest`) reports script errors, what it drew and what a click on a thumbnail opened;
+//! a screenshot must not be blank. Plus one-line errors for what does not exist or is not supported.
+//!
+//! Chromium comes from Debian's `chromium` package (`.ci/run` installs it). Without it these tests fail and say how to
+//! install it; `ATTEND_SKIP_BROWSER=1` skips the browser part explicitly (it prints that it did).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+mod common;
+use common::*;
+
+fn hf(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf").join(name).display().to_string()
+}
+
+/// The browser, or `None` when the caller opted out with ATTEND_SKIP_BROWSER=1.
+fn chromium() -> Option<PathBuf> {
+    if std::env::var("ATTEND_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("ATTEND_SKIP_BROWSER=1: not opening the pages in a browser");
+        return None;
+    }
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        if let Ok(o) = Command::new(c).arg("--version").output() {
+            if o.status.success() {
+                return Some(PathBuf::from(c));
+            }
+        }
+    }
+    panic!(
+        "the viz tests open pages in headless Chromium, which is not installed: `apt-get install chromium` \
+         (or set ATTEND_SKIP_BROWSER=1 to skip them knowingly)"
+    );
+}
+
+fn headless(browser: &Path, profile: &Path) -> Command {
+    let mut c = Command::new(browser);
+    c.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+/// The page's self-test report, read back from the DOM after its scripts ran.
+fn selftest(browser: &Path, page: &Path, profile: &Path) -> Value {
+    let out = headless(browser, profile)
+        .args(["--virtual-time-budget=5000", "--dump-dom"])
+        .arg(format!("file://{}#selftest", page.display()))
+        .output()
+        .expect("cannot start chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let start = dom.find(r#"<pre id="attend-selftest">"#).unwrap_or_else(|| {
+        panic!(
+            "{}: no self-test report in the DOM (did the script fail?)\n{}",
+            page.display(),
+            &dom[..dom.len().min(2000)]
+        )
+    });
+    let json = &dom[start + r#"<pre id="attend-selftest">"#.len()..];
+    let json = &json[..json.find("</pre>").unwrap()];
+    serde_json::from_str(&json.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")).unwrap()
+}
+
+/// Pixels of a screenshot that are not the background colour.
+fn inked_pixels(png_path: &Path) -> usize {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(png_path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let bytes = &buf[..info.buffer_size()];
+    let bg = &bytes[..px];
+    bytes.chunks(px).filter(|p| p != &bg).count()
+}
+
+#[test]
+fn pages_open_in_a_browser_draw_every_layer_head_and_token_and_clicks_open_heads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], usize, usize); 3] = [
+        ("gpt2", &["--text", "the quick brown fox"], 2, 4),
+        ("bert", &["--text", "the quick brown fox", "--pair", "a lazy dog"], 2, 4),
+        ("bert", &["--text", "hello world", "--heads", "1,3", "--layer", "1"], 2, 2),
+    ];
+    let browser = chromium();
+    for (k, (model, args, layers, heads)) in cases.iter().enumerate() {
+        let page = tmp.path().join(format!("{model}-{k}.html"));
+        let dir = hf(model);
+        let mut all = vec!["viz", "--model", &dir];
+        all.extend_from_slice(args);
+        let out = page.display().to_string();
+        all.extend_from_slice(&["--out", &out]);
+        let run = attend(&all);
+        assert!(run.status.success(), "{all:?}: {}", String::from_utf8_lossy(&run.stderr));
+        let html = std::fs::read_to_string(&page).unwrap();
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "{model}: the page must not reach the network"
+        );
+        let Some(browser) = &browser else { continue };
+        let profile = tmp.path().join(format!("profile-{k}"));
+        let r = selftest(browser, &page, &profile);
+        let label = format!("{model} {args:?}");
+        assert_eq!(r["errors"], serde_json::json!([]), "{label}: script errors");
+        assert_eq!(r["layers"], *layers, "{label}");
+        assert_eq!(r["heads"], *heads, "{label}");
+        let t = r["tokens"].as_u64().unwrap() as usize;
+        assert!(t > 2, "{label}: {t} tokens");
+        assert_eq!(r["thumbnails"], layers * heads, "{label}: one thumbnail per layer × head");
+        assert_eq!(r["headTokens"], 2 * t, "{label}: every token on both sides of the head view");
+        assert_eq!(r["rolloutTokens"], t, "{label}");
+        assert_eq!(r["summaryRows"], layers * 4, "{label}: the summary lists every head of the model");
+        let opened = &r["clickOpened"];
+        assert_eq!(opened["view"], "head", "{label}: a thumbnail click opens the head view");
+        assert_eq!(opened["layer"], 0, "{label}");
+        assert_eq!(opened["heads"].as_array().unwrap().len(), 1, "{label}: only the clicked head");
+        assert_eq!(opened["visible"], true, "{label}");
+        // Each view painted: a screenshot of it holds more than a handful of non-background pixels.
+        for view in ["head", "model", "rollout", "summary"] {
+            let shot = tmp.path().join(format!("{model}-{k}-{view}.png"));
+            let o = headless(browser, &profile)
+                .args(["--window-size=900,700", "--hide-scrollbars"])
+                .arg(format!("--screenshot={}", shot.display()))
+                .arg(format!("file://{}#{view}", page.display()))
+                .output()
+                .unwrap();
+            assert!(shot.exists(), "{label} {view}: no screenshot: {}", String::from_utf8_lossy(&o.stderr));
+            let inked = inked_pixels(&shot);
+            assert!(inked > 5_000, "{label} {view}: the screenshot is blank ({inked} pixels drawn)");
+        }
+    }
+}
+
+#[test]
+fn what_does_not_exist_or_is_not_supported_is_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("page.html");
+    let o = out.display().to_string();
+    let (gpt2, bert, vit) = (hf("gpt2"), hf("bert"), hf("vit"));
+    let e = expect_failure(&["viz", "--model", &gpt2, "--text", "hi there", "--layer", "7", "--out", &o], &out);
+    assert_mentions(&e, &["layer 7 does not exist", "0..2"]);
+    let e = expect_failure(&["viz", "--model", &bert, "--text", "hi there", "--heads", "0,9", "--out", &o], &out);
+    assert_mentions(&e, &["head 9 does not exist", "0..4"]);
+    let long = "the quick brown fox ".repeat(40);
+    let e = expect_failure(&["viz", "--model", &gpt2, "--text", &long, "--out", &o], &out);
+    assert_mentions(&e, &["tokens, longer than the model's context", "n_positions", "config.json"]);
+    let e = expect_failure(&["viz", "--model", &vit, "--text", "hi", "--out", &o], &out);
+    assert_mentions(&e, &["vit", "not supported yet"]);
+    let e = expect_failure(&["viz", "--model", &gpt2, "--text", "hi", "--pair", "there", "--out", &o], &out);
+    assert_mentions(&e, &["gpt2", "--pair"]);
+    let e = expect_failure(&["viz", "--model", &gpt2, "--source", "hi", "--out", &o], &out);
+    assert_mentions(&e, &["--source", "not supported yet"]);
+    let e = expect_failure(&["viz", "--model", &gpt2, "--text", "hi", "--heads", "x", "--out", &o], &out);
+    assert_mentions(&e, &["--heads", "\"x\""]);
+    let missing = tmp.path().join("nope").display().to_string();
+    let e = expect_failure(&["viz", "--model", &missing, "--text", "hi", "--out", &o], &out);
+    assert_mentions(&e, &["nope"]);
+}
