@@ -49,7 +49,7 @@ fn weights_rollout_and_summary_match_transformers() {
         let (f, maps) = maps_of(name);
         assert_close(&format!("{name}: attentions"), &stack_layers(&maps), &f.t("attentions"), WEIGHTS);
         let (l, t) = (maps.num_layers(), maps.len());
-        let roll: Vec<f32> = maps.rollout().concat();
+        let roll: Vec<f32> = maps.rollout().unwrap().concat();
         let roll = Tensor::from_vec(roll, (l, t, t), &Device::Cpu).unwrap();
         assert_close(&format!("{name}: rollout"), &roll, &f.t("rollout"), WEIGHTS);
         let s = maps.summary();
@@ -60,11 +60,15 @@ fn weights_rollout_and_summary_match_transformers() {
     }
 }
 
-/// The JSON between the data block's tags, and a base64 field of it decoded.
+/// The text between the tags of the element with this id.
+fn element<'a>(html: &'a str, id: &str) -> &'a str {
+    let open = format!(r#"id="{id}">"#);
+    let start = html.find(&open).unwrap_or_else(|| panic!("no element {id}")) + open.len();
+    &html[start..start + html[start..].find("</script>").expect("end of the element")]
+}
+
 fn data_block(html: &str) -> serde_json::Value {
-    let start = html.find(r#"id="attend-data">"#).expect("data block") + r#"id="attend-data">"#.len();
-    let end = start + html[start..].find("</script>").expect("end of the data block");
-    serde_json::from_str(&html[start..end]).expect("the data block is JSON")
+    serde_json::from_str(element(html, "attend-data")).expect("the data block is JSON")
 }
 
 fn unbase64(s: &str) -> Vec<u8> {
@@ -101,7 +105,7 @@ fn the_page_carries_the_chosen_heads_quantised_and_every_token() {
     assert_eq!(d["tokens"][3], "</script><b>");
     assert_eq!(d["heads"], serde_json::json!(heads));
     assert_eq!(d["layer"], 1);
-    let w = unbase64(d["weights"].as_str().unwrap());
+    let w = unbase64(element(&html, "attend-weights"));
     let t = maps.len();
     assert_eq!(w.len(), maps.num_layers() * heads.len() * t * t);
     for l in 0..maps.num_layers() {
@@ -113,7 +117,7 @@ fn the_page_carries_the_chosen_heads_quantised_and_every_token() {
         }
     }
     // Rollout bytes are relative to each row's largest entry: every row's maximum is 255.
-    let r = unbase64(d["rollout"].as_str().unwrap());
+    let r = unbase64(element(&html, "attend-rollout"));
     assert_eq!(r.len(), maps.num_layers() * t * t);
     assert!(r.chunks(t).all(|row| row.iter().max() == Some(&255)));
     assert_eq!(d["summary"]["entropy"].as_array().unwrap().len(), maps.num_layers());

@@ -21,6 +21,7 @@ pub mod embed;
 pub mod gat;
 pub mod rnn;
 pub mod train_step;
+pub mod viz;
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ pub enum BenchCommand {
     Embed(embed::BenchEmbedArgs),
     /// One nanoGPT-style GPT training step (forward, backward, AdamW), the anchor's `cpu` or `char` config.
     TrainStep(train_step::BenchTrainStepArgs),
+    /// What looking inside costs: BERT-base's forward with and without every layer's weights and the viz page.
+    Viz(viz::BenchVizArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -55,6 +58,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Embed(args) => embed::run(args),
         BenchCommand::TrainStep(args) => train_step::run(args),
+        BenchCommand::Viz(args) => viz::run(args),
     }
 }
 

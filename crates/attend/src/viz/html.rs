@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde_json::json;
 
 use super::AttentionMaps;
@@ -32,39 +33,70 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
     maps.check_selection(opts.layer, opts.heads.as_deref())?;
     let heads: Vec<usize> = opts.heads.clone().unwrap_or_else(|| (0..maps.num_heads()).collect());
     let t = maps.len();
-    let mut weights = Vec::with_capacity(maps.num_layers() * heads.len() * t * t);
-    for l in 0..maps.num_layers() {
-        for &h in &heads {
-            weights.extend(maps.head(l, h).iter().map(|&w| quantise(w)));
-        }
-    }
+    let pairs: Vec<(usize, usize)> = (0..maps.num_layers()).flat_map(|l| heads.iter().map(move |&h| (l, h))).collect();
+    let mut weights = vec![0u8; pairs.len() * t * t];
+    weights.par_chunks_mut(t * t).zip(&pairs).for_each(|(out, &(l, h))| {
+        out.iter_mut().zip(maps.head(l, h)).for_each(|(q, &w)| *q = quantise(w));
+    });
     // Rollout rows spread thinner with every layer: bytes relative to each row's largest entry keep them visible.
-    let mut rollout = Vec::with_capacity(maps.num_layers() * t * t);
-    for m in maps.rollout() {
-        for row in m.chunks_exact(t) {
-            let max = row.iter().cloned().fold(0f32, f32::max);
-            rollout.extend(row.iter().map(|&w| if max > 0.0 { quantise(w / max) } else { 0 }));
-        }
-    }
+    let rollout: Vec<u8> = maps
+        .rollout()?
+        .par_iter()
+        .flat_map_iter(|m| {
+            m.chunks_exact(t)
+                .flat_map(|row| {
+                    let max = row.iter().cloned().fold(0f32, f32::max);
+                    row.iter().map(move |&w| if max > 0.0 { quantise(w / max) } else { 0 })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let s = maps.summary();
-    let data = json!({
+    // The small fields as JSON ("</" escaped: it would end the <script> early, and a token may well be "</s>"); the
+    // two byte blobs as base64 in elements of their own, so the page never parses 50 MB of JSON.
+    let small = json!({
         "tokens": maps.tokens,
         "special": maps.special,
         "causal": maps.causal,
         "layers": maps.num_layers(),
         "heads": heads,
         "layer": opts.layer.unwrap_or(0),
-        "weights": base64(&weights),
-        "rollout": base64(&rollout),
         "summary": { "entropy": s.entropy, "distance": s.distance, "special": s.special },
-    });
-    // Inside <script>, "</" would end the element early (a token may well be "</s>").
-    let data = data.to_string().replace("</", "<\\/");
-    Ok(TEMPLATE
-        .replace("{{TITLE}}", &escape(&opts.title))
-        .replace("{{SUBTITLE}}", &escape(&opts.subtitle))
-        .replace("{{SCRIPT}}", SCRIPT)
-        .replace("{{DATA}}", &data))
+    })
+    .to_string()
+    .replace("</", "<\\/");
+    let (weights, rollout) = rayon::join(|| base64(&weights), || base64(&rollout));
+    fill(
+        TEMPLATE,
+        &[
+            ("{{TITLE}}", &escape(&opts.title)),
+            ("{{SUBTITLE}}", &escape(&opts.subtitle)),
+            ("{{SCRIPT}}", SCRIPT),
+            ("{{DATA}}", &small),
+            ("{{WEIGHTS}}", &weights),
+            ("{{ROLLOUT}}", &rollout),
+        ],
+    )
+}
+
+/// The template with each placeholder replaced once, in one pass (the data is tens of MB: no whole-page copies).
+fn fill(template: &str, values: &[(&str, &str)]) -> Result<String> {
+    let mut out = String::with_capacity(template.len() + values.iter().map(|(_, v)| v.len()).sum::<usize>());
+    let mut rest = template;
+    while let Some(at) = rest.find("{{") {
+        out.push_str(&rest[..at]);
+        let Some((key, value)) = values.iter().find(|(k, _)| rest[at..].starts_with(k)) else {
+            crate::bail!(
+                "viz",
+                "the page template has an unknown placeholder at {:?}",
+                &rest[at..at + 12.min(rest.len() - at)]
+            )
+        };
+        out.push_str(value);
+        rest = &rest[at + key.len()..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Writes the page atomically (a temporary file beside `path`, then a rename).
@@ -80,8 +112,17 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Standard base64 with padding (what the page's `atob` reads).
+/// Standard base64 with padding (what the page's `atob` reads), in parallel over 3 MB pieces (whole 3-byte groups,
+/// so the pieces concatenate).
 fn base64(bytes: &[u8]) -> String {
+    const PIECE: usize = 3 << 20;
+    if bytes.len() > PIECE {
+        return bytes.par_chunks(PIECE).map(base64_serial).collect::<Vec<_>>().concat();
+    }
+    base64_serial(bytes)
+}
+
+fn base64_serial(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for c in bytes.chunks(3) {

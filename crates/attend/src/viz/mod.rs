@@ -17,7 +17,7 @@
 //! let maps = AttentionMaps::new(tokens, vec![true, false, true], &[w], false)?;
 //! let s = maps.summary();
 //! assert_eq!(s.special[0][0], 1.0); // all mass on special tokens
-//! let r = maps.rollout();
+//! let r = maps.rollout()?;
 //! assert!((r[0][3] - 0.5).abs() < 1e-6); // row 1: half residual, half to token 0
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -25,6 +25,7 @@
 pub mod html;
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::error::shape_str;
 use crate::{bail, ensure, Result};
@@ -131,64 +132,62 @@ impl AttentionMaps {
     /// Attention rollout (Abnar & Zuidema 2020): `Â_l = (mean_h A_l + I) / 2` (the residual stream as half of
     /// each layer's mixing, rows renormalised), `R_0 = Â_0`, `R_l = Â_l R_{l−1}`: row `i` of `R_l` says how much
     /// each input token contributes to position `i` after layer `l`. `L` matrices `(T, T)`.
-    pub fn rollout(&self) -> Vec<Vec<f32>> {
+    pub fn rollout(&self) -> Result<Vec<Vec<f32>>> {
         let t = self.len();
         let mut out: Vec<Vec<f32>> = Vec::with_capacity(self.num_layers());
+        let mut joint: Option<Tensor> = None;
         for l in 0..self.num_layers() {
             // The heads' mean plus the identity, each row renormalised (a fully masked row keeps only the residual).
-            let mut aug = vec![0f64; t * t];
+            let mut aug = vec![0f32; t * t];
             for h in 0..self.heads {
                 for (a, &w) in aug.iter_mut().zip(self.head(l, h)) {
-                    *a += w as f64 / self.heads as f64;
+                    *a += w;
                 }
             }
-            for (i, row) in aug.chunks_exact_mut(t).enumerate() {
+            aug.par_chunks_exact_mut(t).enumerate().for_each(|(i, row)| {
+                row.iter_mut().for_each(|v| *v /= self.heads as f32);
                 row[i] += 1.0;
-                let s: f64 = row.iter().sum();
+                let s: f32 = row.iter().sum();
                 row.iter_mut().for_each(|v| *v /= s);
-            }
-            let joint = match out.last() {
+            });
+            let aug = Tensor::from_vec(aug, (t, t), &candle_core::Device::Cpu)?;
+            let next = match &joint {
                 None => aug,
-                Some(prev) => {
-                    let mut j = vec![0f64; t * t];
-                    for i in 0..t {
-                        for k in 0..t {
-                            let a = aug[i * t + k];
-                            if a != 0.0 {
-                                for (x, &p) in j[i * t..(i + 1) * t].iter_mut().zip(&prev[k * t..(k + 1) * t]) {
-                                    *x += a * p as f64;
-                                }
-                            }
-                        }
-                    }
-                    j
-                }
+                Some(prev) => aug.matmul(prev)?, // (T, T)
             };
-            out.push(joint.into_iter().map(|v| v as f32).collect());
+            out.push(next.flatten_all()?.to_vec1::<f32>()?);
+            joint = Some(next);
         }
-        out
+        Ok(out)
     }
 
-    /// Entropy, distance and special-token mass of every head.
+    /// Entropy, distance and special-token mass of every head (one pass over each head's weights).
     pub fn summary(&self) -> HeadSummary {
         let t = self.len();
-        let per_head = |f: &dyn Fn(usize, usize, f64) -> f64| -> Vec<Vec<f32>> {
-            (0..self.num_layers())
-                .map(|l| {
-                    (0..self.heads)
-                        .map(|h| {
-                            let m = self.head(l, h);
-                            let total: f64 = (0..t * t).map(|k| f(k / t, k % t, m[k] as f64)).sum();
-                            (total / t as f64) as f32
-                        })
-                        .collect()
-                })
-                .collect()
-        };
-        HeadSummary {
-            entropy: per_head(&|_, _, a| if a > 0.0 { -a * a.ln() } else { 0.0 }),
-            distance: per_head(&|i, j, a| a * (i as f64 - j as f64).abs()),
-            special: per_head(&|_, j, a| if self.special[j] { a } else { 0.0 }),
-        }
+        let stats: Vec<[f32; 3]> = (0..self.num_layers() * self.heads)
+            .into_par_iter()
+            .map(|lh| {
+                let m = self.head(lh / self.heads, lh % self.heads);
+                let mut acc = [0f64; 3];
+                for (i, row) in m.chunks_exact(t).enumerate() {
+                    let (mut ent, mut dist, mut spec) = (0f32, 0f32, 0f32);
+                    for (j, &a) in row.iter().enumerate() {
+                        if a > 0.0 {
+                            ent -= a * a.ln();
+                        }
+                        dist += a * i.abs_diff(j) as f32;
+                        if self.special[j] {
+                            spec += a;
+                        }
+                    }
+                    acc[0] += ent as f64;
+                    acc[1] += dist as f64;
+                    acc[2] += spec as f64;
+                }
+                acc.map(|v| (v / t as f64) as f32)
+            })
+            .collect();
+        let table = |k: usize| stats.chunks(self.heads).map(|l| l.iter().map(|s| s[k]).collect()).collect();
+        HeadSummary { entropy: table(0), distance: table(1), special: table(2) }
     }
 }

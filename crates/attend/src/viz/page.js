@@ -2,11 +2,28 @@
 // quantised to one byte (w·255, rows are queries), the rollout (row-relative bytes) and the head summary.
 "use strict";
 (function () {
+  const stages = { start: performance.now() };
   const D = JSON.parse(document.getElementById("attend-data").textContent);
   const T = D.tokens.length, L = D.layers, HS = D.heads, NH = HS.length;
-  const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-  const W = bytes(D.weights); // (L, NH, T, T)
-  const R = bytes(D.rollout); // (L, T, T)
+  // base64 → bytes with a lookup table: atob plus a per-character callback takes seconds at 512 tokens × 144 heads.
+  const LUT = new Uint8Array(128);
+  "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".split("").forEach((c, i) => (LUT[c.charCodeAt(0)] = i));
+  function bytes(id) {
+    const s = document.getElementById(id).textContent.trim();
+    const pad = s.endsWith("==") ? 2 : s.endsWith("=") ? 1 : 0;
+    const out = new Uint8Array((s.length / 4) * 3 - pad);
+    let o = 0;
+    for (let i = 0; i < s.length; i += 4) {
+      const n = (LUT[s.charCodeAt(i)] << 18) | (LUT[s.charCodeAt(i + 1)] << 12) | (LUT[s.charCodeAt(i + 2)] << 6) | LUT[s.charCodeAt(i + 3)];
+      out[o++] = n >> 16;
+      if (o < out.length) out[o++] = (n >> 8) & 255;
+      if (o < out.length) out[o++] = n & 255;
+    }
+    return out;
+  }
+  const W = bytes("attend-weights"); // (L, NH, T, T)
+  const R = bytes("attend-rollout"); // (L, T, T)
+  stages.decoded = performance.now();
   const at = (l, k) => (l * NH + k) * T * T; // offset of chosen head k of layer l
   const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"];
@@ -113,6 +130,11 @@
     g.putImageData(img, 0, 0);
   }
   const grid = $("grid");
+  let gridBuilt = false;
+  function buildGrid() {
+  // Built the first time the model view opens: 144 thumbnails at 512 tokens are not worth delaying the first paint.
+  if (gridBuilt) return;
+  gridBuilt = true;
   grid.style.gridTemplateColumns = `4em repeat(${NH}, 104px)`;
   grid.appendChild(el("div"));
   HS.forEach((h) => grid.appendChild(el("div", { class: "colhead" }, "head " + h)));
@@ -126,6 +148,7 @@
       c.onclick = () => openHead(l, k);
       grid.appendChild(c);
     });
+  }
   }
   function openHead(l, k) {
     state.layer = l; layerSel.value = l;
@@ -190,6 +213,7 @@
     toggles.querySelectorAll(".head").forEach((b, k) => b.classList.toggle("on", state.on[k]));
     $("heads").hidden = state.view !== "head";
     if (state.view === "head") drawLinks();
+    if (state.view === "model") buildGrid();
     if (state.view === "rollout") drawRollout();
     if (state.view === "summary") drawSummary();
   }
@@ -201,13 +225,16 @@
 
   // ---- self-test (`page.html#selftest`): what the browser tests read back ----------------------------------------------
   if (location.hash === "#selftest") {
-    const report = { errors: window.attendErrors, firstPaintMs: firstPaint, layers: L, heads: NH, tokens: T };
-    report.thumbnails = document.querySelectorAll("#grid canvas.thumb").length;
+    const report = { errors: window.attendErrors, firstPaintMs: firstPaint, layers: L, heads: NH, tokens: T,
+      decodeMs: stages.decoded - stages.start };
     report.headTokens = document.querySelectorAll("#head-view .tok").length;
-    const t0 = performance.now();
+    let t0 = performance.now();
     layerSel.value = L - 1; layerSel.onchange();
     report.switchLayerMs = performance.now() - t0;
+    t0 = performance.now();
     state.view = "model"; render();
+    report.modelViewMs = performance.now() - t0;
+    report.thumbnails = document.querySelectorAll("#grid canvas.thumb").length;
     const thumb = document.querySelector(`#grid canvas.thumb[data-layer="0"][data-head="${HS[NH - 1]}"]`);
     thumb.click();
     report.clickOpened = { view: state.view, layer: state.layer, heads: HS.filter((_, k) => state.on[k]),
