@@ -15,6 +15,7 @@ mod bench;
 mod errors;
 mod hf;
 mod op;
+mod picture;
 mod tensors;
 mod viz;
 

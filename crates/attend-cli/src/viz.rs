@@ -4,7 +4,8 @@
 //! channel), not from a second, slower path.
 //!
 //! Today: `--text` (and `--pair`) for Hugging Face GPT-2 and BERT-family (BERT, RoBERTa, DistilBERT) directories,
-//! as HTML. Every other input, model and format is refused with a message that says what works.
+//! as HTML, or as static heatmaps of one layer's heads (`--format png|svg`). Every other input and model is refused
+//! with a message that says what works.
 
 use std::path::PathBuf;
 
@@ -16,6 +17,8 @@ use attend::viz::html::{self, PageOptions};
 use attend::viz::AttentionMaps;
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
+
+use crate::picture::{Anchor, Picture};
 
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("input").required(true).args(["text", "source", "image", "node", "user"]))]
@@ -74,9 +77,6 @@ pub fn run(args: VizArgs) -> Result<()> {
         };
         bail!("{which} is not supported yet; attend viz shows --text [--pair] for GPT-2 and BERT-family models");
     };
-    if args.format != Format::Html {
-        bail!("--format {:?} is not supported yet; use --format html", args.format);
-    }
     let heads = args
         .heads
         .as_deref()
@@ -155,5 +155,70 @@ pub fn run(args: VizArgs) -> Result<()> {
         layer: args.layer,
         heads,
     };
-    html::write(&args.out, &maps, &opts).map_err(err)
+    match args.format {
+        Format::Html => html::write(&args.out, &maps, &opts).map_err(err),
+        Format::Png | Format::Svg => {
+            maps.check_selection(opts.layer, opts.heads.as_deref()).map_err(err)?;
+            let heads = opts.heads.unwrap_or_else(|| (0..maps.num_heads()).collect());
+            heatmaps(&maps, opts.layer.unwrap_or(0), &heads).write(&args.out, args.format == Format::Png)
+        }
+    }
+}
+
+/// One heatmap per head of `layer` (rows: queries, columns: keys), token labels on both axes when the cells are big
+/// enough to read them, panels four to a row, and a scale from 0 to 1.
+fn heatmaps(maps: &AttentionMaps, layer: usize, heads: &[usize]) -> Picture {
+    const INK: [u8; 3] = [34, 34, 34];
+    const BLUE: [f32; 3] = [49.0, 54.0, 149.0];
+    let t = maps.len();
+    let cell = (560.0 / t as f32).clamp(1.0, 22.0);
+    let labelled = cell >= 8.0;
+    let size = (cell * 0.75).min(12.0);
+    let short = |s: &str| -> String {
+        let s = s.replace('\n', "⏎");
+        if s.chars().count() > 14 {
+            s.chars().take(13).collect::<String>() + "…"
+        } else {
+            s
+        }
+    };
+    let labels: Vec<String> = maps.tokens.iter().map(|s| short(s)).collect();
+    let margin =
+        if labelled { labels.iter().map(|l| Picture::text_width(size, l)).fold(0.0, f32::max) + 6.0 } else { 0.0 };
+    let side = cell * t as f32;
+    let (panel_w, panel_h) = (margin + side + 20.0, 22.0 + margin + side + 16.0);
+    let cols = heads.len().min(4);
+    let rows = heads.len().div_ceil(4);
+    let (w, h) = (16.0 + panel_w * cols as f32, 40.0 + panel_h * rows as f32);
+    let mut pic = Picture::new(w.ceil() as u32, h.ceil() as u32);
+    for (k, &head) in heads.iter().enumerate() {
+        let (ox, oy) = (16.0 + panel_w * (k % 4) as f32, 8.0 + panel_h * (k / 4) as f32);
+        pic.text(ox + margin, oy + 14.0, 13.0, &format!("layer {layer}, head {head}"), INK, Anchor::Start);
+        let (mx, my) = (ox + margin, oy + 22.0 + margin);
+        let m = maps.head(layer, head);
+        for i in 0..t {
+            for j in 0..t {
+                let a = m[i * t + j].clamp(0.0, 1.0);
+                let c = BLUE.map(|b| (255.0 - a * (255.0 - b)).round() as u8);
+                pic.rect(mx + j as f32 * cell, my + i as f32 * cell, cell, cell, c);
+            }
+        }
+        if labelled {
+            for (i, l) in labels.iter().enumerate() {
+                let mid = i as f32 * cell + cell / 2.0 + size * 0.35;
+                let ink = if maps.special[i] { [136, 136, 136] } else { INK };
+                pic.text(mx - 4.0, my + mid, size, l, ink, Anchor::End);
+                pic.text_up(mx + mid, my - 4.0, size, l, ink, Anchor::Start);
+            }
+        }
+    }
+    // The scale: white is 0, the darkest blue 1.
+    let (sx, sy) = (16.0, h - 22.0);
+    for k in 0..100 {
+        let a = k as f32 / 99.0;
+        pic.rect(sx + 14.0 + k as f32, sy, 1.0, 10.0, BLUE.map(|b| (255.0 - a * (255.0 - b)).round() as u8));
+    }
+    pic.text(sx, sy + 9.0, 11.0, "0", INK, Anchor::Start);
+    pic.text(sx + 118.0, sy + 9.0, 11.0, "1  attention weight (rows: queries, columns: keys)", INK, Anchor::Start);
+    pic
 }

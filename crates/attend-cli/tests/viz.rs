@@ -158,3 +158,86 @@ fn what_does_not_exist_or_is_not_supported_is_a_one_line_error() {
     let e = expect_failure(&["viz", "--model", &missing, "--text", "hi", "--out", &o], &out);
     assert_mentions(&e, &["nope"]);
 }
+
+/// `(x, y, w, h, fill)` of every `<rect>` of an SVG the CLI wrote.
+fn svg_rects(svg: &str) -> Vec<(f32, f32, f32, f32, [u8; 3])> {
+    let attr = |tag: &str, name: &str| -> Option<String> {
+        let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+        Some(tag[at..at + tag[at..].find('"')?].to_string())
+    };
+    svg.split("<rect")
+        .skip(1)
+        .map(|tag| {
+            let num = |n: &str| attr(tag, n).map_or(0.0, |v| v.parse::<f32>().unwrap());
+            let fill = attr(tag, "fill").unwrap();
+            let hex = |k: usize| u8::from_str_radix(&fill[1 + 2 * k..3 + 2 * k], 16).unwrap();
+            (num("x"), num("y"), num("width"), num("height"), [hex(0), hex(1), hex(2)])
+        })
+        .collect()
+}
+
+#[test]
+fn static_heatmaps_show_the_weights_in_svg_and_png_with_the_embedded_font() {
+    use attend::checkpoint::hf::{self as hfl, HfDir, HfModel};
+    use attend::models::bert::BertInput;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, text, pair) = (hf("bert"), "the quick brown fox", "a lazy dog");
+    let (svg, png_path) = (tmp.path().join("h.svg"), tmp.path().join("h.png"));
+    for (fmt, out) in [("svg", &svg), ("png", &png_path)] {
+        let o = out.display().to_string();
+        let args = ["viz", "--model", &dir, "--text", text, "--pair", pair, "--layer", "1", "--heads", "2,0"];
+        let run = attend(&[&args[..], &["--format", fmt, "--out", &o]].concat());
+        assert!(run.status.success(), "{fmt}: {}", String::from_utf8_lossy(&run.stderr));
+    }
+    // The weights the picture should show: layer 1, heads 2 then 0, from the library on the same tokens.
+    let tok = tokenizers::Tokenizer::from_file(format!("{dir}/tokenizer.json")).unwrap();
+    let enc = tok.encode((text, pair), true).unwrap();
+    let t = enc.get_ids().len();
+    let dev = candle_core::Device::Cpu;
+    let ids = candle_core::Tensor::from_vec(enc.get_ids().to_vec(), (1, t), &dev).unwrap();
+    let types = candle_core::Tensor::from_vec(enc.get_type_ids().to_vec(), (1, t), &dev).unwrap();
+    let HfModel::Bert(m) = hfl::load(&HfDir::open(&dir).unwrap(), candle_core::DType::F32, &dev, false).unwrap() else {
+        panic!("fixtures/hf/bert is a BERT checkpoint")
+    };
+    let input = BertInput { token_type_ids: Some(&types), need_weights: true, ..BertInput::new(&ids) };
+    let w = m.model.bert().forward(&input).unwrap().weights[1].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        !svg_text.contains("<text") && !svg_text.contains("font"),
+        "labels are glyph outlines, not font references"
+    );
+    let rects = svg_rects(&svg_text);
+    // Background, then each head's T × T cells (row-major), then the 100-step scale.
+    assert_eq!(rects.len(), 1 + 2 * t * t + 100);
+    let blue = [49f32, 54.0, 149.0];
+    for (k, head) in [2usize, 0].into_iter().enumerate() {
+        for i in 0..t {
+            for j in 0..t {
+                let a = w[(head * t + i) * t + j];
+                let want = blue.map(|b| (255.0 - a * (255.0 - b)).round() as i32);
+                let got = rects[1 + (k * t + i) * t + j].4;
+                assert!(
+                    (0..3).all(|c| (got[c] as i32 - want[c]).abs() <= 1),
+                    "head {head} ({i}, {j}): {got:?} vs {want:?}"
+                );
+            }
+        }
+    }
+    // Labels: one title per panel, every token twice per panel, and the scale's two.
+    assert_eq!(svg_text.matches("<path").count(), 2 * (1 + 2 * t) + 2);
+    // The PNG is the same scene rasterised: each cell's centre has the cell's colour, and the labels drew ink.
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let width = info.width as usize;
+    let svg_w: f32 = svg_text.split("width=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+    assert_eq!(width, svg_w as usize);
+    for &(x, y, rw, rh, fill) in &rects[1..1 + 2 * t * t] {
+        let (cx, cy) = ((x + rw / 2.0) as usize, (y + rh / 2.0) as usize);
+        let p = &buf[(cy * width + cx) * 3..][..3];
+        assert_eq!(p, fill, "PNG pixel at ({cx}, {cy})");
+    }
+    let dark = buf.chunks(3).filter(|p| p.iter().all(|&c| c < 100)).count();
+    assert!(dark > 500, "the labels drew text ({dark} dark pixels)");
+}
