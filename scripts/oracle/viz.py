@@ -10,7 +10,10 @@ Each file holds `input_ids`, `token_type_ids`, `special_mask` (int64, (T,)), `at
     mean plus the identity for the residual, rows renormalised, multiplied from the first layer up;
   * `entropy` (L, H): each head's mean over query rows of −Σ a log a (natural log, 0·log 0 = 0);
   * `distance` (L, H): each head's mean over query rows of Σ_j a_ij |i − j|;
-  * `special` (L, H): each head's mean over query rows of the mass on special tokens.
+  * `special` (L, H): each head's mean over query rows of the mass on special tokens;
+  * `flow` (T, T): attention flow (Abnar & Zuidema 2020) into the last layer, with networkx's Edmonds–Karp on the
+    layered graph their reference code builds: capacities from the same residual-augmented head mean as the
+    rollout, row i the maximum flow from position i after the last layer to each input token, normalised.
 The texts go in the metadata (`text`, `pair`) so the Rust test tokenizes the same strings.
 """
 import os
@@ -48,6 +51,27 @@ def rollout(att):
     return joint
 
 
+def flow(att):
+    """Abnar & Zuidema's get_adjmat + compute_flows, for the nodes of the last layer only."""
+    import networkx as nx
+    mean = att.mean(1)
+    aug = mean + np.eye(mean.shape[-1])[None]
+    aug = aug / aug.sum(-1, keepdims=True)
+    L, T, _ = aug.shape
+    g = nx.DiGraph()
+    for l in range(1, L + 1):
+        for i in range(T):
+            for j in range(T):
+                if aug[l - 1, i, j] > 0:
+                    g.add_edge(l * T + i, (l - 1) * T + j, capacity=float(aug[l - 1, i, j]))
+    out = np.zeros((T, T))
+    for i in range(T):
+        for j in range(T):
+            out[i, j] = nx.maximum_flow_value(g, L * T + i, j, flow_func=nx.algorithms.flow.edmonds_karp)
+        out[i] /= out[i].sum()
+    return out
+
+
 def case(name, cls, text, pair=None):
     d = os.path.join(HF, name)
     tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
@@ -71,6 +95,7 @@ def case(name, cls, text, pair=None):
         "special_mask": torch.tensor(enc.special_tokens_mask).long(),
         "attentions": att.float(),
         "rollout": torch.from_numpy(rollout(a)).float(),
+        "flow": torch.from_numpy(flow(a)).float(),
         "entropy": torch.from_numpy(entropy).float(),
         "distance": torch.from_numpy(distance).float(),
         "special": torch.from_numpy(special_mass).float(),

@@ -111,6 +111,7 @@ fn pages_open_in_a_browser_draw_every_layer_head_and_token_and_clicks_open_heads
         assert_eq!(r["thumbnails"], layers * heads, "{label}: one thumbnail per layer × head");
         assert_eq!(r["headTokens"], 2 * t, "{label}: every token on both sides of the head view");
         assert_eq!(r["rolloutTokens"], t, "{label}");
+        assert_eq!(r["flowTokens"], t, "{label}: attention flow for a short text");
         assert_eq!(r["summaryRows"], layers * 4, "{label}: the summary lists every head of the model");
         let opened = &r["clickOpened"];
         assert_eq!(opened["view"], "head", "{label}: a thumbnail click opens the head view");

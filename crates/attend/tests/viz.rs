@@ -1,6 +1,7 @@
 //! `attend::viz` against Hugging Face `transformers` (fixtures/viz/*, written by scripts/oracle/viz.py from the tiny
 //! checkpoints of fixtures/hf/): the weights our models' normal forward returns equal `output_attentions`, and the
-//! rollout and head summary equal numpy's from those weights (Abnar & Zuidema's reference formula). Then the page:
+//! rollout and head summary equal numpy's from those weights (Abnar & Zuidema's reference formula), and attention
+//! flow equals networkx's maximum flow on their layered graph. Then the page:
 //! its data block decodes back to the weights, only the chosen heads travel, and bad selections are errors.
 
 mod common;
@@ -52,6 +53,8 @@ fn weights_rollout_and_summary_match_transformers() {
         let roll: Vec<f32> = maps.rollout().unwrap().concat();
         let roll = Tensor::from_vec(roll, (l, t, t), &Device::Cpu).unwrap();
         assert_close(&format!("{name}: rollout"), &roll, &f.t("rollout"), WEIGHTS);
+        let flow = Tensor::from_vec(maps.flow().unwrap(), (t, t), &Device::Cpu).unwrap();
+        assert_close(&format!("{name}: flow (networkx)"), &flow, &f.t("flow"), WEIGHTS);
         let s = maps.summary();
         for (key, got) in [("entropy", &s.entropy), ("distance", &s.distance), ("special", &s.special)] {
             let got = Tensor::new(got.clone(), &Device::Cpu).unwrap();
@@ -121,6 +124,18 @@ fn the_page_carries_the_chosen_heads_quantised_and_every_token() {
     assert_eq!(r.len(), maps.num_layers() * t * t);
     assert!(r.chunks(t).all(|row| row.iter().max() == Some(&255)));
     assert_eq!(d["summary"]["entropy"].as_array().unwrap().len(), maps.num_layers());
+    let flow = unbase64(element(&html, "attend-flow"));
+    assert_eq!(flow.len(), t * t, "attention flow travels for a short text");
+    let want: Vec<u8> = maps
+        .flow()
+        .unwrap()
+        .chunks(t)
+        .flat_map(|row| {
+            let max = row.iter().cloned().fold(0f32, f32::max);
+            row.iter().map(move |&w| (w / max * 255.0).round() as u8).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(flow, want);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! One self-contained HTML page of [`AttentionMaps`]: no network, no CDN, no external fonts; it opens from disk.
 //! Views: head view (token-to-token links of one layer, heads selectable), model view (every layer × head as a
-//! thumbnail, click to open), attention rollout, and the per-head summary.
+//! thumbnail, click to open), attention rollout and attention flow (texts up to [`FLOW_MAX_TOKENS`] tokens), and
+//! the per-head summary.
 //!
 //! The weights travel as one byte each (`round(255·w)`), only for the heads asked for: 512 tokens × 12 layers ×
 //! 12 heads is 38 MB of bytes (50 MB as base64), where JSON floats would be five times that.
@@ -10,7 +11,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::AttentionMaps;
+use super::{AttentionMaps, FLOW_MAX_TOKENS};
 use crate::Result;
 
 /// What the page shows beside the maps.
@@ -39,18 +40,17 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
         out.iter_mut().zip(maps.head(l, h)).for_each(|(q, &w)| *q = quantise(w));
     });
     // Rollout rows spread thinner with every layer: bytes relative to each row's largest entry keep them visible.
-    let rollout: Vec<u8> = maps
-        .rollout()?
-        .par_iter()
-        .flat_map_iter(|m| {
-            m.chunks_exact(t)
-                .flat_map(|row| {
-                    let max = row.iter().cloned().fold(0f32, f32::max);
-                    row.iter().map(move |&w| if max > 0.0 { quantise(w / max) } else { 0 })
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let relative = |m: &[f32]| -> Vec<u8> {
+        m.chunks_exact(t)
+            .flat_map(|row| {
+                let max = row.iter().cloned().fold(0f32, f32::max);
+                row.iter().map(move |&w| if max > 0.0 { quantise(w / max) } else { 0 })
+            })
+            .collect()
+    };
+    let rollout: Vec<u8> = maps.rollout()?.par_iter().flat_map_iter(|m| relative(m)).collect();
+    // Flow costs a max-flow per pair of positions: only for short texts.
+    let flow = if t <= FLOW_MAX_TOKENS { relative(&maps.flow()?) } else { vec![] };
     let s = maps.summary();
     // The small fields as JSON ("</" escaped: it would end the <script> early, and a token may well be "</s>"); the
     // two byte blobs as base64 in elements of their own, so the page never parses 50 MB of JSON.
@@ -61,11 +61,12 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
         "layers": maps.num_layers(),
         "heads": heads,
         "layer": opts.layer.unwrap_or(0),
+        "flowMaxTokens": FLOW_MAX_TOKENS,
         "summary": { "entropy": s.entropy, "distance": s.distance, "special": s.special },
     })
     .to_string()
     .replace("</", "<\\/");
-    let (weights, rollout) = rayon::join(|| base64(&weights), || base64(&rollout));
+    let (weights, (rollout, flow)) = rayon::join(|| base64(&weights), || (base64(&rollout), base64(&flow)));
     fill(
         TEMPLATE,
         &[
@@ -75,6 +76,7 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
             ("{{DATA}}", &small),
             ("{{WEIGHTS}}", &weights),
             ("{{ROLLOUT}}", &rollout),
+            ("{{FLOW}}", &flow),
         ],
     )
 }

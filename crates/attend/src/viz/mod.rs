@@ -22,6 +22,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod flow;
 pub mod html;
 
 use candle_core::{DType, Tensor};
@@ -31,6 +32,9 @@ use crate::error::shape_str;
 use crate::{bail, ensure, Result};
 
 const OP: &str = "viz";
+
+/// The longest sequence [`AttentionMaps::flow`] takes (one max-flow per pair of positions).
+pub const FLOW_MAX_TOKENS: usize = 64;
 
 /// The attention weights of every layer of one forward over one sequence, with its tokens.
 #[derive(Clone, Debug)]
@@ -137,19 +141,8 @@ impl AttentionMaps {
         let mut out: Vec<Vec<f32>> = Vec::with_capacity(self.num_layers());
         let mut joint: Option<Tensor> = None;
         for l in 0..self.num_layers() {
-            // The heads' mean plus the identity, each row renormalised (a fully masked row keeps only the residual).
-            let mut aug = vec![0f32; t * t];
-            for h in 0..self.heads {
-                for (a, &w) in aug.iter_mut().zip(self.head(l, h)) {
-                    *a += w;
-                }
-            }
-            aug.par_chunks_exact_mut(t).enumerate().for_each(|(i, row)| {
-                row.iter_mut().for_each(|v| *v /= self.heads as f32);
-                row[i] += 1.0;
-                let s: f32 = row.iter().sum();
-                row.iter_mut().for_each(|v| *v /= s);
-            });
+            // A fully masked row keeps only the residual.
+            let aug = self.augmented(l);
             let aug = Tensor::from_vec(aug, (t, t), &candle_core::Device::Cpu)?;
             let next = match &joint {
                 None => aug,
@@ -159,6 +152,49 @@ impl AttentionMaps {
             joint = Some(next);
         }
         Ok(out)
+    }
+
+    /// The residual-augmented head mean `Â_l = (mean_h A_l + I) / 2` of layer `l` (rows renormalised), `(T, T)`: the
+    /// mixing matrix rollout multiplies and flow takes its capacities from.
+    fn augmented(&self, l: usize) -> Vec<f32> {
+        let t = self.len();
+        let mut aug = vec![0f32; t * t];
+        for h in 0..self.heads {
+            for (a, &w) in aug.iter_mut().zip(self.head(l, h)) {
+                *a += w;
+            }
+        }
+        aug.par_chunks_exact_mut(t).enumerate().for_each(|(i, row)| {
+            row.iter_mut().for_each(|v| *v /= self.heads as f32);
+            row[i] += 1.0;
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= s);
+        });
+        aug
+    }
+
+    /// Attention flow into the last layer (Abnar & Zuidema 2020): the layers as a graph whose edge from position `i`
+    /// after layer `l` to position `j` before it has capacity `Â_l[i, j]`; row `i` of the result is the maximum flow
+    /// from position `i` after the last layer to each input token, normalised to sum to 1. `(T, T)`. One max-flow per
+    /// (position, input) pair, so the cost grows as `L·T⁴` at worst: refused past [`FLOW_MAX_TOKENS`] tokens.
+    pub fn flow(&self) -> Result<Vec<f32>> {
+        let t = self.len();
+        ensure!(t <= FLOW_MAX_TOKENS, OP, "attention flow is computed for up to {FLOW_MAX_TOKENS} tokens, not {t}");
+        let layers: Vec<Vec<f32>> = (0..self.num_layers()).map(|l| self.augmented(l)).collect();
+        let net = flow::Network::layered(&layers, t);
+        let top = self.num_layers() * t;
+        let rows: Vec<Vec<f32>> = (0..t)
+            .into_par_iter()
+            .map(|i| {
+                let mut row: Vec<f64> = (0..t).map(|j| net.max_flow(top + i, j)).collect();
+                let s: f64 = row.iter().sum();
+                if s > 0.0 {
+                    row.iter_mut().for_each(|v| *v /= s);
+                }
+                row.into_iter().map(|v| v as f32).collect()
+            })
+            .collect();
+        Ok(rows.concat())
     }
 
     /// Entropy, distance and special-token mass of every head (one pass over each head's weights).

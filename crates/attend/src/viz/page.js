@@ -23,6 +23,7 @@
   }
   const W = bytes("attend-weights"); // (L, NH, T, T)
   const R = bytes("attend-rollout"); // (L, T, T)
+  const F = bytes("attend-flow"); // (T, T) into the last layer, or empty past flowMaxTokens
   stages.decoded = performance.now();
   const at = (l, k) => (l * NH + k) * T * T; // offset of chosen head k of layer l
   const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -158,23 +159,34 @@
   }
 
   // ---- rollout: what each position is made of after layer l, across layers -------------------------------------------
-  const rollTokens = $("roll-tokens");
-  D.tokens.forEach((tok, i) => {
-    const s = el("span", { class: "rt", "data-i": i }, tok);
-    s.onclick = () => { state.query = i; drawRollout(); };
-    rollTokens.appendChild(s);
-  });
-  function drawRollout() {
-    const base = state.layer * T * T;
-    heatmap($("roll-map"), (i, j) => R[base + i * T + j], T, Math.min(T * 4, 512), [49, 54, 149]);
-    const row = R.subarray(base + state.query * T, base + (state.query + 1) * T);
-    rollTokens.querySelectorAll(".rt").forEach((s, j) => {
+  const rollTokens = $("roll-tokens"), flowTokens = $("flow-tokens");
+  for (const strip of [rollTokens, flowTokens]) {
+    if (strip === flowTokens && !F.length) continue;
+    D.tokens.forEach((tok, i) => {
+      const s = el("span", { class: "rt", "data-i": i }, tok);
+      s.onclick = () => { state.query = i; drawRollout(); };
+      strip.appendChild(s);
+    });
+  }
+  function shade(strip, row) {
+    strip.querySelectorAll(".rt").forEach((s, j) => {
       s.style.background = `rgba(49,54,149,${row[j] / 255})`;
       s.style.color = row[j] > 140 ? "#fff" : "#000";
       s.classList.toggle("query", j === state.query);
     });
-    $("roll-caption").textContent =
-      `position ${state.query} (“${D.tokens[state.query]}”) after layer ${state.layer}: what it is made of`;
+  }
+  function drawRollout() {
+    const base = state.layer * T * T;
+    heatmap($("roll-map"), (i, j) => R[base + i * T + j], T, Math.min(T * 4, 512), [49, 54, 149]);
+    shade(rollTokens, R.subarray(base + state.query * T, base + (state.query + 1) * T));
+    const who = `position ${state.query} (“${D.tokens[state.query]}”)`;
+    $("roll-caption").textContent = `Rollout: ${who} after layer ${state.layer}: what it is made of`;
+    if (F.length) {
+      shade(flowTokens, F.subarray(state.query * T, (state.query + 1) * T));
+      $("flow-caption").textContent = `Flow: ${who} after the last layer: the maximum flow from each input token`;
+    } else {
+      $("flow-caption").textContent = `Flow: computed for texts up to ${D.flowMaxTokens} tokens (this one has ${T})`;
+    }
   }
 
   // ---- head summary -------------------------------------------------------------------------------------------------
@@ -241,6 +253,7 @@
       visible: !$("head-view").hidden };
     state.view = "rollout"; render();
     report.rolloutTokens = document.querySelectorAll("#roll-tokens .rt").length;
+    report.flowTokens = document.querySelectorAll("#flow-tokens .rt").length;
     state.view = "summary"; render();
     report.summaryRows = document.querySelectorAll("#summary-body tr").length;
     state.view = "head"; render();
