@@ -4,13 +4,12 @@
 
 use anyhow::{anyhow, bail, Result};
 use attend::layers::pooling::{l2_normalize, pool, PoolingMode};
-use attend::models::bert::{Bert, BertConfig, BertInput};
+use attend::models::bert::{BertConfig, BertInput};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use serde_json::json;
 
-use super::{available_threads, configure_threads, cpu_json, inference_weights, peak_rss_mb, time_passes};
+use super::{available_threads, configure_threads, cpu_json, peak_rss_mb, random_bert, time_passes};
 
 #[derive(Debug, Args)]
 pub struct BenchEmbedArgs {
@@ -46,10 +45,7 @@ pub fn run(args: BenchEmbedArgs) -> Result<()> {
     let threads = args.threads.unwrap_or_else(available_threads);
     configure_threads(threads)?;
     let dev = Device::Cpu;
-    let vm = VarMap::new();
-    Bert::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).map_err(|e| anyhow!("{e}"))?;
-    let bert = Bert::new(&cfg, inference_weights(&vm)?).map_err(|e| anyhow!("{e}"))?;
-    let params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
+    let (bert, params) = random_bert(&cfg)?;
     let n = args.batch * args.tokens;
     let ids: Vec<u32> = (0..n as u32).map(|i| (i.wrapping_mul(7919) + 13) % 30522).collect();
     let ids = Tensor::from_vec(ids, (args.batch, args.tokens), &dev)?;

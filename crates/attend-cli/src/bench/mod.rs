@@ -211,6 +211,17 @@ pub fn inference_weights(vm: &candle_nn::VarMap) -> Result<candle_nn::VarBuilder
     Ok(candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &candle_core::Device::Cpu))
 }
 
+/// A BERT of `cfg` with seeded random weights that track no gradient (as loaded from a checkpoint), and its
+/// parameter count.
+pub fn random_bert(cfg: &attend::models::bert::BertConfig) -> Result<(attend::models::bert::Bert, usize)> {
+    use attend::models::bert::Bert;
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+    Bert::new(cfg, vb).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bert = Bert::new(cfg, inference_weights(&vm)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((bert, vm.all_vars().iter().map(|v| v.elem_count()).sum()))
+}
+
 /// The CPU as the bench JSON reports it.
 pub fn cpu_json() -> serde_json::Value {
     let cpu = attend_kernels::cpu::CpuInfo::get();

@@ -7,15 +7,14 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
-use attend::models::bert::{Bert, BertConfig, BertInput};
+use attend::models::bert::{BertConfig, BertInput};
 use attend::viz::html::{page, PageOptions};
 use attend::viz::AttentionMaps;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Device, Tensor};
 use clap::Args;
 use serde_json::json;
 
-use super::{available_threads, configure_threads, cpu_json, inference_weights, time_passes};
+use super::{available_threads, configure_threads, cpu_json, random_bert, time_passes};
 
 #[derive(Debug, Args)]
 pub struct BenchVizArgs {
@@ -43,9 +42,7 @@ pub fn run(args: BenchVizArgs) -> Result<()> {
     let threads = args.threads.unwrap_or_else(available_threads);
     configure_threads(threads)?;
     let dev = Device::Cpu;
-    let vm = VarMap::new();
-    Bert::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).map_err(|e| anyhow!("{e}"))?;
-    let bert = Bert::new(&cfg, inference_weights(&vm)?).map_err(|e| anyhow!("{e}"))?;
+    let (bert, _) = random_bert(&cfg)?;
     let t = args.tokens;
     let ids: Vec<u32> = (0..t as u32).map(|i| (i.wrapping_mul(7919) + 13) % 30522).collect();
     let ids = Tensor::from_vec(ids, (1, t), &dev)?;
