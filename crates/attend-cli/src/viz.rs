@@ -83,12 +83,16 @@ pub fn run(args: VizArgs) -> Result<()> {
         .map(|h| crate::hf::parse_ids("--heads", h).map(|v| v.into_iter().map(|x| x as usize).collect::<Vec<_>>()))
         .transpose()?;
     let (dir, model) = crate::hf::open(&args.model)?;
-    if !matches!(model, HfModel::Gpt2(_) | HfModel::Bert(_)) {
-        bail!(
+    let unsupported = || {
+        anyhow!(
             "{}: attend viz --text shows GPT-2 and BERT-family models; a {} checkpoint is not supported yet",
             args.model.display(),
             dir.model_type()
-        );
+        )
+    };
+    // Refused before tokenising: a directory we cannot show may well have no tokenizer either.
+    if !matches!(model, HfModel::Gpt2(_) | HfModel::Bert(_)) {
+        return Err(unsupported());
     }
     let tok = crate::hf::tokenizer(&args.model)?
         .ok_or_else(|| anyhow!("{}: no tokenizer.json, so the text cannot be tokenised", args.model.display()))?;
@@ -128,7 +132,7 @@ pub fn run(args: VizArgs) -> Result<()> {
             let input = BertInput { token_type_ids: Some(&types), need_weights: true, ..BertInput::new(&ids) };
             (m.model.bert().forward(&input).map_err(err)?.weights, false)
         }
-        _ => unreachable!("refused above"),
+        _ => return Err(unsupported()),
     };
     // Each token as it reads in the text (byte-level BPE's "Ġquick" is " quick"); the raw piece if it decodes empty.
     let tokens: Vec<String> = enc
@@ -170,6 +174,8 @@ pub fn run(args: VizArgs) -> Result<()> {
 fn heatmaps(maps: &AttentionMaps, layer: usize, heads: &[usize]) -> Picture {
     const INK: [u8; 3] = [34, 34, 34];
     const BLUE: [f32; 3] = [49.0, 54.0, 149.0];
+    // White for 0 to BLUE for 1.
+    let shade = |a: f32| BLUE.map(|b| (255.0 - a.clamp(0.0, 1.0) * (255.0 - b)).round() as u8);
     let t = maps.len();
     let cell = (560.0 / t as f32).clamp(1.0, 22.0);
     let labelled = cell >= 8.0;
@@ -198,9 +204,7 @@ fn heatmaps(maps: &AttentionMaps, layer: usize, heads: &[usize]) -> Picture {
         let m = maps.head(layer, head);
         for i in 0..t {
             for j in 0..t {
-                let a = m[i * t + j].clamp(0.0, 1.0);
-                let c = BLUE.map(|b| (255.0 - a * (255.0 - b)).round() as u8);
-                pic.rect(mx + j as f32 * cell, my + i as f32 * cell, cell, cell, c);
+                pic.rect(mx + j as f32 * cell, my + i as f32 * cell, cell, cell, shade(m[i * t + j]));
             }
         }
         if labelled {
@@ -215,8 +219,7 @@ fn heatmaps(maps: &AttentionMaps, layer: usize, heads: &[usize]) -> Picture {
     // The scale: white is 0, the darkest blue 1.
     let (sx, sy) = (16.0, h - 22.0);
     for k in 0..100 {
-        let a = k as f32 / 99.0;
-        pic.rect(sx + 14.0 + k as f32, sy, 1.0, 10.0, BLUE.map(|b| (255.0 - a * (255.0 - b)).round() as u8));
+        pic.rect(sx + 14.0 + k as f32, sy, 1.0, 10.0, shade(k as f32 / 99.0));
     }
     pic.text(sx, sy + 9.0, 11.0, "0", INK, Anchor::Start);
     pic.text(sx + 118.0, sy + 9.0, 11.0, "1  attention weight (rows: queries, columns: keys)", INK, Anchor::Start);
