@@ -15,14 +15,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::flash::gemm::{gemm_strided, QUANTUM};
+use crate::flash::gemm::{gemm_init, Init, QUANTUM};
 use crate::flash::simd::Isa;
 use crate::flash::SyncPtr;
 use crate::rnn::{
     gru_backward_blocked, gru_backward_blocked_isa, gru_forward_blocked, gru_forward_blocked_isa,
     lstm_backward_blocked, lstm_backward_blocked_isa, lstm_forward_blocked, lstm_forward_blocked_isa,
 };
-use crate::rnn_seq::{Cell, SeqDims, SeqSaved};
+use crate::rnn_seq::{Cell, SeqDims, SeqParams, SeqSaved};
 use crate::Real;
 
 /// Hidden units per block of the gate layout: one AVX-512 vector of f32.
@@ -129,13 +129,13 @@ impl Team {
         Self { order, threads, barrier: SpinBarrier::new(threads), isa: Isa::detect() }
     }
 
-    /// Runs `work(units)` on `threads` pool threads at once, each with its hidden units (on this thread alone for a
-    /// team of one). Threads of the pool beyond the team return at once (the barrier counts only the team). Every
+    /// Runs `work(p, units)` on `threads` pool threads at once, thread `p` of the team with its hidden units (on this
+    /// thread alone for a team of one). Threads of the pool beyond the team return at once (the barrier counts only the team). Every
     /// member must reach every barrier: a member that panics poisons the barrier (see [`SpinBarrier`]) and the
     /// panic resumes on the caller.
-    fn run(&self, h: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
+    fn run(&self, h: usize, work: impl Fn(usize, std::ops::Range<usize>) + Sync) {
         if self.threads == 1 {
-            return work(0..h);
+            return work(0, 0..h);
         }
         assert!(
             rayon::current_num_threads() >= self.threads,
@@ -146,7 +146,7 @@ impl Team {
         rayon::broadcast(|ctx| {
             if ctx.index() < self.threads {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    work(units(h, self.threads, ctx.index()))
+                    work(ctx.index(), units(h, self.threads, ctx.index()))
                 }));
                 if let Err(payload) = r {
                     self.barrier.poison();
@@ -202,6 +202,17 @@ pub struct Panels<T> {
     cols: usize,
 }
 
+/// What a packed product's `C` starts from.
+#[derive(Clone, Copy, Debug)]
+pub enum Start<'a, T> {
+    /// `C = A·B`.
+    Zero,
+    /// `C += A·B`.
+    Accumulate,
+    /// `C = bias + A·B`, the same bias row (the operand's columns) for every row.
+    Bias(&'a [T]),
+}
+
 /// The dtypes the walks run in: their products and cells.
 pub trait SeqFloat: Real {
     /// Column padding of a packed operand.
@@ -209,10 +220,10 @@ pub trait SeqFloat: Real {
     /// Panel width of a packed operand.
     const PANEL: usize;
 
-    /// `c (m × p.cols, ldc) (+)= a (m × p.k, lda) · p`: only the operand's own columns of `c` are written.
+    /// `c (m × p.cols, ldc) = start + a (m × p.k, lda) · p`: only the operand's own columns of `c` are written.
     ///
     /// # Safety
-    /// `a` and `c` address the rows and columns named; `isa` is supported.
+    /// `a` and `c` address the rows and columns named; `isa` is supported; a bias holds `p.cols` elements.
     #[allow(clippy::too_many_arguments)]
     unsafe fn product(
         p: &Panels<Self>,
@@ -222,7 +233,7 @@ pub trait SeqFloat: Real {
         lda: usize,
         c: *mut Self,
         ldc: usize,
-        acc: bool,
+        start: Start<Self>,
     );
 
     /// The cells over one blocked row of `un` units (see `rnn::lstm_forward_blocked` and friends).
@@ -275,8 +286,11 @@ impl SeqFloat for f32 {
         lda: usize,
         c: *mut f32,
         ldc: usize,
-        acc: bool,
+        start: Start<f32>,
     ) {
+        if let Start::Bias(b) = start {
+            assert!(b.len() >= p.cols, "packed product: bias of {} for {} columns", b.len(), p.cols);
+        }
         for j0 in (0..p.n).step_by(PANEL) {
             let w = PANEL.min(p.n - j0);
             let panel = p.data.as_ptr().add(j0 * p.k);
@@ -284,8 +298,12 @@ impl SeqFloat for f32 {
             if real == w {
                 for k0 in (0..p.k).step_by(KC) {
                     let kc = KC.min(p.k - k0);
-                    let first = acc || k0 > 0;
-                    gemm_strided(isa, m, w, kc, a.add(k0), (lda, 1), panel.add(k0 * w), w, c.add(j0), ldc, first);
+                    let init = match (start, k0) {
+                        (_, 1..) | (Start::Accumulate, _) => Init::Accumulate,
+                        (Start::Zero, _) => Init::Zero,
+                        (Start::Bias(b), _) => Init::Row(b.as_ptr().add(j0)),
+                    };
+                    gemm_init(isa, m, w, kc, a.add(k0), (lda, 1), panel.add(k0 * w), w, c.add(j0), ldc, init);
                 }
                 continue;
             }
@@ -297,18 +315,21 @@ impl SeqFloat for f32 {
             let mut tile = [0f32; ROWS * PANEL];
             for r0 in (0..m).step_by(ROWS) {
                 let mr = ROWS.min(m - r0);
-                if acc {
-                    for r in 0..mr {
-                        let src = std::slice::from_raw_parts(c.add((r0 + r) * ldc + j0), real);
-                        tile[r * w..r * w + real].copy_from_slice(src);
-                        tile[r * w + real..(r + 1) * w].fill(0.0);
+                for r in 0..mr {
+                    let row = &mut tile[r * w..(r + 1) * w];
+                    match start {
+                        Start::Zero => row.fill(0.0),
+                        Start::Accumulate => {
+                            row[..real].copy_from_slice(std::slice::from_raw_parts(c.add((r0 + r) * ldc + j0), real))
+                        }
+                        Start::Bias(b) => row[..real].copy_from_slice(&b[j0..j0 + real]),
                     }
+                    row[real..].fill(0.0);
                 }
                 for k0 in (0..p.k).step_by(KC) {
                     let kc = KC.min(p.k - k0);
-                    let first = acc || k0 > 0;
                     let (ar, pk) = (a.add(r0 * lda + k0), panel.add(k0 * w));
-                    gemm_strided(isa, mr, w, kc, ar, (lda, 1), pk, w, tile.as_mut_ptr(), w, first);
+                    gemm_init(isa, mr, w, kc, ar, (lda, 1), pk, w, tile.as_mut_ptr(), w, Init::Accumulate);
                 }
                 for r in 0..mr {
                     let dst = std::slice::from_raw_parts_mut(c.add((r0 + r) * ldc + j0), real);
@@ -364,10 +385,15 @@ impl SeqFloat for f64 {
         lda: usize,
         c: *mut f64,
         ldc: usize,
-        acc: bool,
+        start: Start<f64>,
     ) {
         if m == 0 || p.n == 0 {
             return;
+        }
+        if let Start::Bias(b) = start {
+            for r in 0..m {
+                std::slice::from_raw_parts_mut(c.add(r * ldc), p.cols).copy_from_slice(&b[..p.cols]);
+            }
         }
         gemm::gemm(
             m,
@@ -376,7 +402,7 @@ impl SeqFloat for f64 {
             c,
             1,
             ldc as isize,
-            acc,
+            !matches!(start, Start::Zero),
             a,
             1,
             lda as isize,
@@ -445,6 +471,32 @@ impl<T: SeqFloat> Panels<T> {
         }
         Self { data, k, n: np, cols: n }
     }
+
+    /// Column `j < n` from `row(j)`: `k` elements in up to two pieces (a row of PyTorch's `W_ih`, then one of
+    /// `W_hh`). The rows of a panel are looked up once, then its lines are written in order, each from the panel's
+    /// rows side by side (which stay in L1 across the next elements); a lookup per element cost 3 % of an LSTM
+    /// forward.
+    fn from_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> [&'a [T]; 2]) -> Self
+    where
+        T: 'a,
+    {
+        let np = n.div_ceil(T::PAD) * T::PAD;
+        let mut data = Aligned::zeroed(k * np);
+        for j0 in (0..np).step_by(T::PANEL.min(np.max(1))) {
+            let w = T::PANEL.min(np - j0);
+            let rows: Vec<[&[T]; 2]> = (j0..j0 + w.min(n.saturating_sub(j0))).map(&row).collect();
+            for r in &rows {
+                assert!(r[0].len() + r[1].len() == k, "packed operand: a row of {} for k {k}", r[0].len() + r[1].len());
+            }
+            let panel = &mut data[j0 * k..(j0 + w) * k];
+            for (p, line) in panel.chunks_exact_mut(w).enumerate() {
+                for (x, r) in line.iter_mut().zip(&rows) {
+                    *x = if p < r[0].len() { r[0][p] } else { r[1][p - r[0].len()] };
+                }
+            }
+        }
+        Self { data, k, n: np, cols: n }
+    }
 }
 
 /// A zeroed buffer whose first element sits on a 64-byte boundary: the products' vector loads and stores then never
@@ -508,6 +560,48 @@ impl<T: Send> Shared<T> {
     fn ptr(&self, at: usize) -> *mut T {
         self.0.get().wrapping_add(at)
     }
+    /// Copies `src` to `[at, at + src.len())`, which need not be initialised.
+    ///
+    /// # Safety
+    /// As for [`Shared::at`].
+    unsafe fn write(&self, at: usize, src: &[T]) {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.get().add(at), src.len())
+    }
+    /// Zeroes `[at, at + len)`, which need not be initialised (all-zero bits are 0.0 for f32 and f64).
+    ///
+    /// # Safety
+    /// As for [`Shared::at`].
+    unsafe fn zero(&self, at: usize, len: usize)
+    where
+        T: Real,
+    {
+        std::ptr::write_bytes(self.0.get().add(at), 0, len)
+    }
+}
+
+/// A buffer the walk's threads initialise: `len` elements of room, no zero-filling first (the allocator's
+/// `calloc` zeroed 8 MB on the calling thread per B32 T64 H256 LSTM forward, while the team waited); each element
+/// is written through [`Shared::write`] or [`Shared::zero`] before any slice covers it, and the length is set
+/// once all are.
+struct Fresh<'a, T> {
+    v: &'a mut Vec<T>,
+    len: usize,
+}
+
+impl<'a, T: Real> Fresh<'a, T> {
+    fn new(v: &'a mut Vec<T>, len: usize) -> Self {
+        v.clear();
+        v.reserve_exact(len);
+        Self { v, len }
+    }
+    fn shared(&mut self) -> Shared<T> {
+        Shared(SyncPtr(self.v.as_mut_ptr()))
+    }
+    /// # Safety
+    /// Every element of the room has been written.
+    unsafe fn done(self) {
+        self.v.set_len(self.len)
+    }
 }
 
 /// What a walk reads and writes besides the saved activations.
@@ -515,8 +609,10 @@ pub(crate) struct Walk<'a, T> {
     pub cell: Cell,
     pub d: SeqDims,
     pub lengths: &'a [usize],
-    /// `[W_ih | W_hh] (G·H, C + H)` with its rows in blocked order.
-    pub w: &'a [T],
+    /// PyTorch's rows; each thread packs its own (blocked) rows from here.
+    pub p: SeqParams<'a, T>,
+    /// Blocked column → PyTorch row.
+    pub perm: &'a [usize],
     /// Blocked `(G·H)`: the LSTM's `b_ih + b_hh`, the GRU's `b_ih`.
     pub bias: &'a [T],
     /// Blocked `(G·H)`: the GRU's `b_hh` (unused by the LSTM).
@@ -524,65 +620,104 @@ pub(crate) struct Walk<'a, T> {
 }
 
 impl<T: SeqFloat> Walk<'_, T> {
-    /// The forward walk. On entry `saved.xh` holds the input (step-major) and step `order[0]`'s state slots in
-    /// `saved.xh` / `saved.c_prev` the initial state; `saved.gates` (and the GRU's `saved.gx`) are filled if they have room (when a
-    /// backward will follow), else left empty. Writes `out`: the
-    /// outputs `(B, T, H)`, then `h_n` (and `c_n`), each `(B, H)`.
-    pub fn forward(&self, saved: &mut SeqSaved<T>, out: &mut [T]) {
+    /// The forward walk over `x (B, T, C)` from `h0` (and `c0`), each `(B, H)`. On entry `saved.xh`,
+    /// `saved.c_prev`, `saved.gates`, `saved.gx` and `out` are empty with room for their elements (only
+    /// `saved.gates` and the GRU's `saved.gx` may have none: inference keeps no gates); the walk's threads write
+    /// every element (see [`Fresh`]) and the lengths are set on return. `xh` gets the input step-major beside each
+    /// step's state, zero past a sequence's length (see [`SeqSaved::xh`]); `out` the outputs `(B, T, H)`, then
+    /// `h_n` (and `c_n`), each `(B, H)`.
+    pub fn forward(&self, x: &[T], h0: &[T], c0: &[T], saved: &mut SeqSaved<T>, out: &mut Vec<T>) {
         let (cell, lengths) = (self.cell, self.lengths);
         let SeqDims { b, t: tt, c, h: hw, .. } = self.d;
         let g = cell.gates();
         let gw = g * hw;
+        let lstm = cell == Cell::Lstm;
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
-        let save = !saved.gates.is_empty();
-        let (gates, gx) = (Shared::of(&mut saved.gates), Shared::of(&mut saved.gx));
         // The state slots live in `xh` beside each step's input: slot (t, r) at `(t·B + r)·ld + C`.
         let ld = c + hw;
-        let (xhs, cs, os) = (Shared::of(&mut saved.xh), Shared::of(&mut saved.c_prev), Shared::of(out));
+        let rows = tt * b;
+        let save = saved.gates.capacity() >= rows * gw && rows > 0;
+        let mut xh = Fresh::new(&mut saved.xh, rows * ld);
+        let mut cp = Fresh::new(&mut saved.c_prev, if lstm { rows * hw } else { 0 });
+        let mut outs = Fresh::new(out, (b * tt + cell.extra_rows() * b) * hw);
+        let mut gates = Fresh::new(&mut saved.gates, if save { rows * gw } else { 0 });
+        let mut gx = Fresh::new(&mut saved.gx, if save && !lstm { rows * gw } else { 0 });
+        let (gates_s, gx_s) = (gates.shared(), gx.shared());
+        let (xhs, cs, os) = (xh.shared(), cp.shared(), outs.shared());
         let hs = Shared(SyncPtr(xhs.ptr(c)));
-        team.run(hw, |u| {
+        team.run(hw, |me, u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
+            // A share of the (t, r) rows per thread: `[x_t | h]` step-major, x zero past a sequence's length
+            // (`[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` must not turn a NaN or inf in the padding into `0 · NaN`;
+            // PyTorch's packed sequences never read the padding either), h the initial state in the first step's
+            // slots and zero until its step writes it; `c_prev` alike. And this thread's units of `h_n` (`c_n`).
+            // Raw writes: nothing here has been initialised yet.
+            let share = rows.div_ceil(team.threads);
+            // SAFETY: the rows of this thread's share, and its units of the final states: no other thread writes
+            // them, and none reads them before the barrier below.
+            unsafe {
+                for row in (me * share).min(rows)..((me + 1) * share).min(rows) {
+                    let (t, r) = (row / b, row % b);
+                    match t < lengths[r] {
+                        true => xhs.write(row * ld, &x[(r * tt + t) * c..][..c]),
+                        false => xhs.zero(row * ld, c),
+                    }
+                    if t == order[0] {
+                        xhs.write(row * ld + c, &h0[r * hw..][..hw]);
+                        if lstm {
+                            cs.write(row * hw, &c0[r * hw..][..hw]);
+                        }
+                    } else {
+                        xhs.zero(row * ld + c, hw);
+                        if lstm {
+                            cs.zero(row * hw, hw);
+                        }
+                    }
+                }
+                for q in 0..cell.extra_rows() {
+                    for r in 0..b {
+                        os.zero((b * tt + q * b + r) * hw + u.start, un);
+                    }
+                }
+            }
             // This thread's rows of W_ih and W_hh as B operands: stacked (k = C + H) for the LSTM, apart for the GRU.
-            let wx = |k: usize, j: usize| self.w[(cols.start + j) * ld + k];
-            let wh = |k: usize, j: usize| self.w[(cols.start + j) * ld + c + k];
+            let wx = |j: usize| &self.p.w_ih[self.perm[cols.start + j] * c..][..c];
+            let wh = |j: usize| &self.p.w_hh[self.perm[cols.start + j] * hw..][..hw];
             let (wxh, wx, wh) = match cell {
                 Cell::Lstm => {
-                    let stacked = |k: usize, j: usize| if k < c { wx(k, j) } else { wh(k - c, j) };
-                    (Some(Panels::<T>::from_fn(c + hw, nc, stacked)), Panels::empty(), Panels::empty())
+                    let stacked = Panels::<T>::from_rows(c + hw, nc, |j| [wx(j), wh(j)]);
+                    (Some(stacked), Panels::empty(), Panels::empty())
                 }
-                Cell::Gru => (None, Panels::<T>::from_fn(c, nc, wx), Panels::<T>::from_fn(hw, nc, wh)),
+                Cell::Gru => (
+                    None,
+                    Panels::<T>::from_rows(c, nc, |j| [wx(j), &[]]),
+                    Panels::<T>::from_rows(hw, nc, |j| [wh(j), &[]]),
+                ),
             };
             let np = nc.div_ceil(T::PAD) * T::PAD;
             // This thread's columns of the step's gates (LSTM) or `gh` (GRU), and the GRU's `gx`: a tile that stays
             // in cache, copied out to the saved activations only when a backward will want them.
             let mut sg = Aligned::<T>::zeroed(b * np);
             let mut sx = Aligned::<T>::zeroed(if cell == Cell::Gru { b * np } else { 0 });
+            // Every thread's share of the input and of the first state is in place.
+            barrier.wait();
             for (s, &t) in order.iter().enumerate() {
                 let next = order.get(s + 1).copied();
                 // bias + x_t W_ihᵀ + h_{t−1} W_hhᵀ (the GRU keeps its input and recurrent halves apart).
-                for r in 0..b {
-                    match cell {
-                        Cell::Lstm => sg[r * np..r * np + nc].copy_from_slice(&self.bias[cols.clone()]),
-                        Cell::Gru => {
-                            sx[r * np..r * np + nc].copy_from_slice(&self.bias[cols.clone()]);
-                            sg[r * np..r * np + nc].copy_from_slice(&self.b_hh[cols.clone()]);
-                        }
-                    }
-                }
                 if nc > 0 {
-                    let into_x = if cell == Cell::Lstm { sg.as_mut_ptr() } else { sx.as_mut_ptr() };
+                    let (bias, b_hh) = (Start::Bias(&self.bias[cols.clone()]), Start::Bias(&self.b_hh[cols.clone()]));
                     // SAFETY: x_t's rows are T·C apart; h_{t−1} (every unit) is complete behind the last barrier and
                     // only read in this phase; the tiles hold b rows of np columns; `isa` detected.
                     unsafe {
                         let xh_t = xhs.ptr(t * b * ld);
                         match &wxh {
                             // The LSTM's one product over [x_t | h_{t−1}] (k = C + H).
-                            Some(wxh) => T::product(wxh, isa, b, xh_t, ld, sg.as_mut_ptr(), np, true),
+                            Some(wxh) => T::product(wxh, isa, b, xh_t, ld, sg.as_mut_ptr(), np, bias),
                             None => {
-                                T::product(&wx, isa, b, xh_t, ld, into_x, np, true);
-                                T::product(&wh, isa, b, xh_t.add(c), ld, sg.as_mut_ptr(), np, true);
+                                T::product(&wx, isa, b, xh_t, ld, sx.as_mut_ptr(), np, bias);
+                                T::product(&wh, isa, b, xh_t.add(c), ld, sg.as_mut_ptr(), np, b_hh);
                             }
                         }
                     }
@@ -592,9 +727,9 @@ impl<T: SeqFloat> Walk<'_, T> {
                         let at = (t * b + r) * gw + cols.start;
                         // SAFETY: this thread's columns of step t; nobody else touches them.
                         unsafe {
-                            gates.at(at, nc).copy_from_slice(&sg[r * np..r * np + nc]);
+                            gates_s.write(at, &sg[r * np..r * np + nc]);
                             if cell == Cell::Gru {
-                                gx.at(at, nc).copy_from_slice(&sx[r * np..r * np + nc]);
+                                gx_s.write(at, &sx[r * np..r * np + nc]);
                             }
                         }
                     }
@@ -633,22 +768,30 @@ impl<T: SeqFloat> Walk<'_, T> {
             // here, sequence by sequence, rather than per step into rows T·H apart.
             for r in 0..b {
                 for (s, &t) in order.iter().enumerate() {
-                    // SAFETY: this thread's units of row r of `out`, and of the history (complete: own units only).
+                    // SAFETY: this thread's units of row r of `out` (not yet written: raw writes), and of the
+                    // history (complete: own units only).
                     unsafe {
-                        let y = os.at((r * tt + t) * hw + u.start, u.len());
+                        let y = (r * tt + t) * hw + u.start;
                         if t < lengths[r] {
                             let from = match order.get(s + 1) {
-                                Some(&tn) => hs.read((tn * b + r) * ld + u.start, u.len()),
-                                None => os.read((b * tt + r) * hw + u.start, u.len()),
+                                Some(&tn) => hs.read((tn * b + r) * ld + u.start, un),
+                                None => os.read((b * tt + r) * hw + u.start, un),
                             };
-                            y.copy_from_slice(from);
+                            os.write(y, from);
                         } else {
-                            y.iter_mut().for_each(|v| *v = T::ZERO);
+                            os.zero(y, un);
                         }
                     }
                 }
             }
         });
+        // SAFETY: the team has written every element of each (see the phases above: every row of `xh` and
+        // `c_prev` by its share, `out` by the final states and the outputs, the gates by every step's save).
+        unsafe {
+            for f in [xh, cp, outs, gates, gx] {
+                f.done();
+            }
+        }
     }
 
     /// The backward walk. `dout` (laid out as `out`) is the gradient of the forward's `out`. Returns the gate gradients
@@ -674,10 +817,11 @@ impl<T: SeqFloat> Walk<'_, T> {
         let mut dgates = vec![T::ZERO; b * tt * gw];
         let (dgs, dxs) = (Shared::of(&mut dgates), Shared::of(dgx));
         let (dbs, dbxs, dhs, dcs) = (Shared::of(db), Shared::of(db_x), Shared::of(dh0), Shared::of(dc0));
-        team.run(hw, |u| {
+        team.run(hw, |_, u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
-            let wp = Panels::<T>::from_fn(gw, un, |k, j| self.w[k * (c + hw) + c + u.start + j]);
+            // W_hh's columns of this thread's units, its rows (the gates) in blocked order: `(G·H, un)`.
+            let wp = Panels::<T>::from_fn(gw, un, |k, j| self.p.w_hh[self.perm[k] * hw + u.start + j]);
             let np = wp.n;
             // This thread's units of dh and dc (gradients of the state after the step being walked), per sequence.
             let final_row = |r: usize, q: usize| (b * tt + q * b + r) * hw + u.start;
@@ -728,7 +872,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                 barrier.wait();
                 if un > 0 {
                     // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now.
-                    unsafe { T::product(&wp, isa, b, dgs.ptr(t * b * gw), gw, prod.as_mut_ptr(), np, false) };
+                    unsafe { T::product(&wp, isa, b, dgs.ptr(t * b * gw), gw, prod.as_mut_ptr(), np, Start::Zero) };
                 }
                 for r in 0..b {
                     if t < lengths[r] {
@@ -767,7 +911,7 @@ mod tests {
         let r = pool.install(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let team = Team { order: vec![0], threads: 2, barrier: SpinBarrier::new(2), isa: Isa::detect() };
-                team.run(2 * BLOCK, |u| {
+                team.run(2 * BLOCK, |_, u| {
                     if u.start == 0 {
                         panic!("boom");
                     }
@@ -786,13 +930,14 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
         let w = |p: usize, j: usize| ((p * 3 + j * 5) % 11) as f32 / 10.0 - 0.5;
         let p = Panels::<f32>::from_fn(k, cols, w);
-        for acc in [false, true] {
+        let bias: Vec<f32> = (0..cols).map(|j| j as f32 / 4.0).collect();
+        for start in [Start::Zero, Start::Accumulate, Start::Bias(&bias)] {
             let mut c = vec![f32::NAN; m * ldc];
             for r in 0..m {
                 c[r * ldc..r * ldc + cols].iter_mut().for_each(|v| *v = 1.0);
             }
             // SAFETY: buffers hold the rows and columns named; `isa` detected.
-            unsafe { f32::product(&p, Isa::detect(), m, a.as_ptr(), k, c.as_mut_ptr(), ldc, acc) };
+            unsafe { f32::product(&p, Isa::detect(), m, a.as_ptr(), k, c.as_mut_ptr(), ldc, start) };
             for r in 0..m {
                 for j in 0..ldc {
                     let v = c[r * ldc + j];
@@ -800,8 +945,12 @@ mod tests {
                         assert!(v.is_nan(), "column {j} of row {r} was written");
                         continue;
                     }
-                    let want: f64 =
-                        (0..k).map(|q| a[r * k + q] as f64 * w(q, j) as f64).sum::<f64>() + if acc { 1.0 } else { 0.0 };
+                    let want: f64 = (0..k).map(|q| a[r * k + q] as f64 * w(q, j) as f64).sum::<f64>()
+                        + match start {
+                            Start::Zero => 0.0,
+                            Start::Accumulate => 1.0,
+                            Start::Bias(b) => b[j] as f64,
+                        };
                     assert!((v as f64 - want).abs() < 1e-4, "({r}, {j}): {v} vs {want}");
                 }
             }

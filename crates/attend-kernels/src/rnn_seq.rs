@@ -90,8 +90,28 @@ pub struct SeqSaved<T> {
     pub xh: Vec<T>,
     /// `(T, B, H)`: `c_{t−1}` (LSTM; empty for the GRU).
     pub c_prev: Vec<T>,
-    /// The parameters as the forward ran them.
+    /// The blocked order and biases the forward ran (the weights themselves come back with the backward's call).
     blocked: Blocked<T>,
+}
+
+/// The parameters of one direction as PyTorch lays them out: `W_ih (G·H, C)`, `W_hh (G·H, H)`, `b_ih`, `b_hh (G·H)`,
+/// each row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqParams<'a, T> {
+    pub w_ih: &'a [T],
+    pub w_hh: &'a [T],
+    pub b_ih: &'a [T],
+    pub b_hh: &'a [T],
+}
+
+impl<'a, T> SeqParams<'a, T> {
+    /// The four, from one flat buffer laid out as [`param_offsets`] says.
+    pub fn flat(cell: Cell, c: usize, h: usize, params: &'a [T]) -> Self {
+        let gw = cell.gates() * h;
+        let [wi, wh, bi, bh] = param_offsets(gw, c, h);
+        assert!(params.len() == bh + gw, "rnn sequence: {} flat parameters for G·H {gw}, C {c}, H {h}", params.len());
+        Self { w_ih: &params[wi..wh], w_hh: &params[wh..bi], b_ih: &params[bi..bh], b_hh: &params[bh..] }
+    }
 }
 
 /// The gradients of one direction.
@@ -154,33 +174,31 @@ fn gemm<T: Real>(
     }
 }
 
-/// The weights `[W_ih | W_hh] (G·H, C + H)` with their rows in blocked order, and the biases the walk adds.
+/// The blocked order of the gate rows and the biases the walk adds, in that order. The weights stay where the caller
+/// keeps them: each thread of a walk packs its own rows of them straight from there.
 #[derive(Clone, Debug, Default)]
 struct Blocked<T> {
+    /// Blocked column → PyTorch row.
     perm: Vec<usize>,
-    w: Vec<T>,
     bias: Vec<T>,
     b_hh: Vec<T>,
 }
 
 impl<T: Real> Blocked<T> {
-    fn new(cell: Cell, d: &SeqDims, params: &[T]) -> Self {
-        let (gw, ld) = (cell.gates() * d.h, d.c + d.h);
+    fn new(cell: Cell, d: &SeqDims, p: &SeqParams<T>) -> Self {
         let blocks = Blocks { g: cell.gates(), h: d.h };
-        let perm: Vec<usize> = (0..gw).map(|col| blocks.natural(col)).collect();
-        let (c, h) = (d.c, d.h);
-        let [wi, wh, bi, bh] = param_offsets(gw, c, h);
-        let mut w = Vec::with_capacity(gw * ld);
-        for &r in &perm {
-            w.extend_from_slice(&params[wi + r * c..wi + (r + 1) * c]);
-            w.extend_from_slice(&params[wh + r * h..wh + (r + 1) * h]);
-        }
+        let perm: Vec<usize> = (0..cell.gates() * d.h).map(|col| blocks.natural(col)).collect();
         let bias = match cell {
-            Cell::Lstm => perm.iter().map(|&r| params[bi + r] + params[bh + r]).collect(),
-            Cell::Gru => perm.iter().map(|&r| params[bi + r]).collect(),
+            Cell::Lstm => perm.iter().map(|&r| p.b_ih[r] + p.b_hh[r]).collect(),
+            Cell::Gru => perm.iter().map(|&r| p.b_ih[r]).collect(),
         };
-        let b_hh = perm.iter().map(|&r| params[bh + r]).collect();
-        Self { w, bias, b_hh, perm }
+        let b_hh = perm.iter().map(|&r| p.b_hh[r]).collect();
+        Self { perm, bias, b_hh }
+    }
+
+    /// `W_ih (G·H, C)` with its rows in blocked order: the B operand of `dx = dgates W_ih`.
+    fn w_ih(&self, p: &SeqParams<T>, c: usize) -> Vec<T> {
+        self.perm.iter().flat_map(|&r| p.w_ih[r * c..(r + 1) * c].iter().copied()).collect()
     }
 }
 
@@ -191,98 +209,75 @@ pub fn param_offsets(gw: usize, c: usize, h: usize) -> [usize; 4] {
     [0, gw * c, gw * (c + h), gw * (c + h + 1)]
 }
 
-/// `(B, T, C)` → `(T, B, C + H)` with `x` in the first `C` columns and zeros after. Steps at or past a sequence's
-/// length get zeros too: their gate gradients are zero, and `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` must not turn
-/// a NaN or inf in the padding into `0 · NaN` (PyTorch's packed sequences never read the padding either).
-fn step_major<T: Real>(x: &[T], lengths: &[usize], b: usize, tt: usize, c: usize, h: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(tt * b * (c + h));
-    for t in 0..tt {
-        for (r, &len) in lengths.iter().enumerate().take(b) {
-            if t < len {
-                out.extend_from_slice(&x[(r * tt + t) * c..(r * tt + t + 1) * c]);
-            } else {
-                out.resize(out.len() + c, T::ZERO);
-            }
-            out.resize(out.len() + h, T::ZERO);
-        }
-    }
-    out
-}
-
-fn check<T>(cell: Cell, d: &SeqDims, x: &[T], params: &[T], lengths: &[usize], h0: &[T], c0: &[T]) {
+fn check<T>(cell: Cell, d: &SeqDims, p: &SeqParams<T>, lengths: &[usize]) {
     let SeqDims { b, t, c, h, .. } = *d;
     let gw = cell.gates() * h;
     assert!(
-        x.len() == b * t * c
-            && params.len() == gw * (c + h + 2)
+        p.w_ih.len() == gw * c
+            && p.w_hh.len() == gw * h
+            && p.b_ih.len() == gw
+            && p.b_hh.len() == gw
             && lengths.len() == b
-            && lengths.iter().all(|&l| l <= t)
-            && h0.len() == b * h
-            && c0.len() == if cell == Cell::Lstm { b * h } else { 0 },
-        "rnn sequence: lengths"
+            && lengths.iter().all(|&l| l <= t),
+        "rnn sequence: parameters or lengths do not fit B {b}, T {t}, C {c}, H {h}"
     );
 }
 
-/// One direction of an LSTM or GRU layer over the sequence: writes `out (B·(T + E)·H)` (see the module
-/// documentation) and returns what the backward needs (the gate activations only with `save`: inference skips
-/// them). `c0` is empty for the GRU.
+/// One direction of an LSTM or GRU layer over the sequence: returns `out (B·(T + E)·H)` (see the module
+/// documentation) and what the backward needs (the gate activations only with `save`: inference skips them).
+/// `c0` is empty for the GRU.
 #[allow(clippy::too_many_arguments)]
 pub fn sequence_forward<T: SeqFloat>(
     cell: Cell,
     d: SeqDims,
     x: &[T],
-    params: &[T],
+    p: SeqParams<T>,
     lengths: &[usize],
     h0: &[T],
     c0: &[T],
-    out: &mut [T],
     save: bool,
-) -> SeqSaved<T> {
-    check(cell, &d, x, params, lengths, h0, c0);
-    let SeqDims { b, t: tt, h, .. } = d;
+) -> (Vec<T>, SeqSaved<T>) {
+    check(cell, &d, &p, lengths);
+    let SeqDims { b, t: tt, c, h, .. } = d;
     let (gw, e) = (cell.gates() * h, cell.extra_rows());
-    assert!(out.len() == b * (tt + e) * h, "rnn sequence: out length");
-    let bw = Blocked::new(cell, &d, params);
     let lstm = cell == Cell::Lstm;
+    assert!(
+        x.len() == b * tt * c && h0.len() == b * h && c0.len() == if lstm { b * h } else { 0 },
+        "rnn sequence: x or the initial state do not fit B {b}, T {tt}, C {c}, H {h}"
+    );
+    let bw = Blocked::new(cell, &d, &p);
     let gates = if save { b * tt * gw } else { 0 };
+    // Room only: the walk's threads write every element (no zero-filling on this thread first).
     let mut saved = SeqSaved {
         cell,
         dims: d,
         lengths: lengths.to_vec(),
-        gates: vec![T::ZERO; gates],
-        gx: vec![T::ZERO; if lstm { 0 } else { gates }],
-        xh: step_major(x, lengths, b, tt, d.c, h),
-        c_prev: if lstm { vec![T::ZERO; b * tt * h] } else { vec![] },
+        gates: Vec::with_capacity(gates),
+        gx: Vec::with_capacity(if lstm { 0 } else { gates }),
+        xh: Vec::new(),
+        c_prev: Vec::new(),
         blocked: Blocked::default(),
     };
+    let mut out = Vec::new();
     if tt == 0 {
-        for r in 0..b {
-            out[r * h..(r + 1) * h].copy_from_slice(&h0[r * h..(r + 1) * h]);
-            if lstm {
-                out[(b + r) * h..(b + r + 1) * h].copy_from_slice(&c0[r * h..(r + 1) * h]);
-            }
-        }
-        return saved;
+        out.extend_from_slice(h0);
+        out.extend_from_slice(c0);
+        debug_assert_eq!(out.len(), e * b * h);
+        return (out, saved);
     }
-    let first = d.order()[0];
-    for r in 0..b {
-        let (at, from) = ((first * b + r) * h, r * h);
-        saved.xh[(first * b + r) * (d.c + h) + d.c..][..h].copy_from_slice(&h0[from..from + h]);
-        if lstm {
-            saved.c_prev[at..at + h].copy_from_slice(&c0[from..from + h]);
-        }
-    }
-    let walk = Walk { cell, d, lengths, w: &bw.w, bias: &bw.bias, b_hh: &bw.b_hh };
-    walk.forward(&mut saved, out);
+    let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
+    walk.forward(x, h0, c0, &mut saved, &mut out);
     if save {
         saved.blocked = bw;
     }
-    saved
+    (out, saved)
 }
 
-/// The backward of [`sequence_forward`] (run with `save`): `dout (B·(T + E)·H)` is the gradient of its `out`.
-pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, dout: &[T]) -> SeqGrads<T> {
+/// The backward of [`sequence_forward`] (run with `save`): `p` are the parameters it ran with, `dout (B·(T + E)·H)`
+/// the gradient of its `out`.
+pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dout: &[T]) -> SeqGrads<T> {
     let (cell, d, lengths) = (saved.cell, saved.dims, &saved.lengths[..]);
+    check(cell, &d, &p, lengths);
     let SeqDims { b, t: tt, c, h, .. } = d;
     let (gw, e) = (cell.gates() * h, cell.extra_rows());
     let lstm = cell == Cell::Lstm;
@@ -307,16 +302,16 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, dout: &[T]) -> SeqGra
     }
     let bw = &saved.blocked;
     assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
-    let walk = Walk { cell, d, lengths, w: &bw.w, bias: &bw.bias, b_hh: &bw.b_hh };
+    let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
     let mut dgx = vec![T::ZERO; if lstm { 0 } else { b * tt * gw }];
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
     let dgates = walk.backward(saved, dout, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
     let dgx = if lstm { &dgates } else { &dgx };
     let ld = c + h;
-    // dx = dgx W_ih: (T·B × G·H) · (G·H × C) (W_ih: the first C columns of the blocked [W_ih | W_hh]), step-major
-    // like the gates, then batch-major.
+    // dx = dgx W_ih: (T·B × G·H) · (G·H × C), W_ih's rows in the gates' blocked order; step-major like the gates,
+    // then batch-major.
     let mut dx = vec![T::ZERO; b * tt * c];
-    gemm(b * tt, c, gw, &mut dx, c, dgx, gw, 1, &bw.w, ld, 1, false);
+    gemm(b * tt, c, gw, &mut dx, c, dgx, gw, 1, &bw.w_ih(&p, c), c, 1, false);
     for (t, rows) in dx.chunks_exact(b * c).enumerate() {
         for (r, row) in rows.chunks_exact(c).enumerate() {
             g.dx[(r * tt + t) * c..(r * tt + t + 1) * c].copy_from_slice(row);

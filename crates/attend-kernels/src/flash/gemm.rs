@@ -15,6 +15,37 @@ const AVX512_MR: usize = 6;
 /// Width quantum every tile is padded to (one AVX-512 vector; two AVX2 / portable vectors).
 pub const QUANTUM: usize = 16;
 
+/// What the accumulators of a product start from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Init {
+    /// `C = A·B`.
+    Zero,
+    /// `C += A·B`.
+    Accumulate,
+    /// `C = bias + A·B`, one bias row (n elements, at the pointer) for every row of C: a recurrence adds its bias
+    /// to each step's gates this way instead of copying it into the tile first.
+    Row(*const f32),
+}
+
+impl Init {
+    fn of(accumulate: bool) -> Self {
+        if accumulate {
+            Init::Accumulate
+        } else {
+            Init::Zero
+        }
+    }
+
+    /// The same start for the columns from `col` on.
+    #[inline(always)]
+    unsafe fn at(self, col: usize) -> Self {
+        match self {
+            Init::Row(b) => Init::Row(b.add(col)),
+            other => other,
+        }
+    }
+}
+
 /// `C[r][0..NV·L] (+)= Σ_p A[r][p] · B[p][0..NV·L]` for `MR` rows: the accumulators stay in registers.
 #[inline(always)]
 unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
@@ -26,13 +57,23 @@ unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
     ldb: usize,
     c: *mut f32,
     ldc: usize,
-    accumulate: bool,
+    init: Init,
 ) {
     let mut acc = [[S::zero(); NV]; MR];
-    if accumulate {
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = S::load(c.add(r * ldc + v * S::LANES));
+    match init {
+        Init::Zero => {}
+        Init::Accumulate => {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = S::load(c.add(r * ldc + v * S::LANES));
+                }
+            }
+        }
+        Init::Row(bias) => {
+            for row in acc.iter_mut() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = S::load(bias.add(v * S::LANES));
+                }
             }
         }
     }
@@ -68,7 +109,7 @@ unsafe fn micro_rows<S: Simd, const NV: usize>(
     ldb: usize,
     c: *mut f32,
     ldc: usize,
-    acc: bool,
+    acc: Init,
 ) {
     match mr {
         8 => micro::<S, 8, NV>(k, a, lda, a_cs, b, ldb, c, ldc, acc),
@@ -96,7 +137,7 @@ unsafe fn gemm_generic<S: Simd, const MR: usize, const NV: usize>(
     ldb: usize,
     c: *mut f32,
     ldc: usize,
-    acc: bool,
+    init: Init,
 ) {
     let block = NV * S::LANES;
     let mut col = 0;
@@ -107,9 +148,9 @@ unsafe fn gemm_generic<S: Simd, const MR: usize, const NV: usize>(
             let mr = (m - r).min(MR);
             let (ar, cr) = (a.add(r * lda), c.add(r * ldc + col));
             if wide {
-                micro_rows::<S, NV>(mr, k, ar, lda, a_cs, b.add(col), ldb, cr, ldc, acc);
+                micro_rows::<S, NV>(mr, k, ar, lda, a_cs, b.add(col), ldb, cr, ldc, init.at(col));
             } else {
-                micro_rows::<S, 1>(mr, k, ar, lda, a_cs, b.add(col), ldb, cr, ldc, acc);
+                micro_rows::<S, 1>(mr, k, ar, lda, a_cs, b.add(col), ldb, cr, ldc, init.at(col));
             }
             r += mr;
         }
@@ -130,7 +171,7 @@ unsafe fn gemm_avx512(
     ldb: usize,
     c: *mut f32,
     ldc: usize,
-    acc: bool,
+    acc: Init,
 ) {
     gemm_generic::<Avx512, AVX512_MR, 4>(m, n, k, a, lda, a_cs, b, ldb, c, ldc, acc)
 }
@@ -148,7 +189,7 @@ unsafe fn gemm_avx2(
     ldb: usize,
     c: *mut f32,
     ldc: usize,
-    acc: bool,
+    acc: Init,
 ) {
     gemm_generic::<Avx2, 6, 2>(m, n, k, a, lda, a_cs, b, ldb, c, ldc, acc)
 }
@@ -174,13 +215,34 @@ pub(crate) unsafe fn gemm_strided(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_init(isa, m, n, k, a, a_strides, b, ldb, c, ldc, Init::of(accumulate))
+}
+
+/// [`gemm_strided`] with the accumulators starting as `init` says.
+///
+/// # Safety
+/// As for [`gemm_strided`]; an [`Init::Row`] bias holds `n` elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_init(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_strides: (usize, usize),
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+) {
     debug_assert!(n % QUANTUM == 0);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => gemm_avx512(m, n, k, a, a_strides, b, ldb, c, ldc, accumulate),
+        Isa::Avx512 => gemm_avx512(m, n, k, a, a_strides, b, ldb, c, ldc, init),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => gemm_avx2(m, n, k, a, a_strides, b, ldb, c, ldc, accumulate),
-        _ => gemm_generic::<Portable, 4, 2>(m, n, k, a, a_strides.0, a_strides.1, b, ldb, c, ldc, accumulate),
+        Isa::Avx2 => gemm_avx2(m, n, k, a, a_strides, b, ldb, c, ldc, init),
+        _ => gemm_generic::<Portable, 4, 2>(m, n, k, a, a_strides.0, a_strides.1, b, ldb, c, ldc, init),
     }
 }
 
@@ -234,6 +296,12 @@ mod tests {
                 unsafe { gemm(isa, m, n, k, a.as_ptr(), k, b.as_ptr(), n, c.as_mut_ptr(), n, true) };
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - 2.0 * y).abs() < 2e-5, "{isa:?} accumulate {m}x{n}x{k}");
+                }
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0 - 1.0).collect();
+                let init = Init::Row(bias.as_ptr());
+                unsafe { gemm_init(isa, m, n, k, a.as_ptr(), (k, 1), b.as_ptr(), n, c.as_mut_ptr(), n, init) };
+                for (i, (x, y)) in c.iter().zip(&want).enumerate() {
+                    assert!((x - y - bias[i % n]).abs() < 1e-5, "{isa:?} bias row {m}x{n}x{k}");
                 }
             }
         }

@@ -12,9 +12,9 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqSaved};
+use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqParams, SeqSaved};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 
 use super::custom::{contiguous, KernelFloat};
 use crate::error::shape_str;
@@ -68,36 +68,80 @@ struct Sequence {
     saved: Mutex<Option<Arc<Saved>>>,
 }
 
+/// `f` over the elements of each contiguous CPU tensor, read where they are.
+fn with_slices<T: KernelFloat, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else { candle_core::bail!("rnn sequence: runs on the CPU") };
+        slices.push(contiguous(T::slice(cpu)?, layout, "rnn sequence operand")?);
+    }
+    f(&slices)
+}
+
 fn vec_of<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
+/// `[h0 | c0] (B, 2H)` (LSTM) or `h0 (B, H)` as separate `(B, H)` buffers (`c0` empty for the GRU).
+fn split_state<T: Copy>(cell: Cell, b: usize, h: usize, state: &[T]) -> (Vec<T>, Vec<T>) {
+    match cell {
+        Cell::Lstm => (
+            (0..b).flat_map(|r| state[r * 2 * h..r * 2 * h + h].to_vec()).collect(),
+            (0..b).flat_map(|r| state[r * 2 * h + h..(r + 1) * 2 * h].to_vec()).collect(),
+        ),
+        Cell::Gru => (state.to_vec(), vec![]),
+    }
+}
+
 impl Sequence {
-    fn forward<T: SavedOf>(&self, x: &[T], params: &[T], state: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
-        let SeqDims { b, t, h, .. } = self.dims;
-        let (h0, c0): (Vec<T>, Vec<T>) = match self.cell {
-            Cell::Lstm => (
-                (0..b).flat_map(|r| state[r * 2 * h..r * 2 * h + h].to_vec()).collect(),
-                (0..b).flat_map(|r| state[r * 2 * h + h..(r + 1) * 2 * h].to_vec()).collect(),
-            ),
-            Cell::Gru => (state.to_vec(), vec![]),
-        };
-        let e = self.cell.extra_rows();
-        let out_len = (b * t + e * b) * h;
-        let mut out = vec![T::ZERO; out_len];
-        let saved = k::sequence_forward(self.cell, self.dims, x, params, &self.lengths, &h0, &c0, &mut out, self.save);
-        // Nothing panics while the lock is held, so a poisoned lock still holds a consistent value.
-        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(T::wrap(saved)));
-        Ok((T::storage(out), Shape::from(out_len)))
+    /// The flat output `out (B·(T + E)·H)` of the kernel, and what it saved.
+    fn kernel<T: SeqFloat>(&self, x: &[T], p: SeqParams<T>, state: &[T]) -> (Vec<T>, SeqSaved<T>) {
+        let SeqDims { b, h, .. } = self.dims;
+        let (h0, c0) = split_state(self.cell, b, h, state);
+        k::sequence_forward(self.cell, self.dims, x, p, &self.lengths, &h0, &c0, self.save)
     }
 
-    fn backward<T: SavedOf>(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    /// The forward without a graph node (nothing tracks a gradient): `out (B·(T + E)·H)`.
+    fn infer<T: KernelFloat + SeqFloat>(
+        &self,
+        x: &Tensor,
+        state: &Tensor,
+        p: &[Tensor; 4],
+    ) -> candle_core::Result<Tensor> {
+        let out = with_slices(&[x, state, &p[0], &p[1], &p[2], &p[3]], |s: &[&[T]]| {
+            Ok(self.kernel(s[0], SeqParams { w_ih: s[2], w_hh: s[3], b_ih: s[4], b_hh: s[5] }, s[1]).0)
+        })?;
+        let n = out.len();
+        Tensor::from_vec(out, n, x.device())
+    }
+
+    fn forward<T: SavedOf>(&self, x: &[T], params: &[T], state: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
+        let SeqDims { c, h, .. } = self.dims;
+        let (out, saved) = self.kernel(x, SeqParams::flat(self.cell, c, h, params), state);
+        // Nothing panics while the lock is held, so a poisoned lock still holds a consistent value.
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(T::wrap(saved)));
+        let n = out.len();
+        Ok((T::storage(out), Shape::from(n)))
+    }
+
+    fn backward<T: SavedOf>(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let SeqDims { b, t, c, h, .. } = self.dims;
         let held = self.saved.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let Some(saved) = held.as_deref().and_then(T::unwrap) else {
             candle_core::bail!("{} backward: the forward's activations are missing", self.name())
         };
-        let g = k::sequence_backward(saved, &vec_of(grad)?);
+        let g = with_slices(&[params], |s: &[&[T]]| {
+            Ok(k::sequence_backward(saved, SeqParams::flat(self.cell, c, h, s[0]), &vec_of(grad)?))
+        })?;
         let dstate: Vec<T> = match self.cell {
             Cell::Lstm => {
                 (0..b).flat_map(|r| [&g.dh0[r * h..(r + 1) * h], &g.dc0[r * h..(r + 1) * h]].concat()).collect()
@@ -155,14 +199,14 @@ impl CustomOp3 for Sequence {
     fn bwd(
         &self,
         x: &Tensor,
-        _params: &Tensor,
+        params: &Tensor,
         _state: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (a, b, c) = match x.dtype() {
-            DType::F32 => self.backward::<f32>(x, grad)?,
-            DType::F64 => self.backward::<f64>(x, grad)?,
+            DType::F32 => self.backward::<f32>(x, params, grad)?,
+            DType::F64 => self.backward::<f64>(x, params, grad)?,
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
         Ok((Some(a), Some(b), Some(c)))
@@ -215,6 +259,9 @@ fn run(
         }
     };
     let dtype = x.dtype();
+    let x = x.contiguous()?;
+    let state = Tensor::cat(&state.iter().map(|s| s.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?, 1)?
+        .contiguous()?; // (B, E·H)
     let bias = |v: Option<&Tensor>| -> Result<Tensor> {
         Ok(match v {
             Some(v) => {
@@ -224,14 +271,24 @@ fn run(
             None => Tensor::zeros(g * h, dtype, x.device())?,
         })
     };
-    let parts =
-        [p.w_ih.to_dtype(dtype)?.flatten_all()?, p.w_hh.to_dtype(dtype)?.flatten_all()?, bias(p.b_ih)?, bias(p.b_hh)?];
-    let params = Tensor::cat(&parts, 0)?; // (G·H·(C + H + 2)), `rnn_seq::param_offsets`
-    let state = Tensor::cat(&state.iter().map(|s| s.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?, 1)?
-        .contiguous()?; // (B, E·H)
-    let x = x.contiguous()?;
-    let save = x.track_op() || params.track_op() || state.track_op();
+    let parts = [
+        p.w_ih.to_dtype(dtype)?.contiguous()?,
+        p.w_hh.to_dtype(dtype)?.contiguous()?,
+        bias(p.b_ih)?.contiguous()?,
+        bias(p.b_hh)?.contiguous()?,
+    ];
+    let save = x.track_op() || state.track_op() || parts.iter().any(Tensor::track_op);
     let op = Sequence { cell, dims: SeqDims { b, t, c, h, reverse }, lengths, save, saved: Mutex::new(None) };
+    if !save {
+        // Inference: the kernel reads the four parameter tensors where they are, with no graph node to give them
+        // to as one operand (a custom op takes three), so no 2·G·H·(C + H) copy into one buffer.
+        return Ok(match dtype {
+            DType::F32 => op.infer::<f32>(&x, &state, &parts)?,
+            _ => op.infer::<f64>(&x, &state, &parts)?,
+        });
+    }
+    let flat: Vec<Tensor> = parts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
+    let params = Tensor::cat(&flat, 0)?; // (G·H·(C + H + 2)), `rnn_seq::param_offsets`
     Ok(x.apply_op3(&params, &state, op)?) // (B·(T + E)·H)
 }
 
