@@ -464,31 +464,38 @@ fn blocks(un: usize, g: usize) -> impl Iterator<Item = (usize, usize, usize)> {
 /// A block of a blocked row: (width, first gate column, first unit), as [`blocks`] yields.
 type Block = (usize, usize, usize);
 
-/// One LSTM block of a blocked row (scalar): gates `4w`, `c (w)` → `h'`, `c'`.
-fn lstm_forward_block<T: Real>(g: &[T], c: &[T], hn: &mut [T], cn: &mut [T], (w, go, uo): Block) {
-    let mut o = [T::ZERO; 2 * BLOCK];
-    lstm_cell_forward_scalar(&g[go..go + 4 * w], &c[uo..uo + w], &mut o[..2 * w], w);
-    hn[uo..uo + w].copy_from_slice(&o[..w]);
-    cn[uo..uo + w].copy_from_slice(&o[w..2 * w]);
+/// One LSTM block of a blocked row (scalar): gate pre-activations `4w` (replaced by the activations σ(i), σ(f),
+/// tanh(g), σ(o): what the backward reads), `c (w)` → `h'`, `c'`.
+fn lstm_forward_block<T: Real>(g: &mut [T], c: &[T], hn: &mut [T], cn: &mut [T], (w, go, uo): Block) {
+    for j in 0..w {
+        let k = go + j;
+        let (i, f, gg, o) = (sigmoid(g[k]), sigmoid(g[k + w]), g[k + 2 * w].tanh(), sigmoid(g[k + 3 * w]));
+        let c1 = f * c[uo + j] + i * gg;
+        cn[uo + j] = c1;
+        hn[uo + j] = o * c1.tanh();
+        (g[k], g[k + w], g[k + 2 * w], g[k + 3 * w]) = (i, f, gg, o);
+    }
 }
 
-/// One LSTM backward block (scalar): `dc` is updated in place (from the next step's to this step's input cell).
+/// One LSTM backward block (scalar), from the activations `a (4w)` the forward left and `c (w)` it read: `dc`
+/// is updated in place (from the next step's to this step's input cell). One tanh per unit (of `c'`), where
+/// recomputing the gates from their pre-activations took five.
 #[allow(clippy::too_many_arguments)]
-fn lstm_backward_block<T: Real>(g: &[T], c: &[T], dh: &[T], dy: &[T], dc: &mut [T], dg: &mut [T], (w, go, uo): Block) {
-    let (mut d, mut dcn) = ([T::ZERO; 2 * BLOCK], [T::ZERO; BLOCK]);
+fn lstm_backward_block<T: Real>(a: &[T], c: &[T], dh: &[T], dy: &[T], dc: &mut [T], dg: &mut [T], (w, go, uo): Block) {
     for j in 0..w {
-        d[j] = dh[uo + j] + dy[uo + j];
-        d[w + j] = dc[uo + j];
+        let (k, u) = (go + j, uo + j);
+        let (i, f, gg, o) = (a[k], a[k + w], a[k + 2 * w], a[k + 3 * w]);
+        let cp = c[u];
+        let tc = (f * cp + i * gg).tanh();
+        let dht = dh[u] + dy[u];
+        // dc_total = dc' + dh·o·(1 − tanh²c')
+        let dct = dc[u] + dht * o * (T::ONE - tc * tc);
+        dg[k] = dct * gg * (i * (T::ONE - i));
+        dg[k + w] = dct * cp * (f * (T::ONE - f));
+        dg[k + 2 * w] = dct * i * (T::ONE - gg * gg);
+        dg[k + 3 * w] = dht * tc * (o * (T::ONE - o));
+        dc[u] = dct * f;
     }
-    lstm_cell_backward_scalar(
-        &g[go..go + 4 * w],
-        &c[uo..uo + w],
-        &d[..2 * w],
-        &mut dg[go..go + 4 * w],
-        &mut dcn[..w],
-        w,
-    );
-    dc[uo..uo + w].copy_from_slice(&dcn[..w]);
 }
 
 /// One GRU block (scalar).
@@ -528,14 +535,15 @@ fn gru_backward_block<T: Real>(
 }
 
 /// LSTM over a blocked row of `un` units: gates `(4·un)`, `c (un)` → `h' (un)`, `c' (un)`. Scalar (any float).
-pub(crate) fn lstm_forward_blocked<T: Real>(g: &[T], c: &[T], hn: &mut [T], cn: &mut [T], un: usize) {
+pub(crate) fn lstm_forward_blocked<T: Real>(g: &mut [T], c: &[T], hn: &mut [T], cn: &mut [T], un: usize) {
     blocks(un, 4).for_each(|k| lstm_forward_block(g, c, hn, cn, k));
 }
 
-/// LSTM backward over a blocked row: the total `dh + dy`, the cell gradient `dc` (updated in place) → `dg (4·un)`.
+/// LSTM backward over a blocked row, from the forward's activations `a (4·un)`: the total `dh + dy`, the cell
+/// gradient `dc` (updated in place) → `dg (4·un)`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lstm_backward_blocked<T: Real>(
-    g: &[T],
+    a: &[T],
     c: &[T],
     dh: &[T],
     dy: &[T],
@@ -543,7 +551,7 @@ pub(crate) fn lstm_backward_blocked<T: Real>(
     dg: &mut [T],
     un: usize,
 ) {
-    blocks(un, 4).for_each(|k| lstm_backward_block(g, c, dh, dy, dc, dg, k));
+    blocks(un, 4).for_each(|k| lstm_backward_block(a, c, dh, dy, dc, dg, k));
 }
 
 /// GRU over a blocked row: `gx`, `gh (3·un)`, `h (un)` → `h' (un)`.
@@ -568,15 +576,28 @@ pub(crate) fn gru_backward_blocked<T: Real>(
 }
 
 #[inline(always)]
-unsafe fn lstm_forward_blocked_v<S: Simd>(g: &[f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
+unsafe fn lstm_forward_blocked_v<S: Simd>(g: &mut [f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
     for (w, go, uo) in blocks(un, 4) {
         if w % S::LANES != 0 {
             lstm_forward_block(g, c, hn, cn, (w, go, uo));
             continue;
         }
         for j in (0..w).step_by(S::LANES) {
-            let (gp, cp) = (g.as_ptr().add(go + j), c.as_ptr().add(uo + j));
-            lstm_forward_v::<S>(gp, w, cp, hn.as_mut_ptr().add(uo + j), cn.as_mut_ptr().add(uo + j));
+            let (gp, cp) = (g.as_mut_ptr().add(go + j), c.as_ptr().add(uo + j));
+            let (hp, cnp) = (hn.as_mut_ptr().add(uo + j), cn.as_mut_ptr().add(uo + j));
+            let stride = w;
+            let i = sigmoid_v::<S>(S::load(gp));
+            let f = sigmoid_v::<S>(S::load(gp.add(stride)));
+            let gg = S::tanh(S::load(gp.add(2 * stride)));
+            let og = sigmoid_v::<S>(S::load(gp.add(3 * stride)));
+            let c1 = S::fma(f, S::load(cp), S::mul(i, gg));
+            S::store(cnp, c1);
+            S::store(hp, S::mul(og, S::tanh(c1)));
+            // The activations, for the backward (see `lstm_forward_block`).
+            S::store(gp, i);
+            S::store(gp.add(stride), f);
+            S::store(gp.add(2 * stride), gg);
+            S::store(gp.add(3 * stride), og);
         }
     }
 }
@@ -584,7 +605,7 @@ unsafe fn lstm_forward_blocked_v<S: Simd>(g: &[f32], c: &[f32], hn: &mut [f32], 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn lstm_backward_blocked_v<S: Simd>(
-    g: &[f32],
+    a: &[f32],
     c: &[f32],
     dh: &[f32],
     dy: &[f32],
@@ -594,23 +615,25 @@ unsafe fn lstm_backward_blocked_v<S: Simd>(
 ) {
     for (w, go, uo) in blocks(un, 4) {
         if w % S::LANES != 0 {
-            lstm_backward_block(g, c, dh, dy, dc, dg, (w, go, uo));
+            lstm_backward_block(a, c, dh, dy, dc, dg, (w, go, uo));
             continue;
         }
         for j in (0..w).step_by(S::LANES) {
             let (k, gk) = (uo + j, go + j);
+            let one = S::splat(1.0);
             let dht = S::add(S::load(dh.as_ptr().add(k)), S::load(dy.as_ptr().add(k)));
             let dcp = dc.as_mut_ptr().add(k);
-            lstm_backward_v::<S>(
-                g.as_ptr().add(gk),
-                w,
-                c.as_ptr().add(k),
-                dht,
-                S::load(dcp),
-                dg.as_mut_ptr().add(gk),
-                w,
-                dcp,
-            );
+            let (ap, dgp) = (a.as_ptr().add(gk), dg.as_mut_ptr().add(gk));
+            let (i, f, gg, og) = (S::load(ap), S::load(ap.add(w)), S::load(ap.add(2 * w)), S::load(ap.add(3 * w)));
+            let cprev = S::load(c.as_ptr().add(k));
+            let tc = S::tanh(S::fma(f, cprev, S::mul(i, gg)));
+            // As `lstm_backward_block`.
+            let dct = S::fma(S::mul(dht, og), S::sub(one, S::mul(tc, tc)), S::load(dcp));
+            S::store(dgp, S::mul(S::mul(dct, gg), S::mul(i, S::sub(one, i))));
+            S::store(dgp.add(w), S::mul(S::mul(dct, cprev), S::mul(f, S::sub(one, f))));
+            S::store(dgp.add(2 * w), S::mul(S::mul(dct, i), S::sub(one, S::mul(gg, gg))));
+            S::store(dgp.add(3 * w), S::mul(S::mul(dht, tc), S::mul(og, S::sub(one, og))));
+            S::store(dcp, S::mul(dct, f));
         }
     }
 }
@@ -665,11 +688,11 @@ unsafe fn gru_backward_blocked_v<S: Simd>(
     }
 }
 
-per_isa!(lstm_forward_blocked_isa, lstm_forward_blocked_v, (g: &[f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize));
+per_isa!(lstm_forward_blocked_isa, lstm_forward_blocked_v, (g: &mut [f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize));
 per_isa!(
     lstm_backward_blocked_isa,
     lstm_backward_blocked_v,
-    (g: &[f32], c: &[f32], dh: &[f32], dy: &[f32], dc: &mut [f32], dg: &mut [f32], un: usize)
+    (a: &[f32], c: &[f32], dh: &[f32], dy: &[f32], dc: &mut [f32], dg: &mut [f32], un: usize)
 );
 per_isa!(gru_forward_blocked_isa, gru_forward_blocked_v, (x: &[f32], g: &[f32], hp: &[f32], out: &mut [f32], un: usize));
 per_isa!(

@@ -236,11 +236,12 @@ pub trait SeqFloat: Real {
         start: Start<Self>,
     );
 
-    /// The cells over one blocked row of `un` units (see `rnn::lstm_forward_blocked` and friends).
+    /// The cells over one blocked row of `un` units (see `rnn::lstm_forward_blocked` and friends): the LSTM's
+    /// replaces its gate pre-activations `g` by their activations, which its backward reads as `g`.
     ///
     /// # Safety
     /// `isa` is supported.
-    unsafe fn lstm_fwd(isa: Isa, g: &[Self], c: &[Self], hn: &mut [Self], cn: &mut [Self], un: usize);
+    unsafe fn lstm_fwd(isa: Isa, g: &mut [Self], c: &[Self], hn: &mut [Self], cn: &mut [Self], un: usize);
     /// # Safety
     /// `isa` is supported.
     #[allow(clippy::too_many_arguments)]
@@ -339,7 +340,7 @@ impl SeqFloat for f32 {
         }
     }
 
-    unsafe fn lstm_fwd(isa: Isa, g: &[f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
+    unsafe fn lstm_fwd(isa: Isa, g: &mut [f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
         lstm_forward_blocked_isa(isa, g, c, hn, cn, un)
     }
     unsafe fn lstm_bwd(
@@ -418,7 +419,7 @@ impl SeqFloat for f64 {
         )
     }
 
-    unsafe fn lstm_fwd(_: Isa, g: &[f64], c: &[f64], hn: &mut [f64], cn: &mut [f64], un: usize) {
+    unsafe fn lstm_fwd(_: Isa, g: &mut [f64], c: &[f64], hn: &mut [f64], cn: &mut [f64], un: usize) {
         lstm_forward_blocked(g, c, hn, cn, un)
     }
     unsafe fn lstm_bwd(
@@ -722,18 +723,6 @@ impl<T: SeqFloat> Walk<'_, T> {
                         }
                     }
                 }
-                if save {
-                    for r in 0..b {
-                        let at = (t * b + r) * gw + cols.start;
-                        // SAFETY: this thread's columns of step t; nobody else touches them.
-                        unsafe {
-                            gates_s.write(at, &sg[r * np..r * np + nc]);
-                            if cell == Cell::Gru {
-                                gx_s.write(at, &sx[r * np..r * np + nc]);
-                            }
-                        }
-                    }
-                }
                 for r in 0..b {
                     let row = t * b + r;
                     let (own, tile) = (row * ld + u.start, r * np..r * np + nc);
@@ -750,7 +739,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                         // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
                         let cn = || std::slice::from_raw_parts_mut(cn, un);
                         match (cell, t < lengths[r]) {
-                            (Cell::Lstm, true) => T::lstm_fwd(isa, &sg[tile], cs.read(own_c, un), hn, cn(), un),
+                            (Cell::Lstm, true) => T::lstm_fwd(isa, &mut sg[tile], cs.read(own_c, un), hn, cn(), un),
                             (Cell::Gru, true) => T::gru_fwd(isa, &sx[tile.clone()], &sg[tile], hp, hn, un),
                             (_, false) => {
                                 // Past its length a sequence carries its state.
@@ -758,6 +747,20 @@ impl<T: SeqFloat> Walk<'_, T> {
                                 if cell == Cell::Lstm {
                                     cn().copy_from_slice(cs.read(own_c, un));
                                 }
+                            }
+                        }
+                    }
+                }
+                // What the backward reads: the LSTM's gate activations (the cells left them in the tile; padded
+                // rows keep their pre-activations, never read), the GRU's `gh` and `gx`.
+                if save {
+                    for r in 0..b {
+                        let at = (t * b + r) * gw + cols.start;
+                        // SAFETY: this thread's columns of step t; nobody else touches them.
+                        unsafe {
+                            gates_s.write(at, &sg[r * np..r * np + nc]);
+                            if cell == Cell::Gru {
+                                gx_s.write(at, &sx[r * np..r * np + nc]);
                             }
                         }
                     }
@@ -802,7 +805,7 @@ impl<T: SeqFloat> Walk<'_, T> {
         &self,
         saved: &SeqSaved<T>,
         dout: &[T],
-        dgx: &mut [T],
+        dgx: &mut Vec<T>,
         db: &mut [T],
         db_x: &mut [T],
         dh0: &mut [T],
@@ -814,8 +817,11 @@ impl<T: SeqFloat> Walk<'_, T> {
         let gw = g * hw;
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
-        let mut dgates = vec![T::ZERO; b * tt * gw];
-        let (dgs, dxs) = (Shared::of(&mut dgates), Shared::of(dgx));
+        let lstm = cell == Cell::Lstm;
+        let mut dgates = Vec::new();
+        let mut fresh = Fresh::new(&mut dgates, b * tt * gw);
+        let mut fresh_x = Fresh::new(dgx, if lstm { 0 } else { b * tt * gw });
+        let (dgs, dxs) = (fresh.shared(), fresh_x.shared());
         let (dbs, dbxs, dhs, dcs) = (Shared::of(db), Shared::of(db_x), Shared::of(dh0), Shared::of(dc0));
         team.run(hw, |_, u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
@@ -836,17 +842,19 @@ impl<T: SeqFloat> Walk<'_, T> {
             for &t in order.iter().rev() {
                 for r in 0..b {
                     let row = t * b + r;
-                    // SAFETY: this thread's columns of step t; nobody else touches them.
-                    let dgr = unsafe { dgs.at(row * gw + cols.start, nc) };
-                    let dxr = unsafe {
-                        if cell == Cell::Gru {
-                            dxs.at(row * gw + cols.start, nc)
-                        } else {
+                    // SAFETY: this thread's columns of step t; nobody else touches them. Zeroed before any slice
+                    // covers them (they are fresh, see `Fresh`); a padded step's gradients stay zero.
+                    let (dgr, dxr) = unsafe {
+                        dgs.zero(row * gw + cols.start, nc);
+                        let dxr: &mut [T] = if lstm {
                             &mut []
-                        }
+                        } else {
+                            dxs.zero(row * gw + cols.start, nc);
+                            dxs.at(row * gw + cols.start, nc)
+                        };
+                        (dgs.at(row * gw + cols.start, nc), dxr)
                     };
                     if t >= lengths[r] {
-                        dgr.iter_mut().chain(dxr.iter_mut()).for_each(|v| *v = T::ZERO);
                         continue;
                     }
                     let (own, mine) = (row * hw + u.start, r * un..(r + 1) * un);
@@ -897,6 +905,11 @@ impl<T: SeqFloat> Walk<'_, T> {
                 }
             }
         });
+        // SAFETY: every step's row of both, each thread's columns, was written above.
+        unsafe {
+            fresh.done();
+            fresh_x.done();
+        }
         dgates
     }
 }

@@ -81,7 +81,8 @@ pub struct SeqSaved<T> {
     cell: Cell,
     dims: SeqDims,
     lengths: Vec<usize>,
-    /// `(T, B, G·H)`: LSTM gate pre-activations, or GRU's `gh = W_hh h + b_hh`.
+    /// `(T, B, G·H)`: the LSTM's gate activations σ(i), σ(f), tanh(g), σ(o) (its backward then evaluates one tanh
+    /// per unit, not five), or the GRU's `gh = W_hh h + b_hh`.
     pub gates: Vec<T>,
     /// `(T, B, G·H)`: GRU's `gx = W_ih x + b_ih` (empty for the LSTM).
     pub gx: Vec<T>,
@@ -125,13 +126,17 @@ pub struct SeqGrads<T> {
     pub dc0: Vec<T>,
 }
 
-/// `C (m×n) = A (m×k) · B (k×n)` (or `C +=` with `accumulate`), strides in elements (`rs` row, `cs` column).
+/// `C (m×n) = A (m×k) · B (k×n)`, strides in elements (`rs` row, `cs` column). `C` need not be initialised: every
+/// element is written, none read.
+///
+/// # Safety
+/// `c` addresses `m` rows of `n` elements at stride `c_rs`; `a` and `b` hold the strided ranges named.
 #[allow(clippy::too_many_arguments)]
-fn gemm<T: Real>(
+unsafe fn gemm<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    c: &mut [T],
+    c: *mut T,
     c_rs: usize,
     a: &[T],
     a_rs: usize,
@@ -139,7 +144,6 @@ fn gemm<T: Real>(
     b: &[T],
     b_rs: usize,
     b_cs: usize,
-    accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -148,16 +152,16 @@ fn gemm<T: Real>(
     // Small products are not worth waking the pool.
     let par =
         if m * n * k >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the slices cover the strided ranges (checked by the callers' length asserts); T is f32 or f64.
+    // SAFETY: the caller's; T is f32 or f64.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             c_rs as isize,
-            accumulate,
+            false,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
@@ -286,8 +290,8 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dout
         "rnn sequence backward: lengths"
     );
     let mut g = SeqGrads {
-        dx: vec![T::ZERO; b * tt * c],
-        dparams: vec![T::ZERO; gw * (c + h + 2)],
+        dx: Vec::with_capacity(b * tt * c),
+        dparams: Vec::with_capacity(gw * (c + h + 2)),
         dh0: vec![T::ZERO; b * h],
         dc0: vec![T::ZERO; if lstm { b * h } else { 0 }],
     };
@@ -298,42 +302,64 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dout
                 g.dc0[r * h..(r + 1) * h].copy_from_slice(&dout[(b + r) * h..(b + r + 1) * h]);
             }
         }
+        g.dparams.resize(gw * (c + h + 2), T::ZERO);
         return g;
     }
     let bw = &saved.blocked;
     assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
-    let mut dgx = vec![T::ZERO; if lstm { 0 } else { b * tt * gw }];
+    let mut dgx = Vec::new();
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
     let dgates = walk.backward(saved, dout, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
     let dgx = if lstm { &dgates } else { &dgx };
     let ld = c + h;
+    // The products write every element of their outputs, and the permutations below every element of the
+    // gradients: no buffer here is zero-filled first (10 MB a B32 T64 H256 LSTM backward).
     // dx = dgx W_ih: (T·B × G·H) · (G·H × C), W_ih's rows in the gates' blocked order; step-major like the gates,
     // then batch-major.
-    let mut dx = vec![T::ZERO; b * tt * c];
-    gemm(b * tt, c, gw, &mut dx, c, dgx, gw, 1, &bw.w_ih(&p, c), c, 1, false);
+    let mut dx: Vec<T> = Vec::with_capacity(b * tt * c);
+    // SAFETY: dx has room for T·B rows of C; dgx holds T·B rows of G·H, W_ih G·H rows of C.
+    unsafe {
+        gemm(b * tt, c, gw, dx.as_mut_ptr(), c, dgx, gw, 1, &bw.w_ih(&p, c), c, 1);
+        dx.set_len(b * tt * c);
+    }
+    let gdx = g.dx.as_mut_ptr();
     for (t, rows) in dx.chunks_exact(b * c).enumerate() {
         for (r, row) in rows.chunks_exact(c).enumerate() {
-            g.dx[(r * tt + t) * c..(r * tt + t + 1) * c].copy_from_slice(row);
+            // SAFETY: row (r, t) of g.dx's room; each is written once.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), gdx.add((r * tt + t) * c), c) };
         }
     }
+    // SAFETY: every (r, t) row written above.
+    unsafe { g.dx.set_len(b * tt * c) };
     // [dW_ih | dW_hh] = dgatesᵀ [x | h_prev]: (G·H × T·B) · (T·B × C + H), one product for the LSTM; the GRU's two
     // halves have different gate gradients (dW_ih from dgx, dW_hh from dgh).
-    let mut dw = vec![T::ZERO; gw * ld];
-    if lstm {
-        gemm(gw, ld, b * tt, &mut dw, ld, &dgates, 1, gw, &saved.xh, ld, 1, false);
-    } else {
-        gemm(gw, c, b * tt, &mut dw, ld, dgx, 1, gw, &saved.xh, ld, 1, false);
-        gemm(gw, h, b * tt, &mut dw[c..], ld, &dgates, 1, gw, &saved.xh[c..], ld, 1, false);
+    let mut dw: Vec<T> = Vec::with_capacity(gw * ld);
+    // SAFETY: dw has room for G·H rows of C + H; the gate gradients hold T·B rows of G·H, xh T·B rows of C + H.
+    unsafe {
+        if lstm {
+            gemm(gw, ld, b * tt, dw.as_mut_ptr(), ld, &dgates, 1, gw, &saved.xh, ld, 1);
+        } else {
+            gemm(gw, c, b * tt, dw.as_mut_ptr(), ld, dgx, 1, gw, &saved.xh, ld, 1);
+            gemm(gw, h, b * tt, dw.as_mut_ptr().add(c), ld, &dgates, 1, gw, &saved.xh[c..], ld, 1);
+        }
+        dw.set_len(gw * ld);
     }
     // Back to PyTorch's rows, with the bias gradients (the LSTM's two biases both add to the gates).
     let db_ih = if lstm { &db } else { &db_x };
     let [wi, wh, bi, bh] = param_offsets(gw, c, h);
+    let gp = g.dparams.as_mut_ptr();
     for (col, (row, &r)) in dw.chunks_exact(ld).zip(&bw.perm).enumerate() {
-        g.dparams[wi + r * c..wi + (r + 1) * c].copy_from_slice(&row[..c]);
-        g.dparams[wh + r * h..wh + (r + 1) * h].copy_from_slice(&row[c..]);
-        g.dparams[bi + r] = db_ih[col];
-        g.dparams[bh + r] = db[col];
+        // SAFETY: PyTorch row r of W_ih, W_hh, b_ih and b_hh in g.dparams' room; `perm` is a permutation, so every
+        // element is written once.
+        unsafe {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), gp.add(wi + r * c), c);
+            std::ptr::copy_nonoverlapping(row[c..].as_ptr(), gp.add(wh + r * h), h);
+            gp.add(bi + r).write(db_ih[col]);
+            gp.add(bh + r).write(db[col]);
+        }
     }
+    // SAFETY: as above.
+    unsafe { g.dparams.set_len(gw * (c + h + 2)) };
     g
 }
