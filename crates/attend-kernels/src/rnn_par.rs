@@ -333,8 +333,8 @@ impl SeqFloat for f32 {
                     gemm_init(isa, mr, w, kc, ar, (lda, 1), pk, w, tile.as_mut_ptr(), w, Init::Accumulate);
                 }
                 for r in 0..mr {
-                    let dst = std::slice::from_raw_parts_mut(c.add((r0 + r) * ldc + j0), real);
-                    dst.copy_from_slice(&tile[r * w..r * w + real]);
+                    // Raw: C may be fresh memory (see `Fresh`) when nothing is accumulated.
+                    std::ptr::copy_nonoverlapping(tile[r * w..].as_ptr(), c.add((r0 + r) * ldc + j0), real);
                 }
             }
         }
@@ -795,6 +795,40 @@ impl<T: SeqFloat> Walk<'_, T> {
                 f.done();
             }
         }
+    }
+
+    /// `dx = dgx W_ih` for the gate gradients `dgx (T·B, G·H)` (step-major, blocked columns) the backward walk
+    /// returned, written straight into `dx (B, T, C)` (batch-major: one product per step, its rows `T·C` apart
+    /// in `dx`) on the team, each thread its columns of C with its rows of `W_ih` packed once. `dx` is
+    /// refilled.
+    pub fn input_grad(&self, dgx: &[T], dx: &mut Vec<T>) {
+        let SeqDims { b, t: tt, c, h, .. } = self.d;
+        let gw = self.cell.gates() * h;
+        assert!(dgx.len() == tt * b * gw, "rnn sequence: gate gradients of {} for T·B·G·H {}", dgx.len(), tt * b * gw);
+        let team = Team::new(&self.d);
+        let isa = team.isa;
+        let mut fresh = Fresh::new(dx, b * tt * c);
+        let out = fresh.shared();
+        let per = c.div_ceil(team.threads).div_ceil(T::PAD) * T::PAD;
+        team.run(h, |me, _| {
+            let cols = (me * per).min(c)..((me + 1) * per).min(c);
+            if cols.is_empty() {
+                return;
+            }
+            // W_ih's columns `cols`, its rows (the gates) in blocked order: `(G·H, cols)`.
+            let w = Panels::<T>::from_fn(gw, cols.len(), |k, j| self.p.w_ih[self.perm[k] * c + cols.start + j]);
+            for t in 0..tt {
+                // SAFETY: step t's rows of dgx (contiguous: read as they lie, where a product per sequence read rows
+                // B·G·H apart); rows (r, t) of dx, T·C apart, this thread's columns: written once, by the product,
+                // which reads nothing of them (`Start::Zero`); `isa` detected.
+                unsafe {
+                    let (a, at) = (dgx.as_ptr().add(t * b * gw), out.ptr(t * c + cols.start));
+                    T::product(&w, isa, b, a, gw, at, tt * c, Start::Zero);
+                }
+            }
+        });
+        // SAFETY: every row (r, t) of dx, every thread's columns.
+        unsafe { fresh.done() };
     }
 
     /// The backward walk. `dout` (laid out as `out`) is the gradient of the forward's `out`. Returns the gate gradients

@@ -199,11 +199,6 @@ impl<T: Real> Blocked<T> {
         let b_hh = perm.iter().map(|&r| p.b_hh[r]).collect();
         Self { perm, bias, b_hh }
     }
-
-    /// `W_ih (G·H, C)` with its rows in blocked order: the B operand of `dx = dgates W_ih`.
-    fn w_ih(&self, p: &SeqParams<T>, c: usize) -> Vec<T> {
-        self.perm.iter().flat_map(|&r| p.w_ih[r * c..(r + 1) * c].iter().copied()).collect()
-    }
 }
 
 /// Where `W_ih`, `W_hh`, `b_ih` and `b_hh` start in the flat parameters of `gw = G·H` gate rows. Flat rather than
@@ -315,23 +310,8 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dout
     let ld = c + h;
     // The products write every element of their outputs, and the permutations below every element of the
     // gradients: no buffer here is zero-filled first (10 MB a B32 T64 H256 LSTM backward).
-    // dx = dgx W_ih: (T·B × G·H) · (G·H × C), W_ih's rows in the gates' blocked order; step-major like the gates,
-    // then batch-major.
-    let mut dx: Vec<T> = Vec::with_capacity(b * tt * c);
-    // SAFETY: dx has room for T·B rows of C; dgx holds T·B rows of G·H, W_ih G·H rows of C.
-    unsafe {
-        gemm(b * tt, c, gw, dx.as_mut_ptr(), c, dgx, gw, 1, &bw.w_ih(&p, c), c, 1);
-        dx.set_len(b * tt * c);
-    }
-    let gdx = g.dx.as_mut_ptr();
-    for (t, rows) in dx.chunks_exact(b * c).enumerate() {
-        for (r, row) in rows.chunks_exact(c).enumerate() {
-            // SAFETY: row (r, t) of g.dx's room; each is written once.
-            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), gdx.add((r * tt + t) * c), c) };
-        }
-    }
-    // SAFETY: every (r, t) row written above.
-    unsafe { g.dx.set_len(b * tt * c) };
+    // dx = dgx W_ih: (B, T, C) from (T·B × G·H) · (G·H × C).
+    walk.input_grad(dgx, &mut g.dx);
     // [dW_ih | dW_hh] = dgatesᵀ [x | h_prev]: (G·H × T·B) · (T·B × C + H), one product for the LSTM; the GRU's two
     // halves have different gate gradients (dW_ih from dgx, dW_hh from dgh).
     let mut dw: Vec<T> = Vec::with_capacity(gw * ld);

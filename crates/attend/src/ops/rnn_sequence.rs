@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqParams, SeqSaved};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 use super::custom::{contiguous, KernelFloat};
 use crate::error::shape_str;
@@ -82,10 +82,6 @@ fn with_slices<T: KernelFloat, R>(
     f(&slices)
 }
 
-fn vec_of<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<T>()
-}
-
 /// `[h0 | c0] (B, 2H)` (LSTM) or `h0 (B, H)` as separate `(B, H)` buffers (`c0` empty for the GRU).
 fn split_state<T: Copy>(cell: Cell, b: usize, h: usize, state: &[T]) -> (Vec<T>, Vec<T>) {
     match cell {
@@ -139,8 +135,10 @@ impl Sequence {
         let Some(saved) = held.as_deref().and_then(T::unwrap) else {
             candle_core::bail!("{} backward: the forward's activations are missing", self.name())
         };
-        let g = with_slices(&[params], |s: &[&[T]]| {
-            Ok(k::sequence_backward(saved, SeqParams::flat(self.cell, c, h, s[0]), &vec_of(grad)?))
+        // The gradient of the flat output is read where it is, as the parameters.
+        let grad = grad.contiguous()?;
+        let g = with_slices(&[params, &grad], |s: &[&[T]]| {
+            Ok(k::sequence_backward(saved, SeqParams::flat(self.cell, c, h, s[0]), s[1]))
         })?;
         let dstate: Vec<T> = match self.cell {
             Cell::Lstm => {
