@@ -265,9 +265,16 @@ fn vector_len<S: Simd>(h: usize) -> usize {
     h - h % S::LANES
 }
 
-/// One vector of LSTM units: gate chunks `stride` apart from `g` (i f g o), the cell `c` → `h'`, `c'`.
+/// One vector of LSTM units: gate chunks `stride` apart from `g` (i f g o), the cell `c` → `h'`, `c'`; returns
+/// the activations σ(i), σ(f), tanh(g), σ(o) (the sequence kernel keeps them for its backward).
 #[inline(always)]
-unsafe fn lstm_forward_v<S: Simd>(g: *const f32, stride: usize, c: *const f32, hn: *mut f32, cn: *mut f32) {
+unsafe fn lstm_forward_v<S: Simd>(
+    g: *const f32,
+    stride: usize,
+    c: *const f32,
+    hn: *mut f32,
+    cn: *mut f32,
+) -> [S::V; 4] {
     let i = sigmoid_v::<S>(S::load(g));
     let f = sigmoid_v::<S>(S::load(g.add(stride)));
     let gg = S::tanh(S::load(g.add(2 * stride)));
@@ -275,6 +282,7 @@ unsafe fn lstm_forward_v<S: Simd>(g: *const f32, stride: usize, c: *const f32, h
     let c1 = S::fma(f, S::load(c), S::mul(i, gg));
     S::store(cn, c1);
     S::store(hn, S::mul(og, S::tanh(c1)));
+    [i, f, gg, og]
 }
 
 /// One vector of the LSTM backward: `dh` (total) and `dc` (from the next step) → gate gradients, `dc` of `c`.
@@ -585,19 +593,10 @@ unsafe fn lstm_forward_blocked_v<S: Simd>(g: &mut [f32], c: &[f32], hn: &mut [f3
         for j in (0..w).step_by(S::LANES) {
             let (gp, cp) = (g.as_mut_ptr().add(go + j), c.as_ptr().add(uo + j));
             let (hp, cnp) = (hn.as_mut_ptr().add(uo + j), cn.as_mut_ptr().add(uo + j));
-            let stride = w;
-            let i = sigmoid_v::<S>(S::load(gp));
-            let f = sigmoid_v::<S>(S::load(gp.add(stride)));
-            let gg = S::tanh(S::load(gp.add(2 * stride)));
-            let og = sigmoid_v::<S>(S::load(gp.add(3 * stride)));
-            let c1 = S::fma(f, S::load(cp), S::mul(i, gg));
-            S::store(cnp, c1);
-            S::store(hp, S::mul(og, S::tanh(c1)));
-            // The activations, for the backward (see `lstm_forward_block`).
-            S::store(gp, i);
-            S::store(gp.add(stride), f);
-            S::store(gp.add(2 * stride), gg);
-            S::store(gp.add(3 * stride), og);
+            // The activations replace the pre-activations, for the backward (see `lstm_forward_block`).
+            for (q, v) in lstm_forward_v::<S>(gp, w, cp, hp, cnp).into_iter().enumerate() {
+                S::store(gp.add(q * w), v);
+            }
         }
     }
 }
