@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from collections import Counter
 
 import torch
@@ -360,6 +361,7 @@ def bert():
         expect_close("bert-mlm logits", back(**inputs).logits, logits)
     print(f"bert: V {V}, specials {dict(zip(BERT_SPECIALS, range(5)))}, tokens {tokens}")
     st_bert(tok)
+    st_dense()
     return {"V": V}
 
 
@@ -394,6 +396,39 @@ def st_bert(tok):
     back = SentenceTransformer(out, device="cpu")
     expect_close("st-bert reload", back.encode(ST_TEXTS, batch_size=len(ST_TEXTS), convert_to_tensor=True), emb)
     print(f"st-bert: lengths {mask.sum(1).tolist()}")
+
+
+def st_dense():
+    """`st-bert` with two Dense modules between the pooling and the normalisation: 32 -> 24 with tanh (the default),
+    24 -> 16 with no activation (`torch.nn.Identity`, no bias)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    out = fresh_dir("st-dense")
+    torch.manual_seed(41)
+    st = SentenceTransformer(modules=[Transformer(os.path.join(HF, "bert"), max_seq_length=16),
+                                      Pooling(32, pooling_mode="mean"), Dense(32, 24),
+                                      Dense(24, 16, bias=False, activation_function=torch.nn.Identity()),
+                                      Normalize()], device="cpu").eval()
+    st.save(out, create_model_card=False)
+    emb = st.encode(ST_TEXTS, batch_size=len(ST_TEXTS), convert_to_tensor=True)
+    feats = st.preprocess(ST_TEXTS)
+    ids, mask = feats["input_ids"], feats["attention_mask"]
+    # By hand: BertModel, mean over real tokens, tanh(W1 x + b1), W2 ·, L2 normalise.
+    with torch.no_grad():
+        h = BertModel.from_pretrained(os.path.join(HF, "bert")).eval()(
+            input_ids=ids, attention_mask=mask, token_type_ids=feats.get("token_type_ids")).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        pooled = (h * m).sum(1) / m.sum(1)
+        d1, d2 = st[2].linear, st[3].linear
+        manual = torch.nn.functional.normalize(d2(torch.tanh(d1(pooled))), dim=-1)
+    expect_close("st-dense by hand", manual, emb, 1e-5)
+    tensors = {"embeddings": emb, "input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in feats:
+        tensors["token_type_ids"] = feats["token_type_ids"]
+    save_sorted("hf_ref", "st-dense", tensors, {"texts": json.dumps(ST_TEXTS, ensure_ascii=False)})
+    back = SentenceTransformer(out, device="cpu")
+    expect_close("st-dense reload", back.encode(ST_TEXTS, batch_size=len(ST_TEXTS), convert_to_tensor=True), emb)
+    print(f"st-dense: embeddings {tuple(emb.shape)}")
 
 
 # ---------------------------------------------------------------- T5
@@ -500,6 +535,7 @@ with each (inputs int64, outputs f32, texts and settings in the metadata). Regen
 | `bert/` | `BertModel`, 2 layers, C 32, 4 heads, WordPiece of 300 tokens | `bert`: `last_hidden_state`, `pooler_output` for a pair and a right-padded sentence |
 | `bert-mlm/` | `BertForMaskedLM`, same shape and tokenizer | `bert-mlm`: `mlm_logits` for the same inputs |
 | `st-bert/` | sentence-transformers 6: `bert/` with `max_seq_length` 16 (stored as `model_max_length` in `tokenizer_config.json`), mean pooling, normalize | `st-bert`: `embeddings` of 4 texts (one empty, one truncated) |
+| `st-dense/` | `st-bert/` with two sentence-transformers `Dense` modules after the pooling: 32 → 24 with tanh, 24 → 16 with `Identity` and no bias | `st-dense`: `embeddings` of the same 4 texts |
 | `t5/` | `T5ForConditionalGeneration`, 2+2 layers, C 32, gated-gelu (`gelu_new`), untied `lm_head` and `config.json` as Hub T5 v1.1 has it (`tie_word_embeddings` false: no d_model^-0.5 scaling), no tokenizer | `t5`: logits, encoder states, greedy `generate` |
 | `vit/` | `ViTForImageClassification`, 16x16 images, 4x4 patches, 5 labels | `vit`: logits, `last_hidden_state` |
 | `bert-pretrain/` | `BertForPreTraining`, BERT's shape and tokenizer | `bert-pretrain`: corrupted inputs, MLM `labels`, `next_sentence_label`, `prediction_logits`, `seq_relationship_logits`, `loss` and every parameter's gradient (`grad.<name>`; the tied decoder is `bert.embeddings.word_embeddings.weight`) |
@@ -616,4 +652,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1:
+        # One generator alone (its inputs must already be there), e.g. `hf.py st_dense`.
+        for name in sys.argv[1:]:
+            globals()[name]()
+    else:
+        main()

@@ -270,6 +270,25 @@ fn embed_matches_sentence_transformers_from_args_and_from_a_file() {
 }
 
 #[test]
+fn embed_applies_a_directorys_dense_projections_as_sentence_transformers() {
+    let refp = fixture("hf_ref/st-dense.safetensors");
+    let (r, meta) = (load(&refp), metadata(&refp));
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let model = fixture("hf/st-dense");
+    let args: Vec<&str> = ["embed", "--model", model.to_str().unwrap(), "--json"]
+        .into_iter()
+        .chain(texts.iter().map(String::as_str))
+        .collect();
+    let got = embeddings_of(&ok(&args));
+    assert_eq!(got.len(), texts.len());
+    for (i, (t, e)) in got.iter().enumerate() {
+        assert_eq!((t, e.len()), (&texts[i], 16), "text {i}: the last Dense module's width");
+        let g = Tensor::new(e.as_slice(), &candle_core::Device::Cpu).unwrap();
+        compare(&format!("dense text {i}"), &g, &r["embeddings"].get(i).unwrap(), PARITY).unwrap();
+    }
+}
+
+#[test]
 fn embed_refuses_what_it_cannot_embed_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let none = tmp.path().join("none");

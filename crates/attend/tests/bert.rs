@@ -9,7 +9,9 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use attend::checkpoint::hf::{load_bert, save_bert, sentence_layout, BertFamily, HfDir, SentenceEncoder};
+use attend::checkpoint::hf::{
+    load_bert, save_bert, sentence_layout, BertFamily, DenseActivation, HfDir, SentenceEncoder,
+};
 use attend::layers::pooling::{l2_normalize, pool, PoolingMode};
 use attend::models::bert::{
     best_spans, AnyBert, BertConfig, BertForTask, BertHeads, BertInput, BertTask, MlmMasking, TaskLogits, IGNORE,
@@ -434,15 +436,86 @@ fn the_older_sentence_transformers_layout_reads_the_same() {
     v["pooling_mode_cls_token"] = true.into();
     std::fs::write(&p, v.to_string()).unwrap();
     assert_eq!(sentence_layout(&dir).unwrap().pooling, vec![PoolingMode::Cls, PoolingMode::Max, PoolingMode::Mean]);
-    // An unknown module is refused by name.
+    // A module attend does not implement is refused by name; so is a Dense after the Normalize (its output would
+    // not be normalised, and sentence-transformers' order is the modules.json order).
     let m = dir.join("modules.json");
-    let mut mods: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
-    mods.as_array_mut().unwrap().push(
-        serde_json::json!({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}),
-    );
-    std::fs::write(&m, mods.to_string()).unwrap();
-    let e = sentence_layout(&dir).unwrap_err().to_string();
-    assert!(e.contains("sentence_transformers.models.Dense") && e.contains("modules.json"), "{e}");
+    let original = std::fs::read_to_string(&m).unwrap();
+    for ty in ["sentence_transformers.models.LSTM", "sentence_transformers.models.Dense"] {
+        let mut mods: serde_json::Value = serde_json::from_str(&original).unwrap();
+        mods.as_array_mut().unwrap().push(serde_json::json!({"idx": 3, "name": "3", "path": "3_X", "type": ty}));
+        std::fs::write(&m, mods.to_string()).unwrap();
+        let e = sentence_layout(&dir).unwrap_err().to_string();
+        assert!(e.contains(ty) && e.contains("modules.json") && !e.contains('\n'), "{e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn dense_projections_match_sentence_transformers() {
+    let dir = hf_dir("st-dense");
+    let layout = sentence_layout(&dir).unwrap();
+    let got: Vec<_> = layout.dense.iter().map(|d| (d.in_features, d.out_features, d.bias, d.activation)).collect();
+    assert_eq!(got, vec![(32, 24, true, DenseActivation::Tanh), (24, 16, false, DenseActivation::Identity)]);
+    let enc = SentenceEncoder::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(enc.dim(), 16);
+    let f = load("hf_ref", "st-dense");
+    let (ids, mask, tt) = (ids_of(&f.t("input_ids")), f.t("attention_mask"), f.t("token_type_ids"));
+    let emb = enc.embed(&ids, &mask.to_dtype(DType::U32).unwrap(), Some(&tt)).unwrap();
+    assert_close("embeddings (Dense)", &emb, &f.t("embeddings"), Tol { atol: 1e-5, rtol: 0.0 });
+}
+
+#[test]
+fn dense_modules_attend_cannot_apply_are_one_line_errors_naming_the_file() {
+    let src = hf_dir("st-dense");
+    let dir = std::env::temp_dir().join(format!("attend-st-dense-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("2_Dense")).unwrap();
+    let cfg = dir.join("2_Dense/config.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("2_Dense/config.json")).unwrap()).unwrap();
+    let load_err = |d: &std::path::Path| match SentenceEncoder::load(d, DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    let copy_all = || {
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let p = entry.unwrap().path();
+            let to = dir.join(p.file_name().unwrap());
+            if p.is_dir() {
+                std::fs::create_dir_all(&to).unwrap();
+                for f in std::fs::read_dir(&p).unwrap() {
+                    let f = f.unwrap().path();
+                    std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+                }
+            } else {
+                std::fs::copy(&p, &to).unwrap();
+            }
+        }
+    };
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("activation_function", "torch.nn.modules.activation.GELU".into(), "activation_function"),
+        ("use_residual", true.into(), "use_residual"),
+        ("module_input_name", "token_embeddings".into(), "module_input_name"),
+        ("in_features", 31.into(), "in_features 31"),
+    ];
+    for (key, value, says) in cases {
+        copy_all();
+        let mut v = original.clone();
+        v[key] = value;
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        let e = load_err(&dir);
+        assert!(e.contains(says) && e.contains("2_Dense") && !e.contains('\n'), "{key}: {e}");
+    }
+    // Weights that do not match the config, or are missing.
+    copy_all();
+    let mut v = original.clone();
+    v["out_features"] = 25.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("linear.weight") && e.contains("[25, 32]") && !e.contains('\n'), "{e}");
+    copy_all();
+    std::fs::remove_file(dir.join("2_Dense/model.safetensors")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("2_Dense") && e.contains("model.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -17,8 +17,8 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
-    /// A sentence-transformers directory (modules.json, 1_Pooling/, …) or a plain BERT / RoBERTa / DistilBERT one
-    /// (mean pooling).
+    /// A sentence-transformers directory (modules.json, 1_Pooling/, Dense and Normalize modules) or a plain BERT /
+    /// RoBERTa / DistilBERT one (mean pooling).
     #[arg(long)]
     model: PathBuf,
     /// Print one JSON line per text: {"text": ..., "embedding": [...]}.

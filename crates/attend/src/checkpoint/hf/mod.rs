@@ -37,7 +37,7 @@ mod vit;
 
 pub use bert::{bert_config, bert_heads, bert_names, load_bert, save_bert, BertFamily};
 pub use gpt2::{gpt2_config, gpt2_names, load_gpt2, save_gpt2};
-pub use sentence::{sentence_layout, SentenceEncoder, SentenceLayout};
+pub use sentence::{sentence_layout, DenseActivation, DenseModule, SentenceEncoder, SentenceLayout};
 pub use t5::{load_t5, save_t5, t5_config, t5_names};
 pub use vit::{load_vit, save_vit, vit_config, vit_names};
 
@@ -160,7 +160,7 @@ impl HfDir {
     }
 }
 
-fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub(crate) fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device).map_err(|e| file_error(path, format!("cannot load: {e}")))
 }
 

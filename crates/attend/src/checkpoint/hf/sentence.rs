@@ -1,5 +1,5 @@
-//! The sentence-transformers layout: `modules.json` lists the modules (a Transformer, a Pooling, optionally a
-//! Normalize) and where each keeps its files. Both generations of the files are read:
+//! The sentence-transformers layout: `modules.json` lists the modules (a Transformer, a Pooling, optionally Dense
+//! projections and a Normalize) and where each keeps its files. Both generations of the files are read:
 //!
 //! | file | sentence-transformers ≤ 5 (most Hub models) | sentence-transformers 6 |
 //! |---|---|---|
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::{bert::load_bert, file_error, HfDir};
+use super::{bert::load_bert, file_error, load_file, HfDir};
 use crate::layers::pooling::{l2_normalize, pool, PoolingMode};
 use crate::models::bert::{AnyBert, Bert, BertInput, BertPositions};
 use crate::Result;
@@ -32,6 +32,117 @@ pub struct SentenceLayout {
     pub max_seq_length: Option<usize>,
     /// Lower-case texts before tokenising (`sentence_bert_config.json`).
     pub do_lower_case: bool,
+    /// `Dense` projections after the pooling, in order.
+    pub dense: Vec<DenseModule>,
+}
+
+/// A sentence-transformers `Dense` module: `y = act(W x + b)` on the pooled embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseModule {
+    /// Its directory (`config.json`, `model.safetensors` with `linear.weight (out, in)` and `linear.bias`).
+    pub dir: PathBuf,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    pub activation: DenseActivation,
+}
+
+/// The activations a `Dense` module may name that attend implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseActivation {
+    /// `torch.nn.modules.activation.Tanh`, sentence-transformers' default.
+    Tanh,
+    /// `torch.nn.modules.linear.Identity`.
+    Identity,
+}
+
+/// A Dense module's `config.json`.
+fn dense_module(dir: &Path) -> Result<DenseModule> {
+    let path = dir.join("config.json");
+    let v = read_json(&path)?;
+    let size = |key: &str| -> Result<usize> {
+        v.get(key)
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .ok_or_else(|| file_error(&path, format!("needs `{key}`, a positive integer")))
+    };
+    let activation = match v.get("activation_function").and_then(Value::as_str) {
+        None | Some("torch.nn.modules.activation.Tanh") => DenseActivation::Tanh,
+        Some("torch.nn.modules.linear.Identity") => DenseActivation::Identity,
+        Some(other) => {
+            return Err(file_error(
+                &path,
+                format!(
+                    "activation_function {other:?} is not supported: attend applies torch.nn.modules.activation.Tanh                      or torch.nn.modules.linear.Identity"
+                ),
+            ))
+        }
+    };
+    if v.get("use_residual").and_then(Value::as_bool) == Some(true) {
+        return Err(file_error(&path, "use_residual true is not supported (attend applies act(W x + b) alone)"));
+    }
+    for key in ["module_input_name", "module_output_name"] {
+        if let Some(name) = v.get(key).and_then(Value::as_str).filter(|&n| n != "sentence_embedding") {
+            return Err(file_error(
+                &path,
+                format!("{key} {name:?} is not supported: attend's Dense modules map sentence_embedding to itself"),
+            ));
+        }
+    }
+    Ok(DenseModule {
+        dir: dir.to_path_buf(),
+        in_features: size("in_features")?,
+        out_features: size("out_features")?,
+        bias: v.get("bias").and_then(Value::as_bool).unwrap_or(true),
+        activation,
+    })
+}
+
+/// A Dense module's weights, checked against its config.
+#[derive(Clone, Debug)]
+struct Dense {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    activation: DenseActivation,
+}
+
+impl Dense {
+    fn load(m: &DenseModule, dtype: DType, device: &Device) -> Result<Self> {
+        let path = m.dir.join("model.safetensors");
+        if !path.is_file() {
+            let msg = if m.dir.join("pytorch_model.bin").is_file() {
+                "holds only pytorch_model.bin (a pickle, which attend does not read); re-save the model with                  sentence-transformers' `save(DIR, safe_serialization=True)`"
+            } else {
+                "has no model.safetensors"
+            };
+            return Err(file_error(&m.dir, msg));
+        }
+        let mut w = load_file(&path, device)?;
+        let mut take = |name: &str, dims: &[usize]| -> Result<Tensor> {
+            let t = w.remove(name).ok_or_else(|| file_error(&path, format!("has no tensor `{name}`")))?;
+            if t.dims() != dims {
+                return Err(file_error(
+                    &path,
+                    format!("tensor `{name}` is {:?}, expected {dims:?} from config.json", t.dims()),
+                ));
+            }
+            Ok(t.to_dtype(dtype)?)
+        };
+        let weight = take("linear.weight", &[m.out_features, m.in_features])?;
+        let bias = if m.bias { Some(take("linear.bias", &[m.out_features])?) } else { None };
+        Ok(Self { weight, bias, activation: m.activation })
+    }
+
+    /// # Shapes
+    /// `(B, in)` → `(B, out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = crate::ops::linear(x, &self.weight, self.bias.as_ref())?;
+        Ok(match self.activation {
+            DenseActivation::Tanh => y.tanh()?,
+            DenseActivation::Identity => y,
+        })
+    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -90,6 +201,7 @@ pub fn sentence_layout(dir: &Path) -> Result<SentenceLayout> {
         normalize: false,
         max_seq_length: None,
         do_lower_case: false,
+        dense: Vec::new(),
     };
     if modules_path.is_file() {
         let Value::Array(modules) = read_json(&modules_path)? else {
@@ -102,14 +214,17 @@ pub fn sentence_layout(dir: &Path) -> Result<SentenceLayout> {
             // The class name, whichever package path a version files it under.
             match ty.rsplit('.').next().unwrap_or("") {
                 "Transformer" if i == 0 => layout.transformer = sub,
-                "Pooling" => pooling = Some(pooling_modes(&sub.join("config.json"))?),
+                "Pooling" if !layout.normalize && layout.dense.is_empty() => {
+                    pooling = Some(pooling_modes(&sub.join("config.json"))?)
+                }
+                "Dense" if pooling.is_some() && !layout.normalize => layout.dense.push(dense_module(&sub)?),
                 "Normalize" => layout.normalize = true,
                 _ => {
                     return Err(file_error(
                         &modules_path,
                         format!(
-                            "module {i} of type `{ty}` is not supported: attend reads a Transformer (first), a \
-                             Pooling and a Normalize"
+                            "module {i} of type `{ty}` is not supported here: attend reads a Transformer (first), \
+                             a Pooling, Dense modules after it and a Normalize (last)"
                         ),
                     ))
                 }
@@ -135,11 +250,12 @@ pub fn sentence_layout(dir: &Path) -> Result<SentenceLayout> {
     Ok(layout)
 }
 
-/// A sentence encoder: a BERT-family encoder and its directory's pooling and normalisation.
+/// A sentence encoder: a BERT-family encoder and its directory's pooling, Dense projections and normalisation.
 #[derive(Clone, Debug)]
 pub struct SentenceEncoder {
     bert: Bert,
     layout: SentenceLayout,
+    dense: Vec<Dense>,
     max_len: usize,
 }
 
@@ -163,7 +279,20 @@ impl SentenceEncoder {
             BertPositions::Absolute => cfg.max_position_embeddings,
         };
         let max_len = layout.max_seq_length.map_or(positions, |m| m.min(positions));
-        Ok(Self { bert, layout, max_len })
+        // Each projection's input width is what the one before it gives.
+        let mut width = cfg.d_model * layout.pooling.len();
+        let mut dense = Vec::with_capacity(layout.dense.len());
+        for m in &layout.dense {
+            if m.in_features != width {
+                return Err(file_error(
+                    &m.dir.join("config.json"),
+                    format!("in_features {} does not fit the {width} values the module before it gives", m.in_features),
+                ));
+            }
+            dense.push(Dense::load(m, dtype, device)?);
+            width = m.out_features;
+        }
+        Ok(Self { bert, layout, dense, max_len })
     }
 
     pub fn layout(&self) -> &SentenceLayout {
@@ -177,7 +306,7 @@ impl SentenceEncoder {
 
     /// Embedding width.
     pub fn dim(&self) -> usize {
-        self.bert.config().d_model * self.layout.pooling.len()
+        self.layout.dense.last().map_or(self.bert.config().d_model * self.layout.pooling.len(), |m| m.out_features)
     }
 
     pub fn bert(&self) -> &Bert {
@@ -196,7 +325,10 @@ impl SentenceEncoder {
     ) -> Result<Tensor> {
         let input = BertInput { attention_mask: Some(attention_mask), token_type_ids, ..BertInput::new(input_ids) };
         let hidden = self.bert.forward(&input)?.hidden; // (B, T, C)
-        let pooled = pool(&hidden, attention_mask, &self.layout.pooling)?; // (B, D)
+        let mut pooled = pool(&hidden, attention_mask, &self.layout.pooling)?; // (B, D)
+        for d in &self.dense {
+            pooled = d.forward(&pooled)?; // (B, out)
+        }
         if self.layout.normalize {
             l2_normalize(&pooled)
         } else {
