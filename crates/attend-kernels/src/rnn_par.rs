@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::flash::gemm::{gemm_init, Init, QUANTUM};
+use crate::flash::gemm::{gemm_strided, Init, QUANTUM};
 use crate::flash::simd::Isa;
 use crate::flash::SyncPtr;
 use crate::rnn::{
@@ -304,7 +304,7 @@ impl SeqFloat for f32 {
                         (Start::Zero, _) => Init::Zero,
                         (Start::Bias(b), _) => Init::Row(b.as_ptr().add(j0)),
                     };
-                    gemm_init(isa, m, w, kc, a.add(k0), (lda, 1), panel.add(k0 * w), w, c.add(j0), ldc, init);
+                    gemm_strided(isa, m, w, kc, a.add(k0), (lda, 1), panel.add(k0 * w), w, c.add(j0), ldc, init);
                 }
                 continue;
             }
@@ -330,7 +330,7 @@ impl SeqFloat for f32 {
                 for k0 in (0..p.k).step_by(KC) {
                     let kc = KC.min(p.k - k0);
                     let (ar, pk) = (a.add(r0 * lda + k0), panel.add(k0 * w));
-                    gemm_init(isa, mr, w, kc, ar, (lda, 1), pk, w, tile.as_mut_ptr(), w, Init::Accumulate);
+                    gemm_strided(isa, mr, w, kc, ar, (lda, 1), pk, w, tile.as_mut_ptr(), w, Init::Accumulate);
                 }
                 for r in 0..mr {
                     // Raw: C may be fresh memory (see `Fresh`) when nothing is accumulated.

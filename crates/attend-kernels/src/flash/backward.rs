@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::forward::{dropout_tile, pack_transposed, score_tile, Operand};
-use super::gemm::{gemm, gemm_strided, QUANTUM};
+use super::gemm::{gemm, gemm_strided, Init, QUANTUM};
 use super::masks::{MaskMod, ScoreMod, TileKind};
 use super::rows::{exp_minus_lse, softmax_grad};
 use super::{require, round_up, FlashConfig, FlashDims, FlashError, SyncPtr};
@@ -210,7 +210,7 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
                                 dv,
                                 dva,
                                 dv,
-                                true,
+                                Init::Accumulate,
                             );
                             gemm(
                                 cfg.isa,
@@ -270,7 +270,7 @@ pub fn flash_backward<M: MaskMod, F: ScoreMod>(
                                 d,
                                 dka,
                                 d,
-                                true,
+                                Init::Accumulate,
                             );
                         }
                     }

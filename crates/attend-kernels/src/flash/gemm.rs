@@ -28,7 +28,7 @@ pub(crate) enum Init {
 }
 
 impl Init {
-    fn of(accumulate: bool) -> Self {
+    pub(crate) fn of(accumulate: bool) -> Self {
         if accumulate {
             Init::Accumulate
         } else {
@@ -194,36 +194,15 @@ unsafe fn gemm_avx2(
     gemm_generic::<Avx2, 6, 2>(m, n, k, a, lda, a_cs, b, ldb, c, ldc, acc)
 }
 
-/// `C (m × n) (+)= A (m × k) · B (k × n)`; `A[r][p]` is at `a + r·a_strides.0 + p·a_strides.1` (`(lda, 1)` for a
-/// row-major A, `(1, lda)` for the transpose of a row-major `k × m` matrix — no transposed copy needed); B and C are
-/// row-major with leading dimensions `ldb`, `ldc`.
+/// `C (m × n) = init + A (m × k) · B (k × n)`; `A[r][p]` is at `a + r·a_strides.0 + p·a_strides.1` (`(lda, 1)`
+/// for a row-major A, `(1, lda)` for the transpose of a row-major `k × m` matrix — no transposed copy needed); B and
+/// C are row-major with leading dimensions `ldb`, `ldc`.
 ///
 /// # Safety
 /// `n` is a multiple of [`QUANTUM`]; the pointers address at least the rows and columns described; `isa` is
-/// supported by this CPU; `c` does not overlap `a` or `b`.
+/// supported by this CPU; `c` does not overlap `a` or `b`; an [`Init::Row`] bias holds `n` elements.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_strided(
-    isa: Isa,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_strides: (usize, usize),
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_init(isa, m, n, k, a, a_strides, b, ldb, c, ldc, Init::of(accumulate))
-}
-
-/// [`gemm_strided`] with the accumulators starting as `init` says.
-///
-/// # Safety
-/// As for [`gemm_strided`]; an [`Init::Row`] bias holds `n` elements.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_init(
     isa: Isa,
     m: usize,
     n: usize,
@@ -264,7 +243,7 @@ pub(crate) unsafe fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
-    gemm_strided(isa, m, n, k, a, (lda, 1), b, ldb, c, ldc, accumulate)
+    gemm_strided(isa, m, n, k, a, (lda, 1), b, ldb, c, ldc, Init::of(accumulate))
 }
 
 #[cfg(test)]
@@ -299,7 +278,7 @@ mod tests {
                 }
                 let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0 - 1.0).collect();
                 let init = Init::Row(bias.as_ptr());
-                unsafe { gemm_init(isa, m, n, k, a.as_ptr(), (k, 1), b.as_ptr(), n, c.as_mut_ptr(), n, init) };
+                unsafe { gemm_strided(isa, m, n, k, a.as_ptr(), (k, 1), b.as_ptr(), n, c.as_mut_ptr(), n, init) };
                 for (i, (x, y)) in c.iter().zip(&want).enumerate() {
                     assert!((x - y - bias[i % n]).abs() < 1e-5, "{isa:?} bias row {m}x{n}x{k}");
                 }
