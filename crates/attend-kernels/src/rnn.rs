@@ -66,17 +66,37 @@ pub fn lstm_cell_forward<T: Real>(gates: &[T], c: &[T], out: &mut [T], h: usize)
     lstm_cell_forward_scalar(gates, c, out, h)
 }
 
+/// One LSTM unit from its gate pre-activations `[i, f, g, o]` and cell `c`: the activations σ(i), σ(f), tanh(g),
+/// σ(o), the new cell `c'` and output `h'`.
+#[inline(always)]
+fn lstm_unit_forward<T: Real>(g: [T; 4], c: T) -> ([T; 4], T, T) {
+    let (i, f, gg, o) = (sigmoid(g[0]), sigmoid(g[1]), g[2].tanh(), sigmoid(g[3]));
+    let c1 = f * c + i * gg;
+    ([i, f, gg, o], c1, o * c1.tanh())
+}
+
+/// The backward of [`lstm_unit_forward`] from its activations `a`, the cell `c` it read, the total gradient of
+/// `h'` and the gradient of `c'` from the next step: the gate gradients and the gradient of `c`.
+#[inline(always)]
+fn lstm_unit_backward<T: Real>(a: [T; 4], c: T, dh: T, dc: T) -> ([T; 4], T) {
+    let [i, f, gg, o] = a;
+    let tc = (f * c + i * gg).tanh();
+    // The new cell reaches the loss directly and through h' = o ⊙ tanh(c').
+    let dct = dc + dh * o * (T::ONE - tc * tc);
+    let dg = [
+        dct * gg * i * (T::ONE - i),
+        dct * c * f * (T::ONE - f),
+        dct * i * (T::ONE - gg * gg),
+        dh * tc * o * (T::ONE - o),
+    ];
+    (dg, dct * f)
+}
+
 pub(crate) fn lstm_cell_forward_scalar<T: Real>(gates: &[T], c: &[T], out: &mut [T], h: usize) {
     for ((g, cr), o) in gates.chunks_exact(4 * h).zip(c.chunks_exact(h)).zip(out.chunks_exact_mut(2 * h)) {
         let (hn, cn) = o.split_at_mut(h);
         for j in 0..h {
-            let i = sigmoid(g[j]);
-            let f = sigmoid(g[h + j]);
-            let gg = g[2 * h + j].tanh();
-            let og = sigmoid(g[3 * h + j]);
-            let c1 = f * cr[j] + i * gg;
-            cn[j] = c1;
-            hn[j] = og * c1.tanh();
+            (_, cn[j], hn[j]) = lstm_unit_forward([g[j], g[h + j], g[2 * h + j], g[3 * h + j]], cr[j]);
         }
     }
 }
@@ -118,18 +138,9 @@ pub(crate) fn lstm_cell_backward_scalar<T: Real>(
     for (((g, cr), d), (dg, dcr)) in rows.zip(dgates.chunks_exact_mut(4 * h).zip(dc.chunks_exact_mut(h))) {
         let (dh, dc1) = d.split_at(h);
         for j in 0..h {
-            let i = sigmoid(g[j]);
-            let f = sigmoid(g[h + j]);
-            let gg = g[2 * h + j].tanh();
-            let og = sigmoid(g[3 * h + j]);
-            let tc = (f * cr[j] + i * gg).tanh();
-            // The new cell reaches the loss directly and through h' = o ⊙ tanh(c').
-            let dct = dc1[j] + dh[j] * og * (T::ONE - tc * tc);
-            dg[j] = dct * gg * i * (T::ONE - i);
-            dg[h + j] = dct * cr[j] * f * (T::ONE - f);
-            dg[2 * h + j] = dct * i * (T::ONE - gg * gg);
-            dg[3 * h + j] = dh[j] * tc * og * (T::ONE - og);
-            dcr[j] = dct * f;
+            let (a, _, _) = lstm_unit_forward([g[j], g[h + j], g[2 * h + j], g[3 * h + j]], cr[j]);
+            let (d, dcp) = lstm_unit_backward(a, cr[j], dh[j], dc1[j]);
+            (dg[j], dg[h + j], dg[2 * h + j], dg[3 * h + j], dcr[j]) = (d[0], d[1], d[2], d[3], dcp);
         }
     }
 }
@@ -298,11 +309,26 @@ unsafe fn lstm_backward_v<S: Simd>(
     dg_stride: usize,
     dc_out: *mut f32,
 ) {
-    let one = S::splat(1.0);
     let i = sigmoid_v::<S>(S::load(g));
     let f = sigmoid_v::<S>(S::load(g.add(stride)));
     let gg = S::tanh(S::load(g.add(2 * stride)));
     let og = sigmoid_v::<S>(S::load(g.add(3 * stride)));
+    lstm_backward_acts_v::<S>([i, f, gg, og], c, dh, dc, dg, dg_stride, dc_out)
+}
+
+/// [`lstm_backward_v`] from the activations σ(i), σ(f), tanh(g), σ(o) (what the sequence kernel's forward kept).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn lstm_backward_acts_v<S: Simd>(
+    [i, f, gg, og]: [S::V; 4],
+    c: *const f32,
+    dh: S::V,
+    dc: S::V,
+    dg: *mut f32,
+    dg_stride: usize,
+    dc_out: *mut f32,
+) {
+    let one = S::splat(1.0);
     let cprev = S::load(c);
     let tc = S::tanh(S::fma(f, cprev, S::mul(i, gg)));
     // dc_total = dc' + dh·o·(1 − tanh²c')
@@ -477,11 +503,9 @@ type Block = (usize, usize, usize);
 fn lstm_forward_block<T: Real>(g: &mut [T], c: &[T], hn: &mut [T], cn: &mut [T], (w, go, uo): Block) {
     for j in 0..w {
         let k = go + j;
-        let (i, f, gg, o) = (sigmoid(g[k]), sigmoid(g[k + w]), g[k + 2 * w].tanh(), sigmoid(g[k + 3 * w]));
-        let c1 = f * c[uo + j] + i * gg;
-        cn[uo + j] = c1;
-        hn[uo + j] = o * c1.tanh();
-        (g[k], g[k + w], g[k + 2 * w], g[k + 3 * w]) = (i, f, gg, o);
+        let (a, c1, h1) = lstm_unit_forward([g[k], g[k + w], g[k + 2 * w], g[k + 3 * w]], c[uo + j]);
+        (cn[uo + j], hn[uo + j]) = (c1, h1);
+        (g[k], g[k + w], g[k + 2 * w], g[k + 3 * w]) = (a[0], a[1], a[2], a[3]);
     }
 }
 
@@ -492,17 +516,9 @@ fn lstm_forward_block<T: Real>(g: &mut [T], c: &[T], hn: &mut [T], cn: &mut [T],
 fn lstm_backward_block<T: Real>(a: &[T], c: &[T], dh: &[T], dy: &[T], dc: &mut [T], dg: &mut [T], (w, go, uo): Block) {
     for j in 0..w {
         let (k, u) = (go + j, uo + j);
-        let (i, f, gg, o) = (a[k], a[k + w], a[k + 2 * w], a[k + 3 * w]);
-        let cp = c[u];
-        let tc = (f * cp + i * gg).tanh();
-        let dht = dh[u] + dy[u];
-        // dc_total = dc' + dh·o·(1 − tanh²c')
-        let dct = dc[u] + dht * o * (T::ONE - tc * tc);
-        dg[k] = dct * gg * (i * (T::ONE - i));
-        dg[k + w] = dct * cp * (f * (T::ONE - f));
-        dg[k + 2 * w] = dct * i * (T::ONE - gg * gg);
-        dg[k + 3 * w] = dht * tc * (o * (T::ONE - o));
-        dc[u] = dct * f;
+        let acts = [a[k], a[k + w], a[k + 2 * w], a[k + 3 * w]];
+        let (d, dcp) = lstm_unit_backward(acts, c[u], dh[u] + dy[u], dc[u]);
+        (dg[k], dg[k + w], dg[k + 2 * w], dg[k + 3 * w], dc[u]) = (d[0], d[1], d[2], d[3], dcp);
     }
 }
 
@@ -619,20 +635,11 @@ unsafe fn lstm_backward_blocked_v<S: Simd>(
         }
         for j in (0..w).step_by(S::LANES) {
             let (k, gk) = (uo + j, go + j);
-            let one = S::splat(1.0);
             let dht = S::add(S::load(dh.as_ptr().add(k)), S::load(dy.as_ptr().add(k)));
             let dcp = dc.as_mut_ptr().add(k);
-            let (ap, dgp) = (a.as_ptr().add(gk), dg.as_mut_ptr().add(gk));
-            let (i, f, gg, og) = (S::load(ap), S::load(ap.add(w)), S::load(ap.add(2 * w)), S::load(ap.add(3 * w)));
-            let cprev = S::load(c.as_ptr().add(k));
-            let tc = S::tanh(S::fma(f, cprev, S::mul(i, gg)));
-            // As `lstm_backward_block`.
-            let dct = S::fma(S::mul(dht, og), S::sub(one, S::mul(tc, tc)), S::load(dcp));
-            S::store(dgp, S::mul(S::mul(dct, gg), S::mul(i, S::sub(one, i))));
-            S::store(dgp.add(w), S::mul(S::mul(dct, cprev), S::mul(f, S::sub(one, f))));
-            S::store(dgp.add(2 * w), S::mul(S::mul(dct, i), S::sub(one, S::mul(gg, gg))));
-            S::store(dgp.add(3 * w), S::mul(S::mul(dht, tc), S::mul(og, S::sub(one, og))));
-            S::store(dcp, S::mul(dct, f));
+            let ap = a.as_ptr().add(gk);
+            let acts = [S::load(ap), S::load(ap.add(w)), S::load(ap.add(2 * w)), S::load(ap.add(3 * w))];
+            lstm_backward_acts_v::<S>(acts, c.as_ptr().add(k), dht, S::load(dcp), dg.as_mut_ptr().add(gk), w, dcp);
         }
     }
 }
