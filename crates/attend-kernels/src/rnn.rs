@@ -276,6 +276,15 @@ fn vector_len<S: Simd>(h: usize) -> usize {
     h - h % S::LANES
 }
 
+/// The activations σ(i), σ(f), tanh(g), σ(o) of one vector of units, gate chunks `stride` apart from `g`.
+#[inline(always)]
+unsafe fn lstm_acts_v<S: Simd>(g: *const f32, stride: usize) -> [S::V; 4] {
+    let i = sigmoid_v::<S>(S::load(g));
+    let f = sigmoid_v::<S>(S::load(g.add(stride)));
+    let gg = S::tanh(S::load(g.add(2 * stride)));
+    [i, f, gg, sigmoid_v::<S>(S::load(g.add(3 * stride)))]
+}
+
 /// One vector of LSTM units: gate chunks `stride` apart from `g` (i f g o), the cell `c` → `h'`, `c'`; returns
 /// the activations σ(i), σ(f), tanh(g), σ(o) (the sequence kernel keeps them for its backward).
 #[inline(always)]
@@ -286,10 +295,7 @@ unsafe fn lstm_forward_v<S: Simd>(
     hn: *mut f32,
     cn: *mut f32,
 ) -> [S::V; 4] {
-    let i = sigmoid_v::<S>(S::load(g));
-    let f = sigmoid_v::<S>(S::load(g.add(stride)));
-    let gg = S::tanh(S::load(g.add(2 * stride)));
-    let og = sigmoid_v::<S>(S::load(g.add(3 * stride)));
+    let [i, f, gg, og] = lstm_acts_v::<S>(g, stride);
     let c1 = S::fma(f, S::load(c), S::mul(i, gg));
     S::store(cn, c1);
     S::store(hn, S::mul(og, S::tanh(c1)));
@@ -309,11 +315,7 @@ unsafe fn lstm_backward_v<S: Simd>(
     dg_stride: usize,
     dc_out: *mut f32,
 ) {
-    let i = sigmoid_v::<S>(S::load(g));
-    let f = sigmoid_v::<S>(S::load(g.add(stride)));
-    let gg = S::tanh(S::load(g.add(2 * stride)));
-    let og = sigmoid_v::<S>(S::load(g.add(3 * stride)));
-    lstm_backward_acts_v::<S>([i, f, gg, og], c, dh, dc, dg, dg_stride, dc_out)
+    lstm_backward_acts_v::<S>(lstm_acts_v::<S>(g, stride), c, dh, dc, dg, dg_stride, dc_out)
 }
 
 /// [`lstm_backward_v`] from the activations σ(i), σ(f), tanh(g), σ(o) (what the sequence kernel's forward kept).
