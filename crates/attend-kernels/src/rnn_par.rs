@@ -684,8 +684,8 @@ impl<T: SeqFloat> Walk<'_, T> {
                 }
             }
             // This thread's rows of W_ih and W_hh as B operands: stacked (k = C + H) for the LSTM, apart for the GRU.
-            let wx = |j: usize| &self.p.w_ih[self.perm[cols.start + j] * c..][..c];
-            let wh = |j: usize| &self.p.w_hh[self.perm[cols.start + j] * hw..][..hw];
+            let wx = |j: usize| self.p.ih(self.perm[cols.start + j]);
+            let wh = |j: usize| self.p.hh(self.perm[cols.start + j]);
             let (wxh, wx, wh) = match cell {
                 Cell::Lstm => {
                     let stacked = Panels::<T>::from_rows(c + hw, nc, |j| [wx(j), wh(j)]);
@@ -816,7 +816,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                 return;
             }
             // W_ih's columns `cols`, its rows (the gates) in blocked order: `(G·H, cols)`.
-            let w = Panels::<T>::from_fn(gw, cols.len(), |k, j| self.p.w_ih[self.perm[k] * c + cols.start + j]);
+            let w = Panels::<T>::from_fn(gw, cols.len(), |k, j| self.p.ih(self.perm[k])[cols.start + j]);
             for t in 0..tt {
                 // SAFETY: step t's rows of dgx (contiguous: read as they lie, where a product per sequence read rows
                 // B·G·H apart); rows (r, t) of dx, T·C apart, this thread's columns: written once, by the product,
@@ -831,14 +831,16 @@ impl<T: SeqFloat> Walk<'_, T> {
         unsafe { fresh.done() };
     }
 
-    /// The backward walk. `dout` (laid out as `out`) is the gradient of the forward's `out`. Returns the gate gradients
+    /// The backward walk. `dy (B, T, H)` and `dfinal (E, B, H)` are the gradients of the forward's outputs and
+    /// final states. Returns the gate gradients
     /// `(B, T, G·H)` in blocked order (the GRU's recurrent ones `dgh`; its input ones go to `dgx`), their column sums
     /// (`db`, and the GRU's `dgx` sums in `db_x`), and writes the initial state's gradients into `dh0` (and `dc0`).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         saved: &SeqSaved<T>,
-        dout: &[T],
+        dy: &[T],
+        dfinal: &[T],
         dgx: &mut Vec<T>,
         db: &mut [T],
         db_x: &mut [T],
@@ -861,13 +863,13 @@ impl<T: SeqFloat> Walk<'_, T> {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
             // W_hh's columns of this thread's units, its rows (the gates) in blocked order: `(G·H, un)`.
-            let wp = Panels::<T>::from_fn(gw, un, |k, j| self.p.w_hh[self.perm[k] * hw + u.start + j]);
+            let wp = Panels::<T>::from_fn(gw, un, |k, j| self.p.hh(self.perm[k])[u.start + j]);
             let np = wp.n;
             // This thread's units of dh and dc (gradients of the state after the step being walked), per sequence.
-            let final_row = |r: usize, q: usize| (b * tt + q * b + r) * hw + u.start;
-            let mut dh: Vec<T> = (0..b).flat_map(|r| dout[final_row(r, 0)..final_row(r, 0) + un].to_vec()).collect();
+            let last = |r: usize, q: usize| &dfinal[(q * b + r) * hw + u.start..][..un];
+            let mut dh: Vec<T> = (0..b).flat_map(|r| last(r, 0).to_vec()).collect();
             let mut dc: Vec<T> = match cell {
-                Cell::Lstm => (0..b).flat_map(|r| dout[final_row(r, 1)..final_row(r, 1) + un].to_vec()).collect(),
+                Cell::Lstm => (0..b).flat_map(|r| last(r, 1).to_vec()).collect(),
                 Cell::Gru => vec![],
             };
             let (mut sums, mut sums_x) = (vec![T::ZERO; nc], vec![T::ZERO; nc]);
@@ -893,7 +895,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                     let (own, mine) = (row * hw + u.start, r * un..(r + 1) * un);
                     let (gates, dy) =
-                        (&saved.gates[row * gw + cols.start..][..nc], &dout[(r * tt + t) * hw + u.start..][..un]);
+                        (&saved.gates[row * gw + cols.start..][..nc], &dy[(r * tt + t) * hw + u.start..][..un]);
                     // SAFETY: `isa` detected; row r's slices of this thread's units.
                     unsafe {
                         match cell {

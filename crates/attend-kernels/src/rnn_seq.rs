@@ -96,22 +96,57 @@ pub struct SeqSaved<T> {
 }
 
 /// The parameters of one direction as PyTorch lays them out: `W_ih (G·H, C)`, `W_hh (G·H, H)`, `b_ih`, `b_hh (G·H)`,
-/// each row-major.
+/// the weights row-major with a row stride each, so that they can be read in place either as PyTorch's two tensors
+/// ([`SeqParams::new`]) or side by side in one `[W_ih | W_hh] (G·H, C + H)` ([`SeqParams::stacked`], the operand
+/// whose gradient the backward writes as one product).
 #[derive(Clone, Copy, Debug)]
 pub struct SeqParams<'a, T> {
-    pub w_ih: &'a [T],
-    pub w_hh: &'a [T],
+    w_ih: &'a [T],
+    w_hh: &'a [T],
+    /// Row strides of `w_ih` and `w_hh`.
+    ld_ih: usize,
+    ld_hh: usize,
+    c: usize,
+    h: usize,
     pub b_ih: &'a [T],
     pub b_hh: &'a [T],
 }
 
-impl<'a, T> SeqParams<'a, T> {
-    /// The four, from one flat buffer laid out as [`param_offsets`] says.
-    pub fn flat(cell: Cell, c: usize, h: usize, params: &'a [T]) -> Self {
+impl<'a, T: Copy> SeqParams<'a, T> {
+    /// PyTorch's four tensors, each contiguous.
+    pub fn new(cell: Cell, c: usize, h: usize, w_ih: &'a [T], w_hh: &'a [T], b_ih: &'a [T], b_hh: &'a [T]) -> Self {
         let gw = cell.gates() * h;
-        let [wi, wh, bi, bh] = param_offsets(gw, c, h);
-        assert!(params.len() == bh + gw, "rnn sequence: {} flat parameters for G·H {gw}, C {c}, H {h}", params.len());
-        Self { w_ih: &params[wi..wh], w_hh: &params[wh..bi], b_ih: &params[bi..bh], b_hh: &params[bh..] }
+        assert!(
+            w_ih.len() == gw * c && w_hh.len() == gw * h && b_ih.len() == gw && b_hh.len() == gw,
+            "rnn sequence: parameters of {}, {}, {}, {} elements for G·H {gw}, C {c}, H {h}",
+            w_ih.len(),
+            w_hh.len(),
+            b_ih.len(),
+            b_hh.len()
+        );
+        Self { w_ih, w_hh, ld_ih: c, ld_hh: h, c, h, b_ih, b_hh }
+    }
+
+    /// `w = [W_ih | W_hh] (G·H, C + H)` and `b = [b_ih | b_hh] (2·G·H)`.
+    pub fn stacked(cell: Cell, c: usize, h: usize, w: &'a [T], b: &'a [T]) -> Self {
+        let gw = cell.gates() * h;
+        assert!(
+            w.len() == gw * (c + h) && b.len() == 2 * gw,
+            "rnn sequence: stacked parameters of {} and {} elements for G·H {gw}, C {c}, H {h}",
+            w.len(),
+            b.len()
+        );
+        Self { w_ih: w, w_hh: &w[c..], ld_ih: c + h, ld_hh: c + h, c, h, b_ih: &b[..gw], b_hh: &b[gw..] }
+    }
+
+    /// Row `r` of `W_ih` (C).
+    pub(crate) fn ih(&self, r: usize) -> &'a [T] {
+        &self.w_ih[r * self.ld_ih..][..self.c]
+    }
+
+    /// Row `r` of `W_hh` (H).
+    pub(crate) fn hh(&self, r: usize) -> &'a [T] {
+        &self.w_hh[r * self.ld_hh..][..self.h]
     }
 }
 
@@ -119,8 +154,10 @@ impl<'a, T> SeqParams<'a, T> {
 #[derive(Clone, Debug, Default)]
 pub struct SeqGrads<T> {
     pub dx: Vec<T>,
-    /// Laid out as the parameters (flat `W_ih`, `W_hh`, `b_ih`, `b_hh`).
-    pub dparams: Vec<T>,
+    /// `[dW_ih | dW_hh] (G·H, C + H)`, PyTorch's rows.
+    pub dw: Vec<T>,
+    pub db_ih: Vec<T>,
+    pub db_hh: Vec<T>,
     pub dh0: Vec<T>,
     /// Empty for the GRU.
     pub dc0: Vec<T>,
@@ -201,21 +238,15 @@ impl<T: Real> Blocked<T> {
     }
 }
 
-/// Where `W_ih`, `W_hh`, `b_ih` and `b_hh` start in the flat parameters of `gw = G·H` gate rows. Flat rather than
-/// one `(G·H, C + H + 2)` matrix: a caller that concatenates its tensors to build them gets their gradients back as
-/// contiguous slices.
-pub fn param_offsets(gw: usize, c: usize, h: usize) -> [usize; 4] {
-    [0, gw * c, gw * (c + h), gw * (c + h + 1)]
-}
-
 fn check<T>(cell: Cell, d: &SeqDims, p: &SeqParams<T>, lengths: &[usize]) {
     let SeqDims { b, t, c, h, .. } = *d;
     let gw = cell.gates() * h;
     assert!(
-        p.w_ih.len() == gw * c
-            && p.w_hh.len() == gw * h
+        p.c == c
+            && p.h == h
             && p.b_ih.len() == gw
-            && p.b_hh.len() == gw
+            && p.w_hh.len() >= gw.saturating_sub(1) * p.ld_hh + h
+            && p.w_ih.len() >= gw.saturating_sub(1) * p.ld_ih + c
             && lengths.len() == b
             && lengths.iter().all(|&l| l <= t),
         "rnn sequence: parameters or lengths do not fit B {b}, T {t}, C {c}, H {h}"
@@ -272,32 +303,32 @@ pub fn sequence_forward<T: SeqFloat>(
     (out, saved)
 }
 
-/// The backward of [`sequence_forward`] (run with `save`): `p` are the parameters it ran with, `dout (B·(T + E)·H)`
-/// the gradient of its `out`.
-pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dout: &[T]) -> SeqGrads<T> {
+/// The backward of [`sequence_forward`] (run with `save`): `p` are the parameters it ran with, `dy (B, T, H)` and
+/// `dfinal (E, B, H)` the gradients of its outputs and final states (`out` split where `y` ends).
+pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: &[T], dfinal: &[T]) -> SeqGrads<T> {
     let (cell, d, lengths) = (saved.cell, saved.dims, &saved.lengths[..]);
     check(cell, &d, &p, lengths);
     let SeqDims { b, t: tt, c, h, .. } = d;
     let (gw, e) = (cell.gates() * h, cell.extra_rows());
     let lstm = cell == Cell::Lstm;
     assert!(
-        dout.len() == b * (tt + e) * h && saved.gates.len() == b * tt * gw && saved.xh.len() == b * tt * (c + h),
+        dy.len() == b * tt * h
+            && dfinal.len() == e * b * h
+            && saved.gates.len() == b * tt * gw
+            && saved.xh.len() == b * tt * (c + h),
         "rnn sequence backward: lengths"
     );
+    let ld = c + h;
     let mut g = SeqGrads {
         dx: Vec::with_capacity(b * tt * c),
-        dparams: Vec::with_capacity(gw * (c + h + 2)),
-        dh0: vec![T::ZERO; b * h],
-        dc0: vec![T::ZERO; if lstm { b * h } else { 0 }],
+        dw: Vec::with_capacity(gw * ld),
+        db_ih: vec![T::ZERO; gw],
+        db_hh: vec![T::ZERO; gw],
+        dh0: dfinal[..b * h].to_vec(),
+        dc0: if lstm { dfinal[b * h..].to_vec() } else { vec![] },
     };
     if tt == 0 {
-        for r in 0..b {
-            g.dh0[r * h..(r + 1) * h].copy_from_slice(&dout[r * h..(r + 1) * h]);
-            if lstm {
-                g.dc0[r * h..(r + 1) * h].copy_from_slice(&dout[(b + r) * h..(b + r + 1) * h]);
-            }
-        }
-        g.dparams.resize(gw * (c + h + 2), T::ZERO);
+        g.dw.resize(gw * ld, T::ZERO);
         return g;
     }
     let bw = &saved.blocked;
@@ -305,10 +336,9 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dout
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
     let mut dgx = Vec::new();
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
-    let dgates = walk.backward(saved, dout, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
+    let dgates = walk.backward(saved, dy, dfinal, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
     let dgx = if lstm { &dgates } else { &dgx };
-    let ld = c + h;
-    // The products write every element of their outputs, and the permutations below every element of the
+    // The products write every element of their outputs, and the permutation below every element of the
     // gradients: no buffer here is zero-filled first (10 MB a B32 T64 H256 LSTM backward).
     // dx = dgx W_ih: (B, T, C) from (T·B × G·H) · (G·H × C).
     walk.input_grad(dgx, &mut g.dx);
@@ -327,19 +357,14 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dout
     }
     // Back to PyTorch's rows, with the bias gradients (the LSTM's two biases both add to the gates).
     let db_ih = if lstm { &db } else { &db_x };
-    let [wi, wh, bi, bh] = param_offsets(gw, c, h);
-    let gp = g.dparams.as_mut_ptr();
+    let gp = g.dw.as_mut_ptr();
     for (col, (row, &r)) in dw.chunks_exact(ld).zip(&bw.perm).enumerate() {
-        // SAFETY: PyTorch row r of W_ih, W_hh, b_ih and b_hh in g.dparams' room; `perm` is a permutation, so every
-        // element is written once.
-        unsafe {
-            std::ptr::copy_nonoverlapping(row.as_ptr(), gp.add(wi + r * c), c);
-            std::ptr::copy_nonoverlapping(row[c..].as_ptr(), gp.add(wh + r * h), h);
-            gp.add(bi + r).write(db_ih[col]);
-            gp.add(bh + r).write(db[col]);
-        }
+        // SAFETY: PyTorch row r in g.dw's room; `perm` is a permutation, so every row is written once.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), gp.add(r * ld), ld) };
+        g.db_ih[r] = db_ih[col];
+        g.db_hh[r] = db[col];
     }
     // SAFETY: as above.
-    unsafe { g.dparams.set_len(gw * (c + h + 2)) };
+    unsafe { g.dw.set_len(gw * ld) };
     g
 }

@@ -330,6 +330,62 @@ fn sequence_ops_match_finite_differences() {
 }
 
 #[test]
+fn sequence_gradients_reach_through_the_outputs_alone_or_the_final_states_alone() {
+    // The outputs and the final states are two graph nodes of one kernel call, the outputs' gradient handed to the
+    // call's backward beside candle's graph: a loss on either alone must still get every gradient right, and a
+    // second backward over the same graph must not reuse the first one's output gradient.
+    let (b, t, c, h) = (3, 4, 3, 5);
+    let lengths = [4usize, 2, 3];
+    let x = randn64(&[b, t, c], 110);
+    let (h0, c0) = (randn64(&[b, h], 111), randn64(&[b, h], 112));
+    for (g, kind) in [(4, "lstm"), (3, "gru")] {
+        let w_ih = (randn64(&[g * h, c], 113) * 0.7).unwrap();
+        let w_hh = (randn64(&[g * h, h], 114) * 0.3).unwrap();
+        let b_ih = randn64(&[g * h], 115);
+        // Either y (`states` false) or the final states, flat.
+        let run = |x: &Tensor, w_hh: &Tensor, h0: &Tensor, states: bool| {
+            let p = ops::SequenceParams { w_ih: &w_ih, w_hh, b_ih: Some(&b_ih), b_hh: None };
+            let parts = if g == 4 {
+                let (y, hn, cn) = ops::lstm_sequence(x, p, h0, &c0, Some(&lengths), false).unwrap();
+                if states {
+                    vec![hn, cn]
+                } else {
+                    vec![y]
+                }
+            } else {
+                let (y, hn) = ops::gru_sequence(x, p, h0, Some(&lengths), false).unwrap();
+                if states {
+                    vec![hn]
+                } else {
+                    vec![y]
+                }
+            };
+            Tensor::cat(&parts.iter().map(|p| p.flatten_all().unwrap()).collect::<Vec<_>>(), 0).unwrap()
+        };
+        for states in [false, true] {
+            let name = |what: &str| format!("{kind} {what} through {}", if states { "the states" } else { "y" });
+            fd_check(&name("dx"), x.clone(), |v| run(v, &w_hh, &h0, states));
+            fd_check(&name("dw_hh"), w_hh.clone(), |v| run(&x, v, &h0, states));
+            fd_check(&name("dh0"), h0.clone(), |v| run(&x, &w_hh, v, states));
+        }
+        // One forward, three backward passes: through y, through the states only, through y again.
+        let xv = Var::from_tensor(&x).unwrap();
+        let p = ops::SequenceParams { w_ih: &w_ih, w_hh: &w_hh, b_ih: Some(&b_ih), b_hh: None };
+        let (y, hn) = if g == 4 {
+            let (y, hn, _) = ops::lstm_sequence(xv.as_tensor(), p, &h0, &c0, Some(&lengths), false).unwrap();
+            (y, hn)
+        } else {
+            ops::gru_sequence(xv.as_tensor(), p, &h0, Some(&lengths), false).unwrap()
+        };
+        let grad = |loss: &Tensor| loss.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+        let (by_y, by_h) = (grad(&y.sum_all().unwrap()), grad(&hn.sum_all().unwrap()));
+        let fresh_h = grad(&run(xv.as_tensor(), &w_hh, &h0, true).narrow(0, 0, b * h).unwrap().sum_all().unwrap());
+        assert_close(&format!("{kind} states-only backward after a y backward"), &by_h, &fresh_h, F64);
+        assert_close(&format!("{kind} a second y backward"), &grad(&y.sum_all().unwrap()), &by_y, F64);
+    }
+}
+
+#[test]
 fn f32_sequence_path_equals_the_composed_cells() {
     // The f32 path runs the recurrence on persistent threads with packed weights; an odd hidden width splits
     // unevenly between threads and leaves row tails for the vector cells.

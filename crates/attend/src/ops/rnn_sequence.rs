@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqParams, SeqSaved};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 use super::custom::{contiguous, KernelFloat};
 use crate::error::shape_str;
@@ -56,16 +56,45 @@ impl SavedOf for f64 {
     }
 }
 
-/// The op's operands: `x (B, T, C)`, the parameters flat, `W_ih`, `W_hh`, `b_ih`, `b_hh` one after the other
-/// (a custom op takes three operands), and the initial state `(B, E·H)`: `[h0 | c0]` (LSTM, E = 2) or `h0`.
+/// What the two graph nodes of one call share. A candle op has one output, and the call has two: the final states
+/// (the [`Sequence`] node, whose operands are everything with a gradient) and the outputs `y` (the [`Outputs`]
+/// node, on the states). One flat output narrowed into both instead would cost the backward a zeros + add and a
+/// concatenation the size of `y` per view (candle accumulates every node's gradient that way).
+#[derive(Default)]
+struct Link {
+    /// The forward's activations; shared, not borrowed, by the backward: the lock is held only to clone the handle,
+    /// never across the kernel.
+    saved: Option<Arc<Saved>>,
+    /// `y`, computed with the final states, until the outputs node takes it.
+    y: Option<CpuStorage>,
+    /// The gradient of `y`, left here by the outputs node's backward for the sequence node's: a node's backward runs
+    /// after that of every node that consumes it, so the outputs node's (the consumer) comes first. Taken, so that
+    /// a later backward in which `y` plays no part does not see it.
+    dy: Option<Tensor>,
+}
+
+fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
+    // Nothing panics while the lock is held, so a poisoned lock still holds a consistent value.
+    link.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The sequence node: operands `x (B, T, C)`, `w = [W_ih | W_hh] (G·H, C + H)` and
+/// `small = [b_ih | b_hh | h0 | c0]` (flat: `2·G·H + E·B·H`; no `c0` for the GRU, E = 1), output the final states
+/// `(E, B, H)`: `h_n` (and `c_n`).
 struct Sequence {
     cell: Cell,
     dims: SeqDims,
     lengths: Vec<usize>,
     /// Whether a backward can follow (an operand tracks gradients): inference keeps no gate activations.
     save: bool,
-    /// Shared, not borrowed, by the backward: the lock is held only to clone the handle, never across the kernel.
-    saved: Mutex<Option<Arc<Saved>>>,
+    link: Arc<Mutex<Link>>,
+}
+
+/// The outputs node: operand the sequence node's states, output `y (B, T, H)` (see [`Link`]).
+struct Outputs {
+    name: &'static str,
+    shape: Shape,
+    link: Arc<Mutex<Link>>,
 }
 
 /// `f` over the elements of each contiguous CPU tensor, read where they are.
@@ -82,76 +111,73 @@ fn with_slices<T: KernelFloat, R>(
     f(&slices)
 }
 
-/// `[h0 | c0] (B, 2H)` (LSTM) or `h0 (B, H)` as separate `(B, H)` buffers (`c0` empty for the GRU).
-fn split_state<T: Copy>(cell: Cell, b: usize, h: usize, state: &[T]) -> (Vec<T>, Vec<T>) {
-    match cell {
-        Cell::Lstm => (
-            (0..b).flat_map(|r| state[r * 2 * h..r * 2 * h + h].to_vec()).collect(),
-            (0..b).flat_map(|r| state[r * 2 * h + h..(r + 1) * 2 * h].to_vec()).collect(),
-        ),
-        Cell::Gru => (state.to_vec(), vec![]),
-    }
-}
-
 impl Sequence {
     /// The flat output `out (B·(T + E)·H)` of the kernel, and what it saved.
-    fn kernel<T: SeqFloat>(&self, x: &[T], p: SeqParams<T>, state: &[T]) -> (Vec<T>, SeqSaved<T>) {
-        let SeqDims { b, h, .. } = self.dims;
-        let (h0, c0) = split_state(self.cell, b, h, state);
-        k::sequence_forward(self.cell, self.dims, x, p, &self.lengths, &h0, &c0, self.save)
+    fn kernel<T: SeqFloat>(&self, x: &[T], p: SeqParams<T>, h0: &[T], c0: &[T]) -> (Vec<T>, SeqSaved<T>) {
+        k::sequence_forward(self.cell, self.dims, x, p, &self.lengths, h0, c0, self.save)
     }
 
     /// The forward without a graph node (nothing tracks a gradient): `out (B·(T + E)·H)`.
-    fn infer<T: KernelFloat + SeqFloat>(
-        &self,
-        x: &Tensor,
-        state: &Tensor,
-        p: &[Tensor; 4],
-    ) -> candle_core::Result<Tensor> {
-        let out = with_slices(&[x, state, &p[0], &p[1], &p[2], &p[3]], |s: &[&[T]]| {
-            Ok(self.kernel(s[0], SeqParams { w_ih: s[2], w_hh: s[3], b_ih: s[4], b_hh: s[5] }, s[1]).0)
+    fn infer<T: KernelFloat + SeqFloat>(&self, x: &Tensor, state: &[&Tensor], p: &[Tensor; 4]) -> Result<Tensor> {
+        let SeqDims { c, h, .. } = self.dims;
+        let c0 = state.get(1).unwrap_or(&state[0]); // the GRU's is not read
+        let out = with_slices(&[x, state[0], c0, &p[0], &p[1], &p[2], &p[3]], |s: &[&[T]]| {
+            let p = SeqParams::new(self.cell, c, h, s[3], s[4], s[5], s[6]);
+            let c0 = if self.cell == Cell::Lstm { s[2] } else { &[] };
+            Ok(self.kernel(s[0], p, s[1], c0).0)
         })?;
         let n = out.len();
-        Tensor::from_vec(out, n, x.device())
+        Ok(Tensor::from_vec(out, n, x.device())?)
     }
 
-    fn forward<T: SavedOf>(&self, x: &[T], params: &[T], state: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
-        let SeqDims { c, h, .. } = self.dims;
-        let (out, saved) = self.kernel(x, SeqParams::flat(self.cell, c, h, params), state);
-        // Nothing panics while the lock is held, so a poisoned lock still holds a consistent value.
-        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(T::wrap(saved)));
-        let n = out.len();
-        Ok((T::storage(out), Shape::from(n)))
+    fn forward<T: SavedOf>(&self, x: &[T], w: &[T], small: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
+        let SeqDims { b, t, c, h, .. } = self.dims;
+        let (gw, e) = (self.cell.gates() * h, self.cell.extra_rows());
+        if small.len() != 2 * gw + e * b * h {
+            candle_core::bail!("{}: {} biases and states for G·H {gw}, B {b}, H {h}", self.name(), small.len());
+        }
+        let (bias, state) = small.split_at(2 * gw);
+        let (h0, c0) = state.split_at(b * h);
+        let (mut out, saved) = self.kernel(x, SeqParams::stacked(self.cell, c, h, w, bias), h0, c0);
+        let states = out.split_off(b * t * h);
+        let mut link = lock(&self.link);
+        link.saved = Some(Arc::new(T::wrap(saved)));
+        link.y = Some(T::storage(out));
+        Ok((T::storage(states), Shape::from((e, b, h))))
     }
 
     fn backward<T: SavedOf>(
         &self,
-        x: &Tensor,
-        params: &Tensor,
-        grad: &Tensor,
+        w: &Tensor,
+        small: &Tensor,
+        dstates: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let SeqDims { b, t, c, h, .. } = self.dims;
-        let held = self.saved.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let gw = self.cell.gates() * h;
+        let (held, dy) = {
+            let mut link = lock(&self.link);
+            (link.saved.clone(), link.dy.take())
+        };
         let Some(saved) = held.as_deref().and_then(T::unwrap) else {
             candle_core::bail!("{} backward: the forward's activations are missing", self.name())
         };
-        // The gradient of the flat output is read where it is, as the parameters.
-        let grad = grad.contiguous()?;
-        let g = with_slices(&[params, &grad], |s: &[&[T]]| {
-            Ok(k::sequence_backward(saved, SeqParams::flat(self.cell, c, h, s[0]), s[1]))
-        })?;
-        let dstate: Vec<T> = match self.cell {
-            Cell::Lstm => {
-                (0..b).flat_map(|r| [&g.dh0[r * h..(r + 1) * h], &g.dc0[r * h..(r + 1) * h]].concat()).collect()
-            }
-            Cell::Gru => g.dh0,
+        let dev = w.device();
+        // No gradient of y when only the final states reach the loss.
+        let dy = match dy {
+            Some(dy) => dy.contiguous()?,
+            None => Tensor::zeros((b, t, h), w.dtype(), dev)?,
         };
-        let dev = x.device();
-        let gw = self.cell.gates() * h;
+        let dstates = dstates.contiguous()?;
+        let g = with_slices(&[w, small, &dy, &dstates], |s: &[&[T]]| {
+            let p = SeqParams::stacked(self.cell, c, h, s[0], &s[1][..2 * gw]);
+            Ok(k::sequence_backward(saved, p, s[2], s[3]))
+        })?;
+        let dsmall = [g.db_ih, g.db_hh, g.dh0, g.dc0].concat();
+        let n = dsmall.len();
         Ok((
             Tensor::from_vec(g.dx, (b, t, c), dev)?,
-            Tensor::from_vec(g.dparams, gw * (c + h + 2), dev)?,
-            Tensor::from_vec(dstate, (b, self.cell.extra_rows() * h), dev)?,
+            Tensor::from_vec(g.dw, (gw, c + h), dev)?,
+            Tensor::from_vec(dsmall, n, dev)?,
         ))
     }
 }
@@ -177,16 +203,16 @@ impl CustomOp3 for Sequence {
             DType::F32 => {
                 let (a, b, c) = (
                     contiguous(f32::slice(s1)?, l1, "x")?,
-                    contiguous(f32::slice(s2)?, l2, "params")?,
-                    contiguous(f32::slice(s3)?, l3, "state")?,
+                    contiguous(f32::slice(s2)?, l2, "weights")?,
+                    contiguous(f32::slice(s3)?, l3, "biases and states")?,
                 );
                 self.forward::<f32>(a, b, c)
             }
             DType::F64 => {
                 let (a, b, c) = (
                     contiguous(f64::slice(s1)?, l1, "x")?,
-                    contiguous(f64::slice(s2)?, l2, "params")?,
-                    contiguous(f64::slice(s3)?, l3, "state")?,
+                    contiguous(f64::slice(s2)?, l2, "weights")?,
+                    contiguous(f64::slice(s3)?, l3, "biases and states")?,
                 );
                 self.forward::<f64>(a, b, c)
             }
@@ -197,17 +223,36 @@ impl CustomOp3 for Sequence {
     fn bwd(
         &self,
         x: &Tensor,
-        params: &Tensor,
-        _state: &Tensor,
+        w: &Tensor,
+        small: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (a, b, c) = match x.dtype() {
-            DType::F32 => self.backward::<f32>(x, params, grad)?,
-            DType::F64 => self.backward::<f64>(x, params, grad)?,
+            DType::F32 => self.backward::<f32>(w, small, grad)?,
+            DType::F64 => self.backward::<f64>(w, small, grad)?,
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
         Ok((Some(a), Some(b), Some(c)))
+    }
+}
+
+impl CustomOp1 for Outputs {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match lock(&self.link).y.take() {
+            Some(y) => Ok((y, self.shape.clone())),
+            None => candle_core::bail!("{}: the sequence's outputs were already taken", self.name),
+        }
+    }
+
+    fn bwd(&self, states: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // The gradient of y goes to the sequence node through the link; the states themselves get none from here.
+        lock(&self.link).dy = Some(grad.clone());
+        Ok(Some(states.zeros_like()?))
     }
 }
 
@@ -220,7 +265,7 @@ pub struct SequenceParams<'a> {
     pub b_hh: Option<&'a Tensor>,
 }
 
-/// Checks the shapes and runs the op: `out (B·(T + E)·H)`, flat: `y (B, T, H)`, `h_n (B, H)` [, `c_n (B, H)`].
+/// Checks the shapes and runs the op: `y (B, T, H)` and the final states `(E, B, H)`: `h_n` [, `c_n`].
 fn run(
     cell: Cell,
     op: &'static str,
@@ -229,7 +274,7 @@ fn run(
     state: &[&Tensor],
     lengths: Option<&[usize]>,
     reverse: bool,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     ensure!(x.rank() == 3, op, "expected x (B, T, C), got {}", shape_str(x));
     let (b, t, c) = x.dims3()?;
     let gw = p.w_hh.dim(0)?;
@@ -258,8 +303,8 @@ fn run(
     };
     let dtype = x.dtype();
     let x = x.contiguous()?;
-    let state = Tensor::cat(&state.iter().map(|s| s.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?, 1)?
-        .contiguous()?; // (B, E·H)
+    let state: Vec<Tensor> =
+        state.iter().map(|s| s.to_dtype(dtype)?.contiguous()).collect::<candle_core::Result<_>>()?;
     let bias = |v: Option<&Tensor>| -> Result<Tensor> {
         Ok(match v {
             Some(v) => {
@@ -275,19 +320,31 @@ fn run(
         bias(p.b_ih)?.contiguous()?,
         bias(p.b_hh)?.contiguous()?,
     ];
-    let save = x.track_op() || state.track_op() || parts.iter().any(Tensor::track_op);
-    let op = Sequence { cell, dims: SeqDims { b, t, c, h, reverse }, lengths, save, saved: Mutex::new(None) };
+    let save = x.track_op() || state.iter().any(Tensor::track_op) || parts.iter().any(Tensor::track_op);
+    let link = Arc::new(Mutex::new(Link::default()));
+    let seq = Sequence { cell, dims: SeqDims { b, t, c, h, reverse }, lengths, save, link: link.clone() };
+    let e = cell.extra_rows();
     if !save {
-        // Inference: the kernel reads the four parameter tensors where they are, with no graph node to give them
-        // to as one operand (a custom op takes three), so no 2·G·H·(C + H) copy into one buffer.
-        return Ok(match dtype {
-            DType::F32 => op.infer::<f32>(&x, &state, &parts)?,
-            _ => op.infer::<f64>(&x, &state, &parts)?,
-        });
+        // Inference: the kernel reads the parameter and state tensors where they are, with no graph node to give
+        // them to as three operands, so no 2·G·H·(C + H) copy into one buffer.
+        let out = match dtype {
+            DType::F32 => seq.infer::<f32>(&x, &state.iter().collect::<Vec<_>>(), &parts)?,
+            _ => seq.infer::<f64>(&x, &state.iter().collect::<Vec<_>>(), &parts)?,
+        };
+        let y = out.narrow(0, 0, b * t * h)?.reshape((b, t, h))?;
+        return Ok((y, out.narrow(0, b * t * h, e * b * h)?.reshape((e, b, h))?));
     }
-    let flat: Vec<Tensor> = parts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
-    let params = Tensor::cat(&flat, 0)?; // (G·H·(C + H + 2)), `rnn_seq::param_offsets`
-    Ok(x.apply_op3(&params, &state, op)?) // (B·(T + E)·H)
+    let w = Tensor::cat(&[&parts[0], &parts[1]], 1)?; // (G·H, C + H)
+    let mut small = vec![parts[2].clone(), parts[3].clone()];
+    small.extend(state.iter().map(Tensor::flatten_all).collect::<candle_core::Result<Vec<_>>>()?);
+    let small = Tensor::cat(&small, 0)?; // (2·G·H + E·B·H)
+    let name = match cell {
+        Cell::Lstm => "attend-lstm-outputs",
+        Cell::Gru => "attend-gru-outputs",
+    };
+    let states = x.apply_op3(&w, &small, seq)?; // (E, B, H)
+    let y = states.apply_op1(Outputs { name, shape: Shape::from((b, t, h)), link })?; // (B, T, H)
+    Ok((y, states))
 }
 
 /// A whole LSTM direction over `x`; `reverse` walks the steps backwards (from each sequence's last valid step).
@@ -300,9 +357,8 @@ pub fn lstm_sequence(
     lengths: Option<&[usize]>,
     reverse: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let out = run(Cell::Lstm, "lstm sequence", x, p, &[h0, c0], lengths, reverse)?;
-    let (y, states) = split_out(&out, x, p.w_hh.dim(1)?, 2)?;
-    Ok((y, states[0].clone(), states[1].clone()))
+    let (y, states) = run(Cell::Lstm, "lstm sequence", x, p, &[h0, c0], lengths, reverse)?;
+    Ok((y, states.get(0)?, states.get(1)?))
 }
 
 /// A whole GRU direction over `x` (`b_hh` inside the reset gate's product, as PyTorch). Returns `y (B, T, H)`, `h_n`.
@@ -313,16 +369,6 @@ pub fn gru_sequence(
     lengths: Option<&[usize]>,
     reverse: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let out = run(Cell::Gru, "gru sequence", x, p, &[h0], lengths, reverse)?;
-    let (y, states) = split_out(&out, x, p.w_hh.dim(1)?, 1)?;
-    Ok((y, states[0].clone()))
-}
-
-/// The flat output of the op as `y (B, T, H)` and `e` states `(B, H)`, contiguous views.
-fn split_out(out: &Tensor, x: &Tensor, h: usize, e: usize) -> Result<(Tensor, Vec<Tensor>)> {
-    let (b, t, _) = x.dims3()?;
-    let y = out.narrow(0, 0, b * t * h)?.reshape((b, t, h))?;
-    let states =
-        (0..e).map(|q| Ok(out.narrow(0, (b * t + q * b) * h, b * h)?.reshape((b, h))?)).collect::<Result<Vec<_>>>()?;
-    Ok((y, states))
+    let (y, states) = run(Cell::Gru, "gru sequence", x, p, &[h0], lengths, reverse)?;
+    Ok((y, states.get(0)?))
 }
