@@ -797,50 +797,20 @@ impl<T: SeqFloat> Walk<'_, T> {
         }
     }
 
-    /// `dx = dgx W_ih` for the gate gradients `dgx (T·B, G·H)` (step-major, blocked columns) the backward walk
-    /// returned, written straight into `dx (B, T, C)` (batch-major: one product per step, its rows `T·C` apart
-    /// in `dx`) on the team, each thread its columns of C with its rows of `W_ih` packed once. `dx` is
-    /// refilled.
-    pub fn input_grad(&self, dgx: &[T], dx: &mut Vec<T>) {
-        let SeqDims { b, t: tt, c, h, .. } = self.d;
-        let gw = self.cell.gates() * h;
-        assert!(dgx.len() == tt * b * gw, "rnn sequence: gate gradients of {} for T·B·G·H {}", dgx.len(), tt * b * gw);
-        let team = Team::new(&self.d);
-        let isa = team.isa;
-        let mut fresh = Fresh::new(dx, b * tt * c);
-        let out = fresh.shared();
-        let per = c.div_ceil(team.threads).div_ceil(T::PAD) * T::PAD;
-        team.run(h, |me, _| {
-            let cols = (me * per).min(c)..((me + 1) * per).min(c);
-            if cols.is_empty() {
-                return;
-            }
-            // W_ih's columns `cols`, its rows (the gates) in blocked order: `(G·H, cols)`.
-            let w = Panels::<T>::from_fn(gw, cols.len(), |k, j| self.p.ih(self.perm[k])[cols.start + j]);
-            for t in 0..tt {
-                // SAFETY: step t's rows of dgx (contiguous: read as they lie, where a product per sequence read rows
-                // B·G·H apart); rows (r, t) of dx, T·C apart, this thread's columns: written once, by the product,
-                // which reads nothing of them (`Start::Zero`); `isa` detected.
-                unsafe {
-                    let (a, at) = (dgx.as_ptr().add(t * b * gw), out.ptr(t * c + cols.start));
-                    T::product(&w, isa, b, a, gw, at, tt * c, Start::Zero);
-                }
-            }
-        });
-        // SAFETY: every row (r, t) of dx, every thread's columns.
-        unsafe { fresh.done() };
-    }
-
     /// The backward walk. `dy (B, T, H)` and `dfinal (E, B, H)` are the gradients of the forward's outputs and
-    /// final states. Returns the gate gradients
-    /// `(B, T, G·H)` in blocked order (the GRU's recurrent ones `dgh`; its input ones go to `dgx`), their column sums
-    /// (`db`, and the GRU's `dgx` sums in `db_x`), and writes the initial state's gradients into `dh0` (and `dc0`).
+    /// final states. Returns the gate gradients `(T·B, G·H)` (step-major, blocked columns; the GRU's recurrent ones
+    /// `dgh`, its input ones go to `dgx`) and their column sums (`db`, and the GRU's `dgx` sums in `db_x`); writes
+    /// the initial state's gradients into `dh0` (and `dc0`), and refills `dx (B, T, C)`: each step's
+    /// `dx_t = dgx_t W_ih` is formed beside its `dh_{t−1} = dgates_t W_hh`, while the step's gate gradients are
+    /// in cache, each thread its share of the columns of C with its columns of `W_ih` packed once (rows `T·C`
+    /// apart in `dx`, one product per step).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         saved: &SeqSaved<T>,
         dy: &[T],
         dfinal: &[T],
+        dx: &mut Vec<T>,
         dgx: &mut Vec<T>,
         db: &mut [T],
         db_x: &mut [T],
@@ -857,13 +827,18 @@ impl<T: SeqFloat> Walk<'_, T> {
         let mut dgates = Vec::new();
         let mut fresh = Fresh::new(&mut dgates, b * tt * gw);
         let mut fresh_x = Fresh::new(dgx, if lstm { 0 } else { b * tt * gw });
-        let (dgs, dxs) = (fresh.shared(), fresh_x.shared());
+        let mut fresh_in = Fresh::new(dx, b * tt * c);
+        let (dgs, dxs, dins) = (fresh.shared(), fresh_x.shared(), fresh_in.shared());
         let (dbs, dbxs, dhs, dcs) = (Shared::of(db), Shared::of(db_x), Shared::of(dh0), Shared::of(dc0));
-        team.run(hw, |_, u| {
+        let per = c.div_ceil(team.threads).div_ceil(T::PAD) * T::PAD;
+        team.run(hw, |me, u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
-            // W_hh's columns of this thread's units, its rows (the gates) in blocked order: `(G·H, un)`.
+            // W_hh's columns of this thread's units, its rows (the gates) in blocked order: `(G·H, un)`; W_ih's
+            // columns of its share of C alike.
             let wp = Panels::<T>::from_fn(gw, un, |k, j| self.p.hh(self.perm[k])[u.start + j]);
+            let cx = (me * per).min(c)..((me + 1) * per).min(c);
+            let wi = Panels::<T>::from_fn(gw, cx.len(), |k, j| self.p.ih(self.perm[k])[cx.start + j]);
             let np = wp.n;
             // This thread's units of dh and dc (gradients of the state after the step being walked), per sequence.
             let last = |r: usize, q: usize| &dfinal[(q * b + r) * hw + u.start..][..un];
@@ -914,9 +889,17 @@ impl<T: SeqFloat> Walk<'_, T> {
                     sums_x.iter_mut().zip(dxr.iter()).for_each(|(a, &v)| *a += v);
                 }
                 barrier.wait();
-                if un > 0 {
-                    // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now.
-                    unsafe { T::product(&wp, isa, b, dgs.ptr(t * b * gw), gw, prod.as_mut_ptr(), np, Start::Zero) };
+                // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now. Rows
+                // (r, t) of dx, T·C apart, this thread's columns: written once, by the product, which reads nothing
+                // of them (`Start::Zero`); a padded step's zero gate gradients give its zero rows. `isa` detected.
+                unsafe {
+                    if un > 0 {
+                        T::product(&wp, isa, b, dgs.ptr(t * b * gw), gw, prod.as_mut_ptr(), np, Start::Zero);
+                    }
+                    if !cx.is_empty() {
+                        let a = if lstm { dgs.ptr(t * b * gw) } else { dxs.ptr(t * b * gw) };
+                        T::product(&wi, isa, b, a, gw, dins.ptr(t * c + cx.start), tt * c, Start::Zero);
+                    }
                 }
                 for r in 0..b {
                     if t < lengths[r] {
@@ -941,10 +924,11 @@ impl<T: SeqFloat> Walk<'_, T> {
                 }
             }
         });
-        // SAFETY: every step's row of both, each thread's columns, was written above.
+        // SAFETY: every step's row of each, each thread's columns, was written above.
         unsafe {
             fresh.done();
             fresh_x.done();
+            fresh_in.done();
         }
         dgates
     }

@@ -6,10 +6,10 @@
 //! cache (the input half inside the walk too: a separate product for all steps would write the gates to memory and
 //! read them back), applies the fused cell, and copies the tile to the saved activations (blocked column order,
 //! [`Blocks`]) only when a backward will follow. Backward: the walk in reverse produces the gate gradients of every
-//! step (one product per step, `dh_{t−1} = dgates_t W_hh`), then three large products give `dx = dgates W_ih`,
-//! `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` for all steps at once, where a per-step autograd graph would
-//! allocate and add a weight
-//! gradient per step. f64, the checking dtype, runs the same walk and layout.
+//! step, and with each step's the two products that read them while they are in cache, `dh_{t−1} = dgates_t W_hh`
+//! and `dx_t = dgates_t W_ih`; then one large product gives `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` for all steps
+//! at once, where a per-step autograd graph would allocate and add a weight gradient per step. f64, the checking
+//! dtype, runs the same walk and layout.
 //!
 //! Lengths: a row `b` processes steps `t < len[b]` only; past its length its state is carried unchanged and its
 //! output is zero. `reverse` walks `t = T−1 … 0` (the backward direction of a bidirectional layer, which so starts
@@ -336,12 +336,10 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: 
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
     let mut dgx = Vec::new();
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
-    let dgates = walk.backward(saved, dy, dfinal, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
+    let dgates = walk.backward(saved, dy, dfinal, &mut g.dx, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
     let dgx = if lstm { &dgates } else { &dgx };
-    // The products write every element of their outputs, and the permutation below every element of the
-    // gradients: no buffer here is zero-filled first (10 MB a B32 T64 H256 LSTM backward).
-    // dx = dgx W_ih: (B, T, C) from (T·B × G·H) · (G·H × C).
-    walk.input_grad(dgx, &mut g.dx);
+    // The product writes every element of its output, and the permutation below every element of the gradients:
+    // no buffer here is zero-filled first (10 MB a B32 T64 H256 LSTM backward).
     // [dW_ih | dW_hh] = dgatesᵀ [x | h_prev]: (G·H × T·B) · (T·B × C + H), one product for the LSTM; the GRU's two
     // halves have different gate gradients (dW_ih from dgx, dW_hh from dgh).
     let mut dw: Vec<T> = Vec::with_capacity(gw * ld);
