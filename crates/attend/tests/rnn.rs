@@ -290,6 +290,11 @@ fn bad_input_is_an_error_naming_shapes() {
     assert!(e.contains("dropout"), "{e}");
 }
 
+/// The tensors flattened and concatenated: one output to check gradients through.
+fn flat_cat(parts: &[Tensor]) -> Tensor {
+    Tensor::cat(&parts.iter().map(|p| p.flatten_all().unwrap()).collect::<Vec<_>>(), 0).unwrap()
+}
+
 #[test]
 fn sequence_ops_match_finite_differences() {
     // The whole-sequence ops' hand-written backward (input product included), with lengths, in both directions,
@@ -313,7 +318,7 @@ fn sequence_ops_match_finite_differences() {
                         let (y, hn) = ops::gru_sequence(x, p, h0, Some(&lengths), reverse).unwrap();
                         vec![y, hn]
                     };
-                    Tensor::cat(&parts.iter().map(|p| p.flatten_all().unwrap()).collect::<Vec<_>>(), 0).unwrap()
+                    flat_cat(&parts)
                 };
             let name = |what: &str| format!("{kind} {what} reverse={reverse}");
             fd_check(&name("dx"), x.clone(), |v| run(v, &w_ih, &w_hh, &b_ih, &b_hh, &h0, &c0));
@@ -360,7 +365,7 @@ fn sequence_gradients_reach_through_the_outputs_alone_or_the_final_states_alone(
                     vec![y]
                 }
             };
-            Tensor::cat(&parts.iter().map(|p| p.flatten_all().unwrap()).collect::<Vec<_>>(), 0).unwrap()
+            flat_cat(&parts)
         };
         for states in [false, true] {
             let name = |what: &str| format!("{kind} {what} through {}", if states { "the states" } else { "y" });

@@ -117,14 +117,14 @@ impl Sequence {
         k::sequence_forward(self.cell, self.dims, x, p, &self.lengths, h0, c0, self.save)
     }
 
-    /// The forward without a graph node (nothing tracks a gradient): `out (B·(T + E)·H)`.
-    fn infer<T: KernelFloat + SeqFloat>(&self, x: &Tensor, state: &[&Tensor], p: &[Tensor; 4]) -> Result<Tensor> {
+    /// The forward without a graph node (nothing tracks a gradient): `out (B·(T + E)·H)`, from `x`, PyTorch's four
+    /// parameter tensors and the initial states `h0` [, `c0`].
+    fn infer<T: KernelFloat + SeqFloat>(&self, x: &Tensor, p: &[Tensor; 4], state: &[Tensor]) -> Result<Tensor> {
         let SeqDims { c, h, .. } = self.dims;
-        let c0 = state.get(1).unwrap_or(&state[0]); // the GRU's is not read
-        let out = with_slices(&[x, state[0], c0, &p[0], &p[1], &p[2], &p[3]], |s: &[&[T]]| {
-            let p = SeqParams::new(self.cell, c, h, s[3], s[4], s[5], s[6]);
-            let c0 = if self.cell == Cell::Lstm { s[2] } else { &[] };
-            Ok(self.kernel(s[0], p, s[1], c0).0)
+        let ts: Vec<&Tensor> = [x].into_iter().chain(p).chain(state).collect();
+        let out = with_slices(&ts, |s: &[&[T]]| {
+            let p = SeqParams::new(self.cell, c, h, s[1], s[2], s[3], s[4]);
+            Ok(self.kernel(s[0], p, s[5], s.get(6).copied().unwrap_or(&[])).0)
         })?;
         let n = out.len();
         Ok(Tensor::from_vec(out, n, x.device())?)
@@ -328,8 +328,8 @@ fn run(
         // Inference: the kernel reads the parameter and state tensors where they are, with no graph node to give
         // them to as three operands, so no 2·G·H·(C + H) copy into one buffer.
         let out = match dtype {
-            DType::F32 => seq.infer::<f32>(&x, &state.iter().collect::<Vec<_>>(), &parts)?,
-            _ => seq.infer::<f64>(&x, &state.iter().collect::<Vec<_>>(), &parts)?,
+            DType::F32 => seq.infer::<f32>(&x, &parts, &state)?,
+            _ => seq.infer::<f64>(&x, &parts, &state)?,
         };
         let y = out.narrow(0, 0, b * t * h)?.reshape((b, t, h))?;
         return Ok((y, out.narrow(0, b * t * h, e * b * h)?.reshape((e, b, h))?));
