@@ -7,7 +7,10 @@
 //! own (no gathers or scatters per step), applies the cell to its units and writes their new state into the slot the
 //! next step reads; barrier. Backward step: each thread back-propagates its units through the cell into the step's
 //! gate gradients; barrier; then forms its units of `dh_{t−1} = dgates_t W_hh` (its own units only, so no second
-//! barrier).
+//! barrier) and its share of `dx_t = dgates_t W_ih`. Every chunk of steps, each thread also adds the chunk's share
+//! of its own rows of the weight gradient, `dW[rows of its gates] += dgates[chunk, its gates]ᵀ [x | h_prev][chunk]`:
+//! those rows depend on its own gate gradients alone, so they need no barrier, and the gate gradients of the whole
+//! sequence are never written out.
 //!
 //! The gate columns are **blocked** ([`Blocks`]): units in blocks of [`BLOCK`], each block holding its `G` gate
 //! chunks side by side, so a thread's units own one contiguous run of columns and one cell call covers a block.
@@ -230,7 +233,7 @@ pub trait SeqFloat: Real {
         isa: Isa,
         m: usize,
         a: *const Self,
-        lda: usize,
+        a_strides: (usize, usize),
         c: *mut Self,
         ldc: usize,
         start: Start<Self>,
@@ -284,7 +287,7 @@ impl SeqFloat for f32 {
         isa: Isa,
         m: usize,
         a: *const f32,
-        lda: usize,
+        (lda, a_cs): (usize, usize),
         c: *mut f32,
         ldc: usize,
         start: Start<f32>,
@@ -304,7 +307,19 @@ impl SeqFloat for f32 {
                         (Start::Zero, _) => Init::Zero,
                         (Start::Bias(b), _) => Init::Row(b.as_ptr().add(j0)),
                     };
-                    gemm_strided(isa, m, w, kc, a.add(k0), (lda, 1), panel.add(k0 * w), w, c.add(j0), ldc, init);
+                    gemm_strided(
+                        isa,
+                        m,
+                        w,
+                        kc,
+                        a.add(k0 * a_cs),
+                        (lda, a_cs),
+                        panel.add(k0 * w),
+                        w,
+                        c.add(j0),
+                        ldc,
+                        init,
+                    );
                 }
                 continue;
             }
@@ -329,8 +344,8 @@ impl SeqFloat for f32 {
                 }
                 for k0 in (0..p.k).step_by(KC) {
                     let kc = KC.min(p.k - k0);
-                    let (ar, pk) = (a.add(r0 * lda + k0), panel.add(k0 * w));
-                    gemm_strided(isa, mr, w, kc, ar, (lda, 1), pk, w, tile.as_mut_ptr(), w, Init::Accumulate);
+                    let (ar, pk) = (a.add(r0 * lda + k0 * a_cs), panel.add(k0 * w));
+                    gemm_strided(isa, mr, w, kc, ar, (lda, a_cs), pk, w, tile.as_mut_ptr(), w, Init::Accumulate);
                 }
                 for r in 0..mr {
                     // Raw: C may be fresh memory (see `Fresh`) when nothing is accumulated.
@@ -383,7 +398,7 @@ impl SeqFloat for f64 {
         _: Isa,
         m: usize,
         a: *const f64,
-        lda: usize,
+        (lda, a_cs): (usize, usize),
         c: *mut f64,
         ldc: usize,
         start: Start<f64>,
@@ -405,7 +420,7 @@ impl SeqFloat for f64 {
             ldc as isize,
             !matches!(start, Start::Zero),
             a,
-            1,
+            a_cs as isize,
             lda as isize,
             p.data.as_ptr(),
             1,
@@ -499,6 +514,34 @@ impl<T: SeqFloat> Panels<T> {
         Self { data, k, n: np, cols: n }
     }
 }
+
+impl<T: SeqFloat> Panels<T> {
+    /// Refilled from `k` rows of a row-major `(k × n)` matrix, `row(p)` holding at least `n` elements; the storage
+    /// is kept when it is large enough (the weight gradient packs each chunk of steps into the same buffer).
+    fn fill_rows<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [T])
+    where
+        T: 'a,
+    {
+        let np = n.div_ceil(T::PAD) * T::PAD;
+        if self.data.len() < k * np {
+            self.data = Aligned::zeroed(k * np);
+        }
+        for j0 in (0..np).step_by(T::PANEL.min(np.max(1))) {
+            let w = T::PANEL.min(np - j0);
+            let real = w.min(n.saturating_sub(j0));
+            for p in 0..k {
+                let line = &mut self.data[j0 * k + p * w..][..w];
+                line[..real].copy_from_slice(&row(p)[j0..j0 + real]);
+                line[real..].fill(T::ZERO);
+            }
+        }
+        (self.k, self.n, self.cols) = (k, np, n);
+    }
+}
+
+/// Rows (steps × sequences) of the gate gradients a backward walk gathers before it adds their share of the weight
+/// gradient: a thread's `(G·H / threads) × WEIGHT_ROWS` operand and the chunk's packed `[x | h]` then stay in L2/L3.
+const WEIGHT_ROWS: usize = 256;
 
 /// A zeroed buffer whose first element sits on a 64-byte boundary: the products' vector loads and stores then never
 /// straddle two cache lines (a `Vec` starts 16 bytes past one, and a straddling load costs two; measured: the thread
@@ -715,10 +758,10 @@ impl<T: SeqFloat> Walk<'_, T> {
                         let xh_t = xhs.ptr(t * b * ld);
                         match &wxh {
                             // The LSTM's one product over [x_t | h_{t−1}] (k = C + H).
-                            Some(wxh) => T::product(wxh, isa, b, xh_t, ld, sg.as_mut_ptr(), np, bias),
+                            Some(wxh) => T::product(wxh, isa, b, xh_t, (ld, 1), sg.as_mut_ptr(), np, bias),
                             None => {
-                                T::product(&wx, isa, b, xh_t, ld, sx.as_mut_ptr(), np, bias);
-                                T::product(&wh, isa, b, xh_t.add(c), ld, sg.as_mut_ptr(), np, b_hh);
+                                T::product(&wx, isa, b, xh_t, (ld, 1), sx.as_mut_ptr(), np, bias);
+                                T::product(&wh, isa, b, xh_t.add(c), (ld, 1), sg.as_mut_ptr(), np, b_hh);
                             }
                         }
                     }
@@ -798,12 +841,12 @@ impl<T: SeqFloat> Walk<'_, T> {
     }
 
     /// The backward walk. `dy (B, T, H)` and `dfinal (E, B, H)` are the gradients of the forward's outputs and
-    /// final states. Returns the gate gradients `(T·B, G·H)` (step-major, blocked columns; the GRU's recurrent ones
-    /// `dgh`, its input ones go to `dgx`) and their column sums (`db`, and the GRU's `dgx` sums in `db_x`); writes
-    /// the initial state's gradients into `dh0` (and `dc0`), and refills `dx (B, T, C)`: each step's
-    /// `dx_t = dgx_t W_ih` is formed beside its `dh_{t−1} = dgates_t W_hh`, while the step's gate gradients are
-    /// in cache, each thread its share of the columns of C with its columns of `W_ih` packed once (rows `T·C`
-    /// apart in `dx`, one product per step).
+    /// final states. Writes the column sums of the gate gradients into `db` (blocked columns; the GRU's recurrent
+    /// ones `dgh`, and its input ones `dgx` into `db_x`) and the initial state's gradients into `dh0` (and `dc0`);
+    /// refills `dx (B, T, C)` and `dw = [dW_ih | dW_hh] (G·H, C + H)` (PyTorch's rows). Each step's
+    /// `dx_t = dgx_t W_ih` is formed beside its `dh_{t−1} = dgates_t W_hh` while the step's gate gradients are in
+    /// cache, each thread its share of the columns of C with its columns of `W_ih` packed once; the weight gradient
+    /// a chunk of steps at a time (see the module documentation).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -811,12 +854,12 @@ impl<T: SeqFloat> Walk<'_, T> {
         dy: &[T],
         dfinal: &[T],
         dx: &mut Vec<T>,
-        dgx: &mut Vec<T>,
+        dw: &mut Vec<T>,
         db: &mut [T],
         db_x: &mut [T],
         dh0: &mut [T],
         dc0: &mut [T],
-    ) -> Vec<T> {
+    ) {
         let (cell, lengths) = (self.cell, self.lengths);
         let SeqDims { b, t: tt, c, h: hw, .. } = self.d;
         let g = cell.gates();
@@ -824,11 +867,18 @@ impl<T: SeqFloat> Walk<'_, T> {
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
         let lstm = cell == Cell::Lstm;
-        let mut dgates = Vec::new();
-        let mut fresh = Fresh::new(&mut dgates, b * tt * gw);
-        let mut fresh_x = Fresh::new(dgx, if lstm { 0 } else { b * tt * gw });
+        let ld = c + hw;
+        // The gate gradients of the step being walked (the GRU's input side apart), every thread's columns, which
+        // the step's products read whole: two slots, used by turns, so a thread may write the next step's while
+        // another still reads this one's (it cannot get a step further: the barrier).
+        let mut slots = vec![T::ZERO; 2 * b * gw];
+        let mut slots_x = vec![T::ZERO; if lstm { 0 } else { 2 * b * gw }];
         let mut fresh_in = Fresh::new(dx, b * tt * c);
-        let (dgs, dxs, dins) = (fresh.shared(), fresh_x.shared(), fresh_in.shared());
+        let mut fresh_w = Fresh::new(dw, gw * ld);
+        let (dgs, dxs) = (Shared::of(&mut slots), Shared::of(&mut slots_x));
+        let (dins, dws) = (fresh_in.shared(), fresh_w.shared());
+        let chunk = (WEIGHT_ROWS / b.max(1)).max(1);
+        let rev: Vec<usize> = order.iter().rev().copied().collect();
         let (dbs, dbxs, dhs, dcs) = (Shared::of(db), Shared::of(db_x), Shared::of(dh0), Shared::of(dc0));
         let per = c.div_ceil(team.threads).div_ceil(T::PAD) * T::PAD;
         team.run(hw, |me, u| {
@@ -850,22 +900,50 @@ impl<T: SeqFloat> Walk<'_, T> {
             let (mut sums, mut sums_x) = (vec![T::ZERO; nc], vec![T::ZERO; nc]);
             let mut direct = vec![T::ZERO; b * un];
             let mut prod = Aligned::<T>::zeroed(b * np);
-            for &t in order.iter().rev() {
+            let mut dxt = Aligned::<T>::zeroed(b * wi.n);
+            // This thread's gate gradients of a chunk of steps, gate-major (row `(t − lo)·B + r`, column `q·un + j`
+            // for gate q of unit `u.start + j`), the GRU's input side apart: the A operands of its rows of the weight
+            // gradient, `dW[q·H + u] = Σ_rows dgates[row, (q, u)] · [x | h_prev][row]`. The row stride is padded a
+            // line past a multiple of 4 KiB apart so a product's walk down a column does not reuse a few L1 sets.
+            let rs = nc + 64 / std::mem::size_of::<T>();
+            let mut ring = Aligned::<T>::zeroed(chunk.min(tt) * b * rs);
+            let mut ring_x = Aligned::<T>::zeroed(if lstm { 0 } else { chunk.min(tt) * b * rs });
+            let (mut px, mut ph) = (Panels::<T>::empty(), Panels::<T>::empty());
+            let gate_major = |src: &[T], dst: &mut [T]| {
+                for j0 in (0..un).step_by(BLOCK) {
+                    let w = BLOCK.min(un - j0);
+                    for q in 0..g {
+                        dst[q * un + j0..][..w].copy_from_slice(&src[g * j0 + q * w..][..w]);
+                    }
+                }
+            };
+            let mut lo = 0;
+            for (s, &t) in rev.iter().enumerate() {
+                if s % chunk == 0 {
+                    lo = rev[s..(s + chunk).min(tt)].iter().copied().min().unwrap_or(t);
+                }
+                let slot = s % 2 * b;
                 for r in 0..b {
                     let row = t * b + r;
-                    // SAFETY: this thread's columns of step t; nobody else touches them. Zeroed before any slice
-                    // covers them (they are fresh, see `Fresh`); a padded step's gradients stay zero.
+                    // SAFETY: this thread's columns of the step's slot; nobody else touches them (the other
+                    // threads read the other slot at most). Zeroed: a padded step's gradients stay zero.
+                    let at = (slot + r) * gw + cols.start;
                     let (dgr, dxr) = unsafe {
-                        dgs.zero(row * gw + cols.start, nc);
+                        dgs.zero(at, nc);
                         let dxr: &mut [T] = if lstm {
                             &mut []
                         } else {
-                            dxs.zero(row * gw + cols.start, nc);
-                            dxs.at(row * gw + cols.start, nc)
+                            dxs.zero(at, nc);
+                            dxs.at(at, nc)
                         };
-                        (dgs.at(row * gw + cols.start, nc), dxr)
+                        (dgs.at(at, nc), dxr)
                     };
+                    let ra = ((t - lo) * b + r) * rs;
                     if t >= lengths[r] {
+                        ring[ra..ra + nc].fill(T::ZERO);
+                        if !lstm {
+                            ring_x[ra..ra + nc].fill(T::ZERO);
+                        }
                         continue;
                     }
                     let (own, mine) = (row * hw + u.start, r * un..(r + 1) * un);
@@ -887,6 +965,10 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                     sums.iter_mut().zip(dgr.iter()).for_each(|(a, &v)| *a += v);
                     sums_x.iter_mut().zip(dxr.iter()).for_each(|(a, &v)| *a += v);
+                    gate_major(dgr, &mut ring[ra..ra + nc]);
+                    if !lstm {
+                        gate_major(dxr, &mut ring_x[ra..ra + nc]);
+                    }
                 }
                 barrier.wait();
                 // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now. Rows
@@ -894,11 +976,14 @@ impl<T: SeqFloat> Walk<'_, T> {
                 // of them (`Start::Zero`); a padded step's zero gate gradients give its zero rows. `isa` detected.
                 unsafe {
                     if un > 0 {
-                        T::product(&wp, isa, b, dgs.ptr(t * b * gw), gw, prod.as_mut_ptr(), np, Start::Zero);
+                        T::product(&wp, isa, b, dgs.ptr(slot * gw), (gw, 1), prod.as_mut_ptr(), np, Start::Zero);
                     }
                     if !cx.is_empty() {
-                        let a = if lstm { dgs.ptr(t * b * gw) } else { dxs.ptr(t * b * gw) };
-                        T::product(&wi, isa, b, a, gw, dins.ptr(t * c + cx.start), tt * c, Start::Zero);
+                        let a = if lstm { dgs.ptr(slot * gw) } else { dxs.ptr(slot * gw) };
+                        T::product(&wi, isa, b, a, (gw, 1), dxt.as_mut_ptr(), wi.n, Start::Zero);
+                        for r in 0..b {
+                            dins.write((r * tt + t) * c + cx.start, &dxt[r * wi.n..][..cx.len()]);
+                        }
                     }
                 }
                 for r in 0..b {
@@ -906,6 +991,26 @@ impl<T: SeqFloat> Walk<'_, T> {
                         for j in 0..un {
                             dh[r * un + j] =
                                 prod[r * np + j] + if cell == Cell::Gru { direct[r * un + j] } else { T::ZERO };
+                        }
+                    }
+                }
+                // The chunk is complete: its share of this thread's rows of [dW_ih | dW_hh], from the gate
+                // gradients gathered above and the chunk's rows of [x | h_prev] (consecutive: a chunk's steps are
+                // consecutive in t either way round).
+                if un > 0 && ((s + 1) % chunk == 0 || s + 1 == tt) {
+                    let (k0, kb) = (lo * b, (s % chunk + 1) * b);
+                    px.fill_rows(kb, c, |p| &saved.xh[(k0 + p) * ld..][..c]);
+                    ph.fill_rows(kb, hw, |p| &saved.xh[(k0 + p) * ld + c..][..hw]);
+                    let start = if s < chunk { Start::Zero } else { Start::Accumulate };
+                    let a_x = if lstm { &ring } else { &ring_x };
+                    for q in 0..g {
+                        let row = (q * hw + u.start) * ld;
+                        // SAFETY: PyTorch rows q·H + u of dw, this thread's alone: written first by the first
+                        // chunk's product (`Start::Zero`), accumulated by the others; the rings hold kb rows of
+                        // stride rs; `isa` detected.
+                        unsafe {
+                            T::product(&px, isa, un, a_x.as_ptr().add(q * un), (1, rs), dws.ptr(row), ld, start);
+                            T::product(&ph, isa, un, ring.as_ptr().add(q * un), (1, rs), dws.ptr(row + c), ld, start);
                         }
                     }
                 }
@@ -926,11 +1031,9 @@ impl<T: SeqFloat> Walk<'_, T> {
         });
         // SAFETY: every step's row of each, each thread's columns, was written above.
         unsafe {
-            fresh.done();
-            fresh_x.done();
             fresh_in.done();
+            fresh_w.done();
         }
-        dgates
     }
 }
 
@@ -959,32 +1062,47 @@ mod tests {
     fn packed_products_write_only_their_own_columns() {
         // A thread's gate columns end mid-quantum when BLOCK ∤ H; the columns after them belong to the next
         // thread (or lie past the buffer) and must not be touched, read-modify-write included.
+        // A is read row-major and, as the weight gradient reads its gathered gate gradients, transposed
+        // (element (r, q) at r + q·lda); B is packed from a function and refilled row by row into a larger buffer.
         let (m, k, cols, ldc) = (19, 150, 20, 37);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
-        let w = |p: usize, j: usize| ((p * 3 + j * 5) % 11) as f32 / 10.0 - 0.5;
-        let p = Panels::<f32>::from_fn(k, cols, w);
-        let bias: Vec<f32> = (0..cols).map(|j| j as f32 / 4.0).collect();
-        for start in [Start::Zero, Start::Accumulate, Start::Bias(&bias)] {
-            let mut c = vec![f32::NAN; m * ldc];
-            for r in 0..m {
-                c[r * ldc..r * ldc + cols].iter_mut().for_each(|v| *v = 1.0);
+        let lda = m + 3;
+        let mut at = vec![f32::NAN; k * lda];
+        for r in 0..m {
+            for q in 0..k {
+                at[q * lda + r] = a[r * k + q];
             }
-            // SAFETY: buffers hold the rows and columns named; `isa` detected.
-            unsafe { f32::product(&p, Isa::detect(), m, a.as_ptr(), k, c.as_mut_ptr(), ldc, start) };
-            for r in 0..m {
-                for j in 0..ldc {
-                    let v = c[r * ldc + j];
-                    if j >= cols {
-                        assert!(v.is_nan(), "column {j} of row {r} was written");
-                        continue;
+        }
+        let w = |p: usize, j: usize| ((p * 3 + j * 5) % 11) as f32 / 10.0 - 0.5;
+        let rows: Vec<Vec<f32>> = (0..k).map(|p| (0..cols + 5).map(|j| w(p, j)).collect()).collect();
+        let mut refilled = Panels::<f32>::from_fn(2 * k, 3 * cols, |_, _| 7.0);
+        refilled.fill_rows(k, cols, |p| &rows[p]);
+        let packs = [Panels::<f32>::from_fn(k, cols, w), refilled];
+        let bias: Vec<f32> = (0..cols).map(|j| j as f32 / 4.0).collect();
+        let operands = [(a.as_ptr(), (k, 1), &packs[0]), (at.as_ptr(), (1, lda), &packs[1])];
+        for start in [Start::Zero, Start::Accumulate, Start::Bias(&bias)] {
+            for &(ap, strides, p) in &operands {
+                let mut c = vec![f32::NAN; m * ldc];
+                for r in 0..m {
+                    c[r * ldc..r * ldc + cols].iter_mut().for_each(|v| *v = 1.0);
+                }
+                // SAFETY: buffers hold the rows and columns named; `isa` detected.
+                unsafe { f32::product(p, Isa::detect(), m, ap, strides, c.as_mut_ptr(), ldc, start) };
+                for r in 0..m {
+                    for j in 0..ldc {
+                        let v = c[r * ldc + j];
+                        if j >= cols {
+                            assert!(v.is_nan(), "column {j} of row {r} was written");
+                            continue;
+                        }
+                        let want: f64 = (0..k).map(|q| a[r * k + q] as f64 * w(q, j) as f64).sum::<f64>()
+                            + match start {
+                                Start::Zero => 0.0,
+                                Start::Accumulate => 1.0,
+                                Start::Bias(b) => b[j] as f64,
+                            };
+                        assert!((v as f64 - want).abs() < 1e-4, "A strides {strides:?} ({r}, {j}): {v} vs {want}");
                     }
-                    let want: f64 = (0..k).map(|q| a[r * k + q] as f64 * w(q, j) as f64).sum::<f64>()
-                        + match start {
-                            Start::Zero => 0.0,
-                            Start::Accumulate => 1.0,
-                            Start::Bias(b) => b[j] as f64,
-                        };
-                    assert!((v as f64 - want).abs() < 1e-4, "({r}, {j}): {v} vs {want}");
                 }
             }
         }

@@ -7,9 +7,10 @@
 //! read them back), applies the fused cell, and copies the tile to the saved activations (blocked column order,
 //! [`Blocks`]) only when a backward will follow. Backward: the walk in reverse produces the gate gradients of every
 //! step, and with each step's the two products that read them while they are in cache, `dh_{t−1} = dgates_t W_hh`
-//! and `dx_t = dgates_t W_ih`; then one large product gives `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` for all steps
-//! at once, where a per-step autograd graph would allocate and add a weight gradient per step. f64, the checking
-//! dtype, runs the same walk and layout.
+//! and `dx_t = dgates_t W_ih`; every chunk of steps (`WEIGHT_ROWS` rows), each thread adds the chunk's share of its
+//! rows of `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]`, where a per-step autograd graph would allocate and add a weight
+//! gradient per step, and a product over all steps after the walk would need every step's gate gradients written
+//! out (8 MB at B32 T64 H256) and read back. f64, the checking dtype, runs the same walk and layout.
 //!
 //! Lengths: a row `b` processes steps `t < len[b]` only; past its length its state is carried unchanged and its
 //! output is zero. `reverse` walks `t = T−1 … 0` (the backward direction of a bidirectional layer, which so starts
@@ -86,8 +87,8 @@ pub struct SeqSaved<T> {
     pub gates: Vec<T>,
     /// `(T, B, G·H)`: GRU's `gx = W_ih x + b_ih` (empty for the LSTM).
     pub gx: Vec<T>,
-    /// `(T, B, C + H)`: `[x_t | h_{t−1}]`, the input and the state each step read, side by side so that the LSTM's
-    /// step product and its weight gradient `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` are one product each.
+    /// `(T, B, C + H)`: `[x_t | h_{t−1}]`, the input and the state each step read, side by side: the rows of a
+    /// chunk of steps are the B operand of the weight gradient `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]`.
     pub xh: Vec<T>,
     /// `(T, B, H)`: `c_{t−1}` (LSTM; empty for the GRU).
     pub c_prev: Vec<T>,
@@ -161,58 +162,6 @@ pub struct SeqGrads<T> {
     pub dh0: Vec<T>,
     /// Empty for the GRU.
     pub dc0: Vec<T>,
-}
-
-/// `C (m×n) = A (m×k) · B (k×n)`, strides in elements (`rs` row, `cs` column). `C` need not be initialised: every
-/// element is written, none read.
-///
-/// # Safety
-/// `c` addresses `m` rows of `n` elements at stride `c_rs`; `a` and `b` hold the strided ranges named.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: Real>(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut T,
-    c_rs: usize,
-    a: &[T],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[T],
-    b_rs: usize,
-    b_cs: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    // Small products are not worth waking the pool.
-    let par =
-        if m * n * k >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the caller's; T is f32 or f64.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            c_rs as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
 }
 
 /// The blocked order of the gate rows and the biases the walk adds, in that order. The weights stay where the caller
@@ -314,8 +263,8 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: 
     );
     let ld = c + h;
     let mut g = SeqGrads {
-        dx: Vec::with_capacity(b * tt * c),
-        dw: Vec::with_capacity(gw * ld),
+        dx: Vec::new(),
+        dw: Vec::new(),
         db_ih: vec![T::ZERO; gw],
         db_hh: vec![T::ZERO; gw],
         dh0: dfinal[..b * h].to_vec(),
@@ -328,35 +277,14 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: 
     let bw = &saved.blocked;
     assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
-    let mut dgx = Vec::new();
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
-    let dgates = walk.backward(saved, dy, dfinal, &mut g.dx, &mut dgx, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
-    let dgx = if lstm { &dgates } else { &dgx };
-    // The product writes every element of its output, and the permutation below every element of the gradients:
-    // no buffer here is zero-filled first (10 MB a B32 T64 H256 LSTM backward).
-    // [dW_ih | dW_hh] = dgatesᵀ [x | h_prev]: (G·H × T·B) · (T·B × C + H), one product for the LSTM; the GRU's two
-    // halves have different gate gradients (dW_ih from dgx, dW_hh from dgh).
-    let mut dw: Vec<T> = Vec::with_capacity(gw * ld);
-    // SAFETY: dw has room for G·H rows of C + H; the gate gradients hold T·B rows of G·H, xh T·B rows of C + H.
-    unsafe {
-        if lstm {
-            gemm(gw, ld, b * tt, dw.as_mut_ptr(), ld, &dgates, 1, gw, &saved.xh, ld, 1);
-        } else {
-            gemm(gw, c, b * tt, dw.as_mut_ptr(), ld, dgx, 1, gw, &saved.xh, ld, 1);
-            gemm(gw, h, b * tt, dw.as_mut_ptr().add(c), ld, &dgates, 1, gw, &saved.xh[c..], ld, 1);
-        }
-        dw.set_len(gw * ld);
-    }
-    // Back to PyTorch's rows, with the bias gradients (the LSTM's two biases both add to the gates).
+    walk.backward(saved, dy, dfinal, &mut g.dx, &mut g.dw, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
+    // Back to PyTorch's rows for the bias gradients (the walk wrote dW in them; the LSTM's two biases both add
+    // to the gates).
     let db_ih = if lstm { &db } else { &db_x };
-    let gp = g.dw.as_mut_ptr();
-    for (col, (row, &r)) in dw.chunks_exact(ld).zip(&bw.perm).enumerate() {
-        // SAFETY: PyTorch row r in g.dw's room; `perm` is a permutation, so every row is written once.
-        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), gp.add(r * ld), ld) };
+    for (col, &r) in bw.perm.iter().enumerate() {
         g.db_ih[r] = db_ih[col];
         g.db_hh[r] = db[col];
     }
-    // SAFETY: as above.
-    unsafe { g.dw.set_len(gw * ld) };
     g
 }
