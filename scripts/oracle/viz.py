@@ -15,6 +15,14 @@ Each file holds `input_ids`, `token_type_ids`, `special_mask` (int64, (T,)), `at
     layered graph their reference code builds: capacities from the same residual-augmented head mean as the
     rollout, row i the maximum flow from position i after the last layer to each input token, normalised.
 The texts go in the metadata (`text`, `pair`) so the Rust test tokenizes the same strings.
+
+  fixtures/viz/vit.safetensors    ViTModel of fixtures/hf/vit on a generated 40 x 24 image
+  fixtures/viz/vit_image.png      that image (and vit_image.jpg, the same at JPEG quality 95, 4:4:4)
+  fixtures/hf/vit/preprocessor_config.json   ViTImageProcessor resizing to the model's 16 x 16
+
+`pixel_values` (1, 3, 16, 16) is what ViTImageProcessor makes of the PNG (PIL's bilinear resize with its antialias
+when shrinking, then rescale and normalise), `pixel_values_jpeg` the same from the JPEG, `attentions` (L, H, T, T)
+with T = 1 + 16 patches, and `rollout` as above.
 """
 import os
 
@@ -103,7 +111,40 @@ def case(name, cls, text, pair=None):
     print(f"viz/{name}: T = {len(enc.ids)}, layers {att.shape[0]}, heads {att.shape[1]}")
 
 
+def vit_image():
+    from PIL import Image
+    from transformers import ViTImageProcessor, ViTModel
+    d = os.path.join(HF, "vit")
+    out = os.path.join(FIXTURES, "viz")
+    os.makedirs(out, exist_ok=True)
+    # A picture with structure in both directions (colour ramps, a checkerboard) and some noise; wider than tall, so
+    # the resize shrinks the two axes by different factors.
+    h, w = 24, 40
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), ((xx // 5 + yy // 4) % 2) * 200 + 30], -1)
+    img = (img + np.random.default_rng(7).integers(-20, 21, img.shape)).clip(0, 255).astype(np.uint8)
+    png, jpg = os.path.join(out, "vit_image.png"), os.path.join(out, "vit_image.jpg")
+    Image.fromarray(img).save(png)
+    Image.fromarray(img).save(jpg, quality=95, subsampling=0)
+    proc = ViTImageProcessor(size={"height": 16, "width": 16})
+    proc.save_pretrained(d)
+    px = proc(images=Image.open(png).convert("RGB"), return_tensors="pt").pixel_values
+    pxj = proc(images=Image.open(jpg).convert("RGB"), return_tensors="pt").pixel_values
+    model = ViTModel.from_pretrained(d, attn_implementation="eager", add_pooling_layer=False).eval()
+    with torch.no_grad():
+        o = model(pixel_values=px, output_attentions=True)
+    att = torch.stack([a[0] for a in o.attentions]).double()
+    save("viz", "vit", {
+        "pixel_values": px,
+        "pixel_values_jpeg": pxj,
+        "attentions": att.float(),
+        "rollout": torch.from_numpy(rollout(att.numpy())).float(),
+    }, {"image": "vit_image.png"})
+    print(f"viz/vit: pixel_values {tuple(px.shape)}, attentions {tuple(att.shape)}")
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     case("bert", BertModel, "the quick brown fox jumps over the lazy dog", "a lazy dog sleeps")
     case("gpt2", GPT2Model, "the quick brown fox jumps over the lazy dog")
+    vit_image()
