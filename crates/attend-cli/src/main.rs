@@ -14,6 +14,7 @@
 mod bench;
 mod errors;
 mod hf;
+mod image;
 mod op;
 mod picture;
 mod tensors;

@@ -30,6 +30,16 @@ enum Item {
         h: f32,
         fill: Rgb,
     },
+    /// An RGB raster (`(ph, pw, 3)` bytes) stretched over `w × h` pixels at `(x, y)`, nearest neighbour.
+    Image {
+        x: f32,
+        y: f32,
+        w: f32,
+        h: f32,
+        pw: usize,
+        ph: usize,
+        rgb: Vec<u8>,
+    },
     /// Baseline at `y`; `up`: rotated 90° counter-clockwise (reads bottom to top), anchored at `(x, y)`.
     Text {
         x: f32,
@@ -57,6 +67,12 @@ impl Picture {
 
     pub fn rect(&mut self, x: f32, y: f32, w: f32, h: f32, fill: Rgb) {
         self.items.push(Item::Rect { x, y, w, h, fill });
+    }
+
+    /// A raster of `pw × ph` RGB pixels (row-major bytes) drawn over `w × h` pixels at `(x, y)`, each pixel a block.
+    pub fn image(&mut self, x: f32, y: f32, w: f32, h: f32, (pw, ph): (usize, usize), rgb: Vec<u8>) {
+        assert_eq!(rgb.len(), pw * ph * 3, "picture: an image of {pw}x{ph} needs {} bytes", pw * ph * 3);
+        self.items.push(Item::Image { x, y, w, h, pw, ph, rgb });
     }
 
     /// Text with its baseline at `y`, starting (or ending, with [`Anchor::End`]) at `x`.
@@ -87,6 +103,14 @@ impl Picture {
             match item {
                 Item::Rect { x, y, w, h, fill } => {
                     s += &format!("<rect x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"{h}\" fill=\"{}\"/>\n", hex(*fill))
+                }
+                Item::Image { x, y, w, h, pw, ph, rgb } => {
+                    // Embedded as a PNG data URL, drawn with hard pixel edges as the PNG output draws it.
+                    s += &format!(
+                        "<image x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"{h}\" preserveAspectRatio=\"none\" \
+                         style=\"image-rendering:pixelated\" href=\"data:image/png;base64,{}\"/>\n",
+                        attend::viz::html::base64(&encode_png(*pw, *ph, rgb).unwrap_or_default())
+                    )
                 }
                 Item::Text { x, y, size, text, fill, anchor, up } => {
                     let scaled = f.as_scaled(PxScale::from(*size));
@@ -156,6 +180,18 @@ impl Picture {
                         }
                     }
                 }
+                Item::Image { x, y, w: iw, h: ih, pw, ph, rgb } => {
+                    let (x0, y0) = (x.round() as i64, y.round() as i64);
+                    let (x1, y1) = ((x + iw).round() as i64, (y + ih).round() as i64);
+                    for yy in y0..y1 {
+                        let sy = (((yy - y0) as f32 + 0.5) / ih * *ph as f32) as usize;
+                        for xx in x0..x1 {
+                            let sx = (((xx - x0) as f32 + 0.5) / iw * *pw as f32) as usize;
+                            let i = (sy.min(ph - 1) * pw + sx.min(pw - 1)) * 3;
+                            blend(xx, yy, [rgb[i], rgb[i + 1], rgb[i + 2]], 1.0);
+                        }
+                    }
+                }
                 Item::Text { x, y, size, text, fill, anchor, up } => {
                     let shift = if *anchor == Anchor::End { -Self::text_width(*size, text) } else { 0.0 };
                     for (id, gx, _) in glyphs(*size, text) {
@@ -172,15 +208,7 @@ impl Picture {
                 }
             }
         }
-        let mut out = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut out, self.width, self.height);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let mut wr = enc.write_header().map_err(|e| anyhow!("PNG: {e}"))?;
-            wr.write_image_data(&px).map_err(|e| anyhow!("PNG: {e}"))?;
-        }
-        Ok(out)
+        encode_png(w, h, &px)
     }
 
     /// Writes SVG or PNG (by `png`) atomically.
@@ -188,6 +216,19 @@ impl Picture {
         let bytes = if png { self.to_png()? } else { self.to_svg().into_bytes() };
         attend::checkpoint::write_atomic(path, &bytes).with_context(|| format!("{}: cannot write", path.display()))
     }
+}
+
+/// A PNG file of `width × height` RGB pixels.
+pub fn encode_png(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().map_err(|e| anyhow!("PNG: {e}"))?;
+        wr.write_image_data(rgb).map_err(|e| anyhow!("PNG: {e}"))?;
+    }
+    Ok(out)
 }
 
 /// `(glyph, x offset, advance)` of each character of `text` at `size` pixels, kerned.

@@ -4,8 +4,10 @@
 //! channel), not from a second, slower path.
 //!
 //! Today: `--text` (and `--pair`) for Hugging Face GPT-2 and BERT-family (BERT, RoBERTa, DistilBERT) directories,
-//! as HTML, or as static heatmaps of one layer's heads (`--format png|svg`). Every other input and model is refused
-//! with a message that says what works.
+//! as HTML, or as static heatmaps of one layer's heads (`--format png|svg`); `--image` (PNG or JPEG, preprocessed as
+//! the directory's `preprocessor_config.json` says) for ViT directories, as HTML with an image view, or as one
+//! picture per head of a layer plus the rollout. Every other input and model is refused with a message that says
+//! what works.
 
 use std::path::PathBuf;
 
@@ -13,7 +15,7 @@ use anyhow::{anyhow, bail, Result};
 use attend::checkpoint::hf::HfModel;
 use attend::models::bert::BertInput;
 use attend::models::gpt::GptInput;
-use attend::viz::html::{self, PageOptions};
+use attend::viz::html::{self, PageImage, PageOptions};
 use attend::viz::AttentionMaps;
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
@@ -65,11 +67,12 @@ pub enum Format {
 }
 
 pub fn run(args: VizArgs) -> Result<()> {
+    if let Some(image) = &args.image {
+        return image_view(&args, image);
+    }
     let Some(text) = &args.text else {
         let which = if args.source.is_some() {
             "--source (sequence-to-sequence alignments)"
-        } else if args.image.is_some() {
-            "--image (vision models)"
         } else if args.node.is_some() {
             "--node (graph attention)"
         } else {
@@ -77,11 +80,7 @@ pub fn run(args: VizArgs) -> Result<()> {
         };
         bail!("{which} is not supported yet; attend viz shows --text [--pair] for GPT-2 and BERT-family models");
     };
-    let heads = args
-        .heads
-        .as_deref()
-        .map(|h| crate::hf::parse_ids("--heads", h).map(|v| v.into_iter().map(|x| x as usize).collect::<Vec<_>>()))
-        .transpose()?;
+    let heads = heads_arg(&args)?;
     let (dir, model) = crate::hf::open(&args.model)?;
     let unsupported = || {
         anyhow!(
@@ -91,6 +90,9 @@ pub fn run(args: VizArgs) -> Result<()> {
         )
     };
     // Refused before tokenising: a directory we cannot show may well have no tokenizer either.
+    if matches!(model, HfModel::Vit(_)) {
+        bail!("{}: a vit checkpoint reads images: use --image FILE instead of --text", args.model.display());
+    }
     if !matches!(model, HfModel::Gpt2(_) | HfModel::Bert(_)) {
         return Err(unsupported());
     }
@@ -158,6 +160,7 @@ pub fn run(args: VizArgs) -> Result<()> {
         ),
         layer: args.layer,
         heads,
+        image: None,
     };
     match args.format {
         Format::Html => html::write(&args.out, &maps, &opts).map_err(err),
@@ -167,6 +170,132 @@ pub fn run(args: VizArgs) -> Result<()> {
             heatmaps(&maps, opts.layer.unwrap_or(0), &heads).write(&args.out, args.format == Format::Png)
         }
     }
+}
+
+fn heads_arg(args: &VizArgs) -> Result<Option<Vec<usize>>> {
+    args.heads
+        .as_deref()
+        .map(|h| crate::hf::parse_ids("--heads", h).map(|v| v.into_iter().map(|x| x as usize).collect::<Vec<_>>()))
+        .transpose()
+}
+
+/// `--image`: a ViT's attention over the patches of a picture, from [CLS] (and, in the page, from any patch).
+fn image_view(args: &VizArgs, path: &std::path::Path) -> Result<()> {
+    let heads = heads_arg(args)?;
+    let (dir, model) = crate::hf::open(&args.model)?;
+    let HfModel::Vit(m) = &model else {
+        bail!(
+            "{}: --image shows vision models (vit); a {} checkpoint reads text: use --text",
+            args.model.display(),
+            dir.model_type()
+        );
+    };
+    let err = |e: attend::Error| anyhow!("{}: {}", args.model.display(), crate::errors::attend(&e));
+    let (side, patch) = (m.config.image_size, m.config.patch_size);
+    let img = crate::image::load(path)?;
+    let pre = crate::image::Preprocess::from_dir(&args.model, side)?;
+    let dev = Device::Cpu;
+    let (shown, px) = pre.pixel_values(&img, &dev)?;
+    if (shown.width, shown.height) != (side, side) {
+        bail!(
+            "{}: the image is {}x{} after preprocessing, but the model takes {side}x{side} (image_size in {}/config.json); \
+             resize it, or let preprocessor_config.json resize it (do_resize, size)",
+            path.display(),
+            shown.width,
+            shown.height,
+            args.model.display()
+        );
+    }
+    let weights = m.model.forward(&px, true).map_err(err)?.weights;
+    let g = side / patch;
+    let tokens: Vec<String> =
+        std::iter::once("[CLS]".to_string()).chain((0..g * g).map(|p| format!("({},{})", p / g, p % g))).collect();
+    let special = (0..tokens.len()).map(|i| i == 0).collect();
+    let maps = AttentionMaps::new(tokens, special, &weights, false).map_err(err)?;
+    let name = |p: &std::path::Path| p.file_name().map_or("?".into(), |n| n.to_string_lossy().into_owned());
+    let opts = PageOptions {
+        title: format!("attend viz: {} on {}", name(&args.model), name(path)),
+        subtitle: format!(
+            "{} · {}x{} image, {}x{} patches + [CLS] · {} layers × {} heads",
+            dir.model_type(),
+            side,
+            side,
+            g,
+            g,
+            maps.num_layers(),
+            maps.num_heads()
+        ),
+        layer: args.layer,
+        heads,
+        image: Some(PageImage {
+            png: crate::picture::encode_png(shown.width, shown.height, &shown.data)?,
+            grid: (g, g),
+            first: 1,
+        }),
+    };
+    match args.format {
+        Format::Html => html::write(&args.out, &maps, &opts).map_err(err),
+        Format::Png | Format::Svg => {
+            maps.check_selection(opts.layer, opts.heads.as_deref()).map_err(err)?;
+            let heads = opts.heads.unwrap_or_else(|| (0..maps.num_heads()).collect());
+            let pic = patch_panels(&maps, opts.layer.unwrap_or(0), &heads, &shown, g).map_err(err)?;
+            pic.write(&args.out, args.format == Format::Png)
+        }
+    }
+}
+
+/// The picture darkened where a weight is low: alpha `0.8·(1 − w/max)` of black over each patch (the page's image
+/// view does the same), `w` one per patch, row-major over a `g × g` grid.
+pub fn shade_patches(img: &crate::image::Rgb8, g: usize, w: &[f32]) -> Vec<u8> {
+    let max = w.iter().cloned().fold(0f32, f32::max);
+    let mut out = img.data.clone();
+    for y in 0..img.height {
+        for x in 0..img.width {
+            let p = (y * g / img.height) * g + x * g / img.width;
+            let keep = 1.0 - 0.8 * (1.0 - if max > 0.0 { w[p] / max } else { 0.0 });
+            for c in 0..3 {
+                let i = (y * img.width + x) * 3 + c;
+                out[i] = (img.data[i] as f32 * keep).round() as u8;
+            }
+        }
+    }
+    out
+}
+
+/// One picture per head of `layer` (the attention of [CLS] over the patches) and the rollout's, four to a row.
+fn patch_panels(
+    maps: &AttentionMaps,
+    layer: usize,
+    heads: &[usize],
+    shown: &crate::image::Rgb8,
+    g: usize,
+) -> attend::Result<Picture> {
+    const INK: [u8; 3] = [34, 34, 34];
+    let t = maps.len();
+    let side = 224f32;
+    let rollout = maps.rollout()?;
+    let mut panels: Vec<(String, Vec<f32>)> =
+        heads.iter().map(|&h| (format!("layer {layer}, head {h}"), maps.head(layer, h)[1..t].to_vec())).collect();
+    panels.push((format!("rollout after layer {layer}"), rollout[layer][1..t].to_vec()));
+    let (pw, ph) = (side + 16.0, side + 30.0);
+    let cols = panels.len().min(4);
+    let rows = panels.len().div_ceil(4);
+    let mut pic = Picture::new((16.0 + pw * cols as f32).ceil() as u32, (12.0 + ph * rows as f32 + 20.0).ceil() as u32);
+    for (k, (title, w)) in panels.iter().enumerate() {
+        let (ox, oy) = (16.0 + pw * (k % 4) as f32, 8.0 + ph * (k / 4) as f32);
+        pic.text(ox, oy + 14.0, 13.0, title, INK, Anchor::Start);
+        pic.image(ox, oy + 22.0, side, side, (shown.width, shown.height), shade_patches(shown, g, w));
+    }
+    let y = 12.0 + ph * rows as f32 + 8.0;
+    pic.text(
+        16.0,
+        y,
+        11.0,
+        "brighter patches: more of [CLS]'s attention (each picture scaled to its largest)",
+        INK,
+        Anchor::Start,
+    );
+    Ok(pic)
 }
 
 /// One heatmap per head of `layer` (rows: queries, columns: keys), token labels on both axes when the cells are big
@@ -224,4 +353,20 @@ fn heatmaps(maps: &AttentionMaps, layer: usize, heads: &[usize]) -> Picture {
     pic.text(sx, sy + 9.0, 11.0, "0", INK, Anchor::Start);
     pic.text(sx + 118.0, sy + 9.0, 11.0, "1  attention weight (rows: queries, columns: keys)", INK, Anchor::Start);
     pic
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shaded_patches_keep_the_most_attended_one_and_darken_the_rest_by_their_weight() {
+        // A 4 × 4 picture of 2 × 2 patches: patch 1 takes the most, patch 2 half of it, patches 0 and 3 nothing.
+        let img = crate::image::Rgb8 { width: 4, height: 4, data: vec![200; 4 * 4 * 3] };
+        let out = shade_patches(&img, 2, &[0.0, 0.6, 0.3, 0.0]);
+        let at = |x: usize, y: usize| out[(y * 4 + x) * 3];
+        assert_eq!((at(2, 0), at(3, 1)), (200, 200), "the top-right patch is the brightest: untouched");
+        assert_eq!(at(0, 3), (200.0 * (1.0 - 0.8 * 0.5f32)).round() as u8, "bottom-left: half the weight");
+        assert_eq!((at(0, 0), at(3, 3)), (40, 40), "no weight: a fifth of the brightness");
+    }
 }

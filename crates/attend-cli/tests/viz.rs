@@ -18,6 +18,10 @@ fn hf(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf").join(name).display().to_string()
 }
 
+fn image(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/viz").join(name).display().to_string()
+}
+
 /// The browser, or `None` when the caller opted out with ATTEND_SKIP_BROWSER=1.
 fn chromium() -> Option<PathBuf> {
     if std::env::var("ATTEND_SKIP_BROWSER").as_deref() == Ok("1") {
@@ -135,6 +139,55 @@ fn pages_open_in_a_browser_draw_every_layer_head_and_token_and_clicks_open_heads
 }
 
 #[test]
+fn a_vit_image_page_shows_every_head_over_the_picture_and_a_click_looks_from_a_patch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let browser = chromium();
+    let vit = hf("vit");
+    // (image, extra flags, pictures in the image view: the chosen heads and the rollout)
+    let cases: [(&str, &[&str], usize); 2] =
+        [("vit_image.png", &[], 5), ("vit_image.jpg", &["--heads", "3,1", "--layer", "1"], 3)];
+    for (k, (file, flags, panels)) in cases.iter().enumerate() {
+        let page = tmp.path().join(format!("vit-{k}.html"));
+        let (img, out) = (image(file), page.display().to_string());
+        let args = [&["viz", "--model", &vit, "--image", &img][..], flags, &["--out", &out]].concat();
+        let run = attend(&args);
+        assert!(run.status.success(), "{args:?}: {}", String::from_utf8_lossy(&run.stderr));
+        let html = std::fs::read_to_string(&page).unwrap();
+        assert!(!html.contains("http://") && !html.contains("https://"), "the page must not reach the network");
+        let Some(browser) = &browser else { continue };
+        let profile = tmp.path().join(format!("vit-profile-{k}"));
+        let r = selftest(browser, &page, &profile);
+        assert_eq!(r["errors"], serde_json::json!([]), "{file}: script errors");
+        assert_eq!((r["layers"].as_u64(), r["tokens"].as_u64()), (Some(2), Some(17)), "{file}: [CLS] + 4 × 4 patches");
+        assert_eq!(r["imageGrid"], serde_json::json!([4, 4]), "{file}");
+        assert_eq!(r["imagePanels"], *panels, "{file}: one picture per chosen head and the rollout");
+        assert_eq!(r["imageFrom"], 16, "{file}: a click on the bottom-right patch looks from it (token 16)");
+        assert_eq!(r["thumbnails"].as_u64().unwrap() as usize, 2 * (panels - 1), "{file}: the model view too");
+        let shot = tmp.path().join(format!("vit-{k}.png"));
+        headless(browser, &profile)
+            .args(["--window-size=900,700", "--hide-scrollbars"])
+            .arg(format!("--screenshot={}", shot.display()))
+            .arg(format!("file://{}#image", page.display()))
+            .output()
+            .unwrap();
+        let inked = inked_pixels(&shot);
+        assert!(inked > 20_000, "{file}: the image view's screenshot is nearly blank ({inked} pixels drawn)");
+    }
+    // The static pictures: the same panels, each an embedded PNG of the model's 16 × 16 view, in SVG and PNG.
+    let (svg, png_path) = (tmp.path().join("v.svg"), tmp.path().join("v.png"));
+    for (fmt, out) in [("svg", &svg), ("png", &png_path)] {
+        let o = out.display().to_string();
+        let args = ["viz", "--model", &vit, "--image", &image("vit_image.png"), "--heads", "0,2", "--format", fmt];
+        let run = attend(&[&args[..], &["--out", &o]].concat());
+        assert!(run.status.success(), "{fmt}: {}", String::from_utf8_lossy(&run.stderr));
+    }
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(text.matches("<image ").count(), 3, "heads 0 and 2, and the rollout");
+    assert!(text.contains("href=\"data:image/png;base64,"), "embedded, not linked");
+    assert!(inked_pixels(&png_path) > 20_000, "the PNG picture drew the panels");
+}
+
+#[test]
 fn what_does_not_exist_or_is_not_supported_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("page.html");
@@ -148,7 +201,23 @@ fn what_does_not_exist_or_is_not_supported_is_a_one_line_error() {
     let e = expect_failure(&["viz", "--model", &gpt2, "--text", &long, "--out", &o], &out);
     assert_mentions(&e, &["tokens, longer than the model's context", "n_positions", "config.json"]);
     let e = expect_failure(&["viz", "--model", &vit, "--text", "hi", "--out", &o], &out);
-    assert_mentions(&e, &["vit", "not supported yet"]);
+    assert_mentions(&e, &["vit", "reads images", "--image"]);
+    let e = expect_failure(&["viz", "--model", &gpt2, "--image", &image("vit_image.png"), "--out", &o], &out);
+    assert_mentions(&e, &["--image shows vision models", "gpt2"]);
+    let notes = tmp.path().join("notes.jpg");
+    std::fs::write(&notes, "a text file").unwrap();
+    let e = expect_failure(&["viz", "--model", &vit, "--image", &notes.display().to_string(), "--out", &o], &out);
+    assert_mentions(&e, &["notes.jpg", "not a PNG or JPEG"]);
+    // A directory whose processor keeps the image's size: a 40 × 24 picture does not fit a 16 × 16 model.
+    let keep = tmp.path().join("vit-keep");
+    std::fs::create_dir(&keep).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(&vit).join(f), keep.join(f)).unwrap();
+    }
+    std::fs::write(keep.join("preprocessor_config.json"), r#"{"do_resize": false}"#).unwrap();
+    let keep = keep.display().to_string();
+    let e = expect_failure(&["viz", "--model", &keep, "--image", &image("vit_image.png"), "--out", &o], &out);
+    assert_mentions(&e, &["40x24", "takes 16x16", "image_size", "do_resize"]);
     let e = expect_failure(&["viz", "--model", &gpt2, "--text", "hi", "--pair", "there", "--out", &o], &out);
     assert_mentions(&e, &["gpt2", "--pair"]);
     let e = expect_failure(&["viz", "--model", &gpt2, "--source", "hi", "--out", &o], &out);

@@ -63,6 +63,24 @@ fn weights_rollout_and_summary_match_transformers() {
     }
 }
 
+#[test]
+fn vit_weights_and_rollout_over_image_patches_match_transformers() {
+    // ViTModel's attentions on the pixel values ViTImageProcessor made of fixtures/viz/vit_image.png: [CLS] and
+    // 4 × 4 patches. (The CLI's own preprocessing of that file is checked against the same pixel values.)
+    let f = load("viz", "vit");
+    let HfModel::Vit(m) = hf::load(&HfDir::open(hf_dir("vit")).unwrap(), DType::F32, &Device::Cpu, false).unwrap()
+    else {
+        panic!("fixtures/hf/vit is a ViT checkpoint")
+    };
+    let weights = m.model.forward(&f.t("pixel_values"), true).unwrap().weights;
+    let t = 17;
+    let tokens = (0..t).map(|i| format!("p{i}")).collect();
+    let maps = AttentionMaps::new(tokens, (0..t).map(|i| i == 0).collect(), &weights, false).unwrap();
+    assert_close("vit: attentions", &stack_layers(&maps), &f.t("attentions"), WEIGHTS);
+    let roll = Tensor::from_vec(maps.rollout().unwrap().concat(), (maps.num_layers(), t, t), &Device::Cpu).unwrap();
+    assert_close("vit: rollout", &roll, &f.t("rollout"), WEIGHTS);
+}
+
 /// The text between the tags of the element with this id.
 fn element<'a>(html: &'a str, id: &str) -> &'a str {
     let open = format!(r#"id="{id}">"#);

@@ -24,6 +24,20 @@ pub struct PageOptions {
     pub layer: Option<usize>,
     /// Only these heads, in this order (default: all). The rollout and the summary still use every head.
     pub heads: Option<Vec<usize>>,
+    /// For a vision model: the image as it saw it, whose patches are tokens `first..` (the page then opens on an
+    /// image view: each head's attention from a token, [CLS] or a clicked patch, over the picture).
+    pub image: Option<PageImage>,
+}
+
+/// The picture behind a vision model's tokens.
+#[derive(Clone, Debug, Default)]
+pub struct PageImage {
+    /// A PNG file's bytes (the page shows it from a data URL).
+    pub png: Vec<u8>,
+    /// Patches per column and per row: `(rows, cols)`, row-major after the first patch token.
+    pub grid: (usize, usize),
+    /// The token of the top-left patch (1 after a class token).
+    pub first: usize,
 }
 
 const TEMPLATE: &str = include_str!("page.html");
@@ -32,6 +46,16 @@ const SCRIPT: &str = include_str!("page.js");
 /// The page as a string.
 pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
     maps.check_selection(opts.layer, opts.heads.as_deref())?;
+    if let Some(im) = &opts.image {
+        let (rows, cols) = im.grid;
+        crate::ensure!(
+            im.first + rows * cols <= maps.len(),
+            "viz",
+            "an image of {rows}x{cols} patches from token {} does not fit {} tokens",
+            im.first,
+            maps.len()
+        );
+    }
     let heads: Vec<usize> = opts.heads.clone().unwrap_or_else(|| (0..maps.num_heads()).collect());
     let t = maps.len();
     let pairs: Vec<(usize, usize)> = (0..maps.num_layers()).flat_map(|l| heads.iter().map(move |&h| (l, h))).collect();
@@ -63,6 +87,11 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
         "layer": opts.layer.unwrap_or(0),
         "flowMaxTokens": FLOW_MAX_TOKENS,
         "summary": { "entropy": s.entropy, "distance": s.distance, "special": s.special },
+        "image": opts.image.as_ref().map(|im| json!({
+            "src": format!("data:image/png;base64,{}", base64(&im.png)),
+            "grid": [im.grid.0, im.grid.1],
+            "first": im.first,
+        })),
     })
     .to_string()
     .replace("</", "<\\/");
@@ -114,9 +143,9 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Standard base64 with padding (what the page's `atob` reads), in parallel over 3 MB pieces (whole 3-byte groups,
+/// Standard base64 with padding (what the page's decoder and data URLs read), in parallel over 3 MB pieces (whole 3-byte groups,
 /// so the pieces concatenate).
-fn base64(bytes: &[u8]) -> String {
+pub fn base64(bytes: &[u8]) -> String {
     const PIECE: usize = 3 << 20;
     if bytes.len() > PIECE {
         return bytes.par_chunks(PIECE).map(base64_serial).collect::<Vec<_>>().concat();

@@ -37,8 +37,9 @@
     if (text !== undefined) e.textContent = text;
     return e;
   };
-  const state = { view: "head", layer: Math.min(D.layer || 0, L - 1), on: HS.map(() => true), focus: null,
-    query: D.causal ? T - 1 : 0 };
+  const IM = D.image; // a vision model's picture: {src, grid: [rows, cols], first}, or null
+  const state = { view: IM ? "image" : "head", layer: Math.min(D.layer || 0, L - 1), on: HS.map(() => true),
+    focus: null, query: D.causal ? T - 1 : 0, from: 0 };
   window.attendState = state;
 
   // ---- controls -------------------------------------------------------------------------------------------------
@@ -216,22 +217,83 @@
     sortDir = sortKey === th.dataset.key ? -sortDir : 1; sortKey = th.dataset.key; drawSummary();
   }));
 
+  // ---- image view: each head's attention from one token over the picture (vision models) ----------------------------
+  const VIEWS = ["head", "model", "rollout", "summary"];
+  let picture = null;
+  if (IM) {
+    VIEWS.unshift("image");
+    document.querySelector('nav .tab[data-view="image"]').hidden = false;
+    picture = new Image();
+    picture.onload = () => { if (state.view === "image") drawImage(); };
+    picture.src = IM.src;
+  }
+  const [GR, GC] = IM ? IM.grid : [0, 0];
+  const SIDE = 224; // each picture's size on the page
+  function panel(title, weightOf, canvas) {
+    // The picture, darkened where the token looks little: alpha 0.8·(1 − w/max) of black over each patch.
+    const g = canvas.getContext("2d"), cw = SIDE / GC, ch = SIDE / GR;
+    g.clearRect(0, 0, SIDE, SIDE);
+    g.imageSmoothingEnabled = false; // the model's pixels, as the PNG and SVG pictures show them
+    if (picture && picture.complete && picture.naturalWidth) g.drawImage(picture, 0, 0, SIDE, SIDE);
+    let max = 0;
+    for (let p = 0; p < GR * GC; p++) max = Math.max(max, weightOf(IM.first + p));
+    for (let p = 0; p < GR * GC; p++) {
+      const a = max > 0 ? weightOf(IM.first + p) / max : 0;
+      g.fillStyle = `rgba(0,0,0,${0.8 * (1 - a)})`;
+      g.fillRect((p % GC) * cw, Math.floor(p / GC) * ch, cw, ch);
+    }
+    if (state.from >= IM.first) {
+      const p = state.from - IM.first;
+      g.strokeStyle = "#d62728"; g.lineWidth = 2;
+      g.strokeRect((p % GC) * cw + 1, Math.floor(p / GC) * ch + 1, cw - 2, ch - 2);
+    }
+    canvas.title = title;
+  }
+  function drawImage() {
+    const box = $("image-panels");
+    const want = HS.map((h, k) => k).filter((k) => state.on[k]);
+    box.textContent = "";
+    $("image-query").textContent = state.from === 0 ? "[CLS]" : `patch ${D.tokens[state.from]}`;
+    const q = state.from;
+    const add = (title, weightOf) => {
+      const fig = el("figure"), c = el("canvas", { width: SIDE, height: SIDE, class: "patches" });
+      panel(title, weightOf, c);
+      c.onclick = (ev) => {
+        const r = c.getBoundingClientRect();
+        const col = Math.min(GC - 1, Math.floor(((ev.clientX - r.left) / r.width) * GC));
+        const row = Math.min(GR - 1, Math.floor(((ev.clientY - r.top) / r.height) * GR));
+        const t = IM.first + row * GC + col;
+        state.from = state.from === t ? 0 : t;
+        drawImage();
+      };
+      fig.appendChild(c); fig.appendChild(el("figcaption", {}, title));
+      box.appendChild(fig);
+    };
+    for (const k of want) {
+      const base = at(state.layer, k) + q * T;
+      add(`layer ${state.layer}, head ${HS[k]}`, (j) => W[base + j]);
+    }
+    const rbase = state.layer * T * T + q * T;
+    add(`rollout after layer ${state.layer}`, (j) => R[rbase + j]);
+  }
+
   // ---- one render for every state change ------------------------------------------------------------------------------
   function render() {
-    for (const v of ["head", "model", "rollout", "summary"]) {
+    for (const v of VIEWS) {
       $(v + "-view").hidden = state.view !== v;
       document.querySelector(`nav .tab[data-view="${v}"]`).classList.toggle("on", state.view === v);
     }
     toggles.querySelectorAll(".head").forEach((b, k) => b.classList.toggle("on", state.on[k]));
-    $("heads").hidden = state.view !== "head";
+    $("heads").hidden = state.view !== "head" && state.view !== "image";
+    if (state.view === "image") drawImage();
     if (state.view === "head") drawLinks();
     if (state.view === "model") buildGrid();
     if (state.view === "rollout") drawRollout();
     if (state.view === "summary") drawSummary();
   }
-  // `page.html#model` (or #head, #rollout, #summary) opens on that view: links and screenshots can point at one.
+  // `page.html#model` (or #image, #head, #rollout, #summary) opens on that view: links and screenshots can point at one.
   const wanted = location.hash.slice(1);
-  if (["head", "model", "rollout", "summary"].includes(wanted)) state.view = wanted;
+  if (VIEWS.includes(wanted)) state.view = wanted;
   render();
   const firstPaint = performance.now();
 
@@ -239,6 +301,16 @@
   if (location.hash === "#selftest") {
     const report = { errors: window.attendErrors, firstPaintMs: firstPaint, layers: L, heads: NH, tokens: T,
       decodeMs: stages.decoded - stages.start };
+    if (IM) {
+      // Every chosen head and the rollout as a picture; a click on the bottom-right patch looks from it.
+      state.view = "image"; render();
+      report.imagePanels = document.querySelectorAll("#image-panels canvas").length;
+      const c = document.querySelector("#image-panels canvas"), r = c.getBoundingClientRect();
+      c.dispatchEvent(new MouseEvent("click", { clientX: r.right - 1, clientY: r.bottom - 1, bubbles: true }));
+      report.imageFrom = state.from;
+      report.imageGrid = IM.grid;
+      state.from = 0;
+    }
     report.headTokens = document.querySelectorAll("#head-view .tok").length;
     let t0 = performance.now();
     layerSel.value = L - 1; layerSel.onchange();
