@@ -7,10 +7,10 @@
 //! own (no gathers or scatters per step), applies the cell to its units and writes their new state into the slot the
 //! next step reads; barrier. Backward step: each thread back-propagates its units through the cell into the step's
 //! gate gradients; barrier; then forms its units of `dh_{t−1} = dgates_t W_hh` (its own units only, so no second
-//! barrier) and its share of `dx_t = dgates_t W_ih`. Every chunk of steps, each thread also adds the chunk's share
-//! of its own rows of the weight gradient, `dW[rows of its gates] += dgates[chunk, its gates]ᵀ [x | h_prev][chunk]`:
-//! those rows depend on its own gate gradients alone, so they need no barrier, and the gate gradients of the whole
-//! sequence are never written out.
+//! barrier) and its share of `dx_t = dgates_t W_ih`. The weight gradient goes a chunk of steps at a time:
+//! `dW[rows of a thread's gates] += dgates[chunk, its gates]ᵀ [x | h_prev][chunk]` needs no barrier, so its pieces
+//! are done by whichever thread waits at one (the time a faster core would spin), and the gate gradients of the
+//! whole sequence are never written out.
 //!
 //! The gate columns are **blocked** ([`Blocks`]): units in blocks of [`BLOCK`], each block holding its `G` gate
 //! chunks side by side, so a thread's units own one contiguous run of columns and one cell call covers a block.
@@ -92,6 +92,12 @@ impl SpinBarrier {
     }
 
     fn wait(&self) {
+        self.wait_with(|| false)
+    }
+
+    /// Waits, running `idle` (a piece of work that needs no other thread; `false` when it had none) while the
+    /// others have not arrived: the time a faster thread would spin goes into work a slower one then need not do.
+    fn wait_with(&self, mut idle: impl FnMut() -> bool) {
         if self.n == 1 {
             return;
         }
@@ -104,12 +110,20 @@ impl SpinBarrier {
         let mut spins = 0u32;
         while self.generation.load(Ordering::Acquire) == gen {
             self.check();
-            if spins < 20_000 {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
+            if idle() {
+                continue;
             }
+            Self::pause(&mut spins);
+        }
+    }
+
+    /// One turn of a spin: a pause, and after a while a yield, so an oversubscribed machine still makes progress.
+    fn pause(spins: &mut u32) {
+        if *spins < 20_000 {
+            std::hint::spin_loop();
+            *spins += 1;
+        } else {
+            std::thread::yield_now();
         }
     }
 }
@@ -237,6 +251,25 @@ pub trait SeqFloat: Real {
         c: *mut Self,
         ldc: usize,
         start: Start<Self>,
+    ) {
+        Self::product_rows(p, 0..p.k, isa, m, a, a_strides, c, ldc, start)
+    }
+
+    /// [`SeqFloat::product`] over the operand's rows `ks` only (`a` then has `ks.len()` columns).
+    ///
+    /// # Safety
+    /// As [`SeqFloat::product`]; `ks` lies within the operand's rows.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product_rows(
+        p: &Panels<Self>,
+        ks: std::ops::Range<usize>,
+        isa: Isa,
+        m: usize,
+        a: *const Self,
+        a_strides: (usize, usize),
+        c: *mut Self,
+        ldc: usize,
+        start: Start<Self>,
     );
 
     /// The cells over one blocked row of `un` units (see `rnn::lstm_forward_blocked` and friends): the LSTM's
@@ -282,8 +315,9 @@ impl SeqFloat for f32 {
     const PAD: usize = QUANTUM;
     const PANEL: usize = PANEL;
 
-    unsafe fn product(
+    unsafe fn product_rows(
         p: &Panels<f32>,
+        ks: std::ops::Range<usize>,
         isa: Isa,
         m: usize,
         a: *const f32,
@@ -292,16 +326,18 @@ impl SeqFloat for f32 {
         ldc: usize,
         start: Start<f32>,
     ) {
+        debug_assert!(ks.end <= p.k);
+        let kb = ks.end - ks.start;
         if let Start::Bias(b) = start {
             assert!(b.len() >= p.cols, "packed product: bias of {} for {} columns", b.len(), p.cols);
         }
         for j0 in (0..p.n).step_by(PANEL) {
             let w = PANEL.min(p.n - j0);
-            let panel = p.data.as_ptr().add(j0 * p.k);
+            let panel = p.data.as_ptr().add(j0 * p.k + ks.start * w);
             let real = p.cols.saturating_sub(j0).min(w);
             if real == w {
-                for k0 in (0..p.k).step_by(KC) {
-                    let kc = KC.min(p.k - k0);
+                for k0 in (0..kb).step_by(KC) {
+                    let kc = KC.min(kb - k0);
                     let init = match (start, k0) {
                         (_, 1..) | (Start::Accumulate, _) => Init::Accumulate,
                         (Start::Zero, _) => Init::Zero,
@@ -342,8 +378,8 @@ impl SeqFloat for f32 {
                     }
                     row[real..].fill(0.0);
                 }
-                for k0 in (0..p.k).step_by(KC) {
-                    let kc = KC.min(p.k - k0);
+                for k0 in (0..kb).step_by(KC) {
+                    let kc = KC.min(kb - k0);
                     let (ar, pk) = (a.add(r0 * lda + k0 * a_cs), panel.add(k0 * w));
                     gemm_strided(isa, mr, w, kc, ar, (lda, a_cs), pk, w, tile.as_mut_ptr(), w, Init::Accumulate);
                 }
@@ -393,8 +429,9 @@ impl SeqFloat for f64 {
     const PAD: usize = 1;
     const PANEL: usize = usize::MAX;
 
-    unsafe fn product(
+    unsafe fn product_rows(
         p: &Panels<f64>,
+        ks: std::ops::Range<usize>,
         _: Isa,
         m: usize,
         a: *const f64,
@@ -414,7 +451,7 @@ impl SeqFloat for f64 {
         gemm::gemm(
             m,
             p.n,
-            p.k,
+            ks.len(),
             c,
             1,
             ldc as isize,
@@ -422,7 +459,7 @@ impl SeqFloat for f64 {
             a,
             a_cs as isize,
             lda as isize,
-            p.data.as_ptr(),
+            p.data.as_ptr().add(ks.start * p.n),
             1,
             p.n as isize,
             1.0,
@@ -516,26 +553,26 @@ impl<T: SeqFloat> Panels<T> {
 }
 
 impl<T: SeqFloat> Panels<T> {
-    /// Refilled from `k` rows of a row-major `(k × n)` matrix, `row(p)` holding at least `n` elements; the storage
-    /// is kept when it is large enough (the weight gradient packs each chunk of steps into the same buffer).
-    fn fill_rows<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [T])
+    /// `k` rows of a row-major `(k × n)` matrix, `row(p)` holding at least `n` elements, packed by the pool's
+    /// threads a panel each.
+    fn pack_par<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [T] + Sync) -> Self
     where
         T: 'a,
     {
+        use rayon::prelude::*;
         let np = n.div_ceil(T::PAD) * T::PAD;
-        if self.data.len() < k * np {
-            self.data = Aligned::zeroed(k * np);
+        let mut data = Aligned::zeroed(k * np);
+        let width = T::PANEL.min(np.max(1));
+        if k > 0 {
+            data.par_chunks_mut(k * width).enumerate().for_each(|(q, panel)| {
+                let (j0, w) = (q * width, panel.len() / k);
+                let real = w.min(n.saturating_sub(j0));
+                for (p, line) in panel.chunks_exact_mut(w).enumerate() {
+                    line[..real].copy_from_slice(&row(p)[j0..j0 + real]);
+                }
+            });
         }
-        for j0 in (0..np).step_by(T::PANEL.min(np.max(1))) {
-            let w = T::PANEL.min(np - j0);
-            let real = w.min(n.saturating_sub(j0));
-            for p in 0..k {
-                let line = &mut self.data[j0 * k + p * w..][..w];
-                line[..real].copy_from_slice(&row(p)[j0..j0 + real]);
-                line[real..].fill(T::ZERO);
-            }
-        }
-        (self.k, self.n, self.cols) = (k, np, n);
+        Self { data, k, n: np, cols: n }
     }
 }
 
@@ -877,10 +914,95 @@ impl<T: SeqFloat> Walk<'_, T> {
         let mut fresh_w = Fresh::new(dw, gw * ld);
         let (dgs, dxs) = (Shared::of(&mut slots), Shared::of(&mut slots_x));
         let (dins, dws) = (fresh_in.shared(), fresh_w.shared());
-        let chunk = (WEIGHT_ROWS / b.max(1)).max(1);
         let rev: Vec<usize> = order.iter().rev().copied().collect();
         let (dbs, dbxs, dhs, dcs) = (Shared::of(db), Shared::of(db_x), Shared::of(dh0), Shared::of(dc0));
-        let per = c.div_ceil(team.threads).div_ceil(T::PAD) * T::PAD;
+        let threads = team.threads;
+        let per = c.div_ceil(threads).div_ceil(T::PAD) * T::PAD;
+
+        // The weight gradient. Each thread gathers its gate gradients of a chunk of steps, gate-major (row
+        // `(t − lo)·B + r`, column `q·un + j` for gate q of its unit `u.start + j`; the GRU's input side in a ring
+        // of its own), into one of two rings used by turns. A chunk's rows of `[dW_ih | dW_hh]`,
+        // `dW[q·H + u] += Σ_rows dgates[row, (q, u)] · [x | h_prev][row]`, are then pieces of work (a quarter of a
+        // thread's units of a gate, one half of the columns) that any thread runs while it waits at a barrier, so
+        // the faster thread (cores of a shared machine differ by 10–30 % from moment to moment) takes more of them.
+        // Chunks are worked in order, so every element sums its rows in the same order whichever thread runs it.
+        let chunk = (WEIGHT_ROWS / b.max(1)).max(1);
+        let n_chunks = tt.div_ceil(chunk);
+        let los: Vec<usize> = (0..n_chunks)
+            .map(|ci| rev[ci * chunk..((ci + 1) * chunk).min(tt)].iter().copied().min().unwrap_or(0))
+            .collect();
+        // Row strides padded a line past a multiple of 4 KiB, so a product's walk down a column does not reuse a
+        // few L1 sets.
+        let rs = g * units(hw, threads, 0).len() + 64 / std::mem::size_of::<T>();
+        let ring_len = chunk.min(tt) * b * rs;
+        let mut rings = vec![T::ZERO; threads * 2 * ring_len];
+        let mut rings_x = vec![T::ZERO; if lstm { 0 } else { threads * 2 * ring_len }];
+        let (rgs, rxs) = (Shared::of(&mut rings), Shared::of(&mut rings_x));
+        let ring_of = |owner: usize, ci: usize| (owner * 2 + ci % 2) * ring_len;
+        // `[x | h_prev]` of every step as the pieces' B operands, packed once.
+        let px = Panels::<T>::pack_par(tt * b, c, |p| &saved.xh[p * ld..][..c]);
+        let ph = Panels::<T>::pack_par(tt * b, hw, |p| &saved.xh[p * ld + c..][..hw]);
+        const SPLIT: usize = 4;
+        let pieces = threads * g * 2 * SPLIT;
+        let claimed: Vec<AtomicUsize> = (0..n_chunks).map(|_| AtomicUsize::new(0)).collect();
+        let done: Vec<AtomicUsize> = (0..n_chunks).map(|_| AtomicUsize::new(0)).collect();
+        // Chunks whose rings are complete; the chunk being worked (every earlier one is done).
+        let (avail, next) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let run_piece = |ci: usize, piece: usize| {
+            let (o, q) = (piece / (g * 2 * SPLIT), piece / (2 * SPLIT) % g);
+            let (half, part) = (piece / SPLIT % 2, piece % SPLIT);
+            let uo = units(hw, threads, o);
+            let step = uo.len().div_ceil(SPLIT);
+            let (r0, r1) = ((part * step).min(uo.len()), ((part + 1) * step).min(uo.len()));
+            if r0 == r1 {
+                return;
+            }
+            let steps = ((ci + 1) * chunk).min(tt) - ci * chunk;
+            let ks = los[ci] * b..(los[ci] + steps) * b;
+            let (panel, col, ring) = match half {
+                0 => (&px, 0, if lstm { &rgs } else { &rxs }),
+                _ => (&ph, c, &rgs),
+            };
+            let start = if ci == 0 { Start::Zero } else { Start::Accumulate };
+            // SAFETY: the owner's ring of chunk ci is complete (`avail`) and is not rewritten before every piece of
+            // ci is done; rows q·H + uo.start + r0.. of dw, columns of this half, are this piece's alone, written
+            // first in chunk 0 (`Start::Zero`) and accumulated chunk after chunk. `isa` detected.
+            unsafe {
+                let a = ring.ptr(ring_of(o, ci) + q * uo.len() + r0);
+                let at = dws.ptr((q * hw + uo.start + r0) * ld + col);
+                T::product_rows(panel, ks, isa, r1 - r0, a, (1, rs), at, ld, start);
+            }
+        };
+        // One piece of the earliest chunk with pieces left, if there is one to run now.
+        let try_work = || -> bool {
+            loop {
+                let w = next.load(Ordering::Acquire);
+                if w >= avail.load(Ordering::Acquire) {
+                    return false;
+                }
+                let piece = claimed[w].fetch_add(1, Ordering::AcqRel);
+                if piece < pieces {
+                    run_piece(w, piece);
+                    if done[w].fetch_add(1, Ordering::AcqRel) + 1 == pieces {
+                        next.store(w + 1, Ordering::Release);
+                    }
+                    return true;
+                }
+                if done[w].load(Ordering::Acquire) < pieces {
+                    return false; // the rest of w is running elsewhere; w + 1 must wait for it
+                }
+            }
+        };
+        // Every piece of chunk ci done, helping with what is left.
+        let finish = |ci: usize| {
+            let mut spins = 0;
+            while done[ci].load(Ordering::Acquire) < pieces {
+                barrier.check();
+                if !try_work() {
+                    SpinBarrier::pause(&mut spins);
+                }
+            }
+        };
         team.run(hw, |me, u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
@@ -901,14 +1023,6 @@ impl<T: SeqFloat> Walk<'_, T> {
             let mut direct = vec![T::ZERO; b * un];
             let mut prod = Aligned::<T>::zeroed(b * np);
             let mut dxt = Aligned::<T>::zeroed(b * wi.n);
-            // This thread's gate gradients of a chunk of steps, gate-major (row `(t − lo)·B + r`, column `q·un + j`
-            // for gate q of unit `u.start + j`), the GRU's input side apart: the A operands of its rows of the weight
-            // gradient, `dW[q·H + u] = Σ_rows dgates[row, (q, u)] · [x | h_prev][row]`. The row stride is padded a
-            // line past a multiple of 4 KiB apart so a product's walk down a column does not reuse a few L1 sets.
-            let rs = nc + 64 / std::mem::size_of::<T>();
-            let mut ring = Aligned::<T>::zeroed(chunk.min(tt) * b * rs);
-            let mut ring_x = Aligned::<T>::zeroed(if lstm { 0 } else { chunk.min(tt) * b * rs });
-            let (mut px, mut ph) = (Panels::<T>::empty(), Panels::<T>::empty());
             let gate_major = |src: &[T], dst: &mut [T]| {
                 for j0 in (0..un).step_by(BLOCK) {
                     let w = BLOCK.min(un - j0);
@@ -917,11 +1031,13 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                 }
             };
-            let mut lo = 0;
             for (s, &t) in rev.iter().enumerate() {
-                if s % chunk == 0 {
-                    lo = rev[s..(s + chunk).min(tt)].iter().copied().min().unwrap_or(t);
+                let ci = s / chunk;
+                if s % chunk == 0 && ci >= 2 {
+                    // This chunk's rings were chunk ci − 2's.
+                    finish(ci - 2);
                 }
+                let (lo, mine) = (los[ci], ring_of(me, ci));
                 let slot = s % 2 * b;
                 for r in 0..b {
                     let row = t * b + r;
@@ -938,12 +1054,15 @@ impl<T: SeqFloat> Walk<'_, T> {
                         };
                         (dgs.at(at, nc), dxr)
                     };
-                    let ra = ((t - lo) * b + r) * rs;
+                    // SAFETY: row (t, r) of this thread's ring of chunk ci, which no piece reads before the chunk is
+                    // complete (`avail`) and whose previous chunk's pieces are done (`finish` above).
+                    let (ring, ring_x) = unsafe {
+                        let ra = mine + ((t - lo) * b + r) * rs;
+                        (rgs.at(ra, nc), if lstm { &mut [][..] } else { rxs.at(ra, nc) })
+                    };
                     if t >= lengths[r] {
-                        ring[ra..ra + nc].fill(T::ZERO);
-                        if !lstm {
-                            ring_x[ra..ra + nc].fill(T::ZERO);
-                        }
+                        ring.fill(T::ZERO);
+                        ring_x.fill(T::ZERO);
                         continue;
                     }
                     let (own, mine) = (row * hw + u.start, r * un..(r + 1) * un);
@@ -965,12 +1084,16 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                     sums.iter_mut().zip(dgr.iter()).for_each(|(a, &v)| *a += v);
                     sums_x.iter_mut().zip(dxr.iter()).for_each(|(a, &v)| *a += v);
-                    gate_major(dgr, &mut ring[ra..ra + nc]);
+                    gate_major(dgr, ring);
                     if !lstm {
-                        gate_major(dxr, &mut ring_x[ra..ra + nc]);
+                        gate_major(dxr, ring_x);
                     }
                 }
-                barrier.wait();
+                barrier.wait_with(&try_work);
+                if (s + 1) % chunk == 0 || s + 1 == tt {
+                    // Every thread's ring of chunk ci is complete: its pieces may run.
+                    avail.fetch_max(ci + 1, Ordering::AcqRel);
+                }
                 // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now. Rows
                 // (r, t) of dx, T·C apart, this thread's columns: written once, by the product, which reads nothing
                 // of them (`Start::Zero`); a padded step's zero gate gradients give its zero rows. `isa` detected.
@@ -994,27 +1117,8 @@ impl<T: SeqFloat> Walk<'_, T> {
                         }
                     }
                 }
-                // The chunk is complete: its share of this thread's rows of [dW_ih | dW_hh], from the gate
-                // gradients gathered above and the chunk's rows of [x | h_prev] (consecutive: a chunk's steps are
-                // consecutive in t either way round).
-                if un > 0 && ((s + 1) % chunk == 0 || s + 1 == tt) {
-                    let (k0, kb) = (lo * b, (s % chunk + 1) * b);
-                    px.fill_rows(kb, c, |p| &saved.xh[(k0 + p) * ld..][..c]);
-                    ph.fill_rows(kb, hw, |p| &saved.xh[(k0 + p) * ld + c..][..hw]);
-                    let start = if s < chunk { Start::Zero } else { Start::Accumulate };
-                    let a_x = if lstm { &ring } else { &ring_x };
-                    for q in 0..g {
-                        let row = (q * hw + u.start) * ld;
-                        // SAFETY: PyTorch rows q·H + u of dw, this thread's alone: written first by the first
-                        // chunk's product (`Start::Zero`), accumulated by the others; the rings hold kb rows of
-                        // stride rs; `isa` detected.
-                        unsafe {
-                            T::product(&px, isa, un, a_x.as_ptr().add(q * un), (1, rs), dws.ptr(row), ld, start);
-                            T::product(&ph, isa, un, ring.as_ptr().add(q * un), (1, rs), dws.ptr(row + c), ld, start);
-                        }
-                    }
-                }
             }
+            finish(n_chunks - 1);
             // SAFETY: this thread's columns and units.
             unsafe {
                 dbs.at(cols.start, nc).copy_from_slice(&sums);
@@ -1063,7 +1167,8 @@ mod tests {
         // A thread's gate columns end mid-quantum when BLOCK ∤ H; the columns after them belong to the next
         // thread (or lie past the buffer) and must not be touched, read-modify-write included.
         // A is read row-major and, as the weight gradient reads its gathered gate gradients, transposed
-        // (element (r, q) at r + q·lda); B is packed from a function and refilled row by row into a larger buffer.
+        // (element (r, q) at r + q·lda); B is packed from a function, and from rows by the pool (a product over a
+        // range of its rows checked too).
         let (m, k, cols, ldc) = (19, 150, 20, 37);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
         let lda = m + 3;
@@ -1075,19 +1180,24 @@ mod tests {
         }
         let w = |p: usize, j: usize| ((p * 3 + j * 5) % 11) as f32 / 10.0 - 0.5;
         let rows: Vec<Vec<f32>> = (0..k).map(|p| (0..cols + 5).map(|j| w(p, j)).collect()).collect();
-        let mut refilled = Panels::<f32>::from_fn(2 * k, 3 * cols, |_, _| 7.0);
-        refilled.fill_rows(k, cols, |p| &rows[p]);
-        let packs = [Panels::<f32>::from_fn(k, cols, w), refilled];
+        // Rows 30..30 + k of a taller operand: the weight gradient's products over a chunk of steps.
+        let tall =
+            Panels::<f32>::from_fn(k + 40, cols, |p, j| if (30..30 + k).contains(&p) { w(p - 30, j) } else { 9.0 });
+        let packs = [Panels::<f32>::from_fn(k, cols, w), Panels::<f32>::pack_par(k, cols, |p| &rows[p]), tall];
         let bias: Vec<f32> = (0..cols).map(|j| j as f32 / 4.0).collect();
-        let operands = [(a.as_ptr(), (k, 1), &packs[0]), (at.as_ptr(), (1, lda), &packs[1])];
+        let operands = [
+            (a.as_ptr(), (k, 1), &packs[0], 0..k),
+            (at.as_ptr(), (1, lda), &packs[1], 0..k),
+            (a.as_ptr(), (k, 1), &packs[2], 30..30 + k),
+        ];
         for start in [Start::Zero, Start::Accumulate, Start::Bias(&bias)] {
-            for &(ap, strides, p) in &operands {
+            for (ap, strides, p, ks) in operands.iter().cloned() {
                 let mut c = vec![f32::NAN; m * ldc];
                 for r in 0..m {
                     c[r * ldc..r * ldc + cols].iter_mut().for_each(|v| *v = 1.0);
                 }
                 // SAFETY: buffers hold the rows and columns named; `isa` detected.
-                unsafe { f32::product(p, Isa::detect(), m, ap, strides, c.as_mut_ptr(), ldc, start) };
+                unsafe { f32::product_rows(p, ks.clone(), Isa::detect(), m, ap, strides, c.as_mut_ptr(), ldc, start) };
                 for r in 0..m {
                     for j in 0..ldc {
                         let v = c[r * ldc + j];
@@ -1101,7 +1211,10 @@ mod tests {
                                 Start::Accumulate => 1.0,
                                 Start::Bias(b) => b[j] as f64,
                             };
-                        assert!((v as f64 - want).abs() < 1e-4, "A strides {strides:?} ({r}, {j}): {v} vs {want}");
+                        assert!(
+                            (v as f64 - want).abs() < 1e-4,
+                            "A strides {strides:?}, rows {ks:?} ({r}, {j}): {v} vs {want}"
+                        );
                     }
                 }
             }

@@ -450,6 +450,49 @@ fn f32_sequence_results_do_not_depend_on_the_thread_count() {
 }
 
 #[test]
+fn weight_gradients_gathered_over_many_chunks_of_steps_match_and_do_not_depend_on_the_thread_count() {
+    // B = 70 puts 3 steps in a chunk of the backward's weight gradient (256 rows), so T = 10 takes four chunks, the
+    // last one short, both ways round (bidirectional), with padded rows: two rings used by turns, pieces of each
+    // chunk run by whichever thread waits, chunk after chunk. The composed cells are the reference; one, two and
+    // three threads must agree bit for bit.
+    let dev = Device::Cpu;
+    let (b, t) = (70, 10);
+    let x = Var::from_tensor(&randn(&[b, t, 6], 151, DType::F32)).unwrap();
+    let lengths: Vec<usize> = (0..b).map(|i| [10, 7, 1, 10, 4][i % 5]).collect();
+    for kind in ["lstm", "gru"] {
+        let vm = VarMap::new();
+        let mut net = Net::new(kind, bidir2(6, 37), VarBuilder::from_varmap(&vm, DType::F32, &dev));
+        let grads = |net: &Net| -> Vec<Tensor> {
+            let o = net.forward(x.as_tensor(), Some(&lengths));
+            let g = loss_of(&o).backward().unwrap();
+            let mut all = vec![g.get(x.as_tensor()).unwrap().clone()];
+            all.extend(varmap_vars(&vm).iter().map(|(_, v)| g.get(v.as_tensor()).unwrap().clone()));
+            all
+        };
+        let by_threads: Vec<Vec<Vec<f32>>> = [1, 2, 3]
+            .into_iter()
+            .map(|threads| {
+                attend_kernels::cap_team_threads(threads);
+                let g = grads(&net);
+                attend_kernels::cap_team_threads(0);
+                g.iter().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+            })
+            .collect();
+        for w in by_threads.windows(2) {
+            for (i, (a, c)) in w[0].iter().zip(&w[1]).enumerate() {
+                assert!(a.iter().zip(c).all(|(p, q)| p.to_bits() == q.to_bits()), "{kind}: gradient {i} differs");
+            }
+        }
+        let fused = grads(&net);
+        net.set_cell_impl(CellImpl::Reference);
+        let reference = grads(&net);
+        for (i, (a, r)) in fused.iter().zip(&reference).enumerate() {
+            assert_close(&format!("{kind} gradient {i}"), a, r, Tol { atol: 5e-5, rtol: 5e-4 });
+        }
+    }
+}
+
+#[test]
 fn layers_run_inside_rayon_tasks_without_deadlock() {
     // Two recurrent layers at once, each inside a task of the pool (a user batching models with rayon): the
     // persistent-thread recurrence runs on the calling thread alone there, and gives the same numbers.
