@@ -255,6 +255,12 @@ pub trait SeqFloat: Real {
         Self::product_rows(p, 0..p.k, isa, m, a, a_strides, c, ldc, start)
     }
 
+    /// Copies `src` to `dst` with cache-bypassing stores where there are some (see [`Shared::stream`]).
+    ///
+    /// # Safety
+    /// `dst` addresses `src.len()` elements no one else touches.
+    unsafe fn stream(dst: *mut Self, src: &[Self]);
+
     /// [`SeqFloat::product`] over the operand's rows `ks` only (`a` then has `ks.len()` columns).
     ///
     /// # Safety
@@ -394,6 +400,23 @@ impl SeqFloat for f32 {
     unsafe fn lstm_fwd(isa: Isa, g: &mut [f32], c: &[f32], hn: &mut [f32], cn: &mut [f32], un: usize) {
         lstm_forward_blocked_isa(isa, g, c, hn, cn, un)
     }
+
+    unsafe fn stream(dst: *mut f32, src: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+            // SSE is part of x86_64: no detection. The 16-byte aligned middle streams, the ends are plain stores.
+            let head = (dst.align_offset(16)).min(src.len());
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, head);
+            let body = (src.len() - head) / 4 * 4;
+            for i in (head..head + body).step_by(4) {
+                _mm_stream_ps(dst.add(i), _mm_loadu_ps(src.as_ptr().add(i)));
+            }
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(head + body), dst.add(head + body), src.len() - head - body);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+    }
     unsafe fn lstm_bwd(
         isa: Isa,
         g: &[f32],
@@ -473,6 +496,10 @@ impl SeqFloat for f64 {
 
     unsafe fn lstm_fwd(_: Isa, g: &mut [f64], c: &[f64], hn: &mut [f64], cn: &mut [f64], un: usize) {
         lstm_forward_blocked(g, c, hn, cn, un)
+    }
+
+    unsafe fn stream(dst: *mut f64, src: &[f64]) {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len())
     }
     unsafe fn lstm_bwd(
         _: Isa,
@@ -685,6 +712,28 @@ impl<'a, T: Real> Fresh<'a, T> {
     }
 }
 
+impl<T: SeqFloat> Shared<T> {
+    /// As [`Shared::write`], with stores that bypass the caches where the target has them (activations saved for
+    /// a backward that runs after the whole forward: read-for-ownership of their lines and the eviction of the
+    /// packed weights would be pure loss). The writer calls [`store_fence`] before its stores are published.
+    ///
+    /// # Safety
+    /// As for [`Shared::at`].
+    unsafe fn stream(&self, at: usize, src: &[T]) {
+        T::stream(self.0.get().add(at), src)
+    }
+}
+
+/// Orders this thread's cache-bypassing stores ([`Shared::stream`]) before its later stores: what another thread
+/// reads after synchronising with it then includes them.
+fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    }
+}
+
 /// What a walk reads and writes besides the saved activations.
 pub(crate) struct Walk<'a, T> {
     pub cell: Cell,
@@ -838,9 +887,9 @@ impl<T: SeqFloat> Walk<'_, T> {
                         let at = (t * b + r) * gw + cols.start;
                         // SAFETY: this thread's columns of step t; nobody else touches them.
                         unsafe {
-                            gates_s.write(at, &sg[r * np..r * np + nc]);
+                            gates_s.stream(at, &sg[r * np..r * np + nc]);
                             if cell == Cell::Gru {
-                                gx_s.write(at, &sx[r * np..r * np + nc]);
+                                gx_s.stream(at, &sx[r * np..r * np + nc]);
                             }
                         }
                     }
@@ -867,6 +916,8 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                 }
             }
+            // The streamed activations are ordered before the team's end publishes them.
+            store_fence();
         });
         // SAFETY: the team has written every element of each (see the phases above: every row of `xh` and
         // `c_prev` by its share, `out` by the final states and the outputs, the gates by every step's save).
@@ -1144,6 +1195,21 @@ impl<T: SeqFloat> Walk<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_copies_equal_plain_ones_at_every_alignment_and_length() {
+        let src: Vec<f32> = (0..70).map(|i| i as f32 * 0.5 - 3.0).collect();
+        for off in 0..5 {
+            for len in [0, 1, 3, 4, 5, 17, 64, 66] {
+                let mut dst = vec![f32::NAN; 80];
+                // SAFETY: dst holds off + len ≤ 80 elements; nobody else touches them.
+                unsafe { f32::stream(dst.as_mut_ptr().add(off), &src[..len]) };
+                store_fence();
+                assert_eq!(&dst[off..off + len], &src[..len], "offset {off}, length {len}");
+                assert!(dst[..off].iter().chain(&dst[off + len..]).all(|v| v.is_nan()), "written outside");
+            }
+        }
+    }
 
     #[test]
     fn a_panic_in_one_team_thread_reaches_the_caller_instead_of_hanging_the_others() {
