@@ -217,8 +217,17 @@ impl Preprocess {
         };
         p.normalize = match flag("do_normalize")? {
             false => None,
-            true => Some((triple("image_mean", 0.5)?, triple("image_std", 0.5)?)),
+            true => {
+                let std = triple("image_std", 0.5)?;
+                if std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
+                    return Err(bad("image_std", "three finite numbers other than 0"));
+                }
+                Some((triple("image_mean", 0.5)?, std))
+            }
         };
+        if field("do_center_crop").and_then(Value::as_bool) == Some(true) {
+            return Err(bad("do_center_crop", "false: attend does not crop (resize to the model's size instead)"));
+        }
         Ok(p)
     }
 
@@ -315,6 +324,8 @@ mod tests {
             (r#"{"size": {"shortest_edge": 224}}"#, "size"),
             (r#"{"image_mean": "grey"}"#, "image_mean"),
             (r#"{"do_resize": "yes"}"#, "do_resize"),
+            (r#"{"image_std": [0.5, 0, 0.5]}"#, "image_std"),
+            (r#"{"do_center_crop": true, "crop_size": 12}"#, "do_center_crop"),
             ("{", "not valid JSON"),
         ] {
             std::fs::write(tmp.path().join("preprocessor_config.json"), cfg).unwrap();

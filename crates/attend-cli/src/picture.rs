@@ -39,6 +39,8 @@ enum Item {
         pw: usize,
         ph: usize,
         rgb: Vec<u8>,
+        /// The same pixels as a PNG file, for the SVG.
+        png: Vec<u8>,
     },
     /// Baseline at `y`; `up`: rotated 90° counter-clockwise (reads bottom to top), anchored at `(x, y)`.
     Text {
@@ -70,9 +72,13 @@ impl Picture {
     }
 
     /// A raster of `pw × ph` RGB pixels (row-major bytes) drawn over `w × h` pixels at `(x, y)`, each pixel a block.
-    pub fn image(&mut self, x: f32, y: f32, w: f32, h: f32, (pw, ph): (usize, usize), rgb: Vec<u8>) {
-        assert_eq!(rgb.len(), pw * ph * 3, "picture: an image of {pw}x{ph} needs {} bytes", pw * ph * 3);
-        self.items.push(Item::Image { x, y, w, h, pw, ph, rgb });
+    pub fn image(&mut self, x: f32, y: f32, w: f32, h: f32, (pw, ph): (usize, usize), rgb: Vec<u8>) -> Result<()> {
+        if rgb.len() != pw * ph * 3 || pw == 0 || ph == 0 {
+            return Err(anyhow!("picture: an image of {pw}x{ph} pixels with {} bytes", rgb.len()));
+        }
+        let png = encode_png(pw, ph, &rgb)?;
+        self.items.push(Item::Image { x, y, w, h, pw, ph, rgb, png });
+        Ok(())
     }
 
     /// Text with its baseline at `y`, starting (or ending, with [`Anchor::End`]) at `x`.
@@ -104,12 +110,12 @@ impl Picture {
                 Item::Rect { x, y, w, h, fill } => {
                     s += &format!("<rect x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"{h}\" fill=\"{}\"/>\n", hex(*fill))
                 }
-                Item::Image { x, y, w, h, pw, ph, rgb } => {
+                Item::Image { x, y, w, h, png, .. } => {
                     // Embedded as a PNG data URL, drawn with hard pixel edges as the PNG output draws it.
                     s += &format!(
                         "<image x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"{h}\" preserveAspectRatio=\"none\" \
                          style=\"image-rendering:pixelated\" href=\"data:image/png;base64,{}\"/>\n",
-                        attend::viz::html::base64(&encode_png(*pw, *ph, rgb).unwrap_or_default())
+                        attend::viz::html::base64(png)
                     )
                 }
                 Item::Text { x, y, size, text, fill, anchor, up } => {
@@ -180,7 +186,7 @@ impl Picture {
                         }
                     }
                 }
-                Item::Image { x, y, w: iw, h: ih, pw, ph, rgb } => {
+                Item::Image { x, y, w: iw, h: ih, pw, ph, rgb, .. } => {
                     let (x0, y0) = (x.round() as i64, y.round() as i64);
                     let (x1, y1) = ((x + iw).round() as i64, (y + ih).round() as i64);
                     for yy in y0..y1 {

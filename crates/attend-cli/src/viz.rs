@@ -238,7 +238,7 @@ fn image_view(args: &VizArgs, path: &std::path::Path) -> Result<()> {
         Format::Png | Format::Svg => {
             maps.check_selection(opts.layer, opts.heads.as_deref()).map_err(err)?;
             let heads = opts.heads.unwrap_or_else(|| (0..maps.num_heads()).collect());
-            let pic = patch_panels(&maps, opts.layer.unwrap_or(0), &heads, &shown, g).map_err(err)?;
+            let pic = patch_panels(&maps, opts.layer.unwrap_or(0), &heads, &shown, g)?;
             pic.write(&args.out, args.format == Format::Png)
         }
     }
@@ -269,11 +269,11 @@ fn patch_panels(
     heads: &[usize],
     shown: &crate::image::Rgb8,
     g: usize,
-) -> attend::Result<Picture> {
+) -> Result<Picture> {
     const INK: [u8; 3] = [34, 34, 34];
     let t = maps.len();
     let side = 224f32;
-    let rollout = maps.rollout()?;
+    let rollout = maps.rollout().map_err(|e| anyhow!("{}", crate::errors::attend(&e)))?;
     let mut panels: Vec<(String, Vec<f32>)> =
         heads.iter().map(|&h| (format!("layer {layer}, head {h}"), maps.head(layer, h)[1..t].to_vec())).collect();
     panels.push((format!("rollout after layer {layer}"), rollout[layer][1..t].to_vec()));
@@ -284,7 +284,7 @@ fn patch_panels(
     for (k, (title, w)) in panels.iter().enumerate() {
         let (ox, oy) = (16.0 + pw * (k % 4) as f32, 8.0 + ph * (k / 4) as f32);
         pic.text(ox, oy + 14.0, 13.0, title, INK, Anchor::Start);
-        pic.image(ox, oy + 22.0, side, side, (shown.width, shown.height), shade_patches(shown, g, w));
+        pic.image(ox, oy + 22.0, side, side, (shown.width, shown.height), shade_patches(shown, g, w))?;
     }
     let y = 12.0 + ph * rows as f32 + 8.0;
     pic.text(

@@ -162,6 +162,12 @@ fn a_vit_image_page_shows_every_head_over_the_picture_and_a_click_looks_from_a_p
         assert_eq!(r["imageGrid"], serde_json::json!([4, 4]), "{file}");
         assert_eq!(r["imagePanels"], *panels, "{file}: one picture per chosen head and the rollout");
         assert_eq!(r["imageFrom"], 16, "{file}: a click on the bottom-right patch looks from it (token 16)");
+        assert_eq!(r["imageLoaded"], true, "{file}: the picture decoded");
+        let px: Vec<u64> = r["brightestPixel"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert!(
+            px[3] == 255 && px[..3].iter().sum::<u64>() > 0,
+            "{file}: the most attended patch shows the picture: {px:?}"
+        );
         assert_eq!(r["thumbnails"].as_u64().unwrap() as usize, 2 * (panels - 1), "{file}: the model view too");
         let shot = tmp.path().join(format!("vit-{k}.png"));
         headless(browser, &profile)

@@ -337,6 +337,11 @@ impl SeqFloat for f32 {
         if let Start::Bias(b) = start {
             assert!(b.len() >= p.cols, "packed product: bias of {} for {} columns", b.len(), p.cols);
         }
+        if kb == 0 {
+            // No rows to sum (a batch of none, an input of no features): C is its start.
+            start_only(m, p.cols, c, ldc, start);
+            return;
+        }
         for j0 in (0..p.n).step_by(PANEL) {
             let w = PANEL.min(p.n - j0);
             let panel = p.data.as_ptr().add(j0 * p.k + ks.start * w);
@@ -463,7 +468,12 @@ impl SeqFloat for f64 {
         ldc: usize,
         start: Start<f64>,
     ) {
+        debug_assert!(ks.end <= p.k);
         if m == 0 || p.n == 0 {
+            return;
+        }
+        if ks.is_empty() {
+            start_only(m, p.cols, c, ldc, start);
             return;
         }
         if let Start::Bias(b) = start {
@@ -734,6 +744,21 @@ fn store_fence() {
     }
 }
 
+/// `C (m × cols) = start` for a product over no rows (`Start::Accumulate` leaves C as it is).
+///
+/// # Safety
+/// `c` addresses `m` rows of `cols` elements at stride `ldc`; a bias holds `cols` elements.
+unsafe fn start_only<T: SeqFloat>(m: usize, cols: usize, c: *mut T, ldc: usize, start: Start<T>) {
+    for r in 0..m {
+        let row = c.add(r * ldc);
+        match start {
+            Start::Zero => std::ptr::write_bytes(row, 0, cols),
+            Start::Bias(b) => std::ptr::copy_nonoverlapping(b.as_ptr(), row, cols),
+            Start::Accumulate => {}
+        }
+    }
+}
+
 /// What a walk reads and writes besides the saved activations.
 pub(crate) struct Walk<'a, T> {
     pub cell: Cell,
@@ -982,8 +1007,9 @@ impl<T: SeqFloat> Walk<'_, T> {
         let los: Vec<usize> = (0..n_chunks)
             .map(|ci| rev[ci * chunk..((ci + 1) * chunk).min(tt)].iter().copied().min().unwrap_or(0))
             .collect();
-        // Row strides padded a line past a multiple of 4 KiB, so a product's walk down a column does not reuse a
-        // few L1 sets.
+        // Row strides one cache line longer than the largest thread's gates (2 KiB at G·H / threads = 512): a
+        // product's walk down a column then does not keep landing in the same few L1 sets when rows are a power of
+        // two long.
         let rs = g * units(hw, threads, 0).len() + 64 / std::mem::size_of::<T>();
         let ring_len = chunk.min(tt) * b * rs;
         let mut rings = vec![T::ZERO; threads * 2 * ring_len];
@@ -1042,6 +1068,8 @@ impl<T: SeqFloat> Walk<'_, T> {
                 if done[w].load(Ordering::Acquire) < pieces {
                     return false; // the rest of w is running elsewhere; w + 1 must wait for it
                 }
+                // Done, but its last finisher may not have moved `next` on yet: do it here rather than spin.
+                let _ = next.compare_exchange(w, w + 1, Ordering::AcqRel, Ordering::Acquire);
             }
         };
         // Every piece of chunk ci done, helping with what is left.
@@ -1195,6 +1223,46 @@ impl<T: SeqFloat> Walk<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_product_over_no_rows_leaves_c_at_its_start() {
+        // A batch of no sequences (the weight gradient's rows) or an input of no features (the GRU's input half):
+        // C must still be zeroed, set to the bias, or left as it was, on full panels and the tail alike.
+        let (m, cols, ldc) = (7, 70, 75);
+        let bias: Vec<f32> = (0..cols).map(|j| j as f32).collect();
+        let p = Panels::<f32>::from_fn(5, cols, |_, _| 1.0);
+        for start in [Start::Zero, Start::Accumulate, Start::Bias(&bias)] {
+            let mut c = vec![3.0f32; m * ldc];
+            // SAFETY: c holds m rows of ldc ≥ cols; `isa` detected; no A is read for no rows.
+            unsafe {
+                f32::product_rows(&p, 2..2, Isa::detect(), m, std::ptr::null(), (5, 1), c.as_mut_ptr(), ldc, start)
+            };
+            let mut c64 = vec![3.0f64; m * ldc];
+            let p64 = Panels::<f64>::from_fn(5, cols, |_, _| 1.0);
+            let b64: Vec<f64> = bias.iter().map(|&v| v as f64).collect();
+            let s64 = match start {
+                Start::Zero => Start::Zero,
+                Start::Accumulate => Start::Accumulate,
+                Start::Bias(_) => Start::Bias(&b64),
+            };
+            // SAFETY: as above.
+            unsafe {
+                f64::product_rows(&p64, 5..5, Isa::detect(), m, std::ptr::null(), (5, 1), c64.as_mut_ptr(), ldc, s64)
+            };
+            for r in 0..m {
+                for j in 0..ldc {
+                    let want = match start {
+                        _ if j >= cols => 3.0,
+                        Start::Zero => 0.0,
+                        Start::Accumulate => 3.0,
+                        Start::Bias(b) => b[j],
+                    };
+                    assert_eq!(c[r * ldc + j], want, "f32 {start:?} ({r}, {j})");
+                    assert_eq!(c64[r * ldc + j], want as f64, "f64 {start:?} ({r}, {j})");
+                }
+            }
+        }
+    }
 
     #[test]
     fn streamed_copies_equal_plain_ones_at_every_alignment_and_length() {

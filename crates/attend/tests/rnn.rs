@@ -420,8 +420,12 @@ fn f32_sequence_path_equals_the_composed_cells() {
     }
 }
 
+/// The team-thread cap is process-wide: tests that set it take turns.
+static THREAD_CAP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn f32_sequence_results_do_not_depend_on_the_thread_count() {
+    let _turn = THREAD_CAP.lock().unwrap_or_else(|e| e.into_inner());
     // H = 150: ten blocks of units (the last 6 wide), split between two threads so that a GRU column's 64-wide
     // panel is full for one team and a tail for the other; K = C + H > 128 takes several passes. Both must sum it
     // in the same order, bit for bit.
@@ -454,7 +458,8 @@ fn weight_gradients_gathered_over_many_chunks_of_steps_match_and_do_not_depend_o
     // B = 70 puts 3 steps in a chunk of the backward's weight gradient (256 rows), so T = 10 takes four chunks, the
     // last one short, both ways round (bidirectional), with padded rows: two rings used by turns, pieces of each
     // chunk run by whichever thread waits, chunk after chunk. The composed cells are the reference; one, two and
-    // three threads must agree bit for bit.
+    // three threads must agree bit for bit (as many of them as the pool has: two on a 2-core machine).
+    let _turn = THREAD_CAP.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cpu;
     let (b, t) = (70, 10);
     let x = Var::from_tensor(&randn(&[b, t, 6], 151, DType::F32)).unwrap();
@@ -488,6 +493,28 @@ fn weight_gradients_gathered_over_many_chunks_of_steps_match_and_do_not_depend_o
         let reference = grads(&net);
         for (i, (a, r)) in fused.iter().zip(&reference).enumerate() {
             assert_close(&format!("{kind} gradient {i}"), a, r, Tol { atol: 5e-5, rtol: 5e-4 });
+        }
+    }
+}
+
+#[test]
+fn an_empty_batch_gives_zero_weight_gradients() {
+    // No sequences: the weight gradient sums no rows, and must come out as zeros, not as whatever was in memory
+    // (a pass over a real batch first leaves freed buffers of non-zero gradients for the allocator to hand out).
+    let dev = Device::Cpu;
+    let empty = Var::from_tensor(&randn(&[0, 4, 70], 161, DType::F32)).unwrap();
+    let some = Var::from_tensor(&randn(&[3, 4, 70], 162, DType::F32)).unwrap();
+    for kind in ["lstm", "gru"] {
+        let vm = VarMap::new();
+        let net = Net::new(kind, bidir2(70, 80), VarBuilder::from_varmap(&vm, DType::F32, &dev));
+        drop(loss_of(&net.forward(some.as_tensor(), None)).backward().unwrap());
+        let o = net.forward(empty.as_tensor(), None);
+        assert_eq!(o.output.dims(), [0, 4, 160]);
+        let g = loss_of(&o).backward().unwrap();
+        for (name, v) in varmap_vars(&vm).iter().filter(|(n, _)| n.contains("weight")) {
+            let grad = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{kind} {name}: no gradient"));
+            let max = grad.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(max, 0.0, "{kind} {name}: gradient from no sequences");
         }
     }
 }

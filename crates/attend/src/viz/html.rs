@@ -64,17 +64,28 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
         out.iter_mut().zip(maps.head(l, h)).for_each(|(q, &w)| *q = quantise(w));
     });
     // Rollout rows spread thinner with every layer: bytes relative to each row's largest entry keep them visible.
-    let relative = |m: &[f32]| -> Vec<u8> {
-        m.chunks_exact(t)
-            .flat_map(|row| {
-                let max = row.iter().cloned().fold(0f32, f32::max);
-                row.iter().map(move |&w| if max > 0.0 { quantise(w / max) } else { 0 })
-            })
-            .collect()
+    let row_relative = |row: &[f32]| -> Vec<u8> {
+        let max = row.iter().cloned().fold(0f32, f32::max);
+        row.iter().map(|&w| if max > 0.0 { quantise(w / max) } else { 0 }).collect()
     };
+    let relative = |m: &[f32]| -> Vec<u8> { m.chunks_exact(t).flat_map(row_relative).collect() };
     let rollout: Vec<u8> = maps.rollout()?.par_iter().flat_map_iter(|m| relative(m)).collect();
     // Flow costs a max-flow per pair of positions: only for short texts.
     let flow = if t <= FLOW_MAX_TOKENS { relative(&maps.flow()?) } else { vec![] };
+    // A vision page shades each query's row over the patches relative to that row's largest patch weight: with
+    // ~200 tokens a typical weight of 0.005 would be a single level of 255.
+    let patches: Vec<u8> = match &opts.image {
+        None => vec![],
+        Some(im) => {
+            let (first, n) = (im.first, im.grid.0 * im.grid.1);
+            let rows_of = |m: &[f32]| -> Vec<u8> {
+                m.chunks_exact(t).flat_map(|row| row_relative(&row[first..first + n])).collect()
+            };
+            let mut out: Vec<u8> = pairs.par_iter().flat_map_iter(|&(l, h)| rows_of(maps.head(l, h))).collect();
+            out.extend(maps.rollout()?.iter().flat_map(|m| rows_of(m)));
+            out
+        }
+    };
     let s = maps.summary();
     // The small fields as JSON ("</" escaped: it would end the <script> early, and a token may well be "</s>"); the
     // two byte blobs as base64 in elements of their own, so the page never parses 50 MB of JSON.
@@ -96,6 +107,7 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
     .to_string()
     .replace("</", "<\\/");
     let (weights, (rollout, flow)) = rayon::join(|| base64(&weights), || (base64(&rollout), base64(&flow)));
+    let patches = base64(&patches);
     fill(
         TEMPLATE,
         &[
@@ -106,6 +118,7 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
             ("{{WEIGHTS}}", &weights),
             ("{{ROLLOUT}}", &rollout),
             ("{{FLOW}}", &flow),
+            ("{{PATCHES}}", &patches),
         ],
     )
 }

@@ -227,7 +227,9 @@
     picture.onload = () => { if (state.view === "image") drawImage(); };
     picture.src = IM.src;
   }
-  const [GR, GC] = IM ? IM.grid : [0, 0];
+  const [GR, GC] = IM ? IM.grid : [0, 0], NP = GR * GC;
+  // Each query's row over the patches, relative to its largest: chosen heads (L, NH, T, NP), then the rollout (L, T, NP).
+  const PB = IM ? bytes("attend-patches") : null;
   const SIDE = 224; // each picture's size on the page
   function panel(title, weightOf, canvas) {
     // The picture, darkened where the token looks little: alpha 0.8·(1 − w/max) of black over each patch.
@@ -235,10 +237,8 @@
     g.clearRect(0, 0, SIDE, SIDE);
     g.imageSmoothingEnabled = false; // the model's pixels, as the PNG and SVG pictures show them
     if (picture && picture.complete && picture.naturalWidth) g.drawImage(picture, 0, 0, SIDE, SIDE);
-    let max = 0;
-    for (let p = 0; p < GR * GC; p++) max = Math.max(max, weightOf(IM.first + p));
-    for (let p = 0; p < GR * GC; p++) {
-      const a = max > 0 ? weightOf(IM.first + p) / max : 0;
+    for (let p = 0; p < NP; p++) {
+      const a = weightOf(p) / 255;
       g.fillStyle = `rgba(0,0,0,${0.8 * (1 - a)})`;
       g.fillRect((p % GC) * cw, Math.floor(p / GC) * ch, cw, ch);
     }
@@ -253,7 +253,7 @@
     const box = $("image-panels");
     const want = HS.map((h, k) => k).filter((k) => state.on[k]);
     box.textContent = "";
-    $("image-query").textContent = state.from === 0 ? "[CLS]" : `patch ${D.tokens[state.from]}`;
+    $("image-query").textContent = state.from < IM.first ? D.tokens[state.from] : `patch ${D.tokens[state.from]}`;
     const q = state.from;
     const add = (title, weightOf) => {
       const fig = el("figure"), c = el("canvas", { width: SIDE, height: SIDE, class: "patches" });
@@ -270,11 +270,11 @@
       box.appendChild(fig);
     };
     for (const k of want) {
-      const base = at(state.layer, k) + q * T;
-      add(`layer ${state.layer}, head ${HS[k]}`, (j) => W[base + j]);
+      const base = ((state.layer * NH + k) * T + q) * NP;
+      add(`layer ${state.layer}, head ${HS[k]}`, (p) => PB[base + p]);
     }
-    const rbase = state.layer * T * T + q * T;
-    add(`rollout after layer ${state.layer}`, (j) => R[rbase + j]);
+    const rbase = ((L * NH + state.layer) * T + q) * NP;
+    add(`rollout after layer ${state.layer}`, (p) => PB[rbase + p]);
   }
 
   // ---- one render for every state change ------------------------------------------------------------------------------
@@ -299,6 +299,11 @@
 
   // ---- self-test (`page.html#selftest`): what the browser tests read back ----------------------------------------------
   if (location.hash === "#selftest") {
+    // A vision page tests its pictures once the image has decoded.
+    if (IM && !(picture.complete && picture.naturalWidth)) picture.addEventListener("load", selftest);
+    else selftest();
+  }
+  function selftest() {
     const report = { errors: window.attendErrors, firstPaintMs: firstPaint, layers: L, heads: NH, tokens: T,
       decodeMs: stages.decoded - stages.start };
     if (IM) {
@@ -306,6 +311,13 @@
       state.view = "image"; render();
       report.imagePanels = document.querySelectorAll("#image-panels canvas").length;
       const c = document.querySelector("#image-panels canvas"), r = c.getBoundingClientRect();
+      // The first picture's most attended patch is the image itself, unshaded: its centre pixel is drawn.
+      const base = ((state.layer * NH + HS.findIndex((_, k) => state.on[k])) * T + state.from) * NP;
+      let best = 0;
+      for (let p = 1; p < NP; p++) if (PB[base + p] > PB[base + best]) best = p;
+      const px = c.getContext("2d").getImageData(((best % GC) + 0.5) * SIDE / GC, (Math.floor(best / GC) + 0.5) * SIDE / GR, 1, 1).data;
+      report.imageLoaded = picture.complete && picture.naturalWidth > 0;
+      report.brightestPixel = Array.from(px);
       c.dispatchEvent(new MouseEvent("click", { clientX: r.right - 1, clientY: r.bottom - 1, bubbles: true }));
       report.imageFrom = state.from;
       report.imageGrid = IM.grid;
