@@ -21,7 +21,8 @@ The texts go in the metadata (`text`, `pair`) so the Rust test tokenizes the sam
   fixtures/hf/vit/preprocessor_config.json   ViTImageProcessor resizing to the model's 16 x 16
 
 `pixel_values` (1, 3, 16, 16) is what ViTImageProcessor makes of the PNG (PIL's bilinear resize with its antialias
-when shrinking, then rescale and normalise), `pixel_values_jpeg` the same from the JPEG, `attentions` (L, H, T, T)
+when shrinking, then rescale and normalise), `pixel_values_jpeg` the same from the JPEG, `pixel_values_bicubic` with `resample=3`,
+`pixel_values_small` from vit_image_small.png (its top-left 10 x 6, enlarged), `attentions` (L, H, T, T)
 with T = 1 + 16 patches, and `rollout` as above.
 """
 import os
@@ -130,6 +131,12 @@ def vit_image():
     proc.save_pretrained(d)
     px = proc(images=Image.open(png).convert("RGB"), return_tensors="pt").pixel_values
     pxj = proc(images=Image.open(jpg).convert("RGB"), return_tensors="pt").pixel_values
+    # The other resize paths: bicubic shrinking, and bilinear enlarging of a 10 x 6 crop of the picture.
+    bicubic = ViTImageProcessor(size={"height": 16, "width": 16}, resample=3)
+    pxc = bicubic(images=Image.open(png).convert("RGB"), return_tensors="pt").pixel_values
+    small = os.path.join(out, "vit_image_small.png")
+    Image.fromarray(img[:6, :10]).save(small)
+    pxu = proc(images=Image.open(small).convert("RGB"), return_tensors="pt").pixel_values
     model = ViTModel.from_pretrained(d, attn_implementation="eager", add_pooling_layer=False).eval()
     with torch.no_grad():
         o = model(pixel_values=px, output_attentions=True)
@@ -137,6 +144,8 @@ def vit_image():
     save("viz", "vit", {
         "pixel_values": px,
         "pixel_values_jpeg": pxj,
+        "pixel_values_bicubic": pxc,
+        "pixel_values_small": pxu,
         "attentions": att.float(),
         "rollout": torch.from_numpy(rollout(att.numpy())).float(),
     }, {"image": "vit_image.png"})

@@ -267,10 +267,10 @@ mod tests {
 
     /// The largest difference between our pixel values of `image` and `ViTImageProcessor`'s (`key` of
     /// fixtures/viz/vit.safetensors, from scripts/oracle/viz.py).
-    fn worst(image: &str, key: &str) -> f32 {
+    fn worst(image: &str, key: &str, filter: Filter) -> f32 {
         let dev = Device::Cpu;
         let want = candle_core::safetensors::load(fixtures().join("viz/vit.safetensors"), &dev).unwrap();
-        let pre = Preprocess::from_dir(&fixtures().join("hf/vit"), 16).unwrap();
+        let pre = Preprocess { filter, ..Preprocess::from_dir(&fixtures().join("hf/vit"), 16).unwrap() };
         let (shown, px) = pre.pixel_values(&load(&fixtures().join("viz").join(image)).unwrap(), &dev).unwrap();
         assert_eq!((shown.width, shown.height), (16, 16));
         assert_eq!(px.dims(), want[key].dims());
@@ -279,12 +279,18 @@ mod tests {
 
     #[test]
     fn pixel_values_match_vit_image_processor() {
-        // PIL rounds each resize pass to 8 bits in fixed point; we round in floating point: at most one level apart
+        // Shrinking 40 × 24 → 16 × 16 bilinear and bicubic, enlarging 10 × 6 → 16 × 16. PIL rounds each resize pass to 8 bits in fixed point; we round in floating point: at most one level apart
         // (2/255 after normalising by a std of 0.5).
-        let png = worst("vit_image.png", "pixel_values");
-        assert!(png <= 2.0 / 255.0 + 1e-6, "PNG: {png}");
+        for (image, key, filter) in [
+            ("vit_image.png", "pixel_values", Filter::Bilinear),
+            ("vit_image.png", "pixel_values_bicubic", Filter::Bicubic),
+            ("vit_image_small.png", "pixel_values_small", Filter::Bilinear),
+        ] {
+            let d = worst(image, key, filter);
+            assert!(d <= 2.0 / 255.0 + 1e-6, "{key}: {d}");
+        }
         // Another JPEG decoder than PIL's libjpeg: a few levels apart at most.
-        let jpeg = worst("vit_image.jpg", "pixel_values_jpeg");
+        let jpeg = worst("vit_image.jpg", "pixel_values_jpeg", Filter::Bilinear);
         assert!(jpeg <= 4.0 / 255.0, "JPEG: {jpeg}");
     }
 
