@@ -1121,18 +1121,10 @@ impl<T: SeqFloat> Walk<'_, T> {
                 for r in 0..b {
                     let row = t * b + r;
                     // SAFETY: this thread's columns of the step's slot; nobody else touches them (the other
-                    // threads read the other slot at most). Zeroed: a padded step's gradients stay zero.
+                    // threads read the other slot at most). The cells write every gate gradient of a valid row; a
+                    // padded row's are zeroed below.
                     let at = (slot + r) * gw + cols.start;
-                    let (dgr, dxr) = unsafe {
-                        dgs.zero(at, nc);
-                        let dxr: &mut [T] = if lstm {
-                            &mut []
-                        } else {
-                            dxs.zero(at, nc);
-                            dxs.at(at, nc)
-                        };
-                        (dgs.at(at, nc), dxr)
-                    };
+                    let (dgr, dxr) = unsafe { (dgs.at(at, nc), if lstm { &mut [][..] } else { dxs.at(at, nc) }) };
                     // SAFETY: row (t, r) of this thread's ring of chunk ci, which no piece reads before the chunk is
                     // complete (`avail`) and whose previous chunk's pieces are done (`finish` above).
                     let (ring, ring_x) = unsafe {
@@ -1140,8 +1132,9 @@ impl<T: SeqFloat> Walk<'_, T> {
                         (rgs.at(ra, nc), if lstm { &mut [][..] } else { rxs.at(ra, nc) })
                     };
                     if t >= lengths[r] {
-                        ring.fill(T::ZERO);
-                        ring_x.fill(T::ZERO);
+                        for v in [&mut *dgr, &mut *dxr, &mut *ring, &mut *ring_x] {
+                            v.fill(T::ZERO);
+                        }
                         continue;
                     }
                     let (own, mine) = (row * hw + u.start, r * un..(r + 1) * un);
