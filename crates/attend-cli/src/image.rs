@@ -27,7 +27,9 @@ pub fn load(path: &Path) -> Result<Rgb8> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the image", path.display()))?;
     let what = |e: String| anyhow!("{}: not a readable image: {e}", path.display());
     if bytes.starts_with(b"\x89PNG") {
-        let mut dec = png::Decoder::new(std::io::Cursor::new(&bytes));
+        // The crate's default cap (64 MiB decoded) would refuse an ordinary 24-megapixel photo.
+        let limits = png::Limits { bytes: 1 << 30 };
+        let mut dec = png::Decoder::new_with_limits(std::io::Cursor::new(&bytes), limits);
         dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
         let mut reader = dec.read_info().map_err(|e| what(e.to_string()))?;
         let mut buf = vec![0; reader.output_buffer_size()];
@@ -292,6 +294,26 @@ mod tests {
         // Another JPEG decoder than PIL's libjpeg: a few levels apart at most.
         let jpeg = worst("vit_image.jpg", "pixel_values_jpeg", Filter::Bilinear);
         assert!(jpeg <= 4.0 / 255.0, "JPEG: {jpeg}");
+    }
+
+    #[test]
+    fn a_large_photo_is_read() {
+        // 4400 × 4000 RGBA is 70 MB decoded, past the png crate's default cap of 64 MiB.
+        let (w, h) = (4400usize, 4000usize);
+        let mut rgba = vec![0u8; w * h * 4];
+        rgba[(7 * w + 9) * 4..][..4].copy_from_slice(&[10, 20, 30, 255]);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("big.png");
+        {
+            let f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+            let mut enc = png::Encoder::new(f, w as u32, h as u32);
+            enc.set_color(png::ColorType::Rgba);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.write_header().unwrap().write_image_data(&rgba).unwrap();
+        }
+        let img = load(&path).unwrap();
+        assert_eq!((img.width, img.height, img.data.len()), (w, h, w * h * 3));
+        assert_eq!(&img.data[(7 * w + 9) * 3..][..3], &[10, 20, 30], "alpha dropped, colour kept");
     }
 
     #[test]
