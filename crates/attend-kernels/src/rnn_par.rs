@@ -1187,11 +1187,14 @@ impl<T: SeqFloat> Walk<'_, T> {
                         }
                     }
                 }
-                for r in 0..b {
-                    if t < lengths[r] {
-                        for j in 0..un {
-                            dh[r * un + j] =
-                                prod[r * np + j] + if cell == Cell::Gru { direct[r * un + j] } else { T::ZERO };
+                for r in (0..b).filter(|&r| t < lengths[r]) {
+                    let (to, from) = (&mut dh[r * un..(r + 1) * un], &prod[r * np..r * np + un]);
+                    match cell {
+                        Cell::Lstm => to.copy_from_slice(from),
+                        // The GRU's h_{t−1} also reaches h_t directly (z ⊙ h_{t−1}).
+                        Cell::Gru => {
+                            let direct = &direct[r * un..(r + 1) * un];
+                            to.iter_mut().zip(from.iter().zip(direct)).for_each(|(d, (&p, &q))| *d = p + q);
                         }
                     }
                 }
