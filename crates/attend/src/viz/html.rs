@@ -69,7 +69,8 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
         row.iter().map(|&w| if max > 0.0 { quantise(w / max) } else { 0 }).collect()
     };
     let relative = |m: &[f32]| -> Vec<u8> { m.chunks_exact(t).flat_map(row_relative).collect() };
-    let rollout: Vec<u8> = maps.rollout()?.par_iter().flat_map_iter(|m| relative(m)).collect();
+    let roll = maps.rollout()?;
+    let rollout: Vec<u8> = roll.par_iter().flat_map_iter(|m| relative(m)).collect();
     // Flow costs a max-flow per pair of positions: only for short texts.
     let flow = if t <= FLOW_MAX_TOKENS { relative(&maps.flow()?) } else { vec![] };
     // A vision page shades each query's row over the patches relative to that row's largest patch weight: with
@@ -82,7 +83,7 @@ pub fn page(maps: &AttentionMaps, opts: &PageOptions) -> Result<String> {
                 m.chunks_exact(t).flat_map(|row| row_relative(&row[first..first + n])).collect()
             };
             let mut out: Vec<u8> = pairs.par_iter().flat_map_iter(|&(l, h)| rows_of(maps.head(l, h))).collect();
-            out.extend(maps.rollout()?.iter().flat_map(|m| rows_of(m)));
+            out.extend(roll.iter().flat_map(|m| rows_of(m)));
             out
         }
     };
