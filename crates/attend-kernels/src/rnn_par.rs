@@ -956,7 +956,7 @@ impl<T: SeqFloat> Walk<'_, T> {
     /// The backward walk. `dy (B, T, H)` and `dfinal (E, B, H)` are the gradients of the forward's outputs and
     /// final states. Writes the column sums of the gate gradients into `db` (blocked columns; the GRU's recurrent
     /// ones `dgh`, and its input ones `dgx` into `db_x`) and the initial state's gradients into `dh0` (and `dc0`);
-    /// refills `dx (B, T, C)` and `dw = [dW_ih | dW_hh] (G·H, C + H)` (PyTorch's rows). Each step's
+    /// refills `dx (B, T, C)` and `dw = [dW_ih (G·H, C), dW_hh (G·H, H)]` (PyTorch's rows). Each step's
     /// `dx_t = dgx_t W_ih` is formed beside its `dh_{t−1} = dgates_t W_hh` while the step's gate gradients are in
     /// cache, each thread its share of the columns of C with its columns of `W_ih` packed once; the weight gradient
     /// a chunk of steps at a time (see the module documentation).
@@ -967,7 +967,7 @@ impl<T: SeqFloat> Walk<'_, T> {
         dy: &[T],
         dfinal: &[T],
         dx: &mut Vec<T>,
-        dw: &mut Vec<T>,
+        dw: [&mut Vec<T>; 2],
         db: &mut [T],
         db_x: &mut [T],
         dh0: &mut [T],
@@ -987,9 +987,10 @@ impl<T: SeqFloat> Walk<'_, T> {
         let mut slots = vec![T::ZERO; 2 * b * gw];
         let mut slots_x = vec![T::ZERO; if lstm { 0 } else { 2 * b * gw }];
         let mut fresh_in = Fresh::new(dx, b * tt * c);
-        let mut fresh_w = Fresh::new(dw, gw * ld);
+        let [dw_ih, dw_hh] = dw;
+        let (mut fresh_wi, mut fresh_wh) = (Fresh::new(dw_ih, gw * c), Fresh::new(dw_hh, gw * hw));
         let (dgs, dxs) = (Shared::of(&mut slots), Shared::of(&mut slots_x));
-        let (dins, dws) = (fresh_in.shared(), fresh_w.shared());
+        let (dins, dwis, dwhs) = (fresh_in.shared(), fresh_wi.shared(), fresh_wh.shared());
         let rev: Vec<usize> = order.iter().rev().copied().collect();
         let (dbs, dbxs, dhs, dcs) = (Shared::of(db), Shared::of(db_x), Shared::of(dh0), Shared::of(dc0));
         let threads = team.threads;
@@ -1036,17 +1037,17 @@ impl<T: SeqFloat> Walk<'_, T> {
             }
             let steps = ((ci + 1) * chunk).min(tt) - ci * chunk;
             let ks = los[ci] * b..(los[ci] + steps) * b;
-            let (panel, col, ring) = match half {
-                0 => (&px, 0, if lstm { &rgs } else { &rxs }),
-                _ => (&ph, c, &rgs),
+            let (panel, out, ld, ring) = match half {
+                0 => (&px, &dwis, c, if lstm { &rgs } else { &rxs }),
+                _ => (&ph, &dwhs, hw, &rgs),
             };
             let start = if ci == 0 { Start::Zero } else { Start::Accumulate };
             // SAFETY: the owner's ring of chunk ci is complete (`avail`) and is not rewritten before every piece of
-            // ci is done; rows q·H + uo.start + r0.. of dw, columns of this half, are this piece's alone, written
+            // ci is done; rows q·H + uo.start + r0.. of this half's dW are this piece's alone, written
             // first in chunk 0 (`Start::Zero`) and accumulated chunk after chunk. `isa` detected.
             unsafe {
                 let a = ring.ptr(ring_of(o, ci) + q * uo.len() + r0);
-                let at = dws.ptr((q * hw + uo.start + r0) * ld + col);
+                let at = out.ptr((q * hw + uo.start + r0) * ld);
                 T::product_rows(panel, ks, isa, r1 - r0, a, (1, rs), at, ld, start);
             }
         };
@@ -1217,7 +1218,8 @@ impl<T: SeqFloat> Walk<'_, T> {
         // SAFETY: every step's row of each, each thread's columns, was written above.
         unsafe {
             fresh_in.done();
-            fresh_w.done();
+            fresh_wi.done();
+            fresh_wh.done();
         }
     }
 }

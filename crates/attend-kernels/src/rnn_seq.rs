@@ -97,16 +97,11 @@ pub struct SeqSaved<T> {
 }
 
 /// The parameters of one direction as PyTorch lays them out: `W_ih (G·H, C)`, `W_hh (G·H, H)`, `b_ih`, `b_hh (G·H)`,
-/// the weights row-major with a row stride each, so that they can be read in place either as PyTorch's two tensors
-/// ([`SeqParams::new`]) or side by side in one `[W_ih | W_hh] (G·H, C + H)` ([`SeqParams::stacked`], the operand
-/// whose gradient the backward writes as one product).
+/// the weights row-major, read in place (each thread of a walk packs its own rows of them straight from there).
 #[derive(Clone, Copy, Debug)]
 pub struct SeqParams<'a, T> {
     w_ih: &'a [T],
     w_hh: &'a [T],
-    /// Row strides of `w_ih` and `w_hh`.
-    ld_ih: usize,
-    ld_hh: usize,
     c: usize,
     h: usize,
     b_ih: &'a [T],
@@ -125,29 +120,17 @@ impl<'a, T: Copy> SeqParams<'a, T> {
             b_ih.len(),
             b_hh.len()
         );
-        Self { w_ih, w_hh, ld_ih: c, ld_hh: h, c, h, b_ih, b_hh }
-    }
-
-    /// `w = [W_ih | W_hh] (G·H, C + H)` and `b = [b_ih | b_hh] (2·G·H)`.
-    pub fn stacked(cell: Cell, c: usize, h: usize, w: &'a [T], b: &'a [T]) -> Self {
-        let gw = cell.gates() * h;
-        assert!(
-            w.len() == gw * (c + h) && b.len() == 2 * gw,
-            "rnn sequence: stacked parameters of {} and {} elements for G·H {gw}, C {c}, H {h}",
-            w.len(),
-            b.len()
-        );
-        Self { w_ih: w, w_hh: &w[c..], ld_ih: c + h, ld_hh: c + h, c, h, b_ih: &b[..gw], b_hh: &b[gw..] }
+        Self { w_ih, w_hh, c, h, b_ih, b_hh }
     }
 
     /// Row `r` of `W_ih` (C).
     pub(crate) fn ih(&self, r: usize) -> &'a [T] {
-        &self.w_ih[r * self.ld_ih..][..self.c]
+        &self.w_ih[r * self.c..][..self.c]
     }
 
     /// Row `r` of `W_hh` (H).
     pub(crate) fn hh(&self, r: usize) -> &'a [T] {
-        &self.w_hh[r * self.ld_hh..][..self.h]
+        &self.w_hh[r * self.h..][..self.h]
     }
 }
 
@@ -155,8 +138,9 @@ impl<'a, T: Copy> SeqParams<'a, T> {
 #[derive(Clone, Debug, Default)]
 pub struct SeqGrads<T> {
     pub dx: Vec<T>,
-    /// `[dW_ih | dW_hh] (G·H, C + H)`, PyTorch's rows.
-    pub dw: Vec<T>,
+    /// `dW_ih (G·H, C)` and `dW_hh (G·H, H)`, PyTorch's rows.
+    pub dw_ih: Vec<T>,
+    pub dw_hh: Vec<T>,
     pub db_ih: Vec<T>,
     pub db_hh: Vec<T>,
     pub dh0: Vec<T>,
@@ -261,24 +245,35 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: 
             && saved.xh.len() == b * tt * (c + h),
         "rnn sequence backward: lengths"
     );
-    let ld = c + h;
     let mut g = SeqGrads {
         dx: Vec::new(),
-        dw: Vec::new(),
+        dw_ih: Vec::new(),
+        dw_hh: Vec::new(),
         db_ih: vec![T::ZERO; gw],
         db_hh: vec![T::ZERO; gw],
         dh0: dfinal[..b * h].to_vec(),
         dc0: if lstm { dfinal[b * h..].to_vec() } else { vec![] },
     };
     if tt == 0 {
-        g.dw.resize(gw * ld, T::ZERO);
+        g.dw_ih.resize(gw * c, T::ZERO);
+        g.dw_hh.resize(gw * h, T::ZERO);
         return g;
     }
     let bw = &saved.blocked;
     assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
-    walk.backward(saved, dy, dfinal, &mut g.dx, &mut g.dw, &mut db, &mut db_x, &mut g.dh0, &mut g.dc0);
+    walk.backward(
+        saved,
+        dy,
+        dfinal,
+        &mut g.dx,
+        [&mut g.dw_ih, &mut g.dw_hh],
+        &mut db,
+        &mut db_x,
+        &mut g.dh0,
+        &mut g.dc0,
+    );
     // Back to PyTorch's rows for the bias gradients (the walk wrote dW in them; the LSTM's two biases both add
     // to the gates).
     let db_ih = if lstm { &db } else { &db_x };

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use attend_kernels::rnn_seq::{self as k, Cell, SeqDims, SeqFloat, SeqParams, SeqSaved};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 use super::custom::{contiguous, KernelFloat};
 use crate::error::shape_str;
@@ -56,21 +56,28 @@ impl SavedOf for f64 {
     }
 }
 
-/// What the two graph nodes of one call share. A candle op has one output, and the call has two: the final states
-/// (the [`Sequence`] node, whose operands are everything with a gradient) and the outputs `y` (the [`Outputs`]
-/// node, on the states). One flat output narrowed into both instead would cost the backward a zeros + add and a
-/// concatenation the size of `y` per view (candle accumulates every node's gradient that way).
+/// What the three graph nodes of one call share. A candle op has at most three operands and one output; the call has
+/// five operands with a gradient (`x`, `W_ih`, `W_hh`, the biases, the initial states) and two outputs (`y`, the
+/// final states). So the [`Inputs`] node takes `x` and `small = [b_ih | b_hh | h0 | c0]` and outputs one zero (it
+/// only puts them in the graph); the [`Sequence`] node takes that zero, `W_ih` and `W_hh`, reads `x` and `small`
+/// here, and outputs the final states; the [`Outputs`] node takes the states and outputs `y`. Concatenating the
+/// weights or the outputs into one operand instead would cost a copy forward and, backward, a zeros + add of the
+/// whole and one per part (candle accumulates every node's gradient that way).
 #[derive(Default)]
 struct Link {
+    /// `x` and `small`, for the sequence node's forward and backward.
+    inputs: Option<(Tensor, Tensor)>,
     /// The forward's activations; shared, not borrowed, by the backward: the lock is held only to clone the handle,
     /// never across the kernel.
     saved: Option<Arc<Saved>>,
     /// `y`, computed with the final states, until the outputs node takes it.
     y: Option<CpuStorage>,
-    /// The gradient of `y`, left here by the outputs node's backward for the sequence node's: a node's backward runs
-    /// after that of every node that consumes it, so the outputs node's (the consumer) comes first. Taken, so that
-    /// a later backward in which `y` plays no part does not see it.
+    /// The gradient of `y`, left here by the outputs node's backward for the sequence node's; then the gradients of
+    /// `x` and `small`, left by the sequence node's backward for the inputs node's. A node's backward runs after that
+    /// of every node that consumes it, so the consumer's comes first. Taken, so that a later backward in which they
+    /// play no part does not see them.
     dy: Option<Tensor>,
+    dinputs: Option<(Tensor, Tensor)>,
 }
 
 fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
@@ -78,8 +85,14 @@ fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
     link.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The sequence node: operands `x (B, T, C)`, `w = [W_ih | W_hh] (G·H, C + H)` and
-/// `small = [b_ih | b_hh | h0 | c0]` (flat: `2·G·H + E·B·H`; no `c0` for the GRU, E = 1), output the final states
+/// The inputs node: operands `x (B, T, C)` and `small = [b_ih | b_hh | h0 | c0]` (flat: `2·G·H + E·B·H`; no `c0`
+/// for the GRU, E = 1), output one zero (see [`Link`]).
+struct Inputs {
+    name: &'static str,
+    link: Arc<Mutex<Link>>,
+}
+
+/// The sequence node: operands the inputs node's zero, `W_ih (G·H, C)` and `W_hh (G·H, H)`, output the final states
 /// `(E, B, H)`: `h_n` (and `c_n`).
 struct Sequence {
     cell: Cell,
@@ -117,6 +130,30 @@ impl Sequence {
         k::sequence_forward(self.cell, self.dims, x, p, &self.lengths, h0, c0, self.save)
     }
 
+    /// The parameters from the weights and `small`, and the initial states `h0` and `c0` from `small`.
+    fn split<'a, T: Copy>(
+        &self,
+        w_ih: &'a [T],
+        w_hh: &'a [T],
+        small: &'a [T],
+    ) -> candle_core::Result<(SeqParams<'a, T>, &'a [T], &'a [T])> {
+        let SeqDims { b, c, h, .. } = self.dims;
+        let (gw, e) = (self.cell.gates() * h, self.cell.extra_rows());
+        if small.len() != 2 * gw + e * b * h {
+            candle_core::bail!("{}: {} biases and states for G·H {gw}, B {b}, H {h}", self.name(), small.len());
+        }
+        let (bias, state) = small.split_at(2 * gw);
+        let (h0, c0) = state.split_at(b * h);
+        Ok((SeqParams::new(self.cell, c, h, w_ih, w_hh, &bias[..gw], &bias[gw..]), h0, c0))
+    }
+
+    fn inputs(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        match &lock(&self.link).inputs {
+            Some(inputs) => Ok(inputs.clone()),
+            None => candle_core::bail!("{}: the inputs are missing", self.name()),
+        }
+    }
+
     /// The forward without a graph node (nothing tracks a gradient): `out (B·(T + E)·H)`, from `x`, PyTorch's four
     /// parameter tensors and the initial states `h0` [, `c0`].
     fn infer<T: KernelFloat + SeqFloat>(&self, x: &Tensor, p: &[Tensor; 4], state: &[Tensor]) -> Result<Tensor> {
@@ -130,30 +167,29 @@ impl Sequence {
         Ok(Tensor::from_vec(out, n, x.device())?)
     }
 
-    fn forward<T: SavedOf>(&self, x: &[T], w: &[T], small: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
-        let SeqDims { b, t, c, h, .. } = self.dims;
-        let (gw, e) = (self.cell.gates() * h, self.cell.extra_rows());
-        if small.len() != 2 * gw + e * b * h {
-            candle_core::bail!("{}: {} biases and states for G·H {gw}, B {b}, H {h}", self.name(), small.len());
-        }
-        let (bias, state) = small.split_at(2 * gw);
-        let (h0, c0) = state.split_at(b * h);
-        let (mut out, saved) = self.kernel(x, SeqParams::stacked(self.cell, c, h, w, bias), h0, c0);
+    fn forward<T: SavedOf>(&self, w_ih: &[T], w_hh: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
+        let SeqDims { b, t, h, .. } = self.dims;
+        let (x, small) = self.inputs()?;
+        let (mut out, saved) = with_slices(&[&x, &small], |s: &[&[T]]| {
+            let (p, h0, c0) = self.split(w_ih, w_hh, s[1])?;
+            Ok(self.kernel(s[0], p, h0, c0))
+        })?;
         let states = out.split_off(b * t * h);
         let mut link = lock(&self.link);
         link.saved = Some(Arc::new(T::wrap(saved)));
         link.y = Some(T::storage(out));
-        Ok((T::storage(states), Shape::from((e, b, h))))
+        Ok((T::storage(states), Shape::from((self.cell.extra_rows(), b, h))))
     }
 
     fn backward<T: SavedOf>(
         &self,
-        w: &Tensor,
-        small: &Tensor,
+        w_ih: &Tensor,
+        w_hh: &Tensor,
         dstates: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let SeqDims { b, t, c, h, .. } = self.dims;
         let gw = self.cell.gates() * h;
+        let (_, small) = self.inputs()?;
         let (held, dy) = {
             let mut link = lock(&self.link);
             (link.saved.clone(), link.dy.take())
@@ -161,24 +197,55 @@ impl Sequence {
         let Some(saved) = held.as_deref().and_then(T::unwrap) else {
             candle_core::bail!("{} backward: the forward's activations are missing", self.name())
         };
-        let dev = w.device();
+        let dev = w_ih.device();
         // No gradient of y when only the final states reach the loss.
         let dy = match dy {
             Some(dy) => dy.contiguous()?,
-            None => Tensor::zeros((b, t, h), w.dtype(), dev)?,
+            None => Tensor::zeros((b, t, h), w_ih.dtype(), dev)?,
         };
         let dstates = dstates.contiguous()?;
-        let g = with_slices(&[w, small, &dy, &dstates], |s: &[&[T]]| {
-            let p = SeqParams::stacked(self.cell, c, h, s[0], &s[1][..2 * gw]);
-            Ok(k::sequence_backward(saved, p, s[2], s[3]))
+        let g = with_slices(&[w_ih, w_hh, &small, &dy, &dstates], |s: &[&[T]]| {
+            let (p, _, _) = self.split(s[0], s[1], s[2])?;
+            Ok(k::sequence_backward(saved, p, s[3], s[4]))
         })?;
         let dsmall = [g.db_ih, g.db_hh, g.dh0, g.dc0].concat();
         let n = dsmall.len();
-        Ok((
-            Tensor::from_vec(g.dx, (b, t, c), dev)?,
-            Tensor::from_vec(g.dw, (gw, c + h), dev)?,
-            Tensor::from_vec(dsmall, n, dev)?,
-        ))
+        lock(&self.link).dinputs = Some((Tensor::from_vec(g.dx, (b, t, c), dev)?, Tensor::from_vec(dsmall, n, dev)?));
+        Ok((Tensor::from_vec(g.dw_ih, (gw, c), dev)?, Tensor::from_vec(g.dw_hh, (gw, h), dev)?))
+    }
+}
+
+impl CustomOp2 for Inputs {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let zero = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(vec![0.0]),
+            DType::F64 => CpuStorage::F64(vec![0.0]),
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name),
+        };
+        Ok((zero, Shape::from(1)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _small: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        match lock(&self.link).dinputs.take() {
+            Some((dx, dsmall)) => Ok((Some(dx), Some(dsmall))),
+            None => candle_core::bail!("{} backward: the sequence's backward left no gradients", self.name),
+        }
     }
 }
 
@@ -192,29 +259,19 @@ impl CustomOp3 for Sequence {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
+        match s2.dtype() {
             DType::F32 => {
-                let (a, b, c) = (
-                    contiguous(f32::slice(s1)?, l1, "x")?,
-                    contiguous(f32::slice(s2)?, l2, "weights")?,
-                    contiguous(f32::slice(s3)?, l3, "biases and states")?,
-                );
-                self.forward::<f32>(a, b, c)
+                self.forward::<f32>(contiguous(f32::slice(s2)?, l2, "w_ih")?, contiguous(f32::slice(s3)?, l3, "w_hh")?)
             }
             DType::F64 => {
-                let (a, b, c) = (
-                    contiguous(f64::slice(s1)?, l1, "x")?,
-                    contiguous(f64::slice(s2)?, l2, "weights")?,
-                    contiguous(f64::slice(s3)?, l3, "biases and states")?,
-                );
-                self.forward::<f64>(a, b, c)
+                self.forward::<f64>(contiguous(f64::slice(s2)?, l2, "w_ih")?, contiguous(f64::slice(s3)?, l3, "w_hh")?)
             }
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         }
@@ -222,18 +279,19 @@ impl CustomOp3 for Sequence {
 
     fn bwd(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        small: &Tensor,
+        inputs: &Tensor,
+        w_ih: &Tensor,
+        w_hh: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b, c) = match x.dtype() {
-            DType::F32 => self.backward::<f32>(w, small, grad)?,
-            DType::F64 => self.backward::<f64>(w, small, grad)?,
+        let (a, b) = match w_ih.dtype() {
+            DType::F32 => self.backward::<f32>(w_ih, w_hh, grad)?,
+            DType::F64 => self.backward::<f64>(w_ih, w_hh, grad)?,
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
-        Ok((Some(a), Some(b), Some(c)))
+        // The inputs node's zero reaches nothing: its operands' gradients go through the link.
+        Ok((Some(inputs.zeros_like()?), Some(a), Some(b)))
     }
 }
 
@@ -326,7 +384,7 @@ fn run(
     let e = cell.extra_rows();
     if !save {
         // Inference: the kernel reads the parameter and state tensors where they are, with no graph node to give
-        // them to as three operands, so no 2·G·H·(C + H) copy into one buffer.
+        // them to.
         let out = match dtype {
             DType::F32 => seq.infer::<f32>(&x, &parts, &state)?,
             _ => seq.infer::<f64>(&x, &parts, &state)?,
@@ -334,16 +392,17 @@ fn run(
         let y = out.narrow(0, 0, b * t * h)?.reshape((b, t, h))?;
         return Ok((y, out.narrow(0, b * t * h, e * b * h)?.reshape((e, b, h))?));
     }
-    let w = Tensor::cat(&[&parts[0], &parts[1]], 1)?; // (G·H, C + H)
     let mut small = vec![parts[2].clone(), parts[3].clone()];
     small.extend(state.iter().map(Tensor::flatten_all).collect::<candle_core::Result<Vec<_>>>()?);
     let small = Tensor::cat(&small, 0)?; // (2·G·H + E·B·H)
-    let name = match cell {
-        Cell::Lstm => "attend-lstm-outputs",
-        Cell::Gru => "attend-gru-outputs",
+    let names = match cell {
+        Cell::Lstm => ["attend-lstm-inputs", "attend-lstm-outputs"],
+        Cell::Gru => ["attend-gru-inputs", "attend-gru-outputs"],
     };
-    let states = x.apply_op3(&w, &small, seq)?; // (E, B, H)
-    let y = states.apply_op1(Outputs { name, shape: Shape::from((b, t, h)), link })?; // (B, T, H)
+    lock(&link).inputs = Some((x.clone(), small.clone()));
+    let inputs = x.apply_op2(&small, Inputs { name: names[0], link: link.clone() })?; // (1)
+    let states = inputs.apply_op3(&parts[0], &parts[1], seq)?; // (E, B, H)
+    let y = states.apply_op1(Outputs { name: names[1], shape: Shape::from((b, t, h)), link })?; // (B, T, H)
     Ok((y, states))
 }
 
