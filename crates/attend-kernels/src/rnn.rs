@@ -22,11 +22,17 @@ use crate::flash::simd::{per_isa, Isa, Simd};
 use crate::rnn_par::{Blocks, BLOCK};
 use crate::Real;
 
+/// σ(x) from e = exp(−|x|) ≤ 1: 1/(1 + e) for x ≥ 0, e/(1 + e) below. Nothing overflows, the limits are exact, and
+/// the left tail keeps its relative accuracy (`(tanh(x/2) + 1)/2` cancels there: σ(−30) came out 0 in f32).
 #[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
-    // (tanh(x/2) + 1)/2 neither overflows nor loses the tails, and is exact in the limits.
-    let half = T::from_f64(0.5);
-    half * ((x * half).tanh() + T::ONE)
+    let e = (T::ZERO - x.max(T::ZERO - x)).exp();
+    let r = T::ONE / (T::ONE + e);
+    if x < T::ZERO {
+        e * r
+    } else {
+        r
+    }
 }
 
 /// Rows per thread of a cell kernel: a step of a recurrence is short (tens of microseconds), so a task gets at
@@ -261,13 +267,15 @@ pub(crate) fn gru_cell_backward_scalar<T: Real>(
 
 // ---------------------------------------------------------------------------------------------------------------
 // f32 vector paths: the same equations over `S::LANES` hidden units at a time; the tail of a row (H not a multiple
-// of the lanes) runs the scalar code. Transcendentals are the kernel library's vector tanh (relative error ~1e-7),
-// σ(x) = (tanh(x/2) + 1)/2.
+// of the lanes) runs the scalar code. Transcendentals are the kernel library's vector exp and tanh (relative error
+// ~1e-7).
 
+/// [`sigmoid`] over a vector: half the operations of the tanh form. σ(−∞) = 0, σ(∞) = 1, NaN stays NaN.
 #[inline(always)]
 unsafe fn sigmoid_v<S: Simd>(x: S::V) -> S::V {
-    let half = S::splat(0.5);
-    S::fma(S::tanh(S::mul(x, half)), half, half)
+    let e = S::exp_nonpos(S::sub(S::zero(), S::abs(x)));
+    let r = S::div(S::splat(1.0), S::add(S::splat(1.0), e));
+    S::select_lt(x, S::zero(), S::mul(e, r), r)
 }
 
 /// The vector part of a row: `0..h − h % LANES`.
@@ -790,6 +798,43 @@ mod tests {
             close(&format!("{l} gru dgx"), &dx, &gdx);
             close(&format!("{l} gru dgh"), &dg, &gdg);
             close(&format!("{l} gru dh"), &dh, &gdh);
+        }
+    }
+
+    /// Saturated gates on every path: σ of a very negative pre-activation keeps its relative accuracy (the cell
+    /// state it scales is then tiny, not zero), the limits are exact and NaN propagates.
+    #[test]
+    fn saturated_gates_keep_their_tails_and_limits() {
+        let pre = [-30.0f32, -60.0, -85.0, -100.0, f32::NEG_INFINITY, 30.0, f32::INFINITY, 0.5];
+        let h = 16;
+        // One row: input gate `pre` (cycled), forget gate 0 on c = 0, cell input 1, output gate 0.
+        let mut g = vec![0f32; 4 * h];
+        for j in 0..h {
+            (g[j], g[2 * h + j]) = (pre[j % pre.len()], 1.0);
+        }
+        let sigma = |x: f64| 1.0 / (1.0 + (-x).exp());
+        for isa in Isa::available() {
+            for tail in [false, true] {
+                // The scalar tail runs when H is not a multiple of the lanes.
+                let hh = if tail { h - 1 } else { h };
+                let gr: Vec<f32> = (0..4).flat_map(|q| g[q * h..q * h + hh].to_vec()).collect();
+                let mut o = vec![0f32; 2 * hh];
+                unsafe { lstm_forward_isa(isa, &gr, &vec![0.0; hh], &mut o, hh) };
+                for j in 0..hh {
+                    let want = sigma(pre[j % pre.len()] as f64) * 1f64.tanh();
+                    let got = o[hh + j] as f64;
+                    // Past f32's normal range (σ(−100)) only the absolute size matters.
+                    let tol = if want < f32::MIN_POSITIVE as f64 { f32::MIN_POSITIVE as f64 } else { 1e-6 * want };
+                    assert!((got - want).abs() <= tol, "{isa:?} tail {tail}: c'[{j}] {got:e} vs {want:e}");
+                }
+            }
+        }
+        let mut g = vec![0f32; 4 * h];
+        g[3] = f32::NAN;
+        for isa in Isa::available() {
+            let mut o = vec![0f32; 2 * h];
+            unsafe { lstm_forward_isa(isa, &g, &vec![0.0; h], &mut o, h) };
+            assert!(o[3].is_nan() && o[h + 3].is_nan() && !o[4].is_nan(), "{isa:?}: NaN in gate i of unit 3: {o:?}");
         }
     }
 

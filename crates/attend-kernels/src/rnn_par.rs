@@ -128,6 +128,67 @@ impl SpinBarrier {
     }
 }
 
+/// Work that needs no other thread, in chunks of `per_chunk` pieces, run chunk after chunk by whichever thread of a
+/// team has time: one waiting at the barrier ([`Pieces::try_run`]), or one that needs a chunk done before it goes
+/// on ([`Pieces::finish`]). A chunk's pieces run only once the walk opens it ([`Pieces::open`]); chunks are worked
+/// in order, so a result that pieces of successive chunks add to sums its terms in the same order whichever thread
+/// runs them.
+struct Pieces {
+    per_chunk: usize,
+    claimed: Vec<AtomicUsize>,
+    done: Vec<AtomicUsize>,
+    /// Chunks open to run.
+    open: AtomicUsize,
+    /// The chunk being worked (every earlier one is done).
+    next: AtomicUsize,
+}
+
+impl Pieces {
+    fn new(chunks: usize, per_chunk: usize) -> Self {
+        let counters = || (0..chunks).map(|_| AtomicUsize::new(0)).collect();
+        Self { per_chunk, claimed: counters(), done: counters(), open: AtomicUsize::new(0), next: AtomicUsize::new(0) }
+    }
+
+    /// Chunks `..n` may run (their inputs are complete and their outputs free).
+    fn open(&self, n: usize) {
+        self.open.fetch_max(n.min(self.done.len()), Ordering::AcqRel);
+    }
+
+    /// Runs one piece, `run(chunk, piece)`, of the earliest chunk with pieces left, if one may run now.
+    fn try_run(&self, run: &impl Fn(usize, usize)) -> bool {
+        loop {
+            let w = self.next.load(Ordering::Acquire);
+            if w >= self.open.load(Ordering::Acquire) {
+                return false;
+            }
+            let piece = self.claimed[w].fetch_add(1, Ordering::AcqRel);
+            if piece < self.per_chunk {
+                run(w, piece);
+                if self.done[w].fetch_add(1, Ordering::AcqRel) + 1 == self.per_chunk {
+                    self.next.store(w + 1, Ordering::Release);
+                }
+                return true;
+            }
+            if self.done[w].load(Ordering::Acquire) < self.per_chunk {
+                return false; // the rest of w is running elsewhere; w + 1 must wait for it
+            }
+            // Done, but its last finisher may not have moved `next` on yet: do it here rather than spin.
+            let _ = self.next.compare_exchange(w, w + 1, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Every piece of chunk `ci` (open) done, helping with what is left; what they wrote is then visible here.
+    fn finish(&self, ci: usize, barrier: &SpinBarrier, run: &impl Fn(usize, usize)) {
+        let mut spins = 0;
+        while self.done[ci].load(Ordering::Acquire) < self.per_chunk {
+            barrier.check();
+            if !self.try_run(run) {
+                SpinBarrier::pause(&mut spins);
+            }
+        }
+    }
+}
+
 /// The threads of one recurrence, the order they walk the steps in, and their barrier.
 struct Team {
     order: Vec<usize>,
@@ -806,11 +867,10 @@ impl<T: SeqFloat> Walk<'_, T> {
             let nc = cols.len();
             // A share of the (t, r) rows per thread: `[x_t | h]` step-major, x zero past a sequence's length
             // (`[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` must not turn a NaN or inf in the padding into `0 · NaN`;
-            // PyTorch's packed sequences never read the padding either), h the initial state in the first step's
-            // slots and zero until its step writes it; `c_prev` alike. And this thread's units of `h_n` (`c_n`).
-            // Raw writes: nothing here has been initialised yet.
+            // PyTorch's packed sequences never read the padding either), and h the initial state in the first
+            // step's slots; `c_prev` alike. Raw writes: nothing here has been initialised yet.
             let share = rows.div_ceil(team.threads);
-            // SAFETY: the rows of this thread's share, and its units of the final states: no other thread writes
+            // SAFETY: the rows of this thread's share: no other thread writes
             // them, and none reads them before the barrier below.
             unsafe {
                 for row in (me * share).min(rows)..((me + 1) * share).min(rows) {
@@ -819,21 +879,13 @@ impl<T: SeqFloat> Walk<'_, T> {
                         true => xhs.write(row * ld, &x[(r * tt + t) * c..][..c]),
                         false => xhs.zero(row * ld, c),
                     }
+                    // Later steps' state slots are written by the walk (every step writes the next one's, for every
+                    // row: carried past a sequence's length), before anything reads them.
                     if t == order[0] {
                         xhs.write(row * ld + c, &h0[r * hw..][..hw]);
                         if lstm {
                             cs.write(row * hw, &c0[r * hw..][..hw]);
                         }
-                    } else {
-                        xhs.zero(row * ld + c, hw);
-                        if lstm {
-                            cs.zero(row * hw, hw);
-                        }
-                    }
-                }
-                for q in 0..cell.extra_rows() {
-                    for r in 0..b {
-                        os.zero((b * tt + q * b + r) * hw + u.start, un);
                     }
                 }
             }
@@ -944,8 +996,9 @@ impl<T: SeqFloat> Walk<'_, T> {
             // The streamed activations are ordered before the team's end publishes them.
             store_fence();
         });
-        // SAFETY: the team has written every element of each (see the phases above: every row of `xh` and
-        // `c_prev` by its share, `out` by the final states and the outputs, the gates by every step's save).
+        // SAFETY: the team has written every element of each (see the phases above: the inputs and first states
+        // by the shares, every later state slot of `xh` and `c_prev` by the step before it, `out` by the last step
+        // and the outputs, the gates by every step's save).
         unsafe {
             for f in [xh, cp, outs, gates, gx] {
                 f.done();
@@ -1021,11 +1074,7 @@ impl<T: SeqFloat> Walk<'_, T> {
         let px = Panels::<T>::pack_par(tt * b, c, |p| &saved.xh[p * ld..][..c]);
         let ph = Panels::<T>::pack_par(tt * b, hw, |p| &saved.xh[p * ld + c..][..hw]);
         const SPLIT: usize = 4;
-        let pieces = threads * g * 2 * SPLIT;
-        let claimed: Vec<AtomicUsize> = (0..n_chunks).map(|_| AtomicUsize::new(0)).collect();
-        let done: Vec<AtomicUsize> = (0..n_chunks).map(|_| AtomicUsize::new(0)).collect();
-        // Chunks whose rings are complete; the chunk being worked (every earlier one is done).
-        let (avail, next) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let work = Pieces::new(n_chunks, threads * g * 2 * SPLIT);
         let run_piece = |ci: usize, piece: usize| {
             let (o, q) = (piece / (g * 2 * SPLIT), piece / (2 * SPLIT) % g);
             let (half, part) = (piece / SPLIT % 2, piece % SPLIT);
@@ -1042,45 +1091,13 @@ impl<T: SeqFloat> Walk<'_, T> {
                 _ => (&ph, &dwhs, hw, &rgs),
             };
             let start = if ci == 0 { Start::Zero } else { Start::Accumulate };
-            // SAFETY: the owner's ring of chunk ci is complete (`avail`) and is not rewritten before every piece of
+            // SAFETY: the owner's ring of chunk ci is complete (open) and is not rewritten before every piece of
             // ci is done; rows q·H + uo.start + r0.. of this half's dW are this piece's alone, written
             // first in chunk 0 (`Start::Zero`) and accumulated chunk after chunk. `isa` detected.
             unsafe {
                 let a = ring.ptr(ring_of(o, ci) + q * uo.len() + r0);
                 let at = out.ptr((q * hw + uo.start + r0) * ld);
                 T::product_rows(panel, ks, isa, r1 - r0, a, (1, rs), at, ld, start);
-            }
-        };
-        // One piece of the earliest chunk with pieces left, if there is one to run now.
-        let try_work = || -> bool {
-            loop {
-                let w = next.load(Ordering::Acquire);
-                if w >= avail.load(Ordering::Acquire) {
-                    return false;
-                }
-                let piece = claimed[w].fetch_add(1, Ordering::AcqRel);
-                if piece < pieces {
-                    run_piece(w, piece);
-                    if done[w].fetch_add(1, Ordering::AcqRel) + 1 == pieces {
-                        next.store(w + 1, Ordering::Release);
-                    }
-                    return true;
-                }
-                if done[w].load(Ordering::Acquire) < pieces {
-                    return false; // the rest of w is running elsewhere; w + 1 must wait for it
-                }
-                // Done, but its last finisher may not have moved `next` on yet: do it here rather than spin.
-                let _ = next.compare_exchange(w, w + 1, Ordering::AcqRel, Ordering::Acquire);
-            }
-        };
-        // Every piece of chunk ci done, helping with what is left.
-        let finish = |ci: usize| {
-            let mut spins = 0;
-            while done[ci].load(Ordering::Acquire) < pieces {
-                barrier.check();
-                if !try_work() {
-                    SpinBarrier::pause(&mut spins);
-                }
             }
         };
         team.run(hw, |me, u| {
@@ -1121,7 +1138,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                 let ci = s / chunk;
                 if s % chunk == 0 && ci >= 2 {
                     // This chunk's rings were chunk ci − 2's.
-                    finish(ci - 2);
+                    work.finish(ci - 2, barrier, &run_piece);
                 }
                 let (lo, mine) = (los[ci], ring_of(me, ci));
                 let slot = s % 2 * b;
@@ -1168,10 +1185,10 @@ impl<T: SeqFloat> Walk<'_, T> {
                         gate_major(dxr, ring_x);
                     }
                 }
-                barrier.wait_with(&try_work);
+                barrier.wait_with(|| work.try_run(&run_piece));
                 if (s + 1) % chunk == 0 || s + 1 == tt {
                     // Every thread's ring of chunk ci is complete: its pieces may run.
-                    avail.fetch_max(ci + 1, Ordering::AcqRel);
+                    work.open(ci + 1);
                 }
                 // SAFETY: every thread has written step t's gate gradients (barrier); they are only read now. Rows
                 // (r, t) of dx, T·C apart, this thread's columns: written once, by the product, which reads nothing
@@ -1200,7 +1217,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                 }
             }
-            finish(n_chunks - 1);
+            work.finish(n_chunks - 1, barrier, &run_piece);
             // SAFETY: this thread's columns and units.
             unsafe {
                 dbs.at(cols.start, nc).copy_from_slice(&sums);
