@@ -128,14 +128,19 @@ impl SpinBarrier {
     }
 }
 
-/// Work that needs no other thread, in chunks of `per_chunk` pieces, run chunk after chunk by whichever thread of a
-/// team has time: one waiting at the barrier ([`Pieces::try_run`]), or one that needs a chunk done before it goes
-/// on ([`Pieces::finish`]). A chunk's pieces run only once the walk opens it ([`Pieces::open`]); chunks are worked
-/// in order, so a result that pieces of successive chunks add to sums its terms in the same order whichever thread
-/// runs them.
+/// Work that needs no other thread, in chunks, run chunk after chunk by whichever thread of a team has time: one
+/// waiting at the barrier ([`Pieces::try_run`]), or one that needs a chunk done before it goes on
+/// ([`Pieces::finish`]). A chunk's pieces run only once the walk opens it ([`Pieces::open`]); chunks are worked in
+/// order, so a result that pieces of successive chunks add to sums its terms in the same order whichever thread
+/// runs them. Each piece has an owner, the thread whose cache holds its operands (its packed weights, its gate
+/// gradients): a thread runs its own pieces first and another's only when its own are taken, so the faster core
+/// takes over no more of the slower one's work than the gap between them.
 struct Pieces {
-    per_chunk: usize,
+    owners: usize,
+    per_owner: usize,
+    /// Pieces handed out, per chunk and owner.
     claimed: Vec<AtomicUsize>,
+    /// Pieces done, per chunk.
     done: Vec<AtomicUsize>,
     /// Chunks open to run.
     open: AtomicUsize,
@@ -144,9 +149,17 @@ struct Pieces {
 }
 
 impl Pieces {
-    fn new(chunks: usize, per_chunk: usize) -> Self {
-        let counters = || (0..chunks).map(|_| AtomicUsize::new(0)).collect();
-        Self { per_chunk, claimed: counters(), done: counters(), open: AtomicUsize::new(0), next: AtomicUsize::new(0) }
+    /// `chunks` of `per_owner` pieces for each of `owners`: piece `o·per_owner + i` of a chunk is owner o's i-th.
+    fn new(chunks: usize, owners: usize, per_owner: usize) -> Self {
+        let counters = |n: usize| (0..n).map(|_| AtomicUsize::new(0)).collect();
+        Self {
+            owners,
+            per_owner,
+            claimed: counters(chunks * owners),
+            done: counters(chunks),
+            open: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// Chunks `..n` may run (their inputs are complete and their outputs free).
@@ -154,22 +167,26 @@ impl Pieces {
         self.open.fetch_max(n.min(self.done.len()), Ordering::AcqRel);
     }
 
-    /// Runs one piece, `run(chunk, piece)`, of the earliest chunk with pieces left, if one may run now.
-    fn try_run(&self, run: &impl Fn(usize, usize)) -> bool {
+    /// Runs one piece, `run(chunk, piece)`, of the earliest chunk with pieces left, if one may run now: thread `me`'s
+    /// own first.
+    fn try_run(&self, me: usize, run: &impl Fn(usize, usize)) -> bool {
+        let total = self.owners * self.per_owner;
         loop {
             let w = self.next.load(Ordering::Acquire);
             if w >= self.open.load(Ordering::Acquire) {
                 return false;
             }
-            let piece = self.claimed[w].fetch_add(1, Ordering::AcqRel);
-            if piece < self.per_chunk {
-                run(w, piece);
-                if self.done[w].fetch_add(1, Ordering::AcqRel) + 1 == self.per_chunk {
-                    self.next.store(w + 1, Ordering::Release);
+            for o in (0..self.owners).map(|k| (me + k) % self.owners) {
+                let i = self.claimed[w * self.owners + o].fetch_add(1, Ordering::AcqRel);
+                if i < self.per_owner {
+                    run(w, o * self.per_owner + i);
+                    if self.done[w].fetch_add(1, Ordering::AcqRel) + 1 == total {
+                        self.next.store(w + 1, Ordering::Release);
+                    }
+                    return true;
                 }
-                return true;
             }
-            if self.done[w].load(Ordering::Acquire) < self.per_chunk {
+            if self.done[w].load(Ordering::Acquire) < total {
                 return false; // the rest of w is running elsewhere; w + 1 must wait for it
             }
             // Done, but its last finisher may not have moved `next` on yet: do it here rather than spin.
@@ -177,12 +194,13 @@ impl Pieces {
         }
     }
 
-    /// Every piece of chunk `ci` (open) done, helping with what is left; what they wrote is then visible here.
-    fn finish(&self, ci: usize, barrier: &SpinBarrier, run: &impl Fn(usize, usize)) {
+    /// Every piece of chunk `ci` (open) done, thread `me` helping with what is left; what they wrote is then
+    /// visible here.
+    fn finish(&self, me: usize, ci: usize, barrier: &SpinBarrier, run: &impl Fn(usize, usize)) {
         let mut spins = 0;
-        while self.done[ci].load(Ordering::Acquire) < self.per_chunk {
+        while self.done[ci].load(Ordering::Acquire) < self.owners * self.per_owner {
             barrier.check();
-            if !self.try_run(run) {
+            if !self.try_run(me, run) {
                 SpinBarrier::pause(&mut spins);
             }
         }
@@ -1103,7 +1121,7 @@ impl<T: SeqFloat> Walk<'_, T> {
         let px = Panels::<T>::pack_par(tt * b, c, |p| &saved.xh[p * ld..][..c]);
         let ph = Panels::<T>::pack_par(tt * b, hw, |p| &saved.xh[p * ld + c..][..hw]);
         const SPLIT: usize = 4;
-        let work = Pieces::new(n_chunks, threads * g * 2 * SPLIT);
+        let work = Pieces::new(n_chunks, threads, g * 2 * SPLIT);
         let run_piece = |ci: usize, piece: usize| {
             let (o, q) = (piece / (g * 2 * SPLIT), piece / (2 * SPLIT) % g);
             let (half, part) = (piece / SPLIT % 2, piece % SPLIT);
@@ -1167,7 +1185,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                 let ci = s / chunk;
                 if s % chunk == 0 && ci >= 2 {
                     // This chunk's rings were chunk ci − 2's.
-                    work.finish(ci - 2, barrier, &run_piece);
+                    work.finish(me, ci - 2, barrier, &run_piece);
                 }
                 let (lo, mine) = (los[ci], ring_of(me, ci));
                 let slot = s % 2 * b;
@@ -1214,7 +1232,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                         gate_major(dxr, ring_x);
                     }
                 }
-                barrier.wait_with(|| work.try_run(&run_piece));
+                barrier.wait_with(|| work.try_run(me, &run_piece));
                 if (s + 1) % chunk == 0 || s + 1 == tt {
                     // Every thread's ring of chunk ci is complete: its pieces may run.
                     work.open(ci + 1);
@@ -1246,7 +1264,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                     }
                 }
             }
-            work.finish(n_chunks - 1, barrier, &run_piece);
+            work.finish(me, n_chunks - 1, barrier, &run_piece);
             // SAFETY: this thread's columns and units.
             unsafe {
                 dbs.at(cols.start, nc).copy_from_slice(&sums);
