@@ -622,10 +622,6 @@ impl SeqFloat for f64 {
 }
 
 impl<T: SeqFloat> Panels<T> {
-    fn empty() -> Self {
-        Self { data: Aligned::zeroed(0), k: 0, n: 0, cols: 0 }
-    }
-
     /// Element `(p, j)` from `f` for `j < n`; padding columns are zero.
     #[cfg(test)]
     fn from_fn(k: usize, n: usize, f: impl Fn(usize, usize) -> T) -> Self {
@@ -883,12 +879,11 @@ pub(crate) struct Walk<'a, T> {
 }
 
 impl<T: SeqFloat> Walk<'_, T> {
-    /// The forward walk over `x (B, T, C)` from `h0` (and `c0`), each `(B, H)`. On entry `saved.xh`,
+    /// The forward walk over `x (B, T, C)` from `h0` (and `c0`), each `(B, H)`. On entry `saved.h`,
     /// `saved.c_prev`, `saved.gates`, `saved.gx` and `out` are empty with room for their elements (only
     /// `saved.gates` and the GRU's `saved.gx` may have none: inference keeps no gates); the walk's threads write
-    /// every element (see [`Fresh`]) and the lengths are set on return. `xh` gets the input step-major beside each
-    /// step's state, zero past a sequence's length (see [`SeqSaved::xh`]); `out` the outputs `(B, T, H)`, then
-    /// `h_n` (and `c_n`), each `(B, H)`.
+    /// every element (see [`Fresh`]) and the lengths are set on return. `h` gets the state each step read,
+    /// step-major (see [`SeqSaved::h`]); `out` the outputs `(B, T, H)`, then `h_n` (and `c_n`), each `(B, H)`.
     pub fn forward(&self, x: &[T], h0: &[T], c0: &[T], saved: &mut SeqSaved<T>, out: &mut Vec<T>) {
         let (cell, lengths) = (self.cell, self.lengths);
         let SeqDims { b, t: tt, c, h: hw, .. } = self.d;
@@ -897,108 +892,91 @@ impl<T: SeqFloat> Walk<'_, T> {
         let lstm = cell == Cell::Lstm;
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
-        // The state slots live in `xh` beside each step's input: slot (t, r) at `(t·B + r)·ld + C`.
-        let ld = c + hw;
+        // The state slots: slot (t, r) at `(t·B + r)·H` holds h_{t−1} of sequence r (step-major).
         let rows = tt * b;
         let save = saved.gates.capacity() >= rows * gw && rows > 0;
-        let mut xh = Fresh::new(&mut saved.xh, rows * ld);
+        let mut hist = Fresh::new(&mut saved.h, rows * hw);
         let mut cp = Fresh::new(&mut saved.c_prev, if lstm { rows * hw } else { 0 });
         let mut outs = Fresh::new(out, (b * tt + cell.extra_rows() * b) * hw);
         let mut gates = Fresh::new(&mut saved.gates, if save { rows * gw } else { 0 });
         let mut gx = Fresh::new(&mut saved.gx, if save && !lstm { rows * gw } else { 0 });
         let (gates_s, gx_s) = (gates.shared(), gx.shared());
-        let (xhs, cs, os) = (xh.shared(), cp.shared(), outs.shared());
-        let hs = Shared(SyncPtr(xhs.ptr(c)));
+        let (hs, cs, os) = (hist.shared(), cp.shared(), outs.shared());
         team.run(hw, |me, u| {
             let (un, cols) = (u.len(), g * u.start..g * u.end);
             let nc = cols.len();
-            // A share of the (t, r) rows per thread: `[x_t | h]` step-major, x zero past a sequence's length
-            // (`[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]` must not turn a NaN or inf in the padding into `0 · NaN`;
-            // PyTorch's packed sequences never read the padding either), and h the initial state in the first
-            // step's slots; `c_prev` alike. Raw writes: nothing here has been initialised yet.
+            // A share of the first step's rows per thread: the initial state in its slots, `c_prev` alike (the
+            // products read x where it is). Raw writes: nothing here has been initialised yet.
             let share = rows.div_ceil(team.threads);
             // SAFETY: the rows of this thread's share: no other thread writes
             // them, and none reads them before the barrier below.
             unsafe {
                 for row in (me * share).min(rows)..((me + 1) * share).min(rows) {
                     let (t, r) = (row / b, row % b);
-                    match t < lengths[r] {
-                        true => xhs.write(row * ld, &x[(r * tt + t) * c..][..c]),
-                        false => xhs.zero(row * ld, c),
-                    }
                     // Later steps' state slots are written by the walk (every step writes the next one's, for every
                     // row: carried past a sequence's length), before anything reads them.
                     if t == order[0] {
-                        xhs.write(row * ld + c, &h0[r * hw..][..hw]);
+                        hs.write(row * hw, &h0[r * hw..][..hw]);
                         if lstm {
                             cs.write(row * hw, &c0[r * hw..][..hw]);
                         }
                     }
                 }
             }
-            // This thread's rows of W_ih and W_hh as B operands: stacked (k = C + H) for the LSTM, apart for the GRU.
-            let wx = |j: usize| self.p.ih(self.perm[cols.start + j]);
-            let wh = |j: usize| self.p.hh(self.perm[cols.start + j]);
-            let (wxh, wx, wh) = match cell {
-                Cell::Lstm => {
-                    let stacked = Panels::<T>::from_rows(c + hw, nc, |j| [wx(j), wh(j)]);
-                    (Some(stacked), Panels::empty(), Panels::empty())
-                }
-                Cell::Gru => (
-                    None,
-                    Panels::<T>::from_rows(c, nc, |j| [wx(j), &[]]),
-                    Panels::<T>::from_rows(hw, nc, |j| [wh(j), &[]]),
-                ),
-            };
+            // This thread's rows of W_ih and W_hh as B operands.
+            let wx = Panels::<T>::from_rows(c, nc, |j| [self.p.ih(self.perm[cols.start + j]), &[]]);
+            let wh = Panels::<T>::from_rows(hw, nc, |j| [self.p.hh(self.perm[cols.start + j]), &[]]);
             let np = nc.div_ceil(T::PAD) * T::PAD;
             // This thread's columns of the step's gates (LSTM) or `gh` (GRU), and the GRU's `gx`: a tile that stays
             // in cache, copied out to the saved activations only when a backward will want them.
             let mut sg = Aligned::<T>::zeroed(b * np);
             let mut sx = Aligned::<T>::zeroed(if cell == Cell::Gru { b * np } else { 0 });
-            // Every thread's share of the input and of the first state is in place.
+            // Every thread's share of the first state is in place.
             barrier.wait();
             for (s, &t) in order.iter().enumerate() {
                 let next = order.get(s + 1).copied();
                 // bias + x_t W_ihᵀ + h_{t−1} W_hhᵀ (the GRU keeps its input and recurrent halves apart).
                 if nc > 0 {
                     let (bias, b_hh) = (Start::Bias(&self.bias[cols.clone()]), Start::Bias(&self.b_hh[cols.clone()]));
-                    // SAFETY: x_t's rows are T·C apart; h_{t−1} (every unit) is complete behind the last barrier and
-                    // only read in this phase; the tiles hold b rows of np columns; `isa` detected.
+                    // SAFETY: x_t's rows are T·C apart (read where they are: a row of padding only reaches its own
+                    // row's gates, which the cells never read); h_{t−1} (every unit) is complete behind the last
+                    // barrier and only read in this phase; the tiles hold b rows of np columns; `isa` detected.
                     unsafe {
-                        let xh_t = xhs.ptr(t * b * ld);
-                        match &wxh {
-                            // The LSTM's one product over [x_t | h_{t−1}] (k = C + H).
-                            Some(wxh) => T::product(wxh, isa, b, xh_t, (ld, 1), sg.as_mut_ptr(), np, bias),
-                            None => {
-                                T::product(&wx, isa, b, xh_t, (ld, 1), sx.as_mut_ptr(), np, bias);
-                                T::product(&wh, isa, b, xh_t.add(c), (ld, 1), sg.as_mut_ptr(), np, b_hh);
+                        let (x_t, h_t) = (x.as_ptr().add(t * c), hs.ptr(t * b * hw));
+                        match cell {
+                            Cell::Lstm => {
+                                T::product(&wx, isa, b, x_t, (tt * c, 1), sg.as_mut_ptr(), np, bias);
+                                T::product(&wh, isa, b, h_t, (hw, 1), sg.as_mut_ptr(), np, Start::Accumulate);
+                            }
+                            Cell::Gru => {
+                                T::product(&wx, isa, b, x_t, (tt * c, 1), sx.as_mut_ptr(), np, bias);
+                                T::product(&wh, isa, b, h_t, (hw, 1), sg.as_mut_ptr(), np, b_hh);
                             }
                         }
                     }
                 }
                 for r in 0..b {
                     let row = t * b + r;
-                    let (own, tile) = (row * ld + u.start, r * np..r * np + nc);
-                    let own_c = row * hw + u.start;
+                    let (own, tile) = (row * hw + u.start, r * np..r * np + nc);
                     // SAFETY: this thread's units of row r. The step's state is only read (every thread's product
                     // read it too, before this point and until the barrier); the next step's slot or the final
                     // state is written by this thread alone and read by others only after the barrier.
                     unsafe {
                         let hp = hs.read(own, un);
                         let (hn, cn) = match next {
-                            Some(tn) => (hs.at((tn * b + r) * ld + u.start, un), cs.ptr((tn * b + r) * hw + u.start)),
+                            Some(tn) => (hs.at((tn * b + r) * hw + u.start, un), cs.ptr((tn * b + r) * hw + u.start)),
                             None => (os.at((b * tt + r) * hw + u.start, un), os.ptr((b * tt + b + r) * hw + u.start)),
                         };
                         // The cell state's destination (LSTM only: a GRU has none, and `out` has no row for it).
                         let cn = || std::slice::from_raw_parts_mut(cn, un);
                         match (cell, t < lengths[r]) {
-                            (Cell::Lstm, true) => T::lstm_fwd(isa, &mut sg[tile], cs.read(own_c, un), hn, cn(), un),
+                            (Cell::Lstm, true) => T::lstm_fwd(isa, &mut sg[tile], cs.read(own, un), hn, cn(), un),
                             (Cell::Gru, true) => T::gru_fwd(isa, &sx[tile.clone()], &sg[tile], hp, hn, un),
                             (_, false) => {
                                 // Past its length a sequence carries its state.
                                 hn.copy_from_slice(hp);
                                 if cell == Cell::Lstm {
-                                    cn().copy_from_slice(cs.read(own_c, un));
+                                    cn().copy_from_slice(cs.read(own, un));
                                 }
                             }
                         }
@@ -1030,7 +1008,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                         let y = (r * tt + t) * hw + u.start;
                         if t < lengths[r] {
                             let from = match order.get(s + 1) {
-                                Some(&tn) => hs.read((tn * b + r) * ld + u.start, un),
+                                Some(&tn) => hs.read((tn * b + r) * hw + u.start, un),
                                 None => os.read((b * tt + r) * hw + u.start, un),
                             };
                             os.write(y, from);
@@ -1043,11 +1021,11 @@ impl<T: SeqFloat> Walk<'_, T> {
             // The streamed activations are ordered before the team's end publishes them.
             store_fence();
         });
-        // SAFETY: the team has written every element of each (see the phases above: the inputs and first states
-        // by the shares, every later state slot of `xh` and `c_prev` by the step before it, `out` by the last step
+        // SAFETY: the team has written every element of each (see the phases above: the first states by the
+        // shares, every later state slot of the history and `c_prev` by the step before it, `out` by the last step
         // and the outputs, the gates by every step's save).
         unsafe {
-            for f in [xh, cp, outs, gates, gx] {
+            for f in [hist, cp, outs, gates, gx] {
                 f.done();
             }
         }
@@ -1064,6 +1042,7 @@ impl<T: SeqFloat> Walk<'_, T> {
     pub fn backward(
         &self,
         saved: &SeqSaved<T>,
+        x: &[T],
         dy: &[T],
         dfinal: &[T],
         dx: &mut Vec<T>,
@@ -1080,7 +1059,6 @@ impl<T: SeqFloat> Walk<'_, T> {
         let team = Team::new(&self.d);
         let (order, barrier, isa) = (&team.order, &team.barrier, team.isa);
         let lstm = cell == Cell::Lstm;
-        let ld = c + hw;
         // The gate gradients of the step being walked (the GRU's input side apart), every thread's columns, which
         // the step's products read whole: two slots, used by turns, so a thread may write the next step's while
         // another still reads this one's (it cannot get a step further: the barrier).
@@ -1118,8 +1096,14 @@ impl<T: SeqFloat> Walk<'_, T> {
         let (rgs, rxs) = (Shared::of(&mut rings), Shared::of(&mut rings_x));
         let ring_of = |owner: usize, ci: usize| (owner * 2 + ci % 2) * ring_len;
         // `[x | h_prev]` of every step as the pieces' B operands, packed once.
-        let px = Panels::<T>::pack_par(tt * b, c, |p| &saved.xh[p * ld..][..c]);
-        let ph = Panels::<T>::pack_par(tt * b, hw, |p| &saved.xh[p * ld + c..][..hw]);
+        // x zero past a sequence's length: `dW_ih = dgatesᵀ x` must not turn a NaN or inf in the padding into
+        // `0 · NaN` (PyTorch's packed sequences never read the padding either).
+        let zeros = vec![T::ZERO; c];
+        let px = Panels::<T>::pack_par(tt * b, c, |p| match (p / b, p % b) {
+            (t, r) if t < lengths[r] => &x[(r * tt + t) * c..][..c],
+            _ => &zeros,
+        });
+        let ph = Panels::<T>::pack_par(tt * b, hw, |p| &saved.h[p * hw..][..hw]);
         const SPLIT: usize = 4;
         let work = Pieces::new(n_chunks, threads, g * 2 * SPLIT);
         let run_piece = |ci: usize, piece: usize| {
@@ -1219,7 +1203,7 @@ impl<T: SeqFloat> Walk<'_, T> {
                                 T::lstm_bwd(isa, gates, cp, &dh[mine.clone()], dy, &mut dc[mine], dgr, un);
                             }
                             Cell::Gru => {
-                                let hp = &saved.xh[row * (c + hw) + c + u.start..][..un];
+                                let hp = &saved.h[row * hw + u.start..][..un];
                                 let xg = &saved.gx[row * gw + cols.start..][..nc];
                                 T::gru_bwd(isa, xg, gates, hp, &dh[mine.clone()], dy, dxr, dgr, &mut direct[mine], un);
                             }

@@ -87,9 +87,9 @@ pub struct SeqSaved<T> {
     pub gates: Vec<T>,
     /// `(T, B, G·H)`: GRU's `gx = W_ih x + b_ih` (empty for the LSTM).
     pub gx: Vec<T>,
-    /// `(T, B, C + H)`: `[x_t | h_{t−1}]`, the input and the state each step read, side by side: the rows of a
-    /// chunk of steps are the B operand of the weight gradient `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]`.
-    pub xh: Vec<T>,
+    /// `(T, B, H)`: `h_{t−1}`, the state each step read (step-major): with the input, the B operand of the weight
+    /// gradient `[dW_ih | dW_hh] = dgatesᵀ [x | h_prev]`.
+    pub h: Vec<T>,
     /// `(T, B, H)`: `c_{t−1}` (LSTM; empty for the GRU).
     pub c_prev: Vec<T>,
     /// The blocked order and biases the forward ran (the weights themselves come back with the backward's call).
@@ -211,7 +211,7 @@ pub fn sequence_forward<T: SeqFloat>(
         lengths: lengths.to_vec(),
         gates: Vec::with_capacity(gates),
         gx: Vec::with_capacity(if lstm { 0 } else { gates }),
-        xh: Vec::new(),
+        h: Vec::new(),
         c_prev: Vec::new(),
         blocked: Blocked::default(),
     };
@@ -223,16 +223,27 @@ pub fn sequence_forward<T: SeqFloat>(
         return (out, saved);
     }
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
+    let t0 = std::time::Instant::now();
     walk.forward(x, h0, c0, &mut saved, &mut out);
+    if std::env::var_os("RNN_TIMING").is_some() {
+        eprintln!("fwd {:.3}", t0.elapsed().as_secs_f64() * 1e3);
+    }
     if save {
         saved.blocked = bw;
     }
     (out, saved)
 }
 
-/// The backward of [`sequence_forward`] (run with `save`): `p` are the parameters it ran with, `dy (B, T, H)` and
-/// `dfinal (E, B, H)` the gradients of its outputs and final states (`out` split where `y` ends).
-pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: &[T], dfinal: &[T]) -> SeqGrads<T> {
+/// The backward of [`sequence_forward`] (run with `save`): `p` and `x (B, T, C)` are the parameters and input it
+/// ran with, `dy (B, T, H)` and `dfinal (E, B, H)` the gradients of its outputs and final states (`out` split where
+/// `y` ends).
+pub fn sequence_backward<T: SeqFloat>(
+    saved: &SeqSaved<T>,
+    p: SeqParams<T>,
+    x: &[T],
+    dy: &[T],
+    dfinal: &[T],
+) -> SeqGrads<T> {
     let (cell, d, lengths) = (saved.cell, saved.dims, &saved.lengths[..]);
     check(cell, &d, &p, lengths);
     let SeqDims { b, t: tt, c, h, .. } = d;
@@ -242,7 +253,8 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: 
         dy.len() == b * tt * h
             && dfinal.len() == e * b * h
             && saved.gates.len() == b * tt * gw
-            && saved.xh.len() == b * tt * (c + h),
+            && x.len() == b * tt * c
+            && saved.h.len() == b * tt * h,
         "rnn sequence backward: lengths"
     );
     let mut g = SeqGrads {
@@ -263,8 +275,10 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: 
     assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
+    let t0 = std::time::Instant::now();
     walk.backward(
         saved,
+        x,
         dy,
         dfinal,
         &mut g.dx,
@@ -274,6 +288,9 @@ pub fn sequence_backward<T: SeqFloat>(saved: &SeqSaved<T>, p: SeqParams<T>, dy: 
         &mut g.dh0,
         &mut g.dc0,
     );
+    if std::env::var_os("RNN_TIMING").is_some() {
+        eprintln!("bwd {:.3}", t0.elapsed().as_secs_f64() * 1e3);
+    }
     // Back to PyTorch's rows for the bias gradients (the walk wrote dW in them; the LSTM's two biases both add
     // to the gates).
     let db_ih = if lstm { &db } else { &db_x };

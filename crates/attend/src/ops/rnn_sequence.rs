@@ -189,7 +189,7 @@ impl Sequence {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let SeqDims { b, t, c, h, .. } = self.dims;
         let gw = self.cell.gates() * h;
-        let (_, small) = self.inputs()?;
+        let (x, small) = self.inputs()?;
         let (held, dy) = {
             let mut link = lock(&self.link);
             (link.saved.clone(), link.dy.take())
@@ -204,9 +204,9 @@ impl Sequence {
             None => Tensor::zeros((b, t, h), w_ih.dtype(), dev)?,
         };
         let dstates = dstates.contiguous()?;
-        let g = with_slices(&[w_ih, w_hh, &small, &dy, &dstates], |s: &[&[T]]| {
+        let g = with_slices(&[w_ih, w_hh, &small, &x, &dy, &dstates], |s: &[&[T]]| {
             let (p, _, _) = self.split(s[0], s[1], s[2])?;
-            Ok(k::sequence_backward(saved, p, s[3], s[4]))
+            Ok(k::sequence_backward(saved, p, s[3], s[4], s[5]))
         })?;
         let dsmall = [g.db_ih, g.db_hh, g.dh0, g.dc0].concat();
         let n = dsmall.len();
