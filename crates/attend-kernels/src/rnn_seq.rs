@@ -223,11 +223,7 @@ pub fn sequence_forward<T: SeqFloat>(
         return (out, saved);
     }
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
-    let t0 = std::time::Instant::now();
     walk.forward(x, h0, c0, &mut saved, &mut out);
-    if std::env::var_os("RNN_TIMING").is_some() {
-        eprintln!("fwd {:.3}", t0.elapsed().as_secs_f64() * 1e3);
-    }
     if save {
         saved.blocked = bw;
     }
@@ -275,7 +271,6 @@ pub fn sequence_backward<T: SeqFloat>(
     assert!(bw.perm.len() == gw, "rnn sequence backward: the forward kept no activations");
     let walk = Walk { cell, d, lengths, p, perm: &bw.perm, bias: &bw.bias, b_hh: &bw.b_hh };
     let (mut db, mut db_x) = (vec![T::ZERO; gw], vec![T::ZERO; gw]);
-    let t0 = std::time::Instant::now();
     walk.backward(
         saved,
         x,
@@ -288,9 +283,6 @@ pub fn sequence_backward<T: SeqFloat>(
         &mut g.dh0,
         &mut g.dc0,
     );
-    if std::env::var_os("RNN_TIMING").is_some() {
-        eprintln!("bwd {:.3}", t0.elapsed().as_secs_f64() * 1e3);
-    }
     // Back to PyTorch's rows for the bias gradients (the walk wrote dW in them; the LSTM's two biases both add
     // to the gates).
     let db_ih = if lstm { &db } else { &db_x };
