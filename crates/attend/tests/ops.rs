@@ -362,3 +362,34 @@ fn linear_matches_its_twin_and_finite_differences() {
     fd_check("linear dw", w.clone(), |w| ops::linear(&x, w, Some(&b)).unwrap());
     fd_check("linear db", b.clone(), |b| ops::linear(&x, &w, Some(b)).unwrap());
 }
+
+/// `vjp_loss(out, dout)` against its composed twin `Σ out ⊙ dout`: the same value, the same gradient for every
+/// tensor upstream of `out` (also when the gradient arriving at the loss is not 1, and for a strided `out`), no
+/// gradient for `dout`, and errors naming both shapes.
+#[test]
+fn vjp_loss_matches_the_weighted_sum_it_replaces() {
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(&randn(&[3, 4, 5], 1, dtype)).unwrap();
+        let dout = Var::from_tensor(&randn(&[3, 5, 4], 2, dtype)).unwrap();
+        // A strided `out` (a transpose) built from the tracked `x`, so the gradient travels through one more op.
+        let out = (x.as_tensor().tanh().unwrap() * 1.5).unwrap().transpose(1, 2).unwrap();
+        for scale in [1.0, -2.5] {
+            let fused = (ops::vjp_loss(&out, dout.as_tensor().clone()).unwrap() * scale).unwrap();
+            let composed = (weighted_sum(&out, dout.as_tensor()) * scale).unwrap();
+            let label = format!("{dtype:?} scale {scale}");
+            let tol = if dtype == DType::F32 { F32 } else { F64 };
+            assert_close(&format!("{label} value"), &fused, &composed, tol);
+            let (g1, g2) = (fused.backward().unwrap(), composed.backward().unwrap());
+            assert_close(&format!("{label} dx"), g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap(), tol);
+            assert!(g1.get(dout.as_tensor()).is_none(), "{label}: dout is a constant and gets no gradient");
+            let e = fused.backward().unwrap_err().to_string();
+            assert!(e.contains("already ran"), "{label}: a second backward of one loss is refused: {e}");
+        }
+    }
+    let dev = Device::Cpu;
+    let a = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+    let e = ops::vjp_loss(&a, Tensor::zeros((3, 2), DType::F32, &dev).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("(2, 3)") && e.contains("(3, 2)"), "{e}");
+    let e = ops::vjp_loss(&a, Tensor::zeros((2, 3), DType::F64, &dev).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("F32") && e.contains("F64"), "{e}");
+}

@@ -6,9 +6,9 @@
 //! - forward: `attention_with(q, k, v, mask, opts)`; q, k, v are plain tensors (no graph), like PyTorch tensors
 //!   without `requires_grad`;
 //! - forward+backward: q, k, v are `Var`s, and one iteration is the forward (which builds the graph), the loss
-//!   `L = Σ o ⊙ do` and `L.backward()`, the same work as PyTorch's
-//!   `o = sdpa(q, k, v); torch.autograd.grad(o, (q, k, v), do)` plus one element-wise product and a sum over
-//!   `(B, H, T, D)`.
+//!   `L = Σ o ⊙ do` (`ops::vjp_loss`: its gradient is `do`, with no product or gradient of `do` materialised) and
+//!   `L.backward()`, the same work as PyTorch's `o = sdpa(q, k, v); torch.autograd.grad(o, (q, k, v), do)` plus
+//!   one dot product over `(B, H, T, D)`.
 //!
 //! # Units
 //! `flops = 4·B·H·D` per visible (query, key) pair (two matmuls of `2·D` each), ×3.5 for forward+backward — the
@@ -18,7 +18,8 @@
 //!
 //! # Memory
 //! `baseline_rss_mb` is the resident set before the inputs exist (after the thread pools have started and the
-//! small validation run), `tensor_mb` the bytes of the tensors the call cannot do without (`q, k, v, o`, and with
+//! small validation run, whose freed memory is handed back to the kernel first: `attend::alloc::
+//! release_freed_memory`), `tensor_mb` the bytes of the tensors the call cannot do without (`q, k, v, o`, and with
 //! `--backward` also `do, dq, dk, dv`), `peak_rss_mb` the process's high-water mark (`VmHWM`). What an
 //! implementation needs beyond its inputs and outputs is `peak − baseline − tensors`. `page_faults_per_iter` counts
 //! the minor page faults of the timed passes: with glibc's default malloc, buffers of a few MB are mmapped and
@@ -213,40 +214,46 @@ fn attend_err(e: attend::Error) -> anyhow::Error {
     anyhow!(errors::attend(&e))
 }
 
-/// Seeded standard-normal inputs; with `--backward` q, k, v are variables and `do` is the upstream gradient.
+/// Seeded standard-normal inputs; with `--backward` q, k, v are variables.
 struct Inputs {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    dout: Option<Tensor>,
+}
+
+/// A seeded standard-normal tensor of the bench's dtype; a variable when `var`.
+fn generate(cfg: &Config, shape: (usize, usize, usize, usize), seed: u64, var: bool) -> Result<Tensor> {
+    let dev = Device::Cpu;
+    let x = normal_samples(shape.0 * shape.1 * shape.2 * shape.3, seed);
+    candle(match (cfg.dtype, var) {
+        // The vector becomes the variable's storage: no second copy, even for a moment.
+        (DtypeArg::F32, true) => Var::from_vec(x, shape, &dev).map(Var::into_inner),
+        (DtypeArg::F32, false) => Tensor::from_vec(x, shape, &dev),
+        (dt, var) => Tensor::from_vec(x, shape, &dev).and_then(|t| t.to_dtype(dt.dtype())).and_then(|t| {
+            if var {
+                Var::from_tensor(&t).map(Var::into_inner)
+            } else {
+                Ok(t)
+            }
+        }),
+    })
 }
 
 impl Inputs {
     fn new(cfg: &Config, seed: u64) -> Result<Self> {
-        let dev = Device::Cpu;
-        let gen = |shape: (usize, usize, usize, usize), seed: u64, var: bool| -> Result<Tensor> {
-            let n = shape.0 * shape.1 * shape.2 * shape.3;
-            let x = normal_samples(n, seed);
-            candle(match (cfg.dtype, var) {
-                // The vector becomes the variable's storage: no second copy, even for a moment.
-                (DtypeArg::F32, true) => Var::from_vec(x, shape, &dev).map(Var::into_inner),
-                (DtypeArg::F32, false) => Tensor::from_vec(x, shape, &dev),
-                (dt, var) => Tensor::from_vec(x, shape, &dev).and_then(|t| t.to_dtype(dt.dtype())).and_then(|t| {
-                    if var {
-                        Var::from_tensor(&t).map(Var::into_inner)
-                    } else {
-                        Ok(t)
-                    }
-                }),
-            })
-        };
         let var = cfg.backward;
         Ok(Inputs {
-            q: gen((cfg.b, cfg.h, cfg.t, cfg.d), seed, var)?,       // (B, H, T, D)
-            k: gen((cfg.b, cfg.hkv, cfg.s, cfg.d), seed + 1, var)?, // (B, Hkv, S, D)
-            v: gen((cfg.b, cfg.hkv, cfg.s, cfg.d), seed + 2, var)?, // (B, Hkv, S, D)
-            dout: if cfg.backward { Some(gen((cfg.b, cfg.h, cfg.t, cfg.d), seed + 3, false)?) } else { None }, // (B, H, T, D)
+            q: generate(cfg, (cfg.b, cfg.h, cfg.t, cfg.d), seed, var)?, // (B, H, T, D)
+            k: generate(cfg, (cfg.b, cfg.hkv, cfg.s, cfg.d), seed + 1, var)?, // (B, Hkv, S, D)
+            v: generate(cfg, (cfg.b, cfg.hkv, cfg.s, cfg.d), seed + 2, var)?, // (B, Hkv, S, D)
         })
+    }
+
+    /// The upstream gradient `do` (B, H, T, D) with `--backward`. A pass consumes it: the loss hands it to the
+    /// gradient store, which keeps its own copy, so the timed loop makes a fresh one (untimed) for every pass and
+    /// only one tensor of its size lives through the backward, as in a network, where nobody holds `do`.
+    fn upstream(cfg: &Config, seed: u64) -> Result<Option<Tensor>> {
+        cfg.backward.then(|| generate(cfg, (cfg.b, cfg.h, cfg.t, cfg.d), seed + 3, false)).transpose()
     }
 }
 
@@ -257,10 +264,10 @@ struct Pass {
 }
 
 /// One iteration: forward, and with `do` the loss `Σ o ⊙ do` and its backward (graph construction included).
-fn pass(x: &Inputs, mask: &Mask, opts: &AttentionOptions) -> Result<Pass> {
+fn pass(x: &Inputs, dout: Option<Tensor>, mask: &Mask, opts: &AttentionOptions) -> Result<Pass> {
     let out = attention_with(&x.q, &x.k, &x.v, mask, opts).map_err(attend_err)?.out; // (B, H, T, D)
-    let Some(dout) = &x.dout else { return Ok(Pass { out, grads: None }) };
-    let loss = candle((&out * dout).and_then(|p| p.sum_all()))?;
+    let Some(dout) = dout else { return Ok(Pass { out, grads: None }) };
+    let loss = attend::ops::vjp_loss(&out, dout).map_err(attend_err)?;
     let store = candle(loss.backward())?;
     let grad = |t: &Tensor, name: &str| -> Result<Tensor> {
         store.get(t).cloned().ok_or_else(|| anyhow!("backward produced no gradient for {name}"))
@@ -302,8 +309,9 @@ fn validate(cfg: &Config) -> Result<Validation> {
     let g = cfg.h / cfg.hkv;
     let slice = Config { b: 1, h: g, hkv: 1, ..*cfg };
     let x = Inputs::new(&slice, 101)?;
+    let dout = Inputs::upstream(&slice, 101)?;
     let mask = slice.mask();
-    let got = pass(&x, &mask, &slice.options())?;
+    let got = pass(&x, dout.clone(), &mask, &slice.options())?;
     // f32: different summation orders; bf16: outputs and gradients are rounded to 8 significant bits.
     let (atol, rtol) = match cfg.dtype {
         DtypeArg::F32 => (1e-4, 1e-3),
@@ -323,7 +331,7 @@ fn validate(cfg: &Config) -> Result<Validation> {
     };
     let mut max_abs_diff = 0f64;
     if g * slice.t * slice.s > REFERENCE_SCORES {
-        let (worst, ok, name) = sampled_rows(&slice, &x, &got, atol, rtol)?;
+        let (worst, ok, name) = sampled_rows(&slice, &x, dout.as_ref(), &got, atol, rtol)?;
         if !ok {
             return Err(fail(name, worst));
         }
@@ -333,14 +341,10 @@ fn validate(cfg: &Config) -> Result<Validation> {
         let t = candle(t.detach().to_dtype(DType::F32))?;
         Ok(if slice.backward { candle(Var::from_tensor(&t))?.into_inner() } else { t })
     };
-    let oracle_in = Inputs {
-        q: leaf(&x.q)?,
-        k: leaf(&x.k)?,
-        v: leaf(&x.v)?,
-        dout: x.dout.as_ref().map(|t| candle(t.to_dtype(DType::F32))).transpose()?,
-    };
+    let oracle_in = Inputs { q: leaf(&x.q)?, k: leaf(&x.k)?, v: leaf(&x.v)? };
+    let oracle_dout = dout.as_ref().map(|t| candle(t.to_dtype(DType::F32))).transpose()?;
     let reference = AttentionOptions { implementation: AttentionImpl::Reference, ..Default::default() };
-    let want = pass(&oracle_in, &mask, &reference)?;
+    let want = pass(&oracle_in, oracle_dout, &mask, &reference)?;
     let mut pairs = vec![("o", &got.out, &want.out)];
     if let (Some(g), Some(w)) = (&got.grads, &want.grads) {
         pairs.extend([("dq", &g[0], &w[0]), ("dk", &g[1], &w[1]), ("dv", &g[2], &w[2])]);
@@ -358,12 +362,19 @@ fn validate(cfg: &Config) -> Result<Validation> {
 /// Output and (with a backward) dQ of 64 query rows per head, spread over T, against float64 computed here:
 /// `s_j = scale·q·k_j` over visible keys, `p = softmax(s)`, `o = Σ p_j v_j`, `dq = scale·Σ p_j (dO·v_j − Δ) k_j`.
 /// Returns the largest difference, whether all are within tolerance, and the tensor of the worst.
-fn sampled_rows(c: &Config, x: &Inputs, got: &Pass, atol: f64, rtol: f64) -> Result<(f64, bool, &'static str)> {
+fn sampled_rows(
+    c: &Config,
+    x: &Inputs,
+    dout: Option<&Tensor>,
+    got: &Pass,
+    atol: f64,
+    rtol: f64,
+) -> Result<(f64, bool, &'static str)> {
     let host = |t: &Tensor| -> Result<Vec<f64>> {
         candle(t.detach().to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()))
     };
     let (q, k, v) = (host(&x.q)?, host(&x.k)?, host(&x.v)?);
-    let dout = x.dout.as_ref().map(host).transpose()?;
+    let dout = dout.map(host).transpose()?;
     let out = host(&got.out)?;
     let dq = got.grads.as_ref().map(|g| host(&g[0])).transpose()?;
     let (t, s, d) = (c.t, c.s, c.d);
@@ -452,7 +463,9 @@ pub fn run(args: BenchAttentionArgs) -> Result<()> {
     check_memory(&cfg)?;
     let validation = validate(&cfg)?;
 
-    // 3. Inputs, once; the baseline is taken just before they exist.
+    // 3. Inputs, once; the baseline is taken just before they exist, with the validation's freed memory handed
+    //    back so that the passes cannot hide in it.
+    attend::alloc::release_freed_memory();
     let baseline_rss_mb = rss_mb();
     let inputs = Inputs::new(&cfg, 1)?;
     let (mask, opts) = (cfg.mask(), cfg.options());
@@ -462,9 +475,10 @@ pub fn run(args: BenchAttentionArgs) -> Result<()> {
     let mut ms = Vec::with_capacity(args.iters);
     let mut faults = 0u64;
     for i in 0..args.warmup + args.iters {
+        let dout = Inputs::upstream(&cfg, 1)?;
         let faults_before = minor_faults();
         let start = Instant::now();
-        let p = pass(&inputs, &mask, &opts)?;
+        let p = pass(&inputs, dout, &mask, &opts)?;
         let took = start.elapsed();
         if i >= args.warmup {
             ms.push(took.as_secs_f64() * 1e3);
