@@ -8,12 +8,14 @@
 use rayon::prelude::*;
 
 use crate::flash::simd::{per_isa, Isa, Simd};
+use crate::flash::SyncPtr;
 
 /// The most rows of `x` this path takes; beyond it a matrix product's packing pays for itself.
 pub const MAX_ROWS: usize = 4;
 
-/// Output columns per task: enough to stream ~256 KiB of weights per task at `K = 768`.
-const COLUMNS_PER_TASK: usize = 96;
+/// Weight bytes per task: small enough that every product (down to GPT-2's 768 × 768) splits into dozens of tasks
+/// for the threads to balance, large enough that a task's overhead (~1 µs) is noise beside streaming it.
+const TASK_BYTES: usize = 96 << 10;
 
 /// `y (R, N) = x (R, K) · w (N, K)ᵀ + bias`; `R ≤ MAX_ROWS`.
 ///
@@ -27,37 +29,32 @@ pub fn skinny_linear(x: &[f32], r: usize, k: usize, w: &[f32], n: usize, bias: O
         return;
     }
     let isa = Isa::detect();
-    let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLUMNS_PER_TASK))
-        .into_par_iter()
-        .map(|t| {
-            let (j0, j1) = (t * COLUMNS_PER_TASK, ((t + 1) * COLUMNS_PER_TASK).min(n));
-            let mut out = vec![0f32; r * (j1 - j0)]; // (R, j1 − j0)
-                                                     // SAFETY: `isa` is detected; x holds r × k, the weight rows (j1 − j0) × k, out r × (j1 − j0).
-            unsafe { dots_isa(isa, x, r, k, &w[j0 * k..j1 * k], &mut out) };
-            (j0, out)
-        })
-        .collect();
-    for (j0, out) in tasks {
-        let m = out.len() / r;
-        for row in 0..r {
-            let dst = &mut y[row * n + j0..row * n + j0 + m];
-            dst.copy_from_slice(&out[row * m..(row + 1) * m]);
-            if let Some(b) = bias {
-                dst.iter_mut().zip(&b[j0..j0 + m]).for_each(|(v, &bi)| *v += bi);
+    let columns = (TASK_BYTES / (4 * k.max(1))).clamp(1, n);
+    let out = SyncPtr(y.as_mut_ptr());
+    (0..n.div_ceil(columns)).into_par_iter().for_each(|t| {
+        let (j0, j1) = (t * columns, ((t + 1) * columns).min(n));
+        // SAFETY: `isa` is detected; x holds r × k, the weight rows (j1 − j0) × k; this task alone writes the
+        // columns j0..j1 of every row of y (r × n).
+        unsafe { dots_isa(isa, x, r, k, &w[j0 * k..j1 * k], out.get().add(j0), n) };
+        if let Some(b) = bias {
+            for row in 0..r {
+                // SAFETY: as above, columns j0..j1 of row `row`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(row * n + j0), j1 - j0) };
+                dst.iter_mut().zip(&b[j0..j1]).for_each(|(v, &bi)| *v += bi);
             }
         }
-    }
+    });
 }
 
 per_isa!(
-    /// `out (r, m) = x (r, k) · ws (m, k)ᵀ` with each weight row loaded once.
+    /// `out[row · ld + j] = x (r, k) · ws (m, k)ᵀ` with each weight row loaded once.
     dots_isa,
     dots,
-    (x: &[f32], r: usize, k: usize, ws: &[f32], out: &mut [f32])
+    (x: &[f32], r: usize, k: usize, ws: &[f32], out: *mut f32, ld: usize)
 );
 
 #[inline(always)]
-unsafe fn dots<S: Simd>(x: &[f32], r: usize, k: usize, ws: &[f32], out: &mut [f32]) {
+unsafe fn dots<S: Simd>(x: &[f32], r: usize, k: usize, ws: &[f32], out: *mut f32, ld: usize) {
     let m = ws.len() / k.max(1);
     let step = 2 * S::LANES;
     let main = k / step * step;
@@ -80,7 +77,7 @@ unsafe fn dots<S: Simd>(x: &[f32], r: usize, k: usize, ws: &[f32], out: &mut [f3
             for t in main..k {
                 s += x[row * k + t] * *wr.add(t);
             }
-            out[row * m + j] = s;
+            *out.add(row * ld + j) = s;
         }
     }
 }
@@ -110,15 +107,12 @@ mod tests {
             let want = reference(&x, r, k, &w, n, &b);
             for isa in Isa::available() {
                 let mut got = vec![0f32; r * n];
-                for (j0, chunk) in (0..n).step_by(COLUMNS_PER_TASK).map(|j0| (j0, (j0 + COLUMNS_PER_TASK).min(n))) {
-                    let mut out = vec![0f32; r * (chunk - j0)];
-                    unsafe { dots_isa(isa, &x, r, k, &w[j0 * k..chunk * k], &mut out) };
-                    for row in 0..r {
-                        for (c, v) in out[row * (chunk - j0)..(row + 1) * (chunk - j0)].iter().enumerate() {
-                            got[row * n + j0 + c] = v + b[j0 + c];
-                        }
-                    }
+                // Column blocks of 7 (awkward on purpose), each written in place at stride n.
+                for j0 in (0..n).step_by(7) {
+                    let j1 = (j0 + 7).min(n);
+                    unsafe { dots_isa(isa, &x, r, k, &w[j0 * k..j1 * k], got.as_mut_ptr().add(j0), n) };
                 }
+                got.iter_mut().enumerate().for_each(|(i, g)| *g += b[i % n]);
                 let mut full = vec![0f32; r * n];
                 skinny_linear(&x, r, k, &w, n, Some(&b), &mut full);
                 for (i, (&g, &wv)) in got.iter().zip(&want).enumerate() {

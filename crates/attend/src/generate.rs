@@ -38,7 +38,7 @@ use crate::{ensure, Result};
 
 /// A decoder-only language model that extends a batch by one column with a cache.
 pub trait CausalLm {
-    type Cache;
+    type Cache: Send;
     /// An empty cache.
     fn new_cache(&self) -> Self::Cache;
     /// The longest sequence (prompt and new tokens) the model can hold.
@@ -125,7 +125,7 @@ pub struct Generation {
 /// # Errors
 /// An empty prompt, a token outside the vocabulary, a prompt plus `max_new_tokens` longer than the model's context,
 /// sampling settings out of range (temperature ≤ 0, top-p outside (0, 1], top-k = 0, penalty ≤ 0).
-pub fn generate<M: CausalLm>(
+pub fn generate<M: CausalLm + Sync>(
     model: &M,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
@@ -175,7 +175,9 @@ pub fn generate<M: CausalLm>(
 
     for step in 0..cfg.max_new_tokens {
         let mask_t = Tensor::from_vec(mask_all.clone(), (b, s), &dev)?;
-        let logits = model.next_logits(&step_ids, &mask_t, &step_pos, &mut cache)?; // (B, V)
+        // On a worker of rayon's pool: the step's parallel products then share their work with this thread instead
+        // of waking the pool and sleeping on a latch, ~50 times per token (BENCHMARKS.md, decoding).
+        let logits = rayon::scope(|_| model.next_logits(&step_ids, &mask_t, &step_pos, &mut cache))?; // (B, V)
         let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let mut chosen = Vec::with_capacity(b);
         for (r, mut row) in logits.into_iter().enumerate() {
@@ -260,7 +262,9 @@ pub fn generate_seq2seq(
     let mut last = vec![mc.decoder_start_token_id; b];
     let mut out: Vec<Generation> = vec![Generation { tokens: Vec::new(), stopped: false }; b];
     for step in 0..cfg.max_new_tokens {
-        let logits = model.decode_step(&Tensor::from_slice(&last, b, &dev)?, &mut state)?; // (B, V)
+        let step_ids = Tensor::from_slice(&last, b, &dev)?;
+        // On a worker of rayon's pool, as in `generate`.
+        let logits = rayon::scope(|_| model.decode_step(&step_ids, &mut state))?; // (B, V)
         let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         for (r, mut row) in logits.into_iter().enumerate() {
             if out[r].stopped {

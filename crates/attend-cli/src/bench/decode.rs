@@ -3,8 +3,11 @@
 //! `generate`).
 //!
 //! Batch-1 decoding reads every weight once per token, so its limit is memory bandwidth, not FLOPs. The bench
-//! measures that limit on the spot: the best of several timed reads of a buffer four times the size of the weights
-//! (too big for any cache), summed by all threads; `bandwidth_limit_tokens_per_s` = bandwidth / weight bytes.
+//! measures that limit on the spot, just before every pass (untimed), because a shared machine's bandwidth drifts
+//! by tens of percent within minutes: the best of three timed reads of a buffer four times the size of the weights
+//! (too big for any cache), summed by all threads. `read_bandwidth_gb_s` is the median of those measurements (their
+//! range beside it), `bandwidth_limit_tokens_per_s` = bandwidth / weight bytes, and
+//! `fraction_of_bandwidth_limit` compares the median pass with the median bandwidth.
 
 use std::time::Instant;
 
@@ -17,7 +20,7 @@ use clap::Args;
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::{available_threads, configure_threads, cpu_json, inference_weights, peak_rss_mb, time_passes};
+use super::{available_threads, configure_threads, cpu_json, inference_weights, peak_rss_mb, time_passes_after};
 
 #[derive(Debug, Args)]
 pub struct BenchDecodeArgs {
@@ -37,10 +40,8 @@ pub struct BenchDecodeArgs {
     json: bool,
 }
 
-/// Read bandwidth in bytes/s: the best of `rounds` parallel sums over `bytes` of f32.
-fn read_bandwidth(bytes: usize, rounds: usize) -> f64 {
-    let n = bytes / 4;
-    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+/// Read bandwidth in bytes/s: the best of `rounds` parallel sums over `buf`.
+fn read_bandwidth(buf: &[f32], rounds: usize) -> f64 {
     let mut best = f64::INFINITY;
     let mut sink = 0.0f32;
     for _ in 0..rounds {
@@ -59,7 +60,7 @@ fn read_bandwidth(bytes: usize, rounds: usize) -> f64 {
         best = best.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink);
-    bytes as f64 / best
+    std::mem::size_of_val(buf) as f64 / best
 }
 
 pub fn run(args: BenchDecodeArgs) -> Result<()> {
@@ -82,11 +83,22 @@ pub fn run(args: BenchDecodeArgs) -> Result<()> {
     let weight_bytes = params * 4;
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 13) % 50257).collect();
     let gen_cfg = GenerateConfig { max_new_tokens: args.new_tokens, ..Default::default() };
-    let times = time_passes("bench decode", args.warmup, args.iters, || {
-        generate(&gpt, &[prompt.clone()], &gen_cfg, |_, _| {}).map(drop).map_err(|e| anyhow!("{e}"))
-    })?;
+    let probe: Vec<f32> = (0..weight_bytes).map(|i| (i % 7) as f32).collect(); // 4 × the weights' bytes
+    let mut bandwidths = Vec::new();
+    let times = time_passes_after(
+        "bench decode",
+        args.warmup,
+        args.iters,
+        || {
+            bandwidths.push(read_bandwidth(&probe, 3));
+            Ok(())
+        },
+        || generate(&gpt, &[prompt.clone()], &gen_cfg, |_, _| {}).map(drop).map_err(|e| anyhow!("{e}")),
+    )?;
+    drop(probe);
+    bandwidths.sort_by(f64::total_cmp);
+    let bandwidth = bandwidths[bandwidths.len() / 2];
     let tokens_per_s = args.new_tokens as f64 / times.median * 1e3;
-    let bandwidth = read_bandwidth(4 * weight_bytes, 5);
     let limit = bandwidth / weight_bytes as f64;
     if args.json {
         println!(
@@ -96,6 +108,7 @@ pub fn run(args: BenchDecodeArgs) -> Result<()> {
                 "new_tokens": args.new_tokens, "threads": threads, "cpu": cpu_json(),
                 "median_ms": times.median, "min_ms": times.min, "ms_per_token": times.median / args.new_tokens as f64,
                 "tokens_per_s": tokens_per_s, "read_bandwidth_gb_s": bandwidth / 1e9,
+                "read_bandwidth_gb_s_range": [bandwidths[0] / 1e9, bandwidths[bandwidths.len() - 1] / 1e9],
                 "bandwidth_limit_tokens_per_s": limit, "fraction_of_bandwidth_limit": tokens_per_s / limit,
                 "peak_rss_mb": peak_rss_mb(),
             })

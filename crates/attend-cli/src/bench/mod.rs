@@ -181,11 +181,24 @@ pub fn time_passes(
     label: &'static str,
     warmup: usize,
     iters: usize,
+    pass: impl FnMut() -> Result<()>,
+) -> Result<Times> {
+    time_passes_after(label, warmup, iters, || Ok(()), pass)
+}
+
+/// [`time_passes`] with `before` run (untimed) ahead of every pass: a measurement that must be taken under the
+/// same conditions as the pass it goes with.
+pub fn time_passes_after(
+    label: &'static str,
+    warmup: usize,
+    iters: usize,
+    mut before: impl FnMut() -> Result<()>,
     mut pass: impl FnMut() -> Result<()>,
 ) -> Result<Times> {
     let mut progress = Progress::new(label, warmup + iters);
     let mut ms = Vec::with_capacity(iters);
     for i in 0..warmup + iters {
+        before()?;
         let start = Instant::now();
         pass()?;
         let took = start.elapsed();
