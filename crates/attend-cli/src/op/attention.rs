@@ -184,7 +184,8 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     // 4. Backward of L = Σ o ⊙ do: dL/do = do, so the gradients are those of the forward pulled back from `do`.
     let mut outputs: Vec<(&str, Tensor)> = vec![("o", o.detach()), ("lse", lse.detach())];
     let mut backward_s = None;
-    if let Some(dout) = &dout {
+    let dout_dims = dout.as_ref().map(|t| t.dims().to_vec());
+    if let Some(dout) = dout {
         if dout.dims() != o.dims() {
             bail!(
                 "{source}: tensor `do` has shape {:?}, expected (B, H, T, Dv) = {:?}, the shape of o",
@@ -193,7 +194,8 @@ pub fn run(args: AttentionArgs) -> Result<()> {
             );
         }
         let start = Instant::now();
-        let loss = (&o * dout).and_then(|x| x.sum_all()).map_err(candle_fail)?;
+        // The loss owns `do` and hands it to the gradient store: one tensor of its size through the backward.
+        let loss = attend::ops::vjp_loss(&o, dout).map_err(|e| anyhow!("{source}: {e}"))?;
         let grads = loss.backward().map_err(candle_fail)?;
         backward_s = Some(start.elapsed().as_secs_f64());
         let grad_of = |x: &Tensor| -> Result<Tensor> {
@@ -229,10 +231,11 @@ pub fn run(args: AttentionArgs) -> Result<()> {
     if let Some(t) = &mask_tensor {
         inputs.push(("mask", t.tensor()));
     }
-    if let Some(t) = &dout {
-        inputs.push(("do", t));
+    let mut inputs: Vec<(String, Vec<usize>)> =
+        inputs.iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())).collect();
+    if let Some(dims) = dout_dims {
+        inputs.push(("do".to_string(), dims));
     }
-    let inputs: Vec<(String, Vec<usize>)> = inputs.iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())).collect();
     let stats: Vec<(&str, Vec<usize>, Stats)> = outputs
         .iter()
         .map(|(n, t)| Ok((*n, t.dims().to_vec(), Stats::of(t).map_err(candle_fail)?)))
