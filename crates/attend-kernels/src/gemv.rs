@@ -28,6 +28,13 @@ pub fn skinny_linear(x: &[f32], r: usize, k: usize, w: &[f32], n: usize, bias: O
     if r == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        // No weights to stream: every output is its bias (the tasks below would write nothing).
+        for row in y.chunks_exact_mut(n) {
+            row.iter_mut().enumerate().for_each(|(j, v)| *v = bias.map_or(0.0, |b| b[j]));
+        }
+        return;
+    }
     let isa = Isa::detect();
     let columns = (TASK_BYTES / (4 * k.max(1))).clamp(1, n);
     let out = SyncPtr(y.as_mut_ptr());
@@ -100,7 +107,7 @@ mod tests {
     #[test]
     fn every_isa_path_matches_the_f64_product_for_awkward_sizes() {
         let val = |i: usize, salt: usize| (((i * 2654435761 + salt * 40503) % 2001) as f32 - 1000.0) / 700.0;
-        for &(r, k, n) in &[(1, 768, 2304), (4, 37, 5), (3, 16, 97), (2, 1, 200), (1, 33, 1)] {
+        for &(r, k, n) in &[(1, 768, 2304), (4, 37, 5), (3, 16, 97), (2, 1, 200), (1, 33, 1), (2, 0, 3)] {
             let x: Vec<f32> = (0..r * k).map(|i| val(i, 1)).collect();
             let w: Vec<f32> = (0..n * k).map(|i| val(i, 2)).collect();
             let b: Vec<f32> = (0..n).map(|i| val(i, 3)).collect();
@@ -113,7 +120,7 @@ mod tests {
                     unsafe { dots_isa(isa, &x, r, k, &w[j0 * k..j1 * k], got.as_mut_ptr().add(j0), n) };
                 }
                 got.iter_mut().enumerate().for_each(|(i, g)| *g += b[i % n]);
-                let mut full = vec![0f32; r * n];
+                let mut full = vec![f32::NAN; r * n]; // every output must be written
                 skinny_linear(&x, r, k, &w, n, Some(&b), &mut full);
                 for (i, (&g, &wv)) in got.iter().zip(&want).enumerate() {
                     let tol = 1e-5 * (k as f64).sqrt() * (1.0 + wv.abs());

@@ -28,6 +28,18 @@ use crate::{Error, Result};
 /// # Shapes
 /// - `out`, `dout`: the same shape, any rank; the same float dtype (f32, f64, bf16 or f16).
 /// - returns: a scalar (rank 0) of that dtype.
+///
+/// # Example
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let x = Var::new(&[1f32, 2., 3.], &Device::Cpu)?;
+/// let out = x.as_tensor().sqr()?; // d out_i / d x_i = 2 x_i
+/// let dout = Tensor::new(&[1f32, 0., -1.], &Device::Cpu)?;
+/// let grads = attend::ops::vjp_loss(&out, dout)?.backward()?;
+/// let dx: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1()?; // 2 x ⊙ dout
+/// assert_eq!(dx, [2., 0., -6.]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn vjp_loss(out: &Tensor, dout: Tensor) -> Result<Tensor> {
     if out.dims() != dout.dims() {
         return Err(Error::invalid(
