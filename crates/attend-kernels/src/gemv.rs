@@ -36,7 +36,7 @@ pub fn skinny_linear(x: &[f32], r: usize, k: usize, w: &[f32], n: usize, bias: O
         return;
     }
     let isa = Isa::detect();
-    let columns = (TASK_BYTES / (4 * k.max(1))).clamp(1, n);
+    let columns = (TASK_BYTES / (4 * k)).clamp(1, n);
     let out = SyncPtr(y.as_mut_ptr());
     (0..n.div_ceil(columns)).into_par_iter().for_each(|t| {
         let (j0, j1) = (t * columns, ((t + 1) * columns).min(n));

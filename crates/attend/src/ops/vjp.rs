@@ -80,14 +80,8 @@ impl candle_core::CustomOp1 for VjpLoss {
         let sum = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => dot(contiguous(a, l1, "out")?, contiguous(b, l2, "dout")?),
             (CpuStorage::F64(a), CpuStorage::F64(b)) => dot(contiguous(a, l1, "out")?, contiguous(b, l2, "dout")?),
-            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
-                let (a, b) = (contiguous(a, l1, "out")?, contiguous(b, l2, "dout")?);
-                a.iter().zip(b).map(|(x, y)| x.to_f64() * y.to_f64()).sum()
-            }
-            (CpuStorage::F16(a), CpuStorage::F16(b)) => {
-                let (a, b) = (contiguous(a, l1, "out")?, contiguous(b, l2, "dout")?);
-                a.iter().zip(b).map(|(x, y)| x.to_f64() * y.to_f64()).sum()
-            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => dot(contiguous(a, l1, "out")?, contiguous(b, l2, "dout")?),
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => dot(contiguous(a, l1, "out")?, contiguous(b, l2, "dout")?),
             _ => candle_core::bail!("vjp-loss: unsupported dtypes {:?} and {:?}", s1.dtype(), s2.dtype()),
         };
         let scalar = match s1.dtype() {
