@@ -17,8 +17,11 @@
 //! | [`dropout`] | counter-based keep mask from `(seed, index)` | the same mask, regenerated |
 //! | [`rnn`] | LSTM and GRU cells: all gates of a step in one pass | recomputes the gates, one pass |
 //! | [`rnn_seq`] | LSTM and GRU over a whole sequence: per-step gemm + fused cell, lengths, reverse | reverse walk, one gemm per step, `dW_hh` in one gemm |
+//! | [`matmul`] | `C [+]= op(A)·op(B)`, transposes as strides (the `gemm` crate) | — (the products of a backward) |
+//! | [`adamw`] | AdamW on flat buffers, PyTorch's order of operations | — |
 //! | [`sparse`] | sparsemax and 1.5-entmax, exact thresholds by sorting | `dz = w ⊙ dp − (⟨w, dp⟩/Σw)·w`, `w` = support or `√p` |
 
+pub mod adamw;
 pub mod bias;
 pub mod cpu;
 pub mod cross_entropy;
@@ -27,6 +30,7 @@ pub mod flash;
 pub mod gelu;
 pub mod gemv;
 pub mod graph;
+pub mod matmul;
 pub mod norm;
 mod real;
 pub mod rng;

@@ -13,6 +13,7 @@
 pub mod bert;
 pub mod encoder_decoder;
 pub mod gpt;
+pub mod gpt_trainer;
 pub mod ram;
 pub mod seq2seq;
 pub mod vit;
