@@ -119,7 +119,8 @@ fn adamw_matches_candle_nn_with_decay_on_matrices_only_over_two_steps() {
             continue;
         }
         let got = as_tensor(trainer.param(name).unwrap(), var);
-        assert_close(&format!("{name} after two steps"), &got, var.as_tensor(), Tol { atol: 1e-5, rtol: 1e-4 });
+        // 1% of a step (lr = 0.01): where a gradient is near zero, Adam's g/√v amplifies the two sides' rounding.
+        assert_close(&format!("{name} after two steps"), &got, var.as_tensor(), Tol { atol: 1e-4, rtol: 1e-4 });
     }
 }
 
