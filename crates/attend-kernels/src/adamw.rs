@@ -39,8 +39,12 @@ pub fn adamw_step(hp: &AdamW, t: u64, params: &mut [f32], grads: &[f32], m: &mut
     let bc2_sqrt = (1.0 - hp.beta2.powi(t.min(i32::MAX as u64) as i32)).sqrt();
     let step = (hp.lr / bc1) as f32;
     let (inv_bc2_sqrt, eps) = ((1.0 / bc2_sqrt) as f32, hp.eps as f32);
-    params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).for_each(
-        |(((p, g), m), v)| {
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
             for i in 0..p.len() {
                 let gi = g[i];
                 let mi = b1 * m[i] + (1.0 - b1) * gi;
@@ -49,8 +53,7 @@ pub fn adamw_step(hp: &AdamW, t: u64, params: &mut [f32], grads: &[f32], m: &mut
                 v[i] = vi;
                 p[i] = p[i] * decay - step * mi / (vi.sqrt() * inv_bc2_sqrt + eps);
             }
-        },
-    );
+        });
 }
 
 #[cfg(test)]
@@ -76,7 +79,8 @@ mod tests {
         let hp = AdamW { lr: 0.05, weight_decay: 0.1, ..Default::default() };
         let n = 40_000; // more than one chunk
         let theta0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).cos()).collect();
-        let grads: Vec<Vec<f32>> = (0..3).map(|s| (0..n).map(|i| ((i * (s + 3)) as f32 * 0.013).sin()).collect()).collect();
+        let grads: Vec<Vec<f32>> =
+            (0..3).map(|s| (0..n).map(|i| ((i * (s + 3)) as f32 * 0.013).sin()).collect()).collect();
         let (mut p, mut m, mut v) = (theta0.clone(), vec![0f32; n], vec![0f32; n]);
         for (s, g) in grads.iter().enumerate() {
             adamw_step(&hp, s as u64 + 1, &mut p, g, &mut m, &mut v);

@@ -4,6 +4,8 @@
 //! Hand-written backward passes need the three products of a linear layer without copies: `y = x Wᵀ`,
 //! `dx = dy W`, `dW += dyᵀ x`. Each is one call here, the transposes expressed as strides.
 
+use rayon::prelude::*;
+
 /// A row-major matrix `(rows, cols)` in `data`, read as itself or as its transpose.
 #[derive(Clone, Copy, Debug)]
 pub struct Mat<'a> {
@@ -54,7 +56,10 @@ pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     let (m, k) = a.shape();
     let (kb, n) = b.shape();
     assert_eq!(k, kb, "matmul: inner dimensions {k} and {kb} differ");
-    assert!(a.data.len() >= a.rows * a.cols && b.data.len() >= b.rows * b.cols, "matmul: operand shorter than its shape");
+    assert!(
+        a.data.len() >= a.rows * a.cols && b.data.len() >= b.rows * b.cols,
+        "matmul: operand shorter than its shape"
+    );
     assert_eq!(c.len(), m * n, "matmul: output has {} elements, not {m}·{n}", c.len());
     if m == 0 || n == 0 {
         return;
@@ -68,30 +73,63 @@ pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     let (a_rs, a_cs) = a.strides();
     let (b_rs, b_cs) = b.strides();
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above bound every index the strides reach: a (m, k), b (k, n), c (m, n).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
+    let pieces = if threads > 1 && m * n * k >= SPLIT_WORK { threads } else { 1 };
+    // The gemm crate's own threading splits the output's columns after it transposes a row-major product, so a
+    // product whose output has few columns (dX and y of a width-C layer) ran on one thread: split the output
+    // ourselves along its longer side, one single-threaded product per piece (each re-packs the shared operand,
+    // O(K·N) against O(M·K·N / pieces) of arithmetic).
+    let along_rows = m >= n;
+    let len = if along_rows { m } else { n };
+    let step = len.div_ceil(pieces).next_multiple_of(16).min(len);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    let one = |start: usize| {
+        let span = step.min(len - start);
+        let (pm, pn) = if along_rows { (span, n) } else { (m, span) };
+        // SAFETY: the asserts above bound every index the strides reach: a (m, k), b (k, n), c (m, n); pieces
+        // write disjoint rows (or columns) of c.
+        unsafe {
+            let (a_off, b_off, c_off) =
+                if along_rows { (start as isize * a_rs, 0, start * n) } else { (0, start as isize * b_cs, start) };
+            gemm::gemm(
+                pm,
+                pn,
+                k,
+                c_ptr.get().add(c_off),
+                1,
+                n as isize,
+                accumulate,
+                a.data.as_ptr().offset(a_off),
+                a_cs,
+                a_rs,
+                b.data.as_ptr().offset(b_off),
+                b_cs,
+                b_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if step >= len {
+        one(0);
+    } else {
+        (0..len).step_by(step).collect::<Vec<_>>().into_par_iter().for_each(one);
+    }
+}
+
+/// Products smaller than this many multiply-adds run on one thread.
+const SPLIT_WORK: usize = 1 << 18;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -119,7 +157,20 @@ mod tests {
 
     #[test]
     fn every_transpose_matches_the_naive_product_and_accumulates() {
-        let (m, k, n) = (37, 19, 23);
+        check_shape(37, 19, 23);
+    }
+
+    #[test]
+    fn products_split_over_threads_along_rows_or_columns_match_too() {
+        // Above SPLIT_WORK; three threads make uneven pieces; m > n splits rows, m < n columns.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (m, k, n) in [(150, 40, 70), (70, 40, 150), (97, 60, 97)] {
+            assert!(m * n * k >= SPLIT_WORK);
+            pool.install(|| check_shape(m, k, n));
+        }
+    }
+
+    fn check_shape(m: usize, k: usize, n: usize) {
         let fill = |len: usize, s: f32| (0..len).map(|i| (i as f32 * s).sin()).collect::<Vec<_>>();
         let (a_store, b_store) = (fill(m * k, 0.37), fill(k * n, 0.91));
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {

@@ -44,9 +44,8 @@ fn model(cfg: &GptConfig, seed: u64) -> (Gpt, VarMap) {
 /// `(ids, targets)`, row-major `(B, T)`; a few targets ignored.
 fn batch(seed: usize) -> (Vec<u32>, Vec<i64>) {
     let ids: Vec<u32> = (0..B * T).map(|i| ((i * 17 + seed * 5 + i * i) % V) as u32).collect();
-    let targets = (0..B * T)
-        .map(|i| if (i + seed) % 7 == 3 { IGNORE_INDEX } else { ((i * 11 + seed * 3) % V) as i64 })
-        .collect();
+    let targets =
+        (0..B * T).map(|i| if (i + seed) % 7 == 3 { IGNORE_INDEX } else { ((i * 11 + seed * 3) % V) as i64 }).collect();
     (ids, targets)
 }
 
@@ -139,7 +138,12 @@ fn gradients_accumulate_over_micro_batches_and_write_to_hands_the_weights_back()
     };
     let (ga, gb, gab) = (grad_of(&mut trainer, &[&a]), grad_of(&mut trainer, &[&b]), grad_of(&mut trainer, &[&a, &b]));
     for i in 0..ga.len() {
-        assert!((gab[i] - (ga[i] + gb[i])).abs() <= 1e-6 + 1e-5 * gab[i].abs(), "element {i}: {} vs {}", gab[i], ga[i] + gb[i]);
+        assert!(
+            (gab[i] - (ga[i] + gb[i])).abs() <= 1e-6 + 1e-5 * gab[i].abs(),
+            "element {i}: {} vs {}",
+            gab[i],
+            ga[i] + gb[i]
+        );
     }
     // A few steps, then the autograd model sees the trained weights: the same loss as the trainer's forward.
     for _ in 0..3 {

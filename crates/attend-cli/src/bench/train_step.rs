@@ -8,12 +8,16 @@
 //!
 //! Like the anchor's model: pre-norm, exact GELU, biases, tied output embedding, no dropout; AdamW with lr 1e-3 and
 //! PyTorch's defaults (β = (0.9, 0.999), ε = 1e-8, weight decay 0.01).
+//!
+//! `--path fused` (the default) runs [`GptTrainer`], the step written out without autograd; `--path autograd` runs
+//! the same model through candle's backward and candle-nn's AdamW, the reference the fused step is tested against.
 
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use attend::layers::feed_forward::Activation;
 use attend::models::gpt::{Gpt, GptConfig, GptInput};
+use attend::models::gpt_trainer::GptTrainer;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::{Args, ValueEnum};
@@ -27,10 +31,19 @@ pub enum Preset {
     Char,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StepPath {
+    Fused,
+    Autograd,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchTrainStepArgs {
     #[arg(long, value_enum, default_value_t = Preset::Cpu)]
     preset: Preset,
+    /// The fused step (`GptTrainer`) or the model through candle's autograd.
+    #[arg(long, value_enum, default_value_t = StepPath::Fused)]
+    path: StepPath,
     #[arg(long)]
     threads: Option<usize>,
     #[arg(long, default_value_t = 2)]
@@ -64,7 +77,25 @@ pub fn run(args: BenchTrainStepArgs) -> Result<()> {
     let mut last_loss = f32::NAN;
     // Per phase, to see where a step goes: forward (with the loss), backward, optimiser.
     let mut phases: Vec<[f64; 3]> = Vec::new();
+    let mut fused = match args.path {
+        StepPath::Fused => Some(GptTrainer::new(&cfg, &vm, batch, block).map_err(|e| anyhow!("{e}"))?),
+        StepPath::Autograd => None,
+    };
+    let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
+    let targets: Vec<i64> = y.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+    let hp = attend_kernels::adamw::AdamW::default();
     let times = time_passes("bench train-step", args.warmup, args.iters, || {
+        if let Some(tr) = fused.as_mut() {
+            // The fused step's forward and backward are one call; the phases split it at the optimiser only.
+            let t0 = Instant::now();
+            tr.zero_grad();
+            last_loss = tr.forward_backward(&ids, &targets).map_err(|e| anyhow!("{e}"))?;
+            let t2 = Instant::now();
+            tr.step(&hp);
+            let t3 = Instant::now();
+            phases.push([f64::NAN, (t2 - t0).as_secs_f64() * 1e3, (t3 - t2).as_secs_f64() * 1e3]);
+            return Ok(());
+        }
         let t0 = Instant::now();
         let logits = gpt.forward(&GptInput::new(&x), None).map_err(|e| anyhow!("{e}"))?; // (B, T, V)
         let loss = attend::ops::cross_entropy(
@@ -94,20 +125,26 @@ pub fn run(args: BenchTrainStepArgs) -> Result<()> {
     }
     let tokens_per_s = (batch * block) as f64 / times.median * 1e3;
     let preset = if args.preset == Preset::Cpu { "cpu" } else { "char" };
+    let path = if args.path == StepPath::Fused { "fused" } else { "autograd" };
+    let phases = if fwd.is_nan() {
+        format!("forward+backward {bwd:.2} ms, AdamW {optim:.2} ms")
+    } else {
+        format!("forward {fwd:.2} ms, backward {bwd:.2} ms, AdamW {optim:.2} ms")
+    };
     if args.json {
         println!(
             "{}",
             json!({
-                "bench": "train_step", "config": preset, "params": params, "threads": threads, "cpu": cpu_json(),
+                "bench": "train_step", "config": preset, "path": path, "params": params, "threads": threads, "cpu": cpu_json(),
                 "median_ms": times.median, "min_ms": times.min, "p90_ms": times.p90, "tokens_per_s": tokens_per_s,
-                "forward_ms": fwd, "backward_ms": bwd, "optimizer_ms": optim,
+                "forward_ms": (!fwd.is_nan()).then_some(fwd), "backward_ms": bwd, "optimizer_ms": optim,
                 "loss": last_loss, "peak_rss_mb": peak_rss_mb(),
             })
         );
     } else {
         println!(
-            "attend bench train-step {preset}: {layers} layers, {heads} heads, C {c}, block {block}, batch {batch} ({:.2}M parameters)\n  time    median {:.2} ms (min {:.2}, p90 {:.2})\n  rate    {:.0} tokens/s\n  phases  forward {:.2} ms, backward {:.2} ms, AdamW {:.2} ms",
-            params as f64 / 1e6, times.median, times.min, times.p90, tokens_per_s, fwd, bwd, optim
+            "attend bench train-step {preset} ({path}): {layers} layers, {heads} heads, C {c}, block {block}, batch {batch} ({:.2}M parameters)\n  time    median {:.2} ms (min {:.2}, p90 {:.2})\n  rate    {:.0} tokens/s\n  phases  {phases}",
+            params as f64 / 1e6, times.median, times.min, times.p90, tokens_per_s
         );
     }
     Ok(())

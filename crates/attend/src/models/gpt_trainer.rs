@@ -296,9 +296,19 @@ fn check_config(cfg: &GptConfig) -> Result<()> {
     if !matches!(cfg.activation, Activation::Gelu | Activation::GeluTanh) {
         return refuse("activation", format!("{:?} (GELU, exact or tanh, is)", cfg.activation));
     }
-    ensure!(cfg.n_heads > 0 && cfg.d_model % cfg.n_heads == 0, OP, "d_model = {} is not a multiple of n_heads = {}", cfg.d_model, cfg.n_heads);
+    ensure!(
+        cfg.n_heads > 0 && cfg.d_model % cfg.n_heads == 0,
+        OP,
+        "d_model = {} is not a multiple of n_heads = {}",
+        cfg.d_model,
+        cfg.n_heads
+    );
     let d = cfg.d_model / cfg.n_heads;
-    ensure!(d % QUANTUM == 0, OP, "head dim D = d_model / n_heads = {d} must be a multiple of {QUANTUM} for the fused attention kernels");
+    ensure!(
+        d % QUANTUM == 0,
+        OP,
+        "head dim D = d_model / n_heads = {d} must be a multiple of {QUANTUM} for the fused attention kernels"
+    );
     Ok(())
 }
 
@@ -433,11 +443,18 @@ impl GptTrainer {
     fn check_batch(&self, ids: &[u32], targets: &[i64]) -> Result<usize> {
         let Dims { b, t, v, .. } = self.dims;
         ensure!(ids.len() == b * t, OP, "ids hold {} values; this trainer takes (B, T) = ({b}, {t})", ids.len());
-        ensure!(targets.len() == b * t, OP, "targets hold {} values; this trainer takes (B, T) = ({b}, {t})", targets.len());
+        ensure!(
+            targets.len() == b * t,
+            OP,
+            "targets hold {} values; this trainer takes (B, T) = ({b}, {t})",
+            targets.len()
+        );
         if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
             bail!(OP, "ids[{i}] = {id} is not below vocab_size = {v}");
         }
-        if let Some((i, &y)) = targets.iter().enumerate().find(|(_, &y)| y != IGNORE_INDEX && !(0..v as i64).contains(&y)) {
+        if let Some((i, &y)) =
+            targets.iter().enumerate().find(|(_, &y)| y != IGNORE_INDEX && !(0..v as i64).contains(&y))
+        {
             bail!(OP, "targets[{i}] = {y} is neither in 0..{v} nor the ignore index {IGNORE_INDEX}");
         }
         Ok(targets.iter().filter(|&&y| y != IGNORE_INDEX).count())
@@ -479,7 +496,14 @@ impl GptTrainer {
         for s in &self.slots {
             let r = s.offset..s.offset + s.len();
             let hp = AdamW { weight_decay: if s.shape.len() >= 2 { hp.weight_decay } else { 0.0 }, ..*hp };
-            adamw_step(&hp, t, &mut self.params[r.clone()], &self.grads[r.clone()], &mut self.m[r.clone()], &mut self.v[r]);
+            adamw_step(
+                &hp,
+                t,
+                &mut self.params[r.clone()],
+                &self.grads[r.clone()],
+                &mut self.m[r.clone()],
+                &mut self.v[r],
+            );
         }
     }
 
@@ -556,7 +580,12 @@ impl GptTrainer {
             // m = x + o W_oᵀ + b_o, the product accumulated onto the residual
             acts.mid.copy_from_slice(x);
             add_bias_rows(&mut acts.mid, &p[la.proj_b..la.proj_b + c]);
-            matmul(&mut acts.mid, Mat::new(&acts.atty, n, c), Mat::new(&p[la.proj_w..la.proj_w + c * c], c, c).t(), true);
+            matmul(
+                &mut acts.mid,
+                Mat::new(&acts.atty, n, c),
+                Mat::new(&p[la.proj_w..la.proj_w + c * c], c, c).t(),
+                true,
+            );
             layer_norm(&acts.mid, &p[la.ln2_w..la.ln2_w + c], &p[la.ln2_b..la.ln2_b + c], &mut acts.ln2, eps);
             matmul(&mut acts.fch, Mat::new(&acts.ln2, n, c), Mat::new(&p[la.fc_w..la.fc_w + f * c], f, c).t(), false);
             add_bias_rows(&mut acts.fch, &p[la.fc_b..la.fc_b + f]);
@@ -598,7 +627,7 @@ impl GptTrainer {
             add_column_sums(&s.dfch, &mut g[la.fc_b..la.fc_b + f]);
             norm_grad(&acts.mid, p, g, (la.ln2_w, la.ln2_b), &s.dln, &mut s.dtmp, &mut s.dw, c, eps);
             add_assign(&mut s.dres, &s.dtmp); // now d m
-            // m = x_l + attention(LN₁(x_l)) W_oᵀ + b_o
+                                              // m = x_l + attention(LN₁(x_l)) W_oᵀ + b_o
             matmul(&mut s.dtmp, Mat::new(&s.dres, n, c), Mat::new(&p[la.proj_w..la.proj_w + c * c], c, c), false);
             matmul(&mut g[la.proj_w..la.proj_w + c * c], Mat::new(&s.dres, n, c).t(), Mat::new(&acts.atty, n, c), true);
             add_column_sums(&s.dres, &mut g[la.proj_b..la.proj_b + c]);
@@ -622,8 +651,18 @@ impl GptTrainer {
             scatter_heads(&s.dq, &mut s.qkv, 3 * c, 0, &dims);
             scatter_heads(&s.dk, &mut s.qkv, 3 * c, c, &dims);
             scatter_heads(&s.dv, &mut s.qkv, 3 * c, 2 * c, &dims);
-            matmul(&mut s.dln, Mat::new(&s.qkv, n, 3 * c), Mat::new(&p[la.qkv_w..la.qkv_w + 3 * c * c], 3 * c, c), false);
-            matmul(&mut g[la.qkv_w..la.qkv_w + 3 * c * c], Mat::new(&s.qkv, n, 3 * c).t(), Mat::new(&acts.ln1, n, c), true);
+            matmul(
+                &mut s.dln,
+                Mat::new(&s.qkv, n, 3 * c),
+                Mat::new(&p[la.qkv_w..la.qkv_w + 3 * c * c], 3 * c, c),
+                false,
+            );
+            matmul(
+                &mut g[la.qkv_w..la.qkv_w + 3 * c * c],
+                Mat::new(&s.qkv, n, 3 * c).t(),
+                Mat::new(&acts.ln1, n, c),
+                true,
+            );
             add_column_sums(&s.qkv, &mut g[la.qkv_b..la.qkv_b + 3 * c]);
             norm_grad(&self.res[l], p, g, (la.ln1_w, la.ln1_b), &s.dln, &mut s.dtmp, &mut s.dw, c, eps);
             add_assign(&mut s.dres, &s.dtmp); // now d x_l
@@ -650,7 +689,17 @@ fn layer_norm(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f64) {
 
 /// Backward of [`layer_norm`] with its parameters at `(w, b)` in `p`: writes `dx`, adds `dw`, `db` into `g`.
 #[allow(clippy::too_many_arguments)]
-fn norm_grad(x: &[f32], p: &[f32], g: &mut [f32], (w, b): (usize, usize), dy: &[f32], dx: &mut [f32], dw: &mut [f32], c: usize, eps: f64) {
+fn norm_grad(
+    x: &[f32],
+    p: &[f32],
+    g: &mut [f32],
+    (w, b): (usize, usize),
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    c: usize,
+    eps: f64,
+) {
     norm_backward(x, Some(&p[w..w + c]), dy, dx, Some(dw), c, eps, NormKind::Layer);
     g[w..w + c].iter_mut().zip(dw.iter()).for_each(|(a, &d)| *a += d);
     add_column_sums(dy, &mut g[b..b + c]);
