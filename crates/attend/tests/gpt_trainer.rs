@@ -157,6 +157,33 @@ fn gradients_accumulate_over_micro_batches_and_write_to_hands_the_weights_back()
     assert!((trained - via_gpt).abs() < 1e-5, "trainer {trained} vs Gpt after write_to {via_gpt}");
 }
 
+/// Same inputs, same bits: on one thread or three (the products, column sums, norm and attention reductions split
+/// work by fixed sizes, never by thread count), and from one call to the next.
+#[test]
+fn the_step_is_bitwise_reproducible_across_thread_counts() {
+    let cfg = config(0);
+    let (_, vm) = model(&cfg, 9);
+    // (8, 16): 128 rows, so the feed-forward products are large enough to be split over threads.
+    let (b, t) = (8, 16);
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 13 + i * i) % V) as u32).collect();
+    let targets: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 1) % V) as i64).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut tr = GptTrainer::new(&cfg, &vm, b, t).unwrap();
+            tr.zero_grad();
+            let loss = tr.forward_backward(&ids, &targets).unwrap();
+            tr.step(&AdamW::default());
+            let params: Vec<Vec<u32>> =
+                tr.names().map(|n| tr.param(n).unwrap().iter().map(|x| x.to_bits()).collect()).collect();
+            (loss.to_bits(), params)
+        })
+    };
+    let one = run(1);
+    assert!(one == run(1), "two runs on one thread differ");
+    assert!(one == run(3), "one thread and three threads differ");
+}
+
 #[test]
 fn a_fixed_batch_is_memorised() {
     let cfg = config(0);
