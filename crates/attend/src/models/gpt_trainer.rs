@@ -297,7 +297,7 @@ fn check_config(cfg: &GptConfig) -> Result<()> {
         return refuse("activation", format!("{:?} (GELU, exact or tanh, is)", cfg.activation));
     }
     ensure!(
-        cfg.n_heads > 0 && cfg.d_model % cfg.n_heads == 0,
+        cfg.n_heads > 0 && cfg.d_model.is_multiple_of(cfg.n_heads),
         OP,
         "d_model = {} is not a multiple of n_heads = {}",
         cfg.d_model,
@@ -305,7 +305,7 @@ fn check_config(cfg: &GptConfig) -> Result<()> {
     );
     let d = cfg.d_model / cfg.n_heads;
     ensure!(
-        d % QUANTUM == 0,
+        d.is_multiple_of(QUANTUM),
         OP,
         "head dim D = d_model / n_heads = {d} must be a multiple of {QUANTUM} for the fused attention kernels"
     );
