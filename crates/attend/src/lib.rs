@@ -33,6 +33,7 @@ pub mod ops;
 pub mod position;
 pub mod rng;
 pub mod rnn;
+pub mod train;
 pub mod viz;
 
 pub(crate) use error::{bail, ensure};

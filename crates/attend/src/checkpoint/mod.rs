@@ -3,6 +3,7 @@
 //! naming the tensor (never a silent partial load).
 
 pub mod hf;
+pub mod training;
 
 use std::collections::HashMap;
 use std::io::Write;
