@@ -18,6 +18,7 @@ mod image;
 mod op;
 mod picture;
 mod tensors;
+mod train;
 mod viz;
 
 use std::io::Write;
@@ -50,6 +51,7 @@ enum Command {
     Embed(hf::embed::EmbedArgs),
     /// What a model attends to: one self-contained HTML page (head view, model view, rollout, head summary).
     Viz(viz::VizArgs),
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => hf::generate::run(args),
         Command::Embed(args) => hf::embed::run(args),
         Command::Viz(args) => viz::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -224,6 +224,22 @@ impl Picture {
     }
 }
 
+/// The colour of a weight in `[0, 1]` in every attention picture: white for 0 to a dark blue for 1.
+pub fn weight_shade(a: f32) -> Rgb {
+    const BLUE: [f32; 3] = [49.0, 54.0, 149.0];
+    BLUE.map(|b| (255.0 - a.clamp(0.0, 1.0) * (255.0 - b)).round() as u8)
+}
+
+/// The scale of [`weight_shade`] from 0 to 1 at `(x, y)`, followed by `label`.
+pub fn weight_scale(pic: &mut Picture, x: f32, y: f32, label: &str) {
+    const INK: Rgb = [34, 34, 34];
+    for k in 0..100 {
+        pic.rect(x + 14.0 + k as f32, y, 1.0, 10.0, weight_shade(k as f32 / 99.0));
+    }
+    pic.text(x, y + 9.0, 11.0, "0", INK, Anchor::Start);
+    pic.text(x + 118.0, y + 9.0, 11.0, &format!("1  {label}"), INK, Anchor::Start);
+}
+
 /// A PNG file of `width × height` RGB pixels.
 pub fn encode_png(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();

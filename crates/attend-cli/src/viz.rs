@@ -302,9 +302,7 @@ fn patch_panels(
 /// enough to read them, panels four to a row, and a scale from 0 to 1.
 fn heatmaps(maps: &AttentionMaps, layer: usize, heads: &[usize]) -> Picture {
     const INK: [u8; 3] = [34, 34, 34];
-    const BLUE: [f32; 3] = [49.0, 54.0, 149.0];
-    // White for 0 to BLUE for 1.
-    let shade = |a: f32| BLUE.map(|b| (255.0 - a.clamp(0.0, 1.0) * (255.0 - b)).round() as u8);
+    let shade = crate::picture::weight_shade;
     let t = maps.len();
     let cell = (560.0 / t as f32).clamp(1.0, 22.0);
     let labelled = cell >= 8.0;
@@ -345,13 +343,7 @@ fn heatmaps(maps: &AttentionMaps, layer: usize, heads: &[usize]) -> Picture {
             }
         }
     }
-    // The scale: white is 0, the darkest blue 1.
-    let (sx, sy) = (16.0, h - 22.0);
-    for k in 0..100 {
-        pic.rect(sx + 14.0 + k as f32, sy, 1.0, 10.0, shade(k as f32 / 99.0));
-    }
-    pic.text(sx, sy + 9.0, 11.0, "0", INK, Anchor::Start);
-    pic.text(sx + 118.0, sy + 9.0, 11.0, "1  attention weight (rows: queries, columns: keys)", INK, Anchor::Start);
+    crate::picture::weight_scale(&mut pic, 16.0, h - 22.0, "attention weight (rows: queries, columns: keys)");
     pic
 }
 
