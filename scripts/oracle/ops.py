@@ -9,6 +9,7 @@ stores float32 results. Gradients come from torch autograd of the loss sum(out *
   layer_norm_*     x, weight, [bias], dout, out, dx, dweight, [dbias]; meta eps
   rms_norm_*       x, weight, dout, out, dx, dweight; meta eps
   gelu_*           x, dout, out, dx; meta approximate ("tanh" | "none")
+  tanh             x, dout, out, dx
 
 Run: PYTHONPATH=scripts/oracle python scripts/oracle/ops.py
 """
@@ -313,9 +314,29 @@ def gelu_cases():
     return [gelu_case("gelu_tanh", x32, "tanh"), gelu_case("gelu_erf", x32, "none")]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# tanh
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def tanh_cases():
+    name = "tanh"
+    g = gen(6006)
+    base = torch.linspace(-6, 6, 124, dtype=F64) + 0.01 * torch.randn(124, generator=g, dtype=F64)
+    v = torch.cat([base, torch.tensor([30.0, -30.0, 1e-6, -1e-6], dtype=F64)])
+    x32 = v[torch.randperm(v.numel(), generator=g)].reshape(4, 32).float()
+    x = leaf(x32)
+    out = torch.tanh(x)
+    dout32 = randn(g, *out.shape)
+    (out * dout32.to(F64)).sum().backward()
+    assert_all_finite(name, out=out, dx=x.grad)
+    save(AREA, name, {"x": x32, "dout": dout32, "out": f32(out), "dx": f32(x.grad)}, {})
+    return [name]
+
+
 def main():
     fresh_area(AREA)
-    names = softmax_cases() + logsoftmax_cases() + cross_entropy_cases() + norm_cases() + gelu_cases()
+    names = softmax_cases() + logsoftmax_cases() + cross_entropy_cases() + norm_cases() + gelu_cases() + tanh_cases()
     print(f"ops: {len(names)} cases: " + " ".join(names))
 
 

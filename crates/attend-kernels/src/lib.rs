@@ -19,6 +19,7 @@
 //! | [`rnn_seq`] | LSTM and GRU over a whole sequence: per-step gemm + fused cell, lengths, reverse | reverse walk, one gemm per step, `dW_hh` in one gemm |
 //! | [`matmul`] | `C [+]= op(A)·op(B)`, transposes as strides (the `gemm` crate) | — (the products of a backward) |
 //! | [`adamw`] | AdamW on flat buffers, PyTorch's order of operations | — |
+//! | [`tanh`] | `tanh` on the vector paths | `dx = dy ⊙ (1 − y²)` |
 //! | [`sparse`] | sparsemax and 1.5-entmax, exact thresholds by sorting | `dz = w ⊙ dp − (⟨w, dp⟩/Σw)·w`, `w` = support or `√p` |
 
 pub mod adamw;
@@ -41,6 +42,7 @@ pub use rnn_par::cap_team_threads;
 pub mod rnn_seq;
 pub mod softmax;
 pub mod sparse;
+pub mod tanh;
 
 pub use real::Real;
 

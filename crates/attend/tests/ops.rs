@@ -168,6 +168,26 @@ fn gelu_matches_pytorch() {
     }
 }
 
+#[test]
+fn tanh_matches_pytorch() {
+    let f = load("ops", "tanh");
+    for path in PATHS {
+        let x = f.var("x");
+        let y = match path {
+            Path::Fused => ops::tanh(x.as_tensor()).unwrap(),
+            Path::Reference => ops::tanh_reference(x.as_tensor()).unwrap(),
+        };
+        assert_close(&format!("tanh {path:?} out"), &y, &f.t("out"), F32);
+        let g = weighted_sum(&y, &f.t("dout")).backward().unwrap();
+        assert_close(&format!("tanh {path:?} dx"), g.get(x.as_tensor()).unwrap(), &f.t("dx"), F32_GRAD);
+    }
+    // NaN and the limits as PyTorch's: tanh(±∞) = ±1, NaN stays NaN.
+    let dev = Device::Cpu;
+    let y = ops::tanh(&Tensor::new(&[f32::INFINITY, f32::NEG_INFINITY, f32::NAN], &dev).unwrap()).unwrap();
+    let v: Vec<f32> = y.to_vec1().unwrap();
+    assert!(v[0] == 1.0 && v[1] == -1.0 && v[2].is_nan(), "{v:?}");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Finite differences: every hand-written backward, in f64.
 
@@ -182,6 +202,7 @@ fn fused_backwards_match_finite_differences() {
     let add = Tensor::cat(&[add, Tensor::full(f64::NEG_INFINITY, (1, 1, 7), &dev).unwrap()], 1).unwrap(); // (1, 6, 7), last row dead
     let keep = Tensor::from_vec((0..42u8).map(|i| (i % 3 != 0) as u8).collect::<Vec<_>>(), (1, 6, 7), &dev).unwrap();
     fd_check("softmax", randn64(&[2, 6, 7], 1), |x| ops::softmax(x, None).unwrap());
+    fd_check("tanh", randn64(&[3, 9], 41), |x| ops::tanh(x).unwrap());
     fd_check("softmax additive", randn64(&[2, 6, 7], 2), |x| {
         ops::softmax(x, Some(&MaskTensor::Additive(add.clone()))).unwrap()
     });

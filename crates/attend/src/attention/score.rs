@@ -388,8 +388,8 @@ impl AdditiveScore {
             wq.dtype()
         );
         // tanh(W q + U k) for every (query, key) pair: broadcast (B, T, 1, A) + (B, 1, S, A).
-        let e = wq.unsqueeze(2)?.broadcast_add(&uk.unsqueeze(1)?)?.tanh()?; // (B, T, S, A)
-                                                                            // vᵀ e: v is a Linear A → 1, so the last axis collapses to one score.
+        let e = crate::ops::tanh(&wq.unsqueeze(2)?.broadcast_add(&uk.unsqueeze(1)?)?)?; // (B, T, S, A)
+                                                                                        // vᵀ e: v is a Linear A → 1, so the last axis collapses to one score.
         let s_ = apply_linear(Self::OP, "v", &self.v, &e)?; // (B, T, S, 1)
         Ok(s_.reshape((b, t, s))?) // (B, T, S)
     }
@@ -492,7 +492,7 @@ impl HanContextScore {
     /// - `h`: (B, S, C) → (B, S, A)
     pub fn hidden(&self, h: &Tensor) -> Result<Tensor> {
         check_width(Self::OP, "h", h, "(B, S, C)", self.config.input_dim)?;
-        Ok(apply_linear(Self::OP, "proj", &self.proj, h)?.tanh()?) // (B, S, A)
+        crate::ops::tanh(&apply_linear(Self::OP, "proj", &self.proj, h)?) // (B, S, A)
     }
 
     /// # Shapes

@@ -262,7 +262,7 @@ impl GlobalAttention {
         let out = self.linear_out.forward(&Tensor::cat(&[context, source], 2)?)?; // (B, T, C)
         Ok(match self.config.kind {
             GlobalType::Mlp => out,
-            _ => out.tanh()?,
+            _ => crate::ops::tanh(&out)?,
         })
     }
 }

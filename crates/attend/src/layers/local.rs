@@ -153,7 +153,7 @@ impl LocalAttention {
             align = (align * gauss)?;
         }
         let context = align.matmul(&memory_bank.contiguous()?)?; // (B, T, C)
-        let attn_h = self.linear_out.forward(&Tensor::cat(&[&context, source], 2)?)?.tanh()?;
+        let attn_h = crate::ops::tanh(&self.linear_out.forward(&Tensor::cat(&[&context, source], 2)?)?)?;
         Ok(LocalOutput { attn_h, align, positions })
     }
 }

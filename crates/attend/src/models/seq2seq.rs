@@ -390,7 +390,10 @@ impl Seq2Seq {
                 let att = a.step(&query, mem, state.coverage.as_ref())?;
                 let ctx = att.context.squeeze(1)?; // (B, H)
                 let s_t = run_rnn(&Tensor::cat(&[&emb, &ctx], 1)?, &mut next)?;
-                (a.combine(&ctx.unsqueeze(1)?, &s_t.unsqueeze(1)?)?.squeeze(1)?.tanh()?, Some(att.align.squeeze(1)?))
+                (
+                    ops::tanh(&a.combine(&ctx.unsqueeze(1)?, &s_t.unsqueeze(1)?)?.squeeze(1)?)?,
+                    Some(att.align.squeeze(1)?),
+                )
             }
             (Attn::Global(a), Memory::Global(mem)) => {
                 let feed = state.feed.as_ref().expect("Luong decoders feed h̃");

@@ -20,6 +20,7 @@ mod rnn_sequence;
 mod segment;
 mod softmax;
 mod sparse;
+mod tanh;
 mod vjp;
 
 pub use attend_kernels::cross_entropy::CrossEntropyConfig;
@@ -36,6 +37,7 @@ pub use rnn_sequence::{gru_sequence, lstm_sequence, SequenceParams};
 pub use segment::segment_softmax;
 pub use softmax::{log_softmax, log_softmax_reference, logsumexp_rows, softmax, softmax_reference, MaskTensor};
 pub use sparse::{entmax15, entmax15_reference, sparsemax, sparsemax_reference};
+pub use tanh::{tanh, tanh_reference};
 pub use vjp::vjp_loss;
 
 /// The logistic function `σ(x) = (tanh(x/2) + 1)/2`, composed from differentiable ops: stable in both tails, exactly

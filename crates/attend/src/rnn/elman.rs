@@ -60,7 +60,7 @@ impl Step for ElmanStep {
         // One activation of one sum: nothing to fuse beyond what candle already does.
         let pre = (gx + gh)?;
         let h = match self.0 {
-            Nonlinearity::Tanh => pre.tanh()?,
+            Nonlinearity::Tanh => crate::ops::tanh(&pre)?,
             Nonlinearity::Relu => pre.relu()?,
         };
         Ok(State { h, c: None })
