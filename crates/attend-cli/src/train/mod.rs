@@ -114,8 +114,8 @@ fn preset(task: &str, model: &str) -> Result<TrainConfig> {
             task: task.into(),
             model: model.into(),
             seed: 0,
-            steps: 600,
-            batch_size: 32,
+            steps: 1000,
+            batch_size: 64,
             lr: 5e-3,
             warmup: 50,
             min_lr_ratio: 0.1,
@@ -307,7 +307,8 @@ fn main_job(args: &TrainArgs) -> Result<()> {
             ..clone_args(args)
         };
         let cfg = resolve(&a, "translate")?;
-        let summary = train(&cfg, &root.join(model), args.resume, model)?;
+        // Always resumable: a second `attend train` continues (or, when finished, reprints) the runs it left.
+        let summary = train(&cfg, &root.join(model), true, model)?;
         results.push((model, summary));
     }
     println!("\nheld-out sentences, greedy decoding (exact match: the whole sentence right):");
