@@ -190,13 +190,18 @@ fn bad_input_gives_one_line_errors() {
 
 #[test]
 fn bench_train_step_reports_the_contract_keys() {
-    let line = ok(&["bench", "train-step", "--preset", "cpu", "--iters", "1", "--warmup", "0", "--json"]);
-    let v: Value = serde_json::from_str(line.trim()).unwrap();
-    for key in ["median_ms", "tokens_per_s", "forward_ms", "backward_ms", "optimizer_ms"] {
-        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {line}");
+    for (path, phases) in [("fused", &["forward_backward_ms"][..]), ("autograd", &["forward_ms", "backward_ms"][..])] {
+        let args =
+            ["bench", "train-step", "--preset", "cpu", "--path", path, "--iters", "1", "--warmup", "0", "--json"];
+        let line = ok(&args);
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
+        for key in ["median_ms", "tokens_per_s", "optimizer_ms"].iter().chain(phases) {
+            assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {line}");
+        }
+        assert!(v["loss"].as_f64().is_some_and(f64::is_finite), "{line}");
+        assert_eq!(v["params"], 809856, "the anchor's cpu config has 809,856 parameters");
+        assert_eq!(v["path"], path);
     }
-    assert!(v["loss"].as_f64().is_some_and(f64::is_finite), "{line}");
-    assert_eq!(v["params"], 809856, "the anchor's cpu config has 809,856 parameters");
 }
 
 fn fixture(name: &str) -> PathBuf {

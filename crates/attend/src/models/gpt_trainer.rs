@@ -626,8 +626,8 @@ impl GptTrainer {
             matmul(&mut g[la.fc_w..la.fc_w + f * c], Mat::new(&s.dfch, n, f).t(), Mat::new(&acts.ln2, n, c), true);
             add_column_sums(&s.dfch, &mut g[la.fc_b..la.fc_b + f]);
             norm_grad(&acts.mid, p, g, (la.ln2_w, la.ln2_b), &s.dln, &mut s.dtmp, &mut s.dw, c, eps);
-            add_assign(&mut s.dres, &s.dtmp); // now d m
-                                              // m = x_l + attention(LN₁(x_l)) W_oᵀ + b_o
+            // s.dres becomes d m; and m = x_l + attention(LN₁(x_l)) W_oᵀ + b_o
+            add_assign(&mut s.dres, &s.dtmp);
             matmul(&mut s.dtmp, Mat::new(&s.dres, n, c), Mat::new(&p[la.proj_w..la.proj_w + c * c], c, c), false);
             matmul(&mut g[la.proj_w..la.proj_w + c * c], Mat::new(&s.dres, n, c).t(), Mat::new(&acts.atty, n, c), true);
             add_column_sums(&s.dres, &mut g[la.proj_b..la.proj_b + c]);
