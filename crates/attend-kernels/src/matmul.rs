@@ -6,6 +6,8 @@
 
 use rayon::prelude::*;
 
+use crate::flash::SyncPtr;
+
 /// A row-major matrix `(rows, cols)` in `data`, read as itself or as its transpose.
 #[derive(Clone, Copy, Debug)]
 pub struct Mat<'a> {
@@ -81,7 +83,7 @@ pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     let along_rows = m >= n;
     let len = if along_rows { m } else { n };
     let step = len.div_ceil(pieces).next_multiple_of(16).min(len);
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let c_ptr = SyncPtr(c.as_mut_ptr());
     let one = |start: usize| {
         let span = step.min(len - start);
         let (pm, pn) = if along_rows { (span, n) } else { (m, span) };
@@ -116,22 +118,12 @@ pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     if step >= len {
         one(0);
     } else {
-        (0..len).step_by(step).collect::<Vec<_>>().into_par_iter().for_each(one);
+        (0..len.div_ceil(step)).into_par_iter().for_each(|i| one(i * step));
     }
 }
 
 /// Products smaller than this many multiply-adds run on one thread.
 const SPLIT_WORK: usize = 1 << 18;
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 #[cfg(test)]
 mod tests {

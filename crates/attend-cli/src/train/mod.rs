@@ -36,7 +36,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct TrainArgs {
     /// The task (`attend train --list` shows them); without it, the main job runs.
     #[arg(long)]
@@ -160,28 +160,27 @@ fn build(cfg: &TrainConfig) -> Result<Box<dyn Task>> {
     }
 }
 
-/// `key=value` onto the config, the value read as TOML (a bare word is a string).
+/// The config with the keys of `over` replaced; `what` (a file or a `--set`) names them in errors.
+fn with_keys(cfg: &TrainConfig, over: toml::Table, what: &str) -> Result<TrainConfig> {
+    let mut table = toml::Table::try_from(cfg).context("config")?;
+    for (key, value) in over {
+        if !table.contains_key(&key) {
+            let keys: Vec<&str> = table.keys().map(String::as_str).collect();
+            bail!("{what}: no config key `{key}`; the keys are {}", keys.join(", "));
+        }
+        table.insert(key, value);
+    }
+    toml::Value::Table(table).try_into().map_err(|e| anyhow!("{what}: {e}"))
+}
+
+/// `--set key=value`, the value read as TOML (a bare word is a string).
 fn apply_set(cfg: &TrainConfig, kv: &str) -> Result<TrainConfig> {
     let (key, value) = kv.split_once('=').ok_or_else(|| anyhow!("--set {kv}: expected KEY=VALUE"))?;
-    let key = key.trim();
     let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
         Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(value.into())),
         Err(_) => toml::Value::String(value.trim().into()),
     };
-    let mut table = toml::Table::try_from(cfg).context("config")?;
-    if !table.contains_key(key) {
-        let keys: Vec<&String> = table.keys().collect();
-        bail!(
-            "--set {kv}: no config key `{key}`; the keys are {}",
-            keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
-    table.insert(key.into(), parsed);
-    toml::Value::Table(table).try_into().map_err(|e| anyhow!("--set {kv}: {}", one_line(&e.to_string())))
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    with_keys(cfg, toml::Table::from_iter([(key.trim().to_string(), parsed)]), &format!("--set {kv}"))
 }
 
 fn resolve(args: &TrainArgs, task: &str) -> Result<TrainConfig> {
@@ -192,11 +191,8 @@ fn resolve(args: &TrainArgs, task: &str) -> Result<TrainConfig> {
     let mut cfg = preset(task, &model)?;
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let over: toml::Table =
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
-        for (k, v) in over {
-            cfg = apply_set(&cfg, &format!("{k}={v}")).with_context(|| format!("{}", path.display()))?;
-        }
+        let over: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e))?;
+        cfg = with_keys(&cfg, over, &path.display().to_string())?;
         if cfg.task != task || (args.model.is_some() && cfg.model != model) {
             bail!(
                 "{}: sets task/model {}/{}, but the flags ask for {task}/{model}",
@@ -304,7 +300,7 @@ fn main_job(args: &TrainArgs) -> Result<()> {
             model: Some(model.into()),
             out: None,
             list: false,
-            ..clone_args(args)
+            ..args.clone()
         };
         let cfg = resolve(&a, "translate")?;
         // Always resumable: a second `attend train` continues (or, when finished, reprints) the runs it left.
@@ -337,22 +333,6 @@ fn main_job(args: &TrainArgs) -> Result<()> {
     println!("\nthe alignments Bahdanau attention learned: {}", root.join("bahdanau/alignments.png").display());
     println!("loss curves: {} and {}", root.join("none/loss.png").display(), root.join("bahdanau/loss.png").display());
     Ok(())
-}
-
-fn clone_args(a: &TrainArgs) -> TrainArgs {
-    TrainArgs {
-        task: a.task.clone(),
-        model: a.model.clone(),
-        config: a.config.clone(),
-        data: a.data.clone(),
-        out: a.out.clone(),
-        steps: a.steps,
-        seed: a.seed,
-        checkpoint_every: a.checkpoint_every,
-        resume: a.resume,
-        list: a.list,
-        set: a.set.clone(),
-    }
 }
 
 /// Appends one JSON line to `metrics.jsonl`.
@@ -390,8 +370,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, label: &str) -> Result
     if resume && saved_cfg.exists() {
         let text =
             std::fs::read_to_string(&saved_cfg).with_context(|| format!("{}: cannot read", saved_cfg.display()))?;
-        let old: TrainConfig =
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", saved_cfg.display(), one_line(&e.to_string())))?;
+        let old: TrainConfig = toml::from_str(&text).map_err(|e| anyhow!("{}: {}", saved_cfg.display(), e))?;
         if (TrainConfig { steps: cfg.steps, ..old.clone() }) != *cfg {
             bail!(
                 "{}: the run was started with other settings; resume with the same ones (only --steps may change)",

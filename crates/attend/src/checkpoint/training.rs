@@ -50,17 +50,11 @@ fn step_dir(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step-{step:09}"))
 }
 
-/// Writes `file` into a directory and syncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| file_err(path, format!("cannot create: {e}")))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| file_err(path, format!("cannot write: {e}")))
-}
-
-fn safetensors_bytes(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
-    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
+/// Every tensor of `tensors` into one safetensors file, sorted by name (synced, by [`super::write_safetensors`]).
+fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     named.sort_by(|a, b| a.0.cmp(b.0));
-    safetensors::serialize(named, None).map_err(|e| file_err(path, format!("cannot serialize: {e}")))
+    super::write_safetensors(path, &named, HashMap::new())
 }
 
 /// Saves a checkpoint of `vars`, `optim` and `state` under `dir` (created if needed) as `step-<step>`, then removes
@@ -74,12 +68,10 @@ pub fn save(dir: &Path, vars: &VarMap, optim: &AdamW, state: &TrainingState, kee
         let data = vars.data().lock().map_err(|_| Error::invalid("checkpoint", "the VarMap's lock is poisoned"))?;
         data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
     };
-    let model = tmp.join("model.safetensors");
-    write_synced(&model, &safetensors_bytes(&model, &weights)?)?;
-    let opt = tmp.join("optimizer.safetensors");
-    write_synced(&opt, &safetensors_bytes(&opt, &optim.state()?)?)?;
+    write_tensors(&tmp.join("model.safetensors"), &weights)?;
+    write_tensors(&tmp.join("optimizer.safetensors"), &optim.state()?)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?;
-    write_synced(&tmp.join("state.json"), json.as_bytes())?;
+    super::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
     let dest = step_dir(dir, state.step);
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| file_err(&dest, format!("cannot replace: {e}")))?;
